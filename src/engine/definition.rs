@@ -1,0 +1,819 @@
+//! Workflow definitions: named, versioned, ordered plans of steps, known before a run starts.
+//!
+//! A step is a type implementing [`Step`] (and [`Compensate`] when it can be undone). It is
+//! handed a [`StepContext`] to read the workflow input and earlier steps' outputs and to get
+//! the run's database transaction: what a step writes there commits together with its
+//! recorded outcome, so its effect happens exactly once.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::machine::StepState;
+use super::retry::RetryPolicy;
+use super::status::RunStatus;
+
+/// How a step attempt (or a compensation attempt) failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepError {
+    /// What went wrong, for operators.
+    pub message: String,
+    /// Whether another attempt may succeed. Permanent errors skip the remaining attempts.
+    pub retryable: bool,
+    /// Work the attempt did before failing that its compensation must undo (for steps whose
+    /// effects are outside the run's transaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<Value>,
+}
+
+impl StepError {
+    /// An error another attempt may not hit (a timeout, a lost connection, a busy service).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            partial: None,
+        }
+    }
+
+    /// An error no further attempt can fix (invalid input, a business rule).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            partial: None,
+        }
+    }
+
+    /// Records work done before the failure, which the step's compensation will receive.
+    pub fn with_partial(mut self, partial: impl Serialize) -> Self {
+        self.partial = serde_json::to_value(partial).ok();
+        self
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+impl From<sqlx::Error> for StepError {
+    /// Connection trouble, serialization failures and deadlocks are retryable; a violated
+    /// constraint or a malformed statement is not.
+    fn from(error: sqlx::Error) -> Self {
+        let retryable = match &error {
+            sqlx::Error::Database(db) => {
+                matches!(
+                    db.code().as_deref(),
+                    Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
+                ) || db.code().is_some_and(|c| c.starts_with("08"))
+            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+                true
+            }
+            _ => false,
+        };
+        Self {
+            message: format!("database error: {error}"),
+            retryable,
+            partial: None,
+        }
+    }
+}
+
+impl From<serde_json::Error> for StepError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::permanent(format!("invalid data: {error}"))
+    }
+}
+
+/// Which half of a step is running: its invoke or its compensation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The forward action.
+    Invoke,
+    /// Undoing it.
+    Compensate,
+}
+
+impl Phase {
+    /// `invoke` or `compensate`, as used in idempotency keys and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invoke => "invoke",
+            Self::Compensate => "compensate",
+        }
+    }
+}
+
+/// A read-only view of a run: its input and the outputs its steps recorded so far.
+#[derive(Clone, Copy)]
+pub struct RunView<'a> {
+    pub(crate) input: &'a Value,
+    pub(crate) plan: &'a [StepDef],
+    pub(crate) states: &'a [StepState],
+}
+
+impl<'a> RunView<'a> {
+    /// The workflow input as JSON.
+    pub fn input_value(&self) -> &'a Value {
+        self.input
+    }
+
+    /// The workflow input, deserialized.
+    pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        T::deserialize(self.input).map_err(|e| StepError::permanent(format!("invalid workflow input: {e}")))
+    }
+
+    /// The recorded output of an earlier step, as JSON (None if it has none, e.g. skipped).
+    pub fn output_value(&self, step: &str) -> Option<&'a Value> {
+        let index = self.plan.iter().position(|s| s.name == step)?;
+        self.states.get(index)?.output.as_ref()
+    }
+
+    /// The recorded output of an earlier step, deserialized; an error if it has none.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        let value = self
+            .output_value(step)
+            .ok_or_else(|| StepError::permanent(format!("step `{step}` has no recorded output")))?;
+        T::deserialize(value).map_err(|e| StepError::permanent(format!("invalid output of step `{step}`: {e}")))
+    }
+}
+
+/// The run's database transaction, begun the first time a step asks for it. The engine
+/// records the step's outcome in it and commits both together.
+pub(crate) struct StepTransaction {
+    pool: PgPool,
+    tx: Option<Transaction<'static, Postgres>>,
+}
+
+impl StepTransaction {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self { pool, tx: None }
+    }
+
+    pub(crate) async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.tx.is_none() {
+            self.tx = Some(self.pool.begin().await?);
+        }
+        match self.tx.as_mut() {
+            Some(tx) => Ok(&mut **tx),
+            None => Err(sqlx::Error::PoolClosed),
+        }
+    }
+
+    pub(crate) fn take(&mut self) -> Option<Transaction<'static, Postgres>> {
+        self.tx.take()
+    }
+}
+
+/// What a step attempt sees: which run and attempt it is, the input, earlier outputs, and
+/// the run's transaction.
+pub struct StepContext<'a> {
+    pub(crate) run_id: Uuid,
+    pub(crate) workflow: &'a str,
+    pub(crate) step: &'a str,
+    pub(crate) phase: Phase,
+    pub(crate) attempt: u32,
+    pub(crate) view: RunView<'a>,
+    pub(crate) tx: &'a mut StepTransaction,
+}
+
+impl<'a> StepContext<'a> {
+    /// The run's id.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// The workflow's name.
+    pub fn workflow(&self) -> &str {
+        self.workflow
+    }
+
+    /// The step's name.
+    pub fn step(&self) -> &str {
+        self.step
+    }
+
+    /// Invoke or compensate.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The attempt number, from 1 (counted separately for invoke and compensate).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// A key that is the same for every attempt of this step's invoke (or compensation) in
+    /// this run: hand it to external services so a repeated attempt is not applied twice.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}:{}", self.run_id, self.step, self.phase.as_str())
+    }
+
+    /// The run's input and the outputs recorded so far.
+    pub fn view(&self) -> RunView<'a> {
+        self.view
+    }
+
+    /// The workflow input, deserialized.
+    pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        self.view.input()
+    }
+
+    /// The recorded output of an earlier step, deserialized.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        self.view.output(step)
+    }
+
+    /// The run's database transaction. Writes made here commit atomically with the step's
+    /// recorded outcome, or not at all.
+    pub async fn db(&mut self) -> Result<&mut PgConnection, StepError> {
+        self.tx.connection().await.map_err(StepError::from)
+    }
+}
+
+/// What a compensation undoes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completed<O> {
+    /// The step succeeded with this output.
+    Output(O),
+    /// The step failed after recording this partial work ([`StepError::with_partial`]).
+    Partial(Value),
+}
+
+/// A step's forward action. `Output` is recorded and readable by later steps.
+#[async_trait]
+pub trait Step: Send + Sync + 'static {
+    /// What the step records when it succeeds.
+    type Output: Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// Performs the step. Called again on a retry and after a crash (at least once); writes
+    /// through [`StepContext::db`] take effect exactly once.
+    async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<Self::Output, StepError>;
+}
+
+/// The compensation of a step: undoes what [`Step::invoke`] did.
+#[async_trait]
+pub trait Compensate: Step {
+    /// Undoes the step. Runs only for a step that succeeded (or recorded partial work).
+    async fn compensate(&self, ctx: &mut StepContext<'_>, done: Completed<Self::Output>) -> Result<(), StepError>;
+}
+
+/// A step with its types erased, as the executor calls it.
+#[async_trait]
+pub(crate) trait DynStep: Send + Sync {
+    async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<Value, StepError>;
+    async fn compensate(&self, ctx: &mut StepContext<'_>, done: Completed<Value>) -> Result<(), StepError>;
+    fn has_compensation(&self) -> bool;
+}
+
+struct InvokeOnly<S>(S);
+
+#[async_trait]
+impl<S: Step> DynStep for InvokeOnly<S> {
+    async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<Value, StepError> {
+        let output = self.0.invoke(ctx).await?;
+        Ok(serde_json::to_value(output)?)
+    }
+
+    async fn compensate(&self, _ctx: &mut StepContext<'_>, _done: Completed<Value>) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    fn has_compensation(&self) -> bool {
+        false
+    }
+}
+
+struct WithCompensation<S>(S);
+
+#[async_trait]
+impl<S: Compensate> DynStep for WithCompensation<S> {
+    async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<Value, StepError> {
+        let output = self.0.invoke(ctx).await?;
+        Ok(serde_json::to_value(output)?)
+    }
+
+    async fn compensate(&self, ctx: &mut StepContext<'_>, done: Completed<Value>) -> Result<(), StepError> {
+        let typed = match done {
+            Completed::Output(value) => Completed::Output(
+                S::Output::deserialize(value)
+                    .map_err(|e| StepError::permanent(format!("recorded output cannot be read back: {e}")))?,
+            ),
+            Completed::Partial(value) => Completed::Partial(value),
+        };
+        self.0.compensate(ctx, typed).await
+    }
+
+    fn has_compensation(&self) -> bool {
+        true
+    }
+}
+
+/// A hook point's default: does nothing, records nothing.
+struct NoOpHook;
+
+#[async_trait]
+impl DynStep for NoOpHook {
+    async fn invoke(&self, _ctx: &mut StepContext<'_>) -> Result<Value, StepError> {
+        Ok(Value::Null)
+    }
+
+    async fn compensate(&self, _ctx: &mut StepContext<'_>, _done: Completed<Value>) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    fn has_compensation(&self) -> bool {
+        false
+    }
+}
+
+/// The code behind a step or a hook point, ready to register.
+#[derive(Clone)]
+pub struct Handler(pub(crate) Arc<dyn DynStep>);
+
+impl Handler {
+    /// A handler without compensation.
+    pub fn new<S: Step>(step: S) -> Self {
+        Self(Arc::new(InvokeOnly(step)))
+    }
+
+    /// A handler with its compensation.
+    pub fn compensable<S: Compensate>(step: S) -> Self {
+        Self(Arc::new(WithCompensation(step)))
+    }
+
+    fn no_op() -> Self {
+        Self(Arc::new(NoOpHook))
+    }
+
+    /// Whether this handler can undo what it did.
+    pub fn has_compensation(&self) -> bool {
+        self.0.has_compensation()
+    }
+}
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handler")
+            .field("has_compensation", &self.has_compensation())
+            .finish()
+    }
+}
+
+/// A condition deciding whether a step runs (false: the step is `skipped`).
+pub type WhenCondition = Arc<dyn Fn(&RunView<'_>) -> bool + Send + Sync>;
+
+/// One step of a workflow's plan.
+#[derive(Clone)]
+pub struct StepDef {
+    pub(crate) name: String,
+    pub(crate) handler: Handler,
+    /// A hook point: the embedding application may replace the handler.
+    pub(crate) hook: bool,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) compensation_retry: RetryPolicy,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) when: Option<WhenCondition>,
+}
+
+impl StepDef {
+    /// A step without compensation.
+    pub fn new<S: Step>(name: impl Into<String>, step: S) -> Self {
+        Self::with_handler(name, Handler::new(step))
+    }
+
+    /// A step with a compensation.
+    pub fn compensable<S: Compensate>(name: impl Into<String>, step: S) -> Self {
+        Self::with_handler(name, Handler::compensable(step))
+    }
+
+    /// A hook point: a no-op unless the embedding application registers a handler for it
+    /// (with [`crate::engine::EngineBuilder::hook`]).
+    pub fn hook(name: impl Into<String>) -> Self {
+        let mut def = Self::with_handler(name, Handler::no_op());
+        def.hook = true;
+        def
+    }
+
+    fn with_handler(name: impl Into<String>, handler: Handler) -> Self {
+        Self {
+            name: name.into(),
+            handler,
+            hook: false,
+            retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::attempts(5),
+            timeout: None,
+            when: None,
+        }
+    }
+
+    /// Sets the retry policy of the step's invoke.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Sets the retry policy of the step's compensation.
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// Fails an attempt (retryably) that takes longer than this.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Runs the step only when `condition` holds for the input and earlier outputs.
+    pub fn when(mut self, condition: impl Fn(&RunView<'_>) -> bool + Send + Sync + 'static) -> Self {
+        self.when = Some(Arc::new(condition));
+        self
+    }
+
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the step can be undone.
+    pub fn has_compensation(&self) -> bool {
+        self.handler.has_compensation()
+    }
+
+    /// Whether this is a hook point.
+    pub fn is_hook(&self) -> bool {
+        self.hook
+    }
+
+    /// The invoke's retry policy.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The compensation's retry policy.
+    pub fn compensation_retry_policy(&self) -> &RetryPolicy {
+        &self.compensation_retry
+    }
+
+    /// The per-attempt timeout, if any.
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Whether the step has a `when` condition.
+    pub fn is_conditional(&self) -> bool {
+        self.when.is_some()
+    }
+}
+
+impl fmt::Debug for StepDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepDef")
+            .field("name", &self.name)
+            .field("hook", &self.hook)
+            .field("has_compensation", &self.has_compensation())
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Why a workflow input was refused: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InputError {
+    /// The JSON path of the offending field (`customerData.email`), or `.` for the whole input.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl InputError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks beyond the shape of a typed input (e.g. that an email is valid).
+pub trait ValidateInput {
+    /// Returns the first problem found.
+    fn validate(&self) -> Result<(), InputError>;
+}
+
+/// Deserializes `value` as `T`, naming the offending field on failure.
+pub fn parse_input<T: DeserializeOwned>(value: &Value) -> Result<T, InputError> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        let field = match inner.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+            Some(missing) if path == "." => missing.to_string(),
+            Some(missing) => format!("{path}.{missing}"),
+            None => path,
+        };
+        InputError { field, message: inner }
+    })
+}
+
+type InputCheck = Arc<dyn Fn(&Value) -> Result<(), InputError> + Send + Sync>;
+type SubjectFn = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
+type OutputFn = Arc<dyn Fn(&RunView<'_>) -> Value + Send + Sync>;
+
+/// Work a workflow does in the same transaction as its run's final status change
+/// (e.g. releasing or discarding the events its steps held in an outbox).
+#[async_trait]
+pub trait FinishHook: Send + Sync + 'static {
+    /// Called once per run, inside the transaction that records `status` (terminal).
+    async fn on_finish(&self, db: &mut PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError>;
+}
+
+/// A named, versioned, ordered plan of steps.
+#[derive(Clone)]
+pub struct Workflow {
+    pub(crate) name: String,
+    pub(crate) version: i32,
+    pub(crate) description: String,
+    pub(crate) steps: Vec<StepDef>,
+    pub(crate) input_check: InputCheck,
+    pub(crate) subject: Option<SubjectFn>,
+    pub(crate) output: Option<OutputFn>,
+    pub(crate) on_finish: Option<Arc<dyn FinishHook>>,
+}
+
+impl Workflow {
+    /// Starts a definition.
+    pub fn builder(name: impl Into<String>, version: i32) -> WorkflowBuilder {
+        WorkflowBuilder {
+            workflow: Workflow {
+                name: name.into(),
+                version,
+                description: String::new(),
+                steps: Vec::new(),
+                input_check: Arc::new(|_| Ok(())),
+                subject: None,
+                output: None,
+                on_finish: None,
+            },
+        }
+    }
+
+    /// The workflow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The workflow's version (runs keep the version they started with).
+    pub fn version(&self) -> i32 {
+        self.version
+    }
+
+    /// What the workflow is for.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// The step plan, in order.
+    pub fn steps(&self) -> &[StepDef] {
+        &self.steps
+    }
+
+    /// Checks an input before a run is accepted.
+    pub fn check_input(&self, input: &Value) -> Result<(), InputError> {
+        (self.input_check)(input)
+    }
+
+    /// What operators search for and see in lists for a run with this input.
+    pub fn subject_of(&self, input: &Value) -> Option<String> {
+        self.subject.as_ref().and_then(|f| f(input))
+    }
+
+    /// The run's output once completed: as defined, or the last recorded step output.
+    pub(crate) fn output_of(&self, view: &RunView<'_>) -> Value {
+        if let Some(output) = &self.output {
+            return output(view);
+        }
+        view.states
+            .iter()
+            .rev()
+            .find_map(|s| s.output.clone())
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl fmt::Debug for Workflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workflow")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+/// Why a definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    /// A workflow needs a name made of lowercase letters, digits and dashes.
+    #[error("invalid workflow name `{0}`: use lowercase letters, digits and dashes")]
+    InvalidName(String),
+    /// A workflow needs at least one step.
+    #[error("workflow `{0}` has no steps")]
+    NoSteps(String),
+    /// Step names identify steps within a run.
+    #[error("workflow `{workflow}` has two steps named `{step}`")]
+    DuplicateStep {
+        /// The workflow.
+        workflow: String,
+        /// The repeated name.
+        step: String,
+    },
+    /// Versions start at 1.
+    #[error("workflow `{0}` has a version below 1")]
+    InvalidVersion(String),
+    /// The same name and version registered twice.
+    #[error("workflow `{0}` version {1} is already registered")]
+    AlreadyRegistered(String, i32),
+    /// A hook was registered for a workflow or step that does not exist or is not a hook point.
+    #[error("workflow `{workflow}` has no hook point `{step}`")]
+    NoSuchHook {
+        /// The workflow named.
+        workflow: String,
+        /// The step named.
+        step: String,
+    },
+}
+
+/// Builds a [`Workflow`].
+pub struct WorkflowBuilder {
+    workflow: Workflow,
+}
+
+impl WorkflowBuilder {
+    /// Describes what the workflow is for (shown in the API and dashboard).
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.workflow.description = text.into();
+        self
+    }
+
+    /// Requires inputs to deserialize as `T`; a refused input names the offending field.
+    pub fn input<T: DeserializeOwned + 'static>(mut self) -> Self {
+        self.workflow.input_check = Arc::new(|value| parse_input::<T>(value).map(|_| ()));
+        self
+    }
+
+    /// Requires inputs to deserialize as `T` and pass `T`'s own validation.
+    pub fn validated_input<T: DeserializeOwned + ValidateInput + 'static>(mut self) -> Self {
+        self.workflow.input_check = Arc::new(|value| parse_input::<T>(value)?.validate());
+        self
+    }
+
+    /// What operators search for and see for a run (e.g. a customer's email).
+    pub fn subject(mut self, subject: impl Fn(&Value) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.workflow.subject = Some(Arc::new(subject));
+        self
+    }
+
+    /// Appends a step to the plan.
+    pub fn step(mut self, step: StepDef) -> Self {
+        self.workflow.steps.push(step);
+        self
+    }
+
+    /// Computes the run's output from the recorded step outputs (default: the last one).
+    pub fn output(mut self, output: impl Fn(&RunView<'_>) -> Value + Send + Sync + 'static) -> Self {
+        self.workflow.output = Some(Arc::new(output));
+        self
+    }
+
+    /// Work done in the same transaction as the run's final status change.
+    pub fn on_finish(mut self, hook: impl FinishHook) -> Self {
+        self.workflow.on_finish = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks and returns the workflow.
+    pub fn build(self) -> Result<Workflow, DefinitionError> {
+        let wf = self.workflow;
+        let valid_name = !wf.name.is_empty()
+            && wf
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid_name {
+            return Err(DefinitionError::InvalidName(wf.name));
+        }
+        if wf.version < 1 {
+            return Err(DefinitionError::InvalidVersion(wf.name));
+        }
+        if wf.steps.is_empty() {
+            return Err(DefinitionError::NoSteps(wf.name));
+        }
+        let mut seen = HashSet::new();
+        for step in &wf.steps {
+            if !seen.insert(step.name.as_str()) {
+                return Err(DefinitionError::DuplicateStep {
+                    workflow: wf.name.clone(),
+                    step: step.name.clone(),
+                });
+            }
+        }
+        Ok(wf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Input {
+        customer: Customer,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Customer {
+        email: String,
+        age: u32,
+    }
+
+    #[test]
+    fn input_errors_name_the_field() {
+        let missing = parse_input::<Input>(&json!({"customer": {"age": 3}})).err();
+        assert_eq!(missing.map(|e| e.field), Some("customer.email".to_string()));
+        let wrong_type = parse_input::<Input>(&json!({"customer": {"email": "a", "age": "x"}})).err();
+        assert_eq!(wrong_type.map(|e| e.field), Some("customer.age".to_string()));
+        let top = parse_input::<Input>(&json!({})).err();
+        assert_eq!(top.map(|e| e.field), Some("customer".to_string()));
+        assert!(parse_input::<Input>(&json!({"customer": {"email": "a", "age": 3}})).is_ok());
+    }
+
+    struct Nothing;
+
+    #[async_trait]
+    impl Step for Nothing {
+        type Output = ();
+        async fn invoke(&self, _ctx: &mut StepContext<'_>) -> Result<(), StepError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn definitions_are_checked() {
+        let dup = Workflow::builder("a", 1)
+            .step(StepDef::new("x", Nothing))
+            .step(StepDef::new("x", Nothing))
+            .build()
+            .err();
+        assert_eq!(
+            dup,
+            Some(DefinitionError::DuplicateStep {
+                workflow: "a".into(),
+                step: "x".into()
+            })
+        );
+        assert_eq!(
+            Workflow::builder("a", 1).build().err(),
+            Some(DefinitionError::NoSteps("a".into()))
+        );
+        assert_eq!(
+            Workflow::builder("Bad Name", 1)
+                .step(StepDef::new("x", Nothing))
+                .build()
+                .err(),
+            Some(DefinitionError::InvalidName("Bad Name".into()))
+        );
+        assert_eq!(
+            Workflow::builder("a", 0).step(StepDef::new("x", Nothing)).build().err(),
+            Some(DefinitionError::InvalidVersion("a".into()))
+        );
+        let ok = Workflow::builder("a", 1).step(StepDef::hook("h")).build();
+        assert!(ok.is_ok_and(|w| w.steps()[0].is_hook() && !w.steps()[0].has_compensation()));
+    }
+
+    #[test]
+    fn database_errors_are_classified() {
+        assert!(StepError::from(sqlx::Error::PoolTimedOut).retryable);
+        assert!(!StepError::from(sqlx::Error::RowNotFound).retryable);
+    }
+}

@@ -1,0 +1,383 @@
+//! Drives one claimed run: runs the attempt the state machine asks for, records its outcome
+//! together with the step's own writes in one transaction, and goes on until the run is
+//! finished or handed back.
+//!
+//! Failure handling, in one place:
+//! - a step error or timeout or panic is an attempt outcome, decided on by the machine;
+//! - losing the lease (another worker took over) stops this executor without writing;
+//! - losing the database while recording leaves the outcome unknown: the executor reloads
+//!   the run under its lease and the machine treats the in-flight attempt as lost.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use super::definition::{Completed, Phase, RunView, StepContext, StepError, StepTransaction, Workflow};
+use super::faults::FaultPoint;
+use super::machine::{Conditions, Event, Machine, Next, RunState, Transition};
+use super::store::{self, LeaseWrite, Persist, Persisted};
+use super::worker::WorkerShared;
+use super::{Engine, metrics_names as m};
+
+/// A run this worker holds the lease of, with everything needed to drive it.
+pub(crate) struct RunTask {
+    pub(crate) engine: Engine,
+    pub(crate) worker: Arc<WorkerShared>,
+    pub(crate) workflow: Arc<Workflow>,
+    pub(crate) run_id: Uuid,
+    pub(crate) input: Value,
+    pub(crate) epoch: i64,
+    /// When the run was accepted, for the run-duration metric.
+    pub(crate) created_at: chrono::DateTime<Utc>,
+    pub(crate) state: RunState,
+    pub(crate) next: Next,
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// Why an executor stopped driving a run before it finished.
+enum Stop {
+    /// Another worker holds the lease now.
+    Fenced,
+    /// Recording failed in a way the run must be reloaded for.
+    Database(String),
+}
+
+impl RunTask {
+    /// Drives the run until it finishes, is handed back, or the lease is lost.
+    pub(crate) async fn drive(mut self) {
+        let span = info_span!("run", run_id = %self.run_id, workflow = %self.workflow.name);
+        async move {
+            loop {
+                let step_result = match self.next {
+                    Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
+                    Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
+                    Next::Release { ready_at } => {
+                        debug!(%ready_at, "run handed back");
+                        break;
+                    }
+                    Next::Finish => {
+                        info!(status = %self.state.status, "run finished");
+                        metrics::counter!(m::RUNS_FINISHED, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).increment(1);
+                        let took = (Utc::now() - self.created_at).to_std().unwrap_or_default();
+                        metrics::histogram!(m::RUN_SECONDS, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).record(took.as_secs_f64());
+                        self.engine.inner.finished.notify(self.run_id);
+                        break;
+                    }
+                };
+                match step_result {
+                    Ok(()) => {}
+                    Err(Stop::Fenced) => {
+                        warn!("lease taken over by another worker; stopping without writing");
+                        metrics::counter!(m::FENCED_WRITES).increment(1);
+                        break;
+                    }
+                    Err(Stop::Database(error)) => {
+                        if !self.resume_in_place(&error).await {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.worker.run_done();
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn attempt(&mut self, step: usize, phase: Phase) -> Result<(), Stop> {
+        let workflow = Arc::clone(&self.workflow);
+        let def = &workflow.steps[step];
+        let name = def.name.as_str();
+        let attempt = match phase {
+            Phase::Invoke => self.state.steps[step].attempts,
+            Phase::Compensate => self.state.steps[step].compensation_attempts,
+        };
+        let span = info_span!("step", step = name, attempt, phase = phase.as_str());
+        let faults = Arc::clone(&self.engine.inner.faults);
+        let started = std::time::Instant::now();
+        let mut tx = StepTransaction::new(self.engine.inner.pool.clone());
+
+        let outcome: Result<Option<Value>, StepError> = async {
+            if phase == Phase::Invoke {
+                faults.checkpoint(FaultPoint::Before, name);
+                if faults.should_fail(name) {
+                    return Err(StepError::retryable("injected failure (SAGAFLOW_FAULTS)"));
+                }
+            }
+            let handler = &def.handler.0;
+            let mut ctx = StepContext {
+                run_id: self.run_id,
+                workflow: &workflow.name,
+                step: name,
+                phase,
+                attempt,
+                view: RunView {
+                    input: &self.input,
+                    plan: &workflow.steps,
+                    states: &self.state.steps,
+                },
+                tx: &mut tx,
+            };
+            let work = async {
+                match phase {
+                    Phase::Invoke => handler.invoke(&mut ctx).await.map(Some),
+                    Phase::Compensate => {
+                        let s = &self.state.steps[step];
+                        // A step that succeeded has an output (possibly JSON null); one that
+                        // failed has only the partial work it recorded.
+                        let done = match (&s.output, &s.partial) {
+                            (Some(output), _) => Completed::Output(output.clone()),
+                            (None, Some(partial)) => Completed::Partial(partial.clone()),
+                            (None, None) => Completed::Output(Value::Null),
+                        };
+                        handler.compensate(&mut ctx, done).await.map(|()| None)
+                    }
+                }
+            };
+            let guarded = AssertUnwindSafe(work).catch_unwind();
+            let result = match def.timeout {
+                Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                    Ok(result) => result,
+                    Err(_) => return Err(StepError::retryable(format!("attempt timed out after {limit:?}"))),
+                },
+                None => guarded.await,
+            };
+            result.unwrap_or_else(|panic| {
+                Err(StepError::retryable(format!(
+                    "step panicked: {}",
+                    panic_message(&panic)
+                )))
+            })
+        }
+        .instrument(span.clone())
+        .await;
+
+        let elapsed = started.elapsed();
+        let event = match outcome {
+            Ok(output) => {
+                let point = match phase {
+                    Phase::Invoke => FaultPoint::AfterEffect,
+                    Phase::Compensate => FaultPoint::Compensate,
+                };
+                faults.checkpoint(point, name);
+                match phase {
+                    Phase::Invoke => Event::StepSucceeded {
+                        step,
+                        output: output.unwrap_or(Value::Null),
+                    },
+                    Phase::Compensate => Event::CompensationSucceeded { step },
+                }
+            }
+            Err(error) => {
+                span.in_scope(|| warn!(error = %error.message, retryable = error.retryable, "attempt failed"));
+                if let Some(open) = tx.take() {
+                    // Whatever the failed attempt wrote is discarded.
+                    let _ = open.rollback().await;
+                }
+                match phase {
+                    Phase::Invoke => Event::StepFailed { step, error },
+                    Phase::Compensate => Event::CompensationFailed { step, error },
+                }
+            }
+        };
+        let outcome_label = match &event {
+            Event::StepSucceeded { .. } | Event::CompensationSucceeded { .. } => "succeeded",
+            _ => "failed",
+        };
+        metrics::counter!(m::STEP_ATTEMPTS, "workflow" => workflow.name.clone(), "step" => name.to_string(), "phase" => phase.as_str(), "outcome" => outcome_label).increment(1);
+        metrics::histogram!(m::STEP_SECONDS, "workflow" => workflow.name.clone(), "step" => name.to_string(), "phase" => phase.as_str()).record(elapsed.as_secs_f64());
+
+        self.record(event, tx.take()).instrument(span).await?;
+        if phase == Phase::Invoke {
+            faults.checkpoint(FaultPoint::AfterCommit, name);
+        }
+        Ok(())
+    }
+
+    /// Decides what follows `event` and persists it (with the step's own writes, if any).
+    async fn record(&mut self, event: Event, mut step_tx: Option<Transaction<'static, Postgres>>) -> Result<(), Stop> {
+        loop {
+            let mut new_state = self.state.clone();
+            let transition = self.decide(&mut new_state, event.clone());
+            let finishing = transition.next == Next::Finish;
+            let needs_tx = step_tx.is_some() || (finishing && self.workflow.on_finish.is_some());
+            let result = if needs_tx {
+                let mut tx = match step_tx.take() {
+                    Some(tx) => tx,
+                    None => self
+                        .engine
+                        .inner
+                        .pool
+                        .begin()
+                        .await
+                        .map_err(|e| Stop::Database(e.to_string()))?,
+                };
+                let persisted = self.persist(&mut tx, &new_state, &transition).await;
+                match persisted {
+                    Ok(Persisted::Applied) => {
+                        if finishing && let Some(hook) = &self.workflow.on_finish {
+                            hook.on_finish(&mut tx, self.run_id, new_state.status)
+                                .await
+                                .map_err(|e| Stop::Database(format!("finishing the run failed: {e}")))?;
+                        }
+                        tx.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
+                        Ok(Persisted::Applied)
+                    }
+                    Ok(Persisted::CancelRequested) => {
+                        // Same transaction: the step's writes stay, the decision is redone.
+                        step_tx = Some(tx);
+                        Ok(Persisted::CancelRequested)
+                    }
+                    other => {
+                        let _ = tx.rollback().await;
+                        other
+                    }
+                }
+            } else {
+                let mut conn = self
+                    .engine
+                    .inner
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(|e| Stop::Database(e.to_string()))?;
+                self.persist(&mut conn, &new_state, &transition).await
+            };
+            match result.map_err(|e| Stop::Database(e.to_string()))? {
+                Persisted::Applied => {
+                    self.state = new_state;
+                    self.next = transition.next;
+                    return Ok(());
+                }
+                Persisted::CancelRequested => {
+                    debug!("an operator asked to cancel while the attempt ran; deciding again");
+                    self.state.cancel_requested = true;
+                }
+                Persisted::Fenced => return Err(Stop::Fenced),
+            }
+        }
+    }
+
+    fn decide(&self, state: &mut RunState, event: Event) -> Transition {
+        let conditions = Conditions {
+            draining: self.worker.is_draining(),
+            jitter: rand::random::<f64>(),
+            now: Utc::now(),
+        };
+        Machine::new(&self.workflow, &self.input).handle(state, event, &conditions)
+    }
+
+    async fn persist(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        new_state: &RunState,
+        transition: &Transition,
+    ) -> Result<Persisted, sqlx::Error> {
+        persist_transition(
+            conn,
+            self.run_id,
+            self.epoch,
+            &self.state,
+            new_state,
+            transition,
+            self.engine.lease_ms(),
+        )
+        .await
+    }
+
+    /// After a failed write, reloads the run (still under this lease) and goes on from what
+    /// the database says. Returns false when the run must be left to others.
+    async fn resume_in_place(&mut self, error: &str) -> bool {
+        warn!(%error, "recording an outcome failed; reloading the run");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            match self.reload(error).await {
+                Ok(true) => return true,
+                Ok(false) => {
+                    warn!("lease taken over while the database was unreachable");
+                    return false;
+                }
+                Err(e) => debug!(error = %e, "database still unreachable"),
+            }
+        }
+    }
+
+    async fn reload(&mut self, error: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = self.engine.inner.pool.begin().await?;
+        let Some(run) = store::run_for_update(&mut tx, self.run_id).await? else {
+            return Ok(false);
+        };
+        if run.lease_epoch != self.epoch || run.lease_owner != Some(self.worker.id) || run.status.is_terminal() {
+            return Ok(false);
+        }
+        let steps = store::steps_of(&mut *tx, self.run_id).await?;
+        self.state = store::run_state(&run, &steps);
+        let mut new_state = self.state.clone();
+        let reason = format!("the database failed while its outcome was being recorded ({error})");
+        let transition = self.decide(&mut new_state, Event::Resumed { reason });
+        match self.persist(&mut tx, &new_state, &transition).await? {
+            Persisted::Applied => {}
+            _ => return Ok(false),
+        }
+        tx.commit().await?;
+        self.state = new_state;
+        self.next = transition.next;
+        Ok(true)
+    }
+}
+
+/// Persists `transition` (which turned `old` into `new`) under lease `epoch`.
+pub(crate) async fn persist_transition(
+    conn: &mut sqlx::PgConnection,
+    run_id: Uuid,
+    epoch: i64,
+    old: &RunState,
+    new: &RunState,
+    transition: &Transition,
+    lease_ms: i64,
+) -> Result<Persisted, sqlx::Error> {
+    let mut changed: Vec<usize> = (0..new.steps.len())
+        .filter(|&i| old.steps.get(i) != new.steps.get(i) || transition.marks.contains_key(&i))
+        .collect();
+    changed.dedup();
+    let lease = match transition.next {
+        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
+        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
+        Next::Finish => LeaseWrite::Finish,
+    };
+    store::persist(
+        conn,
+        &Persist {
+            run_id,
+            epoch,
+            cancel_requested: old.cancel_requested,
+            state: new,
+            changed,
+            marks: &transition.marks,
+            events: &transition.events,
+            lease,
+            lease_ms,
+        },
+    )
+    .await
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

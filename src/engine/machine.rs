@@ -1,0 +1,1169 @@
+//! The saga state machine: what happens to a run when a step succeeds or fails, when a worker
+//! takes it over, when an operator cancels or retries it.
+//!
+//! Everything here is pure: a [`RunState`] and an [`Event`] go in; the state is updated and a
+//! [`Transition`] comes out, listing the execution-log entries to append and what the worker
+//! must do [`Next`]. The executor persists the transition in one transaction and then does
+//! what it says. No I/O, no clock, no randomness (the caller passes `now` and a jitter
+//! sample), so every decision is unit-tested below without a database.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::definition::{RunView, StepError, Workflow};
+use super::status::{EventKind, RunStatus, StepStatus};
+
+/// The persisted state of one step of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepState {
+    /// Where the step is.
+    pub status: StepStatus,
+    /// Invoke attempts started so far.
+    pub attempts: u32,
+    /// Compensation attempts started so far (reset by an operator's retry).
+    pub compensation_attempts: u32,
+    /// The output of the successful attempt.
+    pub output: Option<Value>,
+    /// The last error (of an invoke or a compensation attempt).
+    pub error: Option<StepError>,
+    /// Work a failed attempt recorded, for its compensation.
+    pub partial: Option<Value>,
+}
+
+/// Why a run did not complete: the step that gave up (none for a cancel) and its error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunError {
+    /// The step that gave up, if a step did.
+    pub step: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// Whether the error was retryable (and the step ran out of attempts).
+    pub retryable: bool,
+}
+
+/// The persisted state of a run that the machine decides on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    /// The run's status.
+    pub status: RunStatus,
+    /// One entry per step of the plan, in order.
+    pub steps: Vec<StepState>,
+    /// Why the run did not complete.
+    pub error: Option<RunError>,
+    /// The workflow's output, once completed.
+    pub output: Option<Value>,
+    /// An operator asked to cancel.
+    pub cancel_requested: bool,
+}
+
+impl RunState {
+    /// The state of a new run of a plan with `steps` steps.
+    pub fn new(steps: usize) -> Self {
+        Self {
+            status: RunStatus::Pending,
+            steps: vec![StepState::default(); steps],
+            error: None,
+            output: None,
+            cancel_requested: false,
+        }
+    }
+}
+
+/// Something that happened to a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A worker took the lease: `taken_over_from` names the previous owner when that owner
+    /// never gave it back (it crashed, paused or lost its database session).
+    Claimed {
+        /// The worker taking the run.
+        by: String,
+        /// The owner whose lease was taken over, if any.
+        taken_over_from: Option<String>,
+    },
+    /// The owner lost its database connection while recording an outcome and reloaded the
+    /// run: whatever attempt it had in flight is treated as lost.
+    Resumed {
+        /// Why the owner resumed.
+        reason: String,
+    },
+    /// A step attempt succeeded with this output.
+    StepSucceeded {
+        /// The step's index in the plan.
+        step: usize,
+        /// The output to record.
+        output: Value,
+    },
+    /// A step attempt failed.
+    StepFailed {
+        /// The step's index in the plan.
+        step: usize,
+        /// The error.
+        error: StepError,
+    },
+    /// A compensation attempt succeeded.
+    CompensationSucceeded {
+        /// The step's index in the plan.
+        step: usize,
+    },
+    /// A compensation attempt failed.
+    CompensationFailed {
+        /// The step's index in the plan.
+        step: usize,
+        /// The error.
+        error: StepError,
+    },
+}
+
+/// What the caller knows that the machine must not find out for itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Conditions {
+    /// The worker is shutting down: start nothing new, give the lease back.
+    pub draining: bool,
+    /// A uniform sample from `[0, 1)` for the jitter of a retry delay.
+    pub jitter: f64,
+    /// The current time, for the time of a scheduled retry.
+    pub now: DateTime<Utc>,
+}
+
+/// What the worker does after persisting a transition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
+    /// Run an attempt of this step's invoke.
+    Invoke(usize),
+    /// Run an attempt of this step's compensation.
+    Compensate(usize),
+    /// Give the lease back; the run is due again at `ready_at` (a retry delay, or shutdown).
+    Release {
+        /// When the run may be claimed again.
+        ready_at: DateTime<Utc>,
+    },
+    /// The run reached a terminal status: drop the lease.
+    Finish,
+}
+
+/// Which timestamp of a step row the transition sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeMark {
+    /// An attempt began: set `started_at`, clear `finished_at`.
+    Started,
+    /// An attempt ended: set `finished_at`.
+    Finished,
+}
+
+/// An execution-log entry to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The step concerned, if any.
+    pub step: Option<String>,
+    /// The attempt concerned, if any.
+    pub attempt: Option<u32>,
+    /// Details (errors, times, who).
+    pub detail: Value,
+}
+
+/// The outcome of a decision: log entries, step timestamps, and what to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// Entries to append to the execution log, in order.
+    pub events: Vec<NewEvent>,
+    /// Step timestamps to set, by step index.
+    pub marks: BTreeMap<usize, TimeMark>,
+    /// What the worker does next.
+    pub next: Next,
+}
+
+impl Transition {
+    fn new() -> Self {
+        Self {
+            events: Vec::new(),
+            marks: BTreeMap::new(),
+            next: Next::Finish,
+        }
+    }
+
+    fn log(&mut self, kind: EventKind, step: Option<&str>, attempt: Option<u32>, detail: Value) {
+        self.events.push(NewEvent {
+            kind,
+            step: step.map(str::to_string),
+            attempt,
+            detail,
+        });
+    }
+
+    /// The kinds of the log entries, for assertions.
+    pub fn kinds(&self) -> Vec<EventKind> {
+        self.events.iter().map(|e| e.kind).collect()
+    }
+}
+
+/// An operator action the run's status does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not allowed while the run is {0}")]
+pub struct NotAllowed(pub RunStatus);
+
+/// Decides transitions for runs of one workflow.
+pub struct Machine<'a> {
+    workflow: &'a Workflow,
+    input: &'a Value,
+}
+
+impl<'a> Machine<'a> {
+    /// A machine for runs of `workflow` with this input.
+    pub fn new(workflow: &'a Workflow, input: &'a Value) -> Self {
+        Self { workflow, input }
+    }
+
+    fn name(&self, step: usize) -> &'a str {
+        self.workflow.steps.get(step).map(|s| s.name.as_str()).unwrap_or("?")
+    }
+
+    /// Applies `event` to `state` and decides what follows.
+    pub fn handle(&self, state: &mut RunState, event: Event, cond: &Conditions) -> Transition {
+        let mut t = Transition::new();
+        let stop = match event {
+            Event::Claimed { by, taken_over_from } => {
+                match taken_over_from {
+                    Some(from) => t.log(EventKind::LeaseTakenOver, None, None, json!({"from": from, "by": by})),
+                    None => t.log(EventKind::RunClaimed, None, None, json!({"by": by})),
+                }
+                if state.status == RunStatus::Pending {
+                    state.status = RunStatus::Running;
+                }
+                self.settle_lost_attempts(
+                    state,
+                    "the worker running it stopped before recording an outcome",
+                    &mut t,
+                )
+            }
+            Event::Resumed { reason } => self.settle_lost_attempts(state, &reason, &mut t),
+            Event::StepSucceeded { step, output } => {
+                let s = &mut state.steps[step];
+                s.status = StepStatus::Succeeded;
+                s.output = Some(output);
+                s.error = None;
+                let attempt = s.attempts;
+                t.marks.insert(step, TimeMark::Finished);
+                t.log(
+                    EventKind::StepSucceeded,
+                    Some(self.name(step)),
+                    Some(attempt),
+                    json!({}),
+                );
+                None
+            }
+            Event::StepFailed { step, error } => self.step_failed(state, step, error, true, cond, &mut t),
+            Event::CompensationSucceeded { step } => {
+                let s = &mut state.steps[step];
+                s.status = StepStatus::Compensated;
+                let attempt = s.compensation_attempts;
+                t.log(
+                    EventKind::StepCompensationSucceeded,
+                    Some(self.name(step)),
+                    Some(attempt),
+                    json!({}),
+                );
+                None
+            }
+            Event::CompensationFailed { step, error } => {
+                self.compensation_failed(state, step, error, true, cond, &mut t)
+            }
+        };
+        t.next = match stop {
+            Some(next) => next,
+            None => self.advance(state, cond, &mut t),
+        };
+        t
+    }
+
+    /// Attempts in flight when their worker was lost count as failed (retryable) attempts and
+    /// are retried at once.
+    fn settle_lost_attempts(&self, state: &mut RunState, reason: &str, t: &mut Transition) -> Option<Next> {
+        let immediate = Conditions {
+            draining: false,
+            jitter: 0.0,
+            now: DateTime::<Utc>::MIN_UTC,
+        };
+        for step in 0..state.steps.len() {
+            let lost = StepError::retryable(format!("attempt lost: {reason}"));
+            let stop = match state.steps[step].status {
+                StepStatus::Running => self.step_failed(state, step, lost, false, &immediate, t),
+                StepStatus::Compensating => self.compensation_failed(state, step, lost, false, &immediate, t),
+                _ => None,
+            };
+            if stop.is_some() {
+                return stop;
+            }
+        }
+        None
+    }
+
+    fn step_failed(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        error: StepError,
+        with_backoff: bool,
+        cond: &Conditions,
+        t: &mut Transition,
+    ) -> Option<Next> {
+        let name = self.name(step);
+        let s = &mut state.steps[step];
+        if let Some(partial) = &error.partial {
+            s.partial = Some(partial.clone());
+        }
+        s.status = StepStatus::Failed;
+        s.error = Some(error.clone());
+        let attempt = s.attempts;
+        t.marks.insert(step, TimeMark::Finished);
+        let mut detail = json!({"error": error.message, "retryable": error.retryable});
+        if let Some(partial) = &error.partial {
+            detail["partial"] = partial.clone();
+        }
+        t.log(EventKind::StepFailed, Some(name), Some(attempt), detail);
+        if state.cancel_requested {
+            return None;
+        }
+        let policy = &self.workflow.steps[step].retry;
+        if error.retryable && policy.allows_another(attempt) {
+            if with_backoff {
+                let delay = policy.delay_after(attempt, cond.jitter);
+                if !delay.is_zero() {
+                    return Some(schedule_retry(name, attempt + 1, "invoke", delay, cond, t));
+                }
+            }
+            return None;
+        }
+        state.error = Some(RunError {
+            step: Some(name.to_string()),
+            message: error.message.clone(),
+            retryable: error.retryable,
+        });
+        let why = if error.retryable {
+            "ran out of attempts"
+        } else {
+            "failed permanently"
+        };
+        self.begin_compensation(state, format!("step `{name}` {why}: {}", error.message), t);
+        None
+    }
+
+    fn compensation_failed(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        error: StepError,
+        with_backoff: bool,
+        cond: &Conditions,
+        t: &mut Transition,
+    ) -> Option<Next> {
+        let name = self.name(step);
+        let s = &mut state.steps[step];
+        s.status = StepStatus::CompensationFailed;
+        s.error = Some(error.clone());
+        let attempt = s.compensation_attempts;
+        t.log(
+            EventKind::StepCompensationFailed,
+            Some(name),
+            Some(attempt),
+            json!({"error": error.message, "retryable": error.retryable}),
+        );
+        let policy = &self.workflow.steps[step].compensation_retry;
+        if error.retryable && policy.allows_another(attempt) {
+            if with_backoff {
+                let delay = policy.delay_after(attempt, cond.jitter);
+                if !delay.is_zero() {
+                    return Some(schedule_retry(name, attempt + 1, "compensate", delay, cond, t));
+                }
+            }
+            return None;
+        }
+        state.status = RunStatus::Failed;
+        if state.error.is_none() {
+            state.error = Some(RunError {
+                step: Some(name.to_string()),
+                message: error.message.clone(),
+                retryable: error.retryable,
+            });
+        }
+        t.log(
+            EventKind::RunFailed,
+            None,
+            None,
+            json!({"step": name, "error": format!("compensation of `{name}` gave up: {}", error.message)}),
+        );
+        Some(Next::Finish)
+    }
+
+    fn begin_compensation(&self, state: &mut RunState, reason: String, t: &mut Transition) {
+        state.status = RunStatus::Compensating;
+        t.log(EventKind::CompensationStarted, None, None, json!({"reason": reason}));
+    }
+
+    fn needs_compensation(&self, state: &RunState, step: usize) -> bool {
+        if !self.workflow.steps[step].has_compensation() {
+            return false;
+        }
+        let s = &state.steps[step];
+        match s.status {
+            StepStatus::Succeeded | StepStatus::Compensating | StepStatus::CompensationFailed => true,
+            StepStatus::Failed => s.partial.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Moves the run forward until there is an attempt to make, a wait, or an end.
+    fn advance(&self, state: &mut RunState, cond: &Conditions, t: &mut Transition) -> Next {
+        loop {
+            match state.status {
+                RunStatus::Pending | RunStatus::Running => {
+                    state.status = RunStatus::Running;
+                    if state.cancel_requested {
+                        if state.error.is_none() {
+                            state.error = Some(RunError {
+                                step: None,
+                                message: "cancelled by an operator".into(),
+                                retryable: false,
+                            });
+                        }
+                        self.begin_compensation(state, "cancelled by an operator".into(), t);
+                        continue;
+                    }
+                    let next = state.steps.iter().position(|s| {
+                        matches!(s.status, StepStatus::Pending | StepStatus::Running | StepStatus::Failed)
+                    });
+                    let Some(step) = next else {
+                        state.status = RunStatus::Completed;
+                        let view = RunView {
+                            input: self.input,
+                            plan: &self.workflow.steps,
+                            states: &state.steps,
+                        };
+                        state.output = Some(self.workflow.output_of(&view));
+                        t.log(EventKind::RunCompleted, None, None, json!({}));
+                        return Next::Finish;
+                    };
+                    if state.steps[step].status == StepStatus::Pending && !self.condition_holds(state, step) {
+                        state.steps[step].status = StepStatus::Skipped;
+                        t.log(
+                            EventKind::StepSkipped,
+                            Some(self.name(step)),
+                            None,
+                            json!({"reason": "its `when` condition was false"}),
+                        );
+                        continue;
+                    }
+                    return self.start_attempt(state, step, cond, t);
+                }
+                RunStatus::Compensating => {
+                    let next = (0..state.steps.len())
+                        .rev()
+                        .find(|&i| self.needs_compensation(state, i));
+                    let Some(step) = next else {
+                        let (status, kind) = if state.cancel_requested {
+                            (RunStatus::Cancelled, EventKind::RunCancelled)
+                        } else {
+                            (RunStatus::Compensated, EventKind::RunCompensated)
+                        };
+                        state.status = status;
+                        t.log(kind, None, None, json!({}));
+                        return Next::Finish;
+                    };
+                    return self.start_compensation(state, step, cond, t);
+                }
+                RunStatus::Completed | RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled => {
+                    return Next::Finish;
+                }
+            }
+        }
+    }
+
+    fn condition_holds(&self, state: &RunState, step: usize) -> bool {
+        match &self.workflow.steps[step].when {
+            None => true,
+            Some(condition) => {
+                let view = RunView {
+                    input: self.input,
+                    plan: &self.workflow.steps,
+                    states: &state.steps,
+                };
+                condition(&view)
+            }
+        }
+    }
+
+    fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Transition) -> Next {
+        if cond.draining {
+            return release_for_shutdown(cond, t);
+        }
+        let s = &mut state.steps[step];
+        s.status = StepStatus::Running;
+        s.attempts += 1;
+        let attempt = s.attempts;
+        t.marks.insert(step, TimeMark::Started);
+        t.log(EventKind::StepStarted, Some(self.name(step)), Some(attempt), json!({}));
+        Next::Invoke(step)
+    }
+
+    fn start_compensation(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Transition) -> Next {
+        if cond.draining {
+            return release_for_shutdown(cond, t);
+        }
+        let s = &mut state.steps[step];
+        s.status = StepStatus::Compensating;
+        s.compensation_attempts += 1;
+        let attempt = s.compensation_attempts;
+        t.log(
+            EventKind::StepCompensationStarted,
+            Some(self.name(step)),
+            Some(attempt),
+            json!({}),
+        );
+        Next::Compensate(step)
+    }
+
+    /// An operator resumes a `failed` run: the compensation that gave up gets a fresh budget
+    /// of attempts, and the run is due at once.
+    pub fn operator_retry(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {
+        if state.status != RunStatus::Failed {
+            return Err(NotAllowed(state.status));
+        }
+        let mut t = Transition::new();
+        let mut resumed = Vec::new();
+        for (i, s) in state.steps.iter_mut().enumerate() {
+            if s.status == StepStatus::CompensationFailed {
+                s.compensation_attempts = 0;
+                resumed.push(self.name(i));
+            }
+        }
+        state.status = RunStatus::Compensating;
+        t.log(
+            EventKind::OperatorRetry,
+            None,
+            None,
+            json!({"by": by, "action": "resume", "steps": resumed}),
+        );
+        t.next = Next::Release { ready_at: now };
+        Ok(t)
+    }
+
+    /// An operator asks to cancel: the run stops after the attempt in flight and compensates.
+    /// Asking again changes nothing.
+    pub fn request_cancel(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {
+        if !state.status.can_cancel() {
+            return Err(NotAllowed(state.status));
+        }
+        let mut t = Transition::new();
+        t.next = Next::Release { ready_at: now };
+        if !state.cancel_requested {
+            state.cancel_requested = true;
+            t.log(EventKind::CancelRequested, None, None, json!({"by": by}));
+        }
+        Ok(t)
+    }
+}
+
+fn schedule_retry(
+    step: &str,
+    attempt: u32,
+    phase: &str,
+    delay: std::time::Duration,
+    cond: &Conditions,
+    t: &mut Transition,
+) -> Next {
+    let ready_at = cond.now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    t.log(
+        EventKind::RetryScheduled,
+        Some(step),
+        Some(attempt),
+        json!({"at": ready_at, "delay_ms": delay.as_millis() as u64, "phase": phase}),
+    );
+    Next::Release { ready_at }
+}
+
+fn release_for_shutdown(cond: &Conditions, t: &mut Transition) -> Next {
+    t.log(
+        EventKind::LeaseReleased,
+        None,
+        None,
+        json!({"reason": "the worker is shutting down"}),
+    );
+    Next::Release { ready_at: cond.now }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::engine::definition::{Compensate, Completed, Step, StepContext, StepDef};
+    use crate::engine::retry::RetryPolicy;
+    use EventKind as K;
+
+    struct Plain;
+
+    #[async_trait]
+    impl Step for Plain {
+        type Output = Value;
+        async fn invoke(&self, _: &mut StepContext<'_>) -> Result<Value, StepError> {
+            Ok(Value::Null)
+        }
+    }
+
+    #[async_trait]
+    impl Compensate for Plain {
+        async fn compensate(&self, _: &mut StepContext<'_>, _: Completed<Value>) -> Result<(), StepError> {
+            Ok(())
+        }
+    }
+
+    fn no_retry_delay() -> RetryPolicy {
+        RetryPolicy::attempts(3)
+            .initial_delay(Duration::from_millis(100))
+            .jitter(0.0)
+    }
+
+    /// a (no compensation), b (compensable), c (compensable), d (no compensation)
+    fn workflow() -> Workflow {
+        Workflow::builder("test", 1)
+            .step(StepDef::new("a", Plain))
+            .step(StepDef::compensable("b", Plain).retry(no_retry_delay()))
+            .step(
+                StepDef::compensable("c", Plain)
+                    .retry(no_retry_delay())
+                    .compensation_retry(RetryPolicy::attempts(2)),
+            )
+            .step(StepDef::new("d", Plain).retry(RetryPolicy::none()))
+            .build()
+            .expect("valid workflow")
+    }
+
+    fn cond() -> Conditions {
+        Conditions {
+            draining: false,
+            jitter: 0.0,
+            now: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("time"),
+        }
+    }
+
+    fn claimed(wf: &Workflow, input: &Value) -> (RunState, Transition) {
+        let mut state = RunState::new(wf.steps.len());
+        let t = Machine::new(wf, input).handle(
+            &mut state,
+            Event::Claimed {
+                by: "w1".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        (state, t)
+    }
+
+    fn ok(step: usize) -> Event {
+        Event::StepSucceeded {
+            step,
+            output: json!({"step": step}),
+        }
+    }
+
+    fn statuses(state: &RunState) -> Vec<StepStatus> {
+        state.steps.iter().map(|s| s.status).collect()
+    }
+
+    #[test]
+    fn happy_path_runs_every_step_in_order_and_completes() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, t) = claimed(&wf, &input);
+        assert_eq!(t.kinds(), [K::RunClaimed, K::StepStarted]);
+        assert_eq!(t.next, Next::Invoke(0));
+        assert_eq!(state.status, RunStatus::Running);
+        for step in 0..3 {
+            let t = m.handle(&mut state, ok(step), &cond());
+            assert_eq!(t.kinds(), [K::StepSucceeded, K::StepStarted]);
+            assert_eq!(t.next, Next::Invoke(step + 1));
+            assert_eq!(t.marks.get(&step), Some(&TimeMark::Finished));
+            assert_eq!(t.marks.get(&(step + 1)), Some(&TimeMark::Started));
+        }
+        let t = m.handle(&mut state, ok(3), &cond());
+        assert_eq!(t.kinds(), [K::StepSucceeded, K::RunCompleted]);
+        assert_eq!(t.next, Next::Finish);
+        assert_eq!(state.status, RunStatus::Completed);
+        assert_eq!(
+            state.output,
+            Some(json!({"step": 3})),
+            "default output is the last step's"
+        );
+        assert!(
+            state
+                .steps
+                .iter()
+                .all(|s| s.attempts == 1 && s.status == StepStatus::Succeeded)
+        );
+    }
+
+    #[test]
+    fn retryable_failure_schedules_a_durable_retry_with_backoff() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 1,
+                error: StepError::retryable("busy"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::StepFailed, K::RetryScheduled]);
+        let due = cond().now + chrono::Duration::milliseconds(100);
+        assert_eq!(t.next, Next::Release { ready_at: due });
+        assert_eq!(t.events[1].attempt, Some(2));
+        assert_eq!(t.events[1].detail["delay_ms"], json!(100));
+        assert_eq!(state.steps[1].status, StepStatus::Failed);
+        assert_eq!(state.status, RunStatus::Running);
+
+        // Claimed again when due: the next attempt starts, nothing is "lost".
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w2".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::RunClaimed, K::StepStarted]);
+        assert_eq!(t.next, Next::Invoke(1));
+        assert_eq!(state.steps[1].attempts, 2);
+
+        // Second failure: delay doubles.
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 1,
+                error: StepError::retryable("busy"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.events[1].detail["delay_ms"], json!(200));
+        m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w2".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        let t = m.handle(&mut state, ok(1), &cond());
+        assert_eq!(t.next, Next::Invoke(2));
+        assert_eq!(state.steps[1].attempts, 3);
+    }
+
+    #[test]
+    fn exhausted_retries_compensate_succeeded_steps_in_reverse_order() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        m.handle(&mut state, ok(1), &cond());
+        m.handle(&mut state, ok(2), &cond());
+        // d has no retries: its retryable failure gives up at once.
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 3,
+                error: StepError::retryable("down"),
+            },
+            &cond(),
+        );
+        assert_eq!(
+            t.kinds(),
+            [K::StepFailed, K::CompensationStarted, K::StepCompensationStarted]
+        );
+        assert_eq!(t.next, Next::Compensate(2), "c first");
+        assert_eq!(state.status, RunStatus::Compensating);
+        assert_eq!(
+            state.error,
+            Some(RunError {
+                step: Some("d".into()),
+                message: "down".into(),
+                retryable: true
+            })
+        );
+        let t = m.handle(&mut state, Event::CompensationSucceeded { step: 2 }, &cond());
+        assert_eq!(t.kinds(), [K::StepCompensationSucceeded, K::StepCompensationStarted]);
+        assert_eq!(t.next, Next::Compensate(1), "then b; a has no compensation");
+        let t = m.handle(&mut state, Event::CompensationSucceeded { step: 1 }, &cond());
+        assert_eq!(t.kinds(), [K::StepCompensationSucceeded, K::RunCompensated]);
+        assert_eq!(t.next, Next::Finish);
+        assert_eq!(state.status, RunStatus::Compensated);
+        assert_eq!(
+            statuses(&state),
+            [
+                StepStatus::Succeeded,
+                StepStatus::Compensated,
+                StepStatus::Compensated,
+                StepStatus::Failed
+            ]
+        );
+        assert_eq!(
+            state.error.as_ref().map(|e| e.message.as_str()),
+            Some("down"),
+            "keeps the original error"
+        );
+    }
+
+    #[test]
+    fn permanent_error_skips_remaining_retries() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 1,
+                error: StepError::permanent("no"),
+            },
+            &cond(),
+        );
+        assert_eq!(state.steps[1].attempts, 1);
+        assert_eq!(t.kinds(), [K::StepFailed, K::CompensationStarted, K::RunCompensated]);
+        assert_eq!(
+            state.status,
+            RunStatus::Compensated,
+            "nothing compensable had succeeded"
+        );
+        assert_eq!(state.error.as_ref().map(|e| e.retryable), Some(false));
+    }
+
+    #[test]
+    fn failed_step_with_partial_work_is_compensated_too() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        m.handle(&mut state, ok(1), &cond());
+        let error = StepError::permanent("half done").with_partial(json!({"reserved": 1}));
+        let t = m.handle(&mut state, Event::StepFailed { step: 2, error }, &cond());
+        assert_eq!(t.events[0].detail["partial"], json!({"reserved": 1}));
+        assert_eq!(t.next, Next::Compensate(2), "the failing step's recorded work first");
+        assert_eq!(state.steps[2].partial, Some(json!({"reserved": 1})));
+    }
+
+    #[test]
+    fn compensation_that_gives_up_fails_the_run_and_an_operator_can_resume_it() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        for step in 0..3 {
+            m.handle(&mut state, ok(step), &cond());
+        }
+        m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 3,
+                error: StepError::permanent("x"),
+            },
+            &cond(),
+        );
+        // c's compensation: 2 attempts.
+        let t = m.handle(
+            &mut state,
+            Event::CompensationFailed {
+                step: 2,
+                error: StepError::retryable("flaky"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::StepCompensationFailed, K::RetryScheduled]);
+        assert_eq!(t.events[1].detail["phase"], json!("compensate"));
+        assert_eq!(state.steps[2].status, StepStatus::CompensationFailed);
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.next, Next::Compensate(2));
+        let t = m.handle(
+            &mut state,
+            Event::CompensationFailed {
+                step: 2,
+                error: StepError::retryable("flaky"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::StepCompensationFailed, K::RunFailed]);
+        assert_eq!(t.next, Next::Finish);
+        assert_eq!(state.status, RunStatus::Failed);
+        assert_eq!(
+            state.steps[1].status,
+            StepStatus::Succeeded,
+            "b not compensated: c blocks it"
+        );
+
+        let t = m
+            .operator_retry(&mut state, "ops@example.com", cond().now)
+            .expect("allowed");
+        assert_eq!(t.kinds(), [K::OperatorRetry]);
+        assert_eq!(t.events[0].detail["by"], json!("ops@example.com"));
+        assert_eq!(state.status, RunStatus::Compensating);
+        assert_eq!(state.steps[2].compensation_attempts, 0, "fresh budget");
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.next, Next::Compensate(2));
+        assert_eq!(state.steps[2].compensation_attempts, 1);
+        m.handle(&mut state, Event::CompensationSucceeded { step: 2 }, &cond());
+        let t = m.handle(&mut state, Event::CompensationSucceeded { step: 1 }, &cond());
+        assert_eq!(t.next, Next::Finish);
+        assert_eq!(state.status, RunStatus::Compensated);
+        assert_eq!(
+            m.operator_retry(&mut state, "x", cond().now),
+            Err(NotAllowed(RunStatus::Compensated))
+        );
+    }
+
+    #[test]
+    fn when_false_skips_the_step() {
+        let wf = Workflow::builder("w", 1)
+            .step(StepDef::new("a", Plain))
+            .step(StepDef::new("b", Plain).when(|v| v.input_value()["b"] == json!(true)))
+            .step(StepDef::new("c", Plain))
+            .build()
+            .expect("valid");
+        let input = json!({"b": false});
+        let m = Machine::new(&wf, &input);
+        let mut state = RunState::new(3);
+        m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        let t = m.handle(&mut state, ok(0), &cond());
+        assert_eq!(t.kinds(), [K::StepSucceeded, K::StepSkipped, K::StepStarted]);
+        assert_eq!(t.next, Next::Invoke(2));
+        assert_eq!(
+            statuses(&state),
+            [StepStatus::Succeeded, StepStatus::Skipped, StepStatus::Running]
+        );
+        assert_eq!(state.steps[1].attempts, 0);
+        let t = m.handle(&mut state, ok(2), &cond());
+        assert_eq!(t.next, Next::Finish);
+        assert_eq!(state.status, RunStatus::Completed);
+    }
+
+    #[test]
+    fn takeover_counts_the_lost_attempt_and_retries_at_once() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        // The owner died while b's first attempt was in flight.
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w2".into(),
+                taken_over_from: Some("w1".into()),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::LeaseTakenOver, K::StepFailed, K::StepStarted]);
+        assert_eq!(t.events[0].detail, json!({"from": "w1", "by": "w2"}));
+        assert_eq!(t.events[1].attempt, Some(1));
+        assert_eq!(t.events[2].attempt, Some(2));
+        assert_eq!(t.next, Next::Invoke(1));
+        assert_eq!(t.marks.get(&1), Some(&TimeMark::Started));
+    }
+
+    #[test]
+    fn takeover_of_an_attempt_out_of_budget_compensates() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        for step in 0..3 {
+            m.handle(&mut state, ok(step), &cond());
+        }
+        // d has a single attempt; its worker died.
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w2".into(),
+                taken_over_from: Some("w1".into()),
+            },
+            &cond(),
+        );
+        assert_eq!(
+            t.kinds(),
+            [
+                K::LeaseTakenOver,
+                K::StepFailed,
+                K::CompensationStarted,
+                K::StepCompensationStarted
+            ]
+        );
+        assert_eq!(t.next, Next::Compensate(2));
+    }
+
+    #[test]
+    fn takeover_during_compensation_retries_the_compensation() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        m.handle(&mut state, ok(1), &cond());
+        m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 2,
+                error: StepError::permanent("x"),
+            },
+            &cond(),
+        );
+        assert_eq!(state.steps[1].status, StepStatus::Compensating);
+        let t = m.handle(
+            &mut state,
+            Event::Resumed {
+                reason: "connection lost".into(),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::StepCompensationFailed, K::StepCompensationStarted]);
+        assert_eq!(t.next, Next::Compensate(1));
+        assert_eq!(state.steps[1].compensation_attempts, 2);
+    }
+
+    #[test]
+    fn cancel_stops_after_the_current_attempt_and_compensates() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        let t = m.request_cancel(&mut state, "ops", cond().now).expect("allowed");
+        assert_eq!(t.kinds(), [K::CancelRequested]);
+        assert!(
+            m.request_cancel(&mut state, "ops", cond().now)
+                .is_ok_and(|t| t.events.is_empty()),
+            "idempotent"
+        );
+        // b's attempt in flight finishes, then compensation.
+        let t = m.handle(&mut state, ok(1), &cond());
+        assert_eq!(
+            t.kinds(),
+            [K::StepSucceeded, K::CompensationStarted, K::StepCompensationStarted]
+        );
+        assert_eq!(t.next, Next::Compensate(1));
+        let t = m.handle(&mut state, Event::CompensationSucceeded { step: 1 }, &cond());
+        assert_eq!(t.kinds(), [K::StepCompensationSucceeded, K::RunCancelled]);
+        assert_eq!(state.status, RunStatus::Cancelled);
+        assert_eq!(state.error.as_ref().map(|e| e.step.is_none()), Some(true));
+        assert_eq!(
+            m.request_cancel(&mut state, "ops", cond().now).err(),
+            Some(NotAllowed(RunStatus::Cancelled))
+        );
+    }
+
+    #[test]
+    fn cancel_during_a_retry_wait_does_not_retry() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 1,
+                error: StepError::retryable("busy"),
+            },
+            &cond(),
+        );
+        m.request_cancel(&mut state, "ops", cond().now).expect("allowed");
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::RunClaimed, K::CompensationStarted, K::RunCancelled]);
+        assert_eq!(state.steps[1].attempts, 1);
+    }
+
+    #[test]
+    fn draining_releases_instead_of_starting_the_next_attempt() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        let draining = Conditions {
+            draining: true,
+            ..cond()
+        };
+        let t = m.handle(&mut state, ok(0), &draining);
+        assert_eq!(t.kinds(), [K::StepSucceeded, K::LeaseReleased]);
+        assert_eq!(t.next, Next::Release { ready_at: cond().now });
+        assert_eq!(state.steps[1].status, StepStatus::Pending);
+        assert_eq!(state.steps[1].attempts, 0, "no attempt is spent on a shutdown");
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w2".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::RunClaimed, K::StepStarted]);
+        assert_eq!(state.steps[1].attempts, 1);
+    }
+
+    #[test]
+    fn cancelling_a_pending_run_needs_no_compensation() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let mut state = RunState::new(4);
+        m.request_cancel(&mut state, "ops", cond().now).expect("allowed");
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: None,
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::RunClaimed, K::CompensationStarted, K::RunCancelled]);
+        assert_eq!(state.status, RunStatus::Cancelled);
+        assert!(state.steps.iter().all(|s| s.attempts == 0));
+    }
+}

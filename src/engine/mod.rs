@@ -1,0 +1,765 @@
+//! The durable saga engine. It knows nothing of customers or HTTP.
+//!
+//! - [`definition`]: workflows, steps, hooks, typed inputs and outputs.
+//! - [`machine`]: the pure state machine deciding every transition of a run.
+//! - [`executor`]: drives one claimed run, one transaction per step.
+//! - [`worker`]: claims runs, renews leases, recovers runs of lost workers, shuts down.
+//! - [`store`]: all SQL of the engine.
+//! - [`retry`], [`faults`], [`status`]: retry policies, fault injection, status enums.
+//!
+//! [`Engine`] is the entry point: register workflows, start a worker, trigger and inspect
+//! runs, and act on them as an operator.
+
+pub mod definition;
+pub(crate) mod executor;
+pub mod faults;
+pub mod machine;
+pub mod retry;
+pub mod status;
+pub mod store;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+pub use definition::{
+    Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
+    StepDef, StepError, ValidateInput, Workflow, WorkflowBuilder,
+};
+pub use faults::Faults;
+pub use machine::{RunError, RunState};
+pub use retry::RetryPolicy;
+pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger};
+pub use worker::WorkerHandle;
+
+use machine::{Conditions, Event, Machine, NewEvent, Next};
+use worker::WorkerShared;
+
+/// Metric names, in one place so the exporter's descriptions and the code agree.
+pub mod metrics_names {
+    /// Runs accepted, by workflow and trigger.
+    pub const RUNS_STARTED: &str = "sagaflow_runs_started_total";
+    /// Runs that reached a terminal status, by workflow and status.
+    pub const RUNS_FINISHED: &str = "sagaflow_runs_finished_total";
+    /// Step and compensation attempts, by workflow, step, phase and outcome.
+    pub const STEP_ATTEMPTS: &str = "sagaflow_step_attempts_total";
+    /// Duration of step and compensation attempts, in seconds.
+    pub const STEP_SECONDS: &str = "sagaflow_step_duration_seconds";
+    /// Duration of runs from acceptance to terminal status, in seconds.
+    pub const RUN_SECONDS: &str = "sagaflow_run_duration_seconds";
+    /// Runs made claimable because their owner was gone or their lease expired.
+    pub const RECOVERIES: &str = "sagaflow_recoveries_total";
+    /// Claims that took over another worker's lease.
+    pub const LEASE_TAKEOVERS: &str = "sagaflow_lease_takeovers_total";
+    /// Writes refused because the lease had been taken over (fencing at work).
+    pub const FENCED_WRITES: &str = "sagaflow_fenced_writes_total";
+}
+
+/// Everything that can go wrong in an engine call.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No workflow of that name is registered.
+    #[error("unknown workflow `{0}`")]
+    UnknownWorkflow(String),
+    /// The input does not fit the workflow's input type.
+    #[error("invalid input: {0}")]
+    InvalidInput(InputError),
+    /// An idempotency key longer than 255 characters or empty.
+    #[error("invalid idempotency key: it must be 1 to 255 characters")]
+    InvalidIdempotencyKey,
+    /// The idempotency key was used before with a different input.
+    #[error("idempotency key `{key}` was already used with a different input (run {run})")]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// The run it belongs to.
+        run: Uuid,
+    },
+    /// No run with that id.
+    #[error("run {0} not found")]
+    RunNotFound(Uuid),
+    /// The run's status does not allow the operator action.
+    #[error("cannot {action} a run that is {status}")]
+    NotAllowed {
+        /// `retry` or `cancel`.
+        action: &'static str,
+        /// The run's status.
+        status: RunStatus,
+    },
+    /// A compensated or cancelled run is retried once; retry the newer run instead.
+    #[error("run {run} was already retried by run {by}")]
+    AlreadyRetried {
+        /// The run.
+        run: Uuid,
+        /// Its retry.
+        by: Uuid,
+    },
+    /// A definition was refused.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Something that should not happen.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How an engine instance behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Stable identity of this instance (shown in logs; a restart of the same node id lets
+    /// its runs be recovered at once).
+    pub node_id: String,
+    /// How long a lease lasts without a heartbeat before another instance may take the run.
+    pub lease_ttl: Duration,
+    /// Runs this instance drives at once.
+    pub max_concurrent_runs: usize,
+    /// Runs claimed per query at most.
+    pub claim_batch: usize,
+    /// Fallback polling when no notification arrives.
+    pub poll_interval: Duration,
+    /// How often to look for runs of lost workers.
+    pub recovery_interval: Duration,
+    /// How long shutdown waits for attempts in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "sagaflow".into(),
+            lease_ttl: Duration::from_secs(10),
+            max_concurrent_runs: 64,
+            claim_batch: 32,
+            poll_interval: Duration::from_secs(2),
+            recovery_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds an [`Engine`]: register workflows and hook handlers, then build.
+pub struct EngineBuilder {
+    pool: PgPool,
+    config: EngineConfig,
+    faults: Faults,
+    workflows: Vec<Workflow>,
+    hooks: Vec<(String, String, Handler)>,
+}
+
+impl EngineBuilder {
+    /// Sets the configuration.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the fault injection (tests only).
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Registers a workflow (several versions of one workflow may be registered; new runs
+    /// use the highest, running ones keep theirs).
+    pub fn register(mut self, workflow: Workflow) -> Self {
+        self.workflows.push(workflow);
+        self
+    }
+
+    /// Registers the embedding application's handler for a hook point of a workflow (all
+    /// registered versions that have that hook point).
+    pub fn hook(mut self, workflow: &str, step: &str, handler: Handler) -> Self {
+        self.hooks.push((workflow.to_string(), step.to_string(), handler));
+        self
+    }
+
+    /// Checks the registrations and builds the engine.
+    pub fn build(self) -> Result<Engine, DefinitionError> {
+        let mut by_name: HashMap<String, Vec<Arc<Workflow>>> = HashMap::new();
+        let mut workflows = self.workflows;
+        for (workflow, step, handler) in &self.hooks {
+            let mut found = false;
+            for wf in workflows.iter_mut().filter(|w| &w.name == workflow) {
+                if let Some(def) = wf.steps.iter_mut().find(|s| &s.name == step && s.hook) {
+                    def.handler = handler.clone();
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(DefinitionError::NoSuchHook {
+                    workflow: workflow.clone(),
+                    step: step.clone(),
+                });
+            }
+        }
+        for wf in workflows {
+            let versions = by_name.entry(wf.name.clone()).or_default();
+            if versions.iter().any(|v| v.version == wf.version) {
+                return Err(DefinitionError::AlreadyRegistered(wf.name, wf.version));
+            }
+            versions.push(Arc::new(wf));
+            versions.sort_by_key(|w| w.version);
+        }
+        let mut kinds: Vec<String> = by_name
+            .values()
+            .flatten()
+            .map(|w| format!("{}@{}", w.name, w.version))
+            .collect();
+        kinds.sort();
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                config: self.config,
+                faults: Arc::new(self.faults),
+                workflows: by_name,
+                kinds,
+                worker: RwLock::new(None),
+                finished: FinishedRuns::default(),
+            }),
+        })
+    }
+}
+
+/// The durable saga engine: cheap to clone, shared by the API and the worker.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: PgPool,
+    pub(crate) config: EngineConfig,
+    pub(crate) faults: Arc<Faults>,
+    /// Registered workflows by name, versions ascending.
+    workflows: HashMap<String, Vec<Arc<Workflow>>>,
+    /// `name@version` of every registered workflow: what this instance's worker may claim.
+    pub(crate) kinds: Vec<String>,
+    /// This instance's running worker, if any: new runs go to it directly.
+    worker: RwLock<Option<Arc<WorkerShared>>>,
+    /// Wakes callers waiting for runs driven here to finish.
+    pub(crate) finished: FinishedRuns,
+}
+
+impl Inner {
+    pub(crate) fn workflow(&self, name: &str, version: i32) -> Option<Arc<Workflow>> {
+        self.workflows.get(name)?.iter().find(|w| w.version == version).cloned()
+    }
+
+    fn latest(&self, name: &str) -> Option<Arc<Workflow>> {
+        self.workflows.get(name)?.last().cloned()
+    }
+
+    pub(crate) fn attach_worker(&self, worker: Arc<WorkerShared>) {
+        if let Ok(mut slot) = self.worker.write() {
+            *slot = Some(worker);
+        }
+    }
+
+    pub(crate) fn detach_worker(&self) {
+        if let Ok(mut slot) = self.worker.write() {
+            *slot = None;
+        }
+    }
+
+    fn local_worker(&self) -> Option<Arc<WorkerShared>> {
+        self.worker.read().ok()?.clone().filter(|w| !w.is_draining())
+    }
+}
+
+/// Runs finished by this instance, for callers waiting on them.
+#[derive(Default)]
+pub(crate) struct FinishedRuns {
+    waiting: Mutex<HashMap<Uuid, (Arc<Notify>, usize)>>,
+}
+
+impl FinishedRuns {
+    fn watch(&self, run: Uuid) -> Arc<Notify> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = waiting.entry(run).or_insert_with(|| (Arc::new(Notify::new()), 0));
+        entry.1 += 1;
+        Arc::clone(&entry.0)
+    }
+
+    fn unwatch(&self, run: Uuid) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = waiting.get_mut(&run) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                waiting.remove(&run);
+            }
+        }
+    }
+
+    pub(crate) fn notify(&self, run: Uuid) {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((notify, _)) = waiting.get(&run) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// Options of a trigger.
+#[derive(Debug, Clone, Default)]
+pub struct TriggerOptions {
+    /// Same key and same input: the same run. Same key, different input: refused.
+    pub idempotency_key: Option<String>,
+    /// What started the run (default: the API).
+    pub trigger: Option<Trigger>,
+}
+
+/// The result of a trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Triggered {
+    /// The run.
+    pub run_id: Uuid,
+    /// False when an earlier run with the same idempotency key and input was returned.
+    pub created: bool,
+}
+
+/// A run with its steps and the plan's step names, as the API shows it.
+#[derive(Debug, Clone)]
+pub struct RunDetail {
+    /// The run.
+    pub run: store::RunRow,
+    /// Its steps, in plan order.
+    pub steps: Vec<store::StepRow>,
+}
+
+/// The result of an operator's retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// The `failed` run resumes its compensation.
+    Resumed(Uuid),
+    /// A new run was started, linked to the old one.
+    NewRun(Uuid),
+}
+
+impl Engine {
+    /// Starts building an engine on this pool.
+    pub fn builder(pool: PgPool) -> EngineBuilder {
+        EngineBuilder {
+            pool,
+            config: EngineConfig::default(),
+            faults: Faults::none(),
+            workflows: Vec::new(),
+            hooks: Vec::new(),
+        }
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn lease_ms(&self) -> i64 {
+        i64::try_from(self.inner.config.lease_ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Starts this instance's worker: it claims and drives runs until shut down.
+    pub async fn start_worker(&self) -> Result<WorkerHandle, EngineError> {
+        worker::start(self.clone()).await
+    }
+
+    /// Every registered workflow version, by name then version.
+    pub fn workflows(&self) -> Vec<Arc<Workflow>> {
+        let mut all: Vec<Arc<Workflow>> = self.inner.workflows.values().flatten().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name).then(a.version.cmp(&b.version)));
+        all
+    }
+
+    /// The newest registered version of a workflow.
+    pub fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
+        self.inner.latest(name)
+    }
+
+    /// The workflow version a run uses.
+    pub fn workflow_version(&self, name: &str, version: i32) -> Option<Arc<Workflow>> {
+        self.inner.workflow(name, version)
+    }
+
+    /// Accepts a run: checks the input, writes the run, its plan and its first log entry in
+    /// one transaction, and returns once that committed. When this instance has a worker with
+    /// a free slot, the run is leased to it in the same transaction and starts at once.
+    pub async fn trigger(
+        &self,
+        workflow: &str,
+        input: Value,
+        options: TriggerOptions,
+    ) -> Result<Triggered, EngineError> {
+        let wf = self
+            .inner
+            .latest(workflow)
+            .ok_or_else(|| EngineError::UnknownWorkflow(workflow.to_string()))?;
+        wf.check_input(&input).map_err(EngineError::InvalidInput)?;
+        let key = options.idempotency_key.as_deref();
+        if let Some(key) = key {
+            if key.is_empty() || key.chars().count() > 255 {
+                return Err(EngineError::InvalidIdempotencyKey);
+            }
+            if let Some(existing) = store::run_by_key(&self.inner.pool, &wf.name, key).await? {
+                return replay(existing, key, &input);
+            }
+        }
+        let trigger = options.trigger.unwrap_or(Trigger::Api);
+        let mut conn = self.inner.pool.acquire().await?;
+        let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}));
+        if self.insert_prepared(&mut conn, &prepared).await? {
+            drop(conn);
+            let run_id = prepared.id;
+            self.start_prepared(prepared);
+            return Ok(Triggered { run_id, created: true });
+        }
+        // Lost a race for the idempotency key.
+        let key = key.unwrap_or_default();
+        match store::run_by_key(&mut *conn, &wf.name, key).await? {
+            Some(existing) => replay(existing, key, &input),
+            None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
+        }
+    }
+
+    fn prepare_run(
+        &self,
+        wf: &Arc<Workflow>,
+        input: &Value,
+        key: Option<&str>,
+        trigger: Trigger,
+        retry_of: Option<Uuid>,
+        extra: Value,
+    ) -> PreparedRun {
+        let id = Uuid::now_v7();
+        let mut state = RunState::new(wf.steps.len());
+        let mut detail = json!({"trigger": trigger, "workflow_version": wf.version});
+        if let Some(key) = key {
+            detail["idempotency_key"] = json!(key);
+        }
+        if let Some(old) = retry_of {
+            detail["retry_of"] = json!(old);
+        }
+        if let (Some(obj), Some(more)) = (detail.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        let mut events = vec![NewEvent {
+            kind: EventKind::RunCreated,
+            step: None,
+            attempt: None,
+            detail,
+        }];
+        // Lease it to our own worker at once when it has room: no claim round trip, no NOTIFY.
+        let local = self.inner.local_worker().and_then(|w| {
+            let permit = Arc::clone(&w.permits).try_acquire_owned().ok()?;
+            Some((w, permit))
+        });
+        let mut marks = Default::default();
+        let mut next = None;
+        if let Some((worker, _)) = &local {
+            let conditions = Conditions {
+                draining: false,
+                jitter: rand::random::<f64>(),
+                now: Utc::now(),
+            };
+            let t = Machine::new(wf, input).handle(
+                &mut state,
+                Event::Claimed {
+                    by: worker.name.clone(),
+                    taken_over_from: None,
+                },
+                &conditions,
+            );
+            events.extend(t.events);
+            marks = t.marks;
+            next = Some(t.next);
+        }
+        PreparedRun {
+            id,
+            workflow: Arc::clone(wf),
+            input: input.clone(),
+            subject: wf.subject_of(input),
+            key: key.map(str::to_string),
+            trigger,
+            retry_of,
+            state,
+            marks,
+            events,
+            next,
+            local,
+        }
+    }
+
+    async fn insert_prepared(&self, conn: &mut sqlx::PgConnection, p: &PreparedRun) -> Result<bool, sqlx::Error> {
+        let inserted = store::insert_run(
+            conn,
+            &store::NewRun {
+                id: p.id,
+                workflow: &p.workflow.name,
+                workflow_version: p.workflow.version,
+                input: &p.input,
+                subject: p.subject.as_deref(),
+                idempotency_key: p.key.as_deref(),
+                trigger: p.trigger,
+                retry_of: p.retry_of,
+                state: &p.state,
+                step_names: p.workflow.steps.iter().map(|s| s.name.as_str()).collect(),
+                marks: &p.marks,
+                events: &p.events,
+                owner: p.local.as_ref().map(|(w, _)| w.id),
+                lease_ms: self.lease_ms(),
+            },
+        )
+        .await?;
+        if inserted {
+            metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => trigger_label(p.trigger)).increment(1);
+        }
+        Ok(inserted)
+    }
+
+    /// Hands a committed run that was leased to our worker to an executor.
+    fn start_prepared(&self, p: PreparedRun) {
+        let (Some((worker, permit)), Some(next)) = (p.local, p.next) else {
+            return;
+        };
+        let task = executor::RunTask {
+            engine: self.clone(),
+            worker: Arc::clone(&worker),
+            workflow: p.workflow,
+            run_id: p.id,
+            input: p.input,
+            epoch: 1,
+            created_at: Utc::now(),
+            state: p.state,
+            next,
+            _permit: permit,
+        };
+        worker.spawn(task);
+    }
+
+    /// Waits up to `timeout` for a run to reach a terminal status; returns its status then.
+    pub async fn wait_for_terminal(&self, run_id: Uuid, timeout: Duration) -> Result<RunStatus, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let notify = self.inner.finished.watch(run_id);
+        let result = async {
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let status = store::status_of(&self.inner.pool, run_id)
+                    .await?
+                    .ok_or(EngineError::RunNotFound(run_id))?;
+                let now = tokio::time::Instant::now();
+                if status.is_terminal() || now >= deadline {
+                    return Ok(status);
+                }
+                // Runs driven by another instance are not announced here: look again soon.
+                let poll = (deadline - now).min(Duration::from_millis(200));
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+        .await;
+        self.inner.finished.unwatch(run_id);
+        result
+    }
+
+    /// A run with its steps.
+    pub async fn run(&self, run_id: Uuid) -> Result<Option<RunDetail>, EngineError> {
+        let Some(run) = store::run(&self.inner.pool, run_id).await? else {
+            return Ok(None);
+        };
+        let steps = store::steps_of(&self.inner.pool, run_id).await?;
+        Ok(Some(RunDetail { run, steps }))
+    }
+
+    /// A run's execution log, in order (None if the run does not exist).
+    pub async fn events(&self, run_id: Uuid) -> Result<Option<Vec<store::EventRow>>, EngineError> {
+        let mut tx = self.inner.pool.begin().await?;
+        if store::run(&mut *tx, run_id).await?.is_none() {
+            return Ok(None);
+        }
+        let events = store::events_of(&mut *tx, run_id).await?;
+        tx.commit().await?;
+        Ok(Some(events))
+    }
+
+    /// Runs newest first.
+    pub async fn list_runs(
+        &self,
+        filter: &store::RunFilter,
+        cursor: Option<store::Cursor>,
+        limit: i64,
+    ) -> Result<Vec<store::RunRow>, EngineError> {
+        Ok(store::list_runs(&self.inner.pool, filter, cursor, limit).await?)
+    }
+
+    /// Asks to cancel a `pending` or `running` run: it stops after the attempt in flight and
+    /// compensates, ending `cancelled`. Recorded in the log with the operator's identity.
+    pub async fn cancel(&self, run_id: Uuid, operator: &str) -> Result<(), EngineError> {
+        let mut tx = self.inner.pool.begin().await?;
+        let run = store::run_for_update(&mut tx, run_id)
+            .await?
+            .ok_or(EngineError::RunNotFound(run_id))?;
+        let wf = self.run_workflow(&run)?;
+        let steps = store::steps_of(&mut *tx, run_id).await?;
+        let old = store::run_state(&run, &steps);
+        let mut state = old.clone();
+        let transition = Machine::new(&wf, &run.input)
+            .request_cancel(&mut state, operator, Utc::now())
+            .map_err(|e| EngineError::NotAllowed {
+                action: "cancel",
+                status: e.0,
+            })?;
+        if transition.events.is_empty() {
+            return Ok(());
+        }
+        let persisted = store::persist(
+            &mut tx,
+            &store::Persist {
+                run_id,
+                epoch: run.lease_epoch,
+                cancel_requested: old.cancel_requested,
+                state: &state,
+                changed: Vec::new(),
+                marks: &transition.marks,
+                events: &transition.events,
+                lease: store::LeaseWrite::Wake,
+                lease_ms: self.lease_ms(),
+            },
+        )
+        .await?;
+        if persisted != store::Persisted::Applied {
+            return Err(EngineError::Internal(format!(
+                "cancel of run {run_id} was not applied: {persisted:?}"
+            )));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// An operator's retry: a `failed` run resumes the compensation that gave up, with a
+    /// fresh budget of attempts; a `compensated` or `cancelled` run is started again as a new
+    /// run with the same input, linked both ways.
+    pub async fn retry(&self, run_id: Uuid, operator: &str) -> Result<Retried, EngineError> {
+        let mut tx = self.inner.pool.begin().await?;
+        let run = store::run_for_update(&mut tx, run_id)
+            .await?
+            .ok_or(EngineError::RunNotFound(run_id))?;
+        let action = run.status.retry_action().ok_or(EngineError::NotAllowed {
+            action: "retry",
+            status: run.status,
+        })?;
+        match action {
+            RetryAction::Resume => {
+                let wf = self.run_workflow(&run)?;
+                let steps = store::steps_of(&mut *tx, run_id).await?;
+                let old = store::run_state(&run, &steps);
+                let mut state = old.clone();
+                let transition = Machine::new(&wf, &run.input)
+                    .operator_retry(&mut state, operator, Utc::now())
+                    .map_err(|e| EngineError::NotAllowed {
+                        action: "retry",
+                        status: e.0,
+                    })?;
+                let persisted = executor::persist_transition(
+                    &mut tx,
+                    run_id,
+                    run.lease_epoch,
+                    &old,
+                    &state,
+                    &transition,
+                    self.lease_ms(),
+                )
+                .await?;
+                if persisted != store::Persisted::Applied {
+                    return Err(EngineError::Internal(format!(
+                        "retry of run {run_id} was not applied: {persisted:?}"
+                    )));
+                }
+                tx.commit().await?;
+                Ok(Retried::Resumed(run_id))
+            }
+            RetryAction::NewRun => {
+                if let Some(by) = run.retried_by {
+                    return Err(EngineError::AlreadyRetried { run: run_id, by });
+                }
+                let wf = self
+                    .inner
+                    .latest(&run.workflow)
+                    .ok_or_else(|| EngineError::UnknownWorkflow(run.workflow.clone()))?;
+                let prepared = self.prepare_run(
+                    &wf,
+                    &run.input,
+                    None,
+                    Trigger::Retry,
+                    Some(run_id),
+                    json!({"by": operator}),
+                );
+                if !self.insert_prepared(&mut tx, &prepared).await? {
+                    return Err(EngineError::Internal("the retry's run could not be inserted".into()));
+                }
+                let new_id = prepared.id;
+                store::link_retry(&mut tx, run_id, new_id, operator).await?;
+                tx.commit().await?;
+                self.start_prepared(prepared);
+                Ok(Retried::NewRun(new_id))
+            }
+        }
+    }
+
+    fn run_workflow(&self, run: &store::RunRow) -> Result<Arc<Workflow>, EngineError> {
+        self.inner
+            .workflow(&run.workflow, run.workflow_version)
+            .ok_or_else(|| EngineError::UnknownWorkflow(format!("{}@{}", run.workflow, run.workflow_version)))
+    }
+}
+
+/// A run ready to insert (and, when leased to our worker, to start).
+struct PreparedRun {
+    id: Uuid,
+    workflow: Arc<Workflow>,
+    input: Value,
+    subject: Option<String>,
+    key: Option<String>,
+    trigger: Trigger,
+    retry_of: Option<Uuid>,
+    state: RunState,
+    marks: std::collections::BTreeMap<usize, machine::TimeMark>,
+    events: Vec<NewEvent>,
+    next: Option<Next>,
+    local: Option<(Arc<WorkerShared>, tokio::sync::OwnedSemaphorePermit)>,
+}
+
+fn replay(existing: store::RunRow, key: &str, input: &Value) -> Result<Triggered, EngineError> {
+    if &existing.input == input {
+        Ok(Triggered {
+            run_id: existing.id,
+            created: false,
+        })
+    } else {
+        Err(EngineError::IdempotencyConflict {
+            key: key.to_string(),
+            run: existing.id,
+        })
+    }
+}
+
+fn trigger_label(trigger: Trigger) -> &'static str {
+    match trigger {
+        Trigger::Api => "api",
+        Trigger::Schedule => "schedule",
+        Trigger::Retry => "retry",
+    }
+}

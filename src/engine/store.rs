@@ -1,0 +1,837 @@
+//! All SQL of the engine: runs, steps, the execution log, leases and workers.
+//!
+//! Each write that a run's owner makes is one statement fenced by the lease epoch
+//! ([`persist`]); the step's own writes, when it made any, precede it in the same
+//! transaction. Nothing else in the engine talks to the database.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{FromRow, PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::definition::StepError;
+use super::machine::{NewEvent, RunError, RunState, StepState, TimeMark};
+use super::status::{EventKind, RunStatus, StepStatus, Trigger};
+
+/// The advisory-lock namespace (`classid`) of worker liveness locks.
+pub(crate) const WORKER_LOCK_CLASS: i32 = 0x5a6a;
+/// The channel on which the database announces that runs became due.
+pub(crate) const READY_CHANNEL: &str = "sagaflow_ready";
+
+/// A run as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct RunRow {
+    /// The run's id.
+    pub id: Uuid,
+    /// The workflow's name.
+    pub workflow: String,
+    /// The workflow version the run started with.
+    pub workflow_version: i32,
+    /// Its status.
+    pub status: RunStatus,
+    /// The input it was triggered with.
+    pub input: Value,
+    /// The workflow's output, once completed.
+    pub output: Option<Value>,
+    /// Why it did not complete ([`RunError`] as JSON).
+    pub error: Option<Value>,
+    /// What operators search for and see (e.g. the customer's email).
+    pub subject: Option<String>,
+    /// The trigger's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The run this one retries.
+    pub retry_of: Option<Uuid>,
+    /// The run that retried this one.
+    pub retried_by: Option<Uuid>,
+    /// An operator asked to cancel it.
+    pub cancel_requested: bool,
+    /// When a worker may next claim it (NULL while leased or once finished).
+    pub ready_at: Option<DateTime<Utc>>,
+    /// The worker holding its lease.
+    pub lease_owner: Option<i32>,
+    /// The lease epoch fencing the owner's writes.
+    pub lease_epoch: i64,
+    /// When the lease runs out unless renewed.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it reached a terminal status.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output, error, subject, idempotency_key, \
+     trigger, retry_of, retried_by, cancel_requested, ready_at, lease_owner, lease_epoch, lease_expires_at, \
+     created_at, updated_at, finished_at";
+
+/// A step of a run as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct StepRow {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its position in the plan.
+    pub idx: i16,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Invoke attempts started.
+    pub attempts: i32,
+    /// Compensation attempts started.
+    pub compensation_attempts: i32,
+    /// When its last attempt began.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When its last attempt ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its recorded output.
+    pub output: Option<Value>,
+    /// Its last error ([`StepError`] as JSON).
+    pub error: Option<Value>,
+    /// Partial work a failed attempt recorded.
+    pub partial: Option<Value>,
+}
+
+impl StepRow {
+    /// The machine's view of this row.
+    pub fn state(&self) -> StepState {
+        StepState {
+            status: self.status,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            compensation_attempts: u32::try_from(self.compensation_attempts).unwrap_or(0),
+            output: self.output.clone(),
+            error: self
+                .error
+                .clone()
+                .and_then(|e| serde_json::from_value::<StepError>(e).ok()),
+            partial: self.partial.clone(),
+        }
+    }
+}
+
+/// An execution-log entry as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct EventRow {
+    /// Its position in the run's log, from 1, without gaps.
+    pub seq: i32,
+    /// When it was written.
+    pub at: DateTime<Utc>,
+    /// What happened.
+    pub kind: EventKind,
+    /// The step concerned.
+    pub step: Option<String>,
+    /// The attempt concerned.
+    pub attempt: Option<i32>,
+    /// Details.
+    pub detail: Value,
+}
+
+/// Rebuilds the machine's state of a run from its rows.
+pub fn run_state(run: &RunRow, steps: &[StepRow]) -> RunState {
+    RunState {
+        status: run.status,
+        steps: steps.iter().map(StepRow::state).collect(),
+        error: run
+            .error
+            .clone()
+            .and_then(|e| serde_json::from_value::<RunError>(e).ok()),
+        output: run.output.clone(),
+        cancel_requested: run.cancel_requested,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Workers and liveness
+// ---------------------------------------------------------------------------------------
+
+/// Registers a new incarnation of `node_id`; earlier incarnations of the same node are
+/// marked stopped (the node restarted, so they are gone). Returns the worker id.
+pub async fn register_worker(pool: &PgPool, node_id: &str) -> Result<i32, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE workers SET stopped_at = now() WHERE node_id = $1 AND stopped_at IS NULL")
+        .bind(node_id)
+        .execute(&mut *tx)
+        .await?;
+    let id: i32 = sqlx::query_scalar("INSERT INTO workers (node_id) VALUES ($1) RETURNING id")
+        .bind(node_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Takes the worker's liveness lock on a session that lives as long as the worker.
+pub async fn lock_worker(conn: &mut PgConnection, worker: i32) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(WORKER_LOCK_CLASS)
+        .bind(worker)
+        .fetch_one(conn)
+        .await
+}
+
+/// Marks the worker alive and renews the leases of the runs it holds (those it is not writing
+/// right now: a run locked by its own step transaction cannot be claimed by anyone anyway).
+pub async fn heartbeat(pool: &PgPool, worker: i32, lease_ms: i64) -> Result<u64, sqlx::Error> {
+    sqlx::query("UPDATE workers SET last_seen_at = now() WHERE id = $1")
+        .bind(worker)
+        .execute(pool)
+        .await?;
+    let renewed = sqlx::query(
+        "UPDATE runs SET lease_expires_at = now() + $2 * interval '1 millisecond'
+         WHERE id IN (SELECT id FROM runs WHERE lease_owner = $1 AND ready_at IS NULL FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(worker)
+    .bind(lease_ms)
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected())
+}
+
+/// A run made claimable again because its owner was gone or its lease ran out.
+#[derive(Debug, Clone, FromRow)]
+pub struct Expired {
+    /// The run.
+    pub id: Uuid,
+    /// Its previous owner.
+    pub lease_owner: Option<i32>,
+}
+
+/// Makes claimable the runs whose owner is gone (its liveness lock is free, or it stopped)
+/// or whose lease expired. `me` is never judged gone: this worker knows it is alive.
+pub async fn expire_lost_leases(pool: &PgPool, me: i32) -> Result<Vec<Expired>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH owners AS (
+             SELECT DISTINCT lease_owner AS id FROM runs
+             WHERE lease_owner IS NOT NULL AND ready_at IS NULL AND lease_owner <> $1
+         ), gone AS (
+             SELECT o.id FROM owners o JOIN workers w ON w.id = o.id
+             WHERE w.stopped_at IS NOT NULL OR NOT EXISTS (
+                 SELECT 1 FROM pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.granted
+                   AND l.classid = $2::int4::oid AND l.objid = o.id::oid AND l.objsubid = 2
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+         ), due AS (
+             SELECT id FROM runs
+             WHERE lease_owner IS NOT NULL AND ready_at IS NULL
+               AND (lease_expires_at <= now() OR lease_owner IN (SELECT id FROM gone))
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE runs r SET ready_at = now() FROM due WHERE r.id = due.id
+         RETURNING r.id, r.lease_owner",
+    )
+    .bind(me)
+    .bind(WORKER_LOCK_CLASS)
+    .fetch_all(pool)
+    .await
+}
+
+/// Gives back every lease `worker` still holds (its attempts were abandoned at shutdown),
+/// bumping the epoch so nothing it still had in flight can commit, and logs why.
+pub async fn release_all(pool: &PgPool, worker: i32, reason: &str) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "WITH released AS (
+             UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, lease_epoch = lease_epoch + 1,
+                 ready_at = now(), log_seq = log_seq + 1, updated_at = now()
+             WHERE lease_owner = $1 AND ready_at IS NULL
+               AND status IN ('pending', 'running', 'compensating')
+             RETURNING id, log_seq
+         )
+         INSERT INTO run_events (run_id, seq, kind, detail)
+         SELECT id, log_seq, 'lease_released', jsonb_build_object('reason', $2::text) FROM released",
+    )
+    .bind(worker)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Records that the worker stopped cleanly.
+pub async fn stop_worker(pool: &PgPool, worker: i32) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE workers SET stopped_at = now() WHERE id = $1")
+        .bind(worker)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The node id of a worker, for log entries naming a previous owner.
+pub async fn worker_name(conn: &mut PgConnection, worker: i32) -> Result<String, sqlx::Error> {
+    let node: Option<String> = sqlx::query_scalar("SELECT node_id FROM workers WHERE id = $1")
+        .bind(worker)
+        .fetch_optional(conn)
+        .await?;
+    Ok(describe_worker(node.as_deref().unwrap_or("?"), worker))
+}
+
+/// How log entries name a worker: node id and incarnation.
+pub fn describe_worker(node_id: &str, worker: i32) -> String {
+    format!("{node_id}#{worker}")
+}
+
+// ---------------------------------------------------------------------------------------
+// Creating and claiming runs
+// ---------------------------------------------------------------------------------------
+
+/// A run to insert, with its steps and first log entries.
+pub struct NewRun<'a> {
+    /// The run's id.
+    pub id: Uuid,
+    /// The workflow.
+    pub workflow: &'a str,
+    /// Its version.
+    pub workflow_version: i32,
+    /// The input.
+    pub input: &'a Value,
+    /// What operators search for.
+    pub subject: Option<&'a str>,
+    /// The trigger's idempotency key.
+    pub idempotency_key: Option<&'a str>,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The run it retries.
+    pub retry_of: Option<Uuid>,
+    /// The state to store (a run claimed at once is already `running`).
+    pub state: &'a RunState,
+    /// Step names, in plan order.
+    pub step_names: Vec<&'a str>,
+    /// Step timestamps to set.
+    pub marks: &'a std::collections::BTreeMap<usize, TimeMark>,
+    /// The log entries, `run_created` first.
+    pub events: &'a [NewEvent],
+    /// `Some(worker)`: the run is leased to this worker at once (epoch 1); `None`: it is due now.
+    pub owner: Option<i32>,
+    /// The lease duration.
+    pub lease_ms: i64,
+}
+
+/// Inserts a run unless its idempotency key is taken. Returns whether it was inserted.
+pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<bool, sqlx::Error> {
+    let steps = StepArrays::from_state(run.state, run.marks, (0..run.state.steps.len()).collect());
+    let events = EventArrays::from(run.events);
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "WITH run AS (
+             INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
+                               retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                     CASE WHEN $10::int4 IS NULL THEN now() END, $10,
+                     CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
+                     CASE WHEN $10::int4 IS NOT NULL THEN now() + $11 * interval '1 millisecond' END,
+                     cardinality($17::event_kind[]))
+             ON CONFLICT (workflow, idempotency_key) DO NOTHING
+             RETURNING id
+         ), steps AS (
+             INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at)
+             SELECT run.id, c.idx, c.name, c.status, c.attempts,
+                    CASE WHEN c.mark = 'started' THEN clock_timestamp() END
+             FROM run, unnest($12::smallint[], $13::text[], $14::step_status[], $15::int4[], $16::text[])
+                       AS c(idx, name, status, attempts, mark)
+         ), events AS (
+             INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
+             SELECT run.id, c.ord, c.kind, c.step, c.attempt, c.detail
+             FROM run, unnest($17::event_kind[], $18::text[], $19::int4[], $20::jsonb[])
+                       WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
+         )
+         SELECT id FROM run",
+    )
+    .bind(run.id)
+    .bind(run.workflow)
+    .bind(run.workflow_version)
+    .bind(run.state.status)
+    .bind(run.input)
+    .bind(run.subject)
+    .bind(run.idempotency_key)
+    .bind(run.trigger)
+    .bind(run.retry_of)
+    .bind(run.owner)
+    .bind(run.lease_ms)
+    .bind(&steps.idx)
+    .bind(&run.step_names)
+    .bind(&steps.status)
+    .bind(&steps.attempts)
+    .bind(&steps.mark)
+    .bind(&events.kind)
+    .bind(&events.step)
+    .bind(&events.attempt)
+    .bind(&events.detail)
+    .fetch_optional(conn)
+    .await?;
+    Ok(inserted.is_some())
+}
+
+/// A run this worker just claimed, with the state to decide on.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The run as it is now.
+    pub run: RunRow,
+    /// Its steps.
+    pub steps: Vec<StepRow>,
+    /// The owner whose lease was taken over (it never released it), if any.
+    pub previous_owner: Option<i32>,
+}
+
+/// Claims up to `limit` due runs of the given `workflow@version` kinds for `worker`, in one
+/// transaction the caller commits after persisting each run's first transition.
+pub async fn claim(
+    conn: &mut PgConnection,
+    worker: i32,
+    limit: i64,
+    lease_ms: i64,
+    kinds: &[String],
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    #[derive(FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        run: RunRow,
+        previous_owner: Option<i32>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "WITH candidates AS (
+             SELECT id, lease_owner AS previous_owner FROM runs
+             WHERE ready_at <= now() AND (workflow || '@' || workflow_version) = ANY($3)
+             ORDER BY ready_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE runs r SET lease_owner = $1, lease_epoch = r.lease_epoch + 1,
+             lease_expires_at = now() + $4 * interval '1 millisecond', ready_at = NULL, updated_at = now()
+         FROM candidates c WHERE r.id = c.id
+         RETURNING r.id, r.workflow, r.workflow_version, r.status, r.input, r.output, r.error, r.subject,
+             r.idempotency_key, r.trigger, r.retry_of, r.retried_by, r.cancel_requested, r.ready_at, r.lease_owner,
+             r.lease_epoch, r.lease_expires_at, r.created_at, r.updated_at, r.finished_at, c.previous_owner",
+    )
+    .bind(worker)
+    .bind(limit)
+    .bind(kinds)
+    .bind(lease_ms)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.run.id).collect();
+    let mut steps = steps_of_many(&mut *conn, &ids).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let mine = steps.remove(&row.run.id).unwrap_or_default();
+            Claimed {
+                run: row.run,
+                steps: mine,
+                previous_owner: row.previous_owner,
+            }
+        })
+        .collect())
+}
+
+async fn steps_of_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Vec<StepRow>>, sqlx::Error> {
+    let rows: Vec<StepRow> = sqlx::query_as(
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts, started_at, finished_at, output, error, partial
+         FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    let mut map: std::collections::HashMap<Uuid, Vec<StepRow>> = std::collections::HashMap::new();
+    for row in rows {
+        map.entry(row.run_id).or_default().push(row);
+    }
+    Ok(map)
+}
+
+/// When the next run becomes due, if any is waiting.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT min(ready_at) FROM runs WHERE ready_at IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Persisting transitions
+// ---------------------------------------------------------------------------------------
+
+/// What happens to the lease with a persisted transition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LeaseWrite {
+    /// The owner goes on: renew the lease.
+    Keep,
+    /// The owner gives the run back; it is due at this time.
+    Release(DateTime<Utc>),
+    /// The run is finished: no lease, nothing due.
+    Finish,
+    /// Not the owner writing (an operator): leave the lease alone, and make an unleased run
+    /// due now so a worker acts on the change.
+    Wake,
+}
+
+/// A transition to persist, fenced by the lease epoch and the cancel flag the decision saw.
+pub struct Persist<'a> {
+    /// The run.
+    pub run_id: Uuid,
+    /// The epoch of the lease the writer holds (or read, for an operator).
+    pub epoch: i64,
+    /// The cancel flag the decision was made with: if an operator changed it since, nothing
+    /// is written and the caller decides again.
+    pub cancel_requested: bool,
+    /// The new state.
+    pub state: &'a RunState,
+    /// Which steps changed (written in full from `state`).
+    pub changed: Vec<usize>,
+    /// Step timestamps to set.
+    pub marks: &'a std::collections::BTreeMap<usize, TimeMark>,
+    /// Log entries to append.
+    pub events: &'a [NewEvent],
+    /// What happens to the lease.
+    pub lease: LeaseWrite,
+    /// The lease duration, for [`LeaseWrite::Keep`].
+    pub lease_ms: i64,
+}
+
+/// Whether a transition was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persisted {
+    /// Written.
+    Applied,
+    /// The lease was taken over: the writer must stop touching this run.
+    Fenced,
+    /// An operator requested a cancel since the decision: decide again.
+    CancelRequested,
+}
+
+/// Writes a transition in one statement: the run row (only if the epoch and cancel flag are
+/// still what the decision saw), the changed steps and the new log entries.
+pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persisted, sqlx::Error> {
+    let steps = StepArrays::from_state(p.state, p.marks, p.changed.clone());
+    let events = EventArrays::from(p.events);
+    let (mode, ready_at) = match p.lease {
+        LeaseWrite::Keep => ("keep", None),
+        LeaseWrite::Release(at) => ("release", Some(at)),
+        LeaseWrite::Finish => ("finish", None),
+        LeaseWrite::Wake => ("wake", None),
+    };
+    let error = p
+        .state
+        .error
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let applied: Option<i32> = sqlx::query_scalar(
+        "WITH run AS (
+             UPDATE runs SET
+                 status = $4,
+                 output = $5,
+                 error = $6,
+                 cancel_requested = $7,
+                 log_seq = log_seq + cardinality($19::event_kind[]),
+                 ready_at = CASE $8::text WHEN 'release' THEN $9
+                                          WHEN 'wake' THEN CASE WHEN lease_owner IS NULL THEN least(ready_at, now())
+                                                                ELSE ready_at END
+                                          ELSE NULL END,
+                 lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
+                 lease_expires_at = CASE $8::text WHEN 'keep' THEN now() + $10 * interval '1 millisecond'
+                                                  WHEN 'wake' THEN lease_expires_at END,
+                 finished_at = CASE WHEN $4 IN ('completed', 'compensated', 'failed', 'cancelled') THEN now() END,
+                 updated_at = now()
+             WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
+             RETURNING id, log_seq - cardinality($19::event_kind[]) AS base
+         ), steps AS (
+             UPDATE run_steps s SET
+                 status = c.status, attempts = c.attempts, compensation_attempts = c.compensation_attempts,
+                 output = c.output, error = c.error, partial = c.partial,
+                 started_at = CASE c.mark WHEN 'started' THEN clock_timestamp() ELSE s.started_at END,
+                 finished_at = CASE c.mark WHEN 'started' THEN NULL WHEN 'finished' THEN clock_timestamp()
+                                           ELSE s.finished_at END
+             FROM run, unnest($11::smallint[], $12::step_status[], $13::int4[], $14::int4[], $15::jsonb[],
+                              $16::jsonb[], $17::jsonb[], $18::text[])
+                       AS c(idx, status, attempts, compensation_attempts, output, error, partial, mark)
+             WHERE s.run_id = run.id AND s.idx = c.idx
+         ), events AS (
+             INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
+             SELECT run.id, run.base + c.ord, c.kind, c.step, c.attempt, c.detail
+             FROM run, unnest($19::event_kind[], $20::text[], $21::int4[], $22::jsonb[])
+                       WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
+         )
+         SELECT base FROM run",
+    )
+    .bind(p.run_id)
+    .bind(p.epoch)
+    .bind(p.cancel_requested)
+    .bind(p.state.status)
+    .bind(&p.state.output)
+    .bind(error)
+    .bind(p.state.cancel_requested)
+    .bind(mode)
+    .bind(ready_at)
+    .bind(p.lease_ms)
+    .bind(&steps.idx)
+    .bind(&steps.status)
+    .bind(&steps.attempts)
+    .bind(&steps.compensation_attempts)
+    .bind(&steps.output)
+    .bind(&steps.error)
+    .bind(&steps.partial)
+    .bind(&steps.mark)
+    .bind(&events.kind)
+    .bind(&events.step)
+    .bind(&events.attempt)
+    .bind(&events.detail)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if applied.is_some() {
+        return Ok(Persisted::Applied);
+    }
+    let current: Option<(i64, bool)> = sqlx::query_as("SELECT lease_epoch, cancel_requested FROM runs WHERE id = $1")
+        .bind(p.run_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match current {
+        Some((epoch, cancel)) if epoch == p.epoch && cancel != p.cancel_requested => Persisted::CancelRequested,
+        _ => Persisted::Fenced,
+    })
+}
+
+/// Column arrays of the steps a statement writes (bound as `unnest` parameters).
+struct StepArrays {
+    idx: Vec<i16>,
+    status: Vec<StepStatus>,
+    attempts: Vec<i32>,
+    compensation_attempts: Vec<i32>,
+    output: Vec<Option<Value>>,
+    error: Vec<Option<Value>>,
+    partial: Vec<Option<Value>>,
+    mark: Vec<Option<&'static str>>,
+}
+
+impl StepArrays {
+    fn from_state(state: &RunState, marks: &std::collections::BTreeMap<usize, TimeMark>, which: Vec<usize>) -> Self {
+        let mut arrays = Self {
+            idx: Vec::with_capacity(which.len()),
+            status: Vec::with_capacity(which.len()),
+            attempts: Vec::with_capacity(which.len()),
+            compensation_attempts: Vec::with_capacity(which.len()),
+            output: Vec::with_capacity(which.len()),
+            error: Vec::with_capacity(which.len()),
+            partial: Vec::with_capacity(which.len()),
+            mark: Vec::with_capacity(which.len()),
+        };
+        for i in which {
+            let Some(step) = state.steps.get(i) else { continue };
+            arrays.idx.push(i16::try_from(i).unwrap_or(i16::MAX));
+            arrays.status.push(step.status);
+            arrays.attempts.push(i32::try_from(step.attempts).unwrap_or(i32::MAX));
+            arrays
+                .compensation_attempts
+                .push(i32::try_from(step.compensation_attempts).unwrap_or(i32::MAX));
+            arrays.output.push(step.output.clone());
+            arrays
+                .error
+                .push(step.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
+            arrays.partial.push(step.partial.clone());
+            arrays.mark.push(marks.get(&i).map(|m| match m {
+                TimeMark::Started => "started",
+                TimeMark::Finished => "finished",
+            }));
+        }
+        arrays
+    }
+}
+
+/// Column arrays of log entries.
+struct EventArrays {
+    kind: Vec<EventKind>,
+    step: Vec<Option<String>>,
+    attempt: Vec<Option<i32>>,
+    detail: Vec<Value>,
+}
+
+impl From<&[NewEvent]> for EventArrays {
+    fn from(events: &[NewEvent]) -> Self {
+        Self {
+            kind: events.iter().map(|e| e.kind).collect(),
+            step: events.iter().map(|e| e.step.clone()).collect(),
+            attempt: events
+                .iter()
+                .map(|e| e.attempt.and_then(|a| i32::try_from(a).ok()))
+                .collect(),
+            detail: events.iter().map(|e| e.detail.clone()).collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading runs
+// ---------------------------------------------------------------------------------------
+
+/// A run by id.
+pub async fn run<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// A run by id, locked for an operator's change.
+pub async fn run_for_update(conn: &mut PgConnection, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A run by workflow and idempotency key.
+pub async fn run_by_key<'e>(db: impl PgExecutor<'e>, workflow: &str, key: &str) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE workflow = $1 AND idempotency_key = $2"
+    )))
+    .bind(workflow)
+    .bind(key)
+    .fetch_optional(db)
+    .await
+}
+
+/// A run's status and whether it exists (cheap, for waiting).
+pub async fn status_of(pool: &PgPool, id: Uuid) -> Result<Option<RunStatus>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// A run's steps, in plan order.
+pub async fn steps_of<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts, started_at, finished_at, output, error, partial
+         FROM run_steps WHERE run_id = $1 ORDER BY idx",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+}
+
+/// A run's execution log, in order.
+pub async fn events_of<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as("SELECT seq, at, kind, step, attempt, detail FROM run_events WHERE run_id = $1 ORDER BY seq")
+        .bind(id)
+        .fetch_all(db)
+        .await
+}
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this workflow.
+    pub workflow: Option<String>,
+    /// Only these statuses (any of them).
+    pub statuses: Vec<RunStatus>,
+    /// A run id, an idempotency key or a subject (case-insensitive), exactly.
+    pub query: Option<String>,
+    /// Only runs created at or after this time.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Only runs created before this time.
+    pub created_to: Option<DateTime<Utc>>,
+}
+
+/// Where a page of runs starts: after the run created at `created_at` with this `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last listed run's creation time.
+    pub created_at: DateTime<Utc>,
+    /// The last listed run's id.
+    pub id: Uuid,
+}
+
+/// Runs newest first, `limit` at most, after `cursor`.
+pub async fn list_runs(
+    pool: &PgPool,
+    filter: &RunFilter,
+    cursor: Option<Cursor>,
+    limit: i64,
+) -> Result<Vec<RunRow>, sqlx::Error> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE true"));
+    push_filter(&mut sql, filter);
+    if let Some(cursor) = cursor {
+        sql.push(" AND (created_at, id) < (")
+            .push_bind(cursor.created_at)
+            .push(", ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    sql.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// How many runs match the filter (without its status part), by status.
+pub async fn count_by_status(pool: &PgPool, filter: &RunFilter) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
+    let without_status = RunFilter {
+        statuses: Vec::new(),
+        ..filter.clone()
+    };
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT status, count(*) FROM runs WHERE true");
+    push_filter(&mut sql, &without_status);
+    sql.push(" GROUP BY status");
+    sql.build_query_as().fetch_all(pool).await
+}
+
+fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
+    if let Some(workflow) = &filter.workflow {
+        sql.push(" AND workflow = ").push_bind(workflow.clone());
+    }
+    if !filter.statuses.is_empty() {
+        sql.push(" AND status = ANY(")
+            .push_bind(filter.statuses.clone())
+            .push(")");
+    }
+    if let Some(from) = filter.created_from {
+        sql.push(" AND created_at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.created_to {
+        sql.push(" AND created_at < ").push_bind(to);
+    }
+    if let Some(q) = filter.query.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        match Uuid::parse_str(q) {
+            Ok(id) => {
+                sql.push(" AND id = ").push_bind(id);
+            }
+            Err(_) => {
+                sql.push(" AND (idempotency_key = ")
+                    .push_bind(q.to_string())
+                    .push(" OR (subject IS NOT NULL AND lower(subject) = lower(")
+                    .push_bind(q.to_string())
+                    .push(")))");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Operator actions
+// ---------------------------------------------------------------------------------------
+
+/// Links a compensated or cancelled run to the run retrying it and logs the operator's retry.
+pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, by: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH linked AS (
+             UPDATE runs SET retried_by = $2, log_seq = log_seq + 1, updated_at = now()
+             WHERE id = $1 RETURNING id, log_seq
+         )
+         INSERT INTO run_events (run_id, seq, kind, detail)
+         SELECT id, log_seq, 'operator_retry', jsonb_build_object('by', $3::text, 'action', 'new_run', 'new_run', $2)
+         FROM linked",
+    )
+    .bind(old)
+    .bind(new)
+    .bind(by)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! A worker: the part of an engine instance that claims runs and drives them.
+//!
+//! Its loops:
+//! - the **dispatcher** claims due runs in batches, woken by LISTEN/NOTIFY (the database
+//!   announces runs that become due), by finished runs when work was waiting, and by a
+//!   fallback timer that sleeps until the next known due time (retry timers) or the poll
+//!   interval;
+//! - the **heartbeat** renews the leases of the runs it holds and checks the session that
+//!   holds its liveness lock (reconnecting and re-locking after a database restart);
+//! - **recovery** makes claimable the runs of workers that are gone (their liveness lock is
+//!   free: immediate) or whose lease expired.
+//!
+//! Shutdown stops claiming, lets attempts in flight finish (bounded by the grace period),
+//! gives every lease back and releases the liveness lock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::executor::RunTask;
+use super::machine::{Conditions, Event, Machine};
+use super::store::{self, READY_CHANNEL};
+use super::{Engine, EngineError, metrics_names as m};
+
+/// State shared by a worker's loops and the runs it drives.
+pub(crate) struct WorkerShared {
+    /// This incarnation's id (the `workers` row and the liveness lock's key).
+    pub(crate) id: i32,
+    /// How log entries name this worker.
+    pub(crate) name: String,
+    /// One permit per run driven at once.
+    pub(crate) permits: Arc<Semaphore>,
+    /// Set at shutdown: runs are handed back instead of starting new attempts.
+    draining: AtomicBool,
+    /// Wakes the dispatcher.
+    wake: Notify,
+    /// The dispatcher left due work unclaimed for lack of permits.
+    starved: AtomicBool,
+    /// The executors, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Cancelled when the grace period ends: executors still running are dropped.
+    abort: CancellationToken,
+}
+
+impl WorkerShared {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// An executor finished with its run: if work was waiting for a permit, claim it.
+    pub(crate) fn run_done(&self) {
+        if self.starved.swap(false, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Starts driving a claimed run.
+    pub(crate) fn spawn(&self, task: RunTask) {
+        let abort = self.abort.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = task.drive() => {}
+            }
+        });
+    }
+}
+
+/// A running worker. Dropping it does not stop it: call [`WorkerHandle::shutdown`].
+pub struct WorkerHandle {
+    engine: Engine,
+    shared: Arc<WorkerShared>,
+    stop_claiming: CancellationToken,
+    stop_upkeep: CancellationToken,
+    loops: Vec<JoinHandle<()>>,
+    upkeep: Vec<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// This worker's id (its `workers` row).
+    pub fn id(&self) -> i32 {
+        self.shared.id
+    }
+
+    /// Stops the worker the way a crash would, for tests of recovery: attempts in flight are
+    /// dropped mid-way, no lease is given back, nothing is recorded, and the session holding
+    /// the liveness lock is closed.
+    pub async fn abandon(self) {
+        self.engine.inner.detach_worker();
+        self.stop_claiming.cancel();
+        for handle in self.loops {
+            let _ = handle.await;
+        }
+        self.shared.abort.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        self.stop_upkeep.cancel();
+        for handle in self.upkeep {
+            let _ = handle.await;
+        }
+    }
+
+    /// Stops claiming, lets attempts in flight finish (up to the engine's grace period),
+    /// gives every lease back and releases the liveness lock.
+    pub async fn shutdown(self) {
+        let grace = self.engine.inner.config.shutdown_grace;
+        info!(worker = %self.shared.name, "worker shutting down");
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.stop_claiming.cancel();
+        for handle in self.loops {
+            let _ = handle.await;
+        }
+        self.shared.tasks.close();
+        if tokio::time::timeout(grace, self.shared.tasks.wait()).await.is_err() {
+            warn!(?grace, "attempts still running after the grace period; abandoning them");
+            self.shared.abort.cancel();
+            self.shared.tasks.wait().await;
+        }
+        let pool = &self.engine.inner.pool;
+        match store::release_all(pool, self.shared.id, "the worker shut down before the attempt finished").await {
+            Ok(0) => {}
+            Ok(n) => info!(runs = n, "leases given back"),
+            Err(e) => error!(error = %e, "could not give leases back; they will expire"),
+        }
+        if let Err(e) = store::stop_worker(pool, self.shared.id).await {
+            warn!(error = %e, "could not record the worker's stop");
+        }
+        self.stop_upkeep.cancel();
+        for handle in self.upkeep {
+            let _ = handle.await;
+        }
+        self.engine.inner.detach_worker();
+        info!(worker = %self.shared.name, "worker stopped");
+    }
+}
+
+/// Registers a worker, takes its liveness lock, recovers what is recoverable at once, and
+/// starts its loops.
+pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
+    let inner = &engine.inner;
+    let config = &inner.config;
+    let id = store::register_worker(&inner.pool, &config.node_id).await?;
+    let name = store::describe_worker(&config.node_id, id);
+    let mut lock = connect_locked(&engine, id).await?;
+    let shared = Arc::new(WorkerShared {
+        id,
+        name: name.clone(),
+        permits: Arc::new(Semaphore::new(config.max_concurrent_runs)),
+        draining: AtomicBool::new(false),
+        wake: Notify::new(),
+        starved: AtomicBool::new(false),
+        tasks: TaskTracker::new(),
+        abort: CancellationToken::new(),
+    });
+    // Runs of this node's previous incarnation (and of any worker already gone) need no wait.
+    recover(&engine, id).await;
+
+    let mut listener = PgListener::connect_with(&inner.pool).await?;
+    listener.listen(READY_CHANNEL).await?;
+
+    let stop_claiming = CancellationToken::new();
+    let stop_upkeep = CancellationToken::new();
+    let loops = vec![
+        tokio::spawn(dispatch_loop(
+            engine.clone(),
+            Arc::clone(&shared),
+            stop_claiming.clone(),
+        )),
+        tokio::spawn(listen_loop(listener, Arc::clone(&shared), stop_claiming.clone())),
+    ];
+    let upkeep = vec![
+        tokio::spawn({
+            let engine = engine.clone();
+            let stop = stop_upkeep.clone();
+            let shared = Arc::clone(&shared);
+            async move {
+                heartbeat_loop(&engine, &shared, &mut lock, stop).await;
+                let _ = lock.close().await;
+            }
+        }),
+        tokio::spawn(recovery_loop(engine.clone(), id, stop_upkeep.clone())),
+    ];
+    inner.attach_worker(Arc::clone(&shared));
+    shared.wake.notify_one();
+    info!(worker = %name, max_concurrent_runs = config.max_concurrent_runs, "worker started");
+    Ok(WorkerHandle {
+        engine,
+        shared,
+        stop_claiming,
+        stop_upkeep,
+        loops,
+        upkeep,
+    })
+}
+
+/// A dedicated session holding the worker's liveness lock.
+async fn connect_locked(engine: &Engine, id: i32) -> Result<PgConnection, EngineError> {
+    let options = engine.inner.pool.connect_options();
+    let mut conn = options.connect().await?;
+    if !store::lock_worker(&mut conn, id).await? {
+        return Err(EngineError::Internal(format!(
+            "the liveness lock of worker {id} is held by another session"
+        )));
+    }
+    Ok(conn)
+}
+
+async fn recover(engine: &Engine, me: i32) -> usize {
+    match store::expire_lost_leases(&engine.inner.pool, me).await {
+        Ok(expired) if !expired.is_empty() => {
+            info!(runs = expired.len(), "runs of lost owners made claimable");
+            metrics::counter!(m::RECOVERIES).increment(expired.len() as u64);
+            expired.len()
+        }
+        Ok(_) => 0,
+        Err(e) => {
+            debug!(error = %e, "recovery check failed");
+            0
+        }
+    }
+}
+
+async fn dispatch_loop(engine: Engine, shared: Arc<WorkerShared>, stop: CancellationToken) {
+    let config = &engine.inner.config;
+    let mut sleep_for = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(sleep_for) => {}
+        }
+        let mut claimed_any = false;
+        let mut failed = false;
+        loop {
+            let free = shared.permits.available_permits().min(config.claim_batch);
+            if free == 0 {
+                shared.starved.store(true, Ordering::Relaxed);
+                break;
+            }
+            match claim_batch(&engine, &shared, free).await {
+                Ok(n) => {
+                    claimed_any |= n > 0;
+                    if n < free {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "claiming runs failed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        sleep_for = if failed {
+            Duration::from_secs(1)
+        } else {
+            next_wake(&engine, claimed_any).await
+        };
+    }
+}
+
+/// How long the dispatcher may sleep: until the next known due time (a retry timer), at most
+/// the poll interval. NOTIFY wakes it earlier.
+async fn next_wake(engine: &Engine, claimed_any: bool) -> Duration {
+    let poll = engine.inner.config.poll_interval;
+    match store::next_due(&engine.inner.pool).await {
+        Ok(Some(due)) => {
+            let until = (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            // Due runs we did not get are locked by another worker's claim right now: look
+            // again shortly rather than spin.
+            let floor = if claimed_any {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(100)
+            };
+            until.clamp(floor, poll.max(floor))
+        }
+        Ok(None) => poll,
+        Err(_) => Duration::from_secs(1),
+    }
+}
+
+async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -> Result<usize, EngineError> {
+    let inner = &engine.inner;
+    let Ok(permits) = Arc::clone(&shared.permits).try_acquire_many_owned(free as u32) else {
+        return Ok(0);
+    };
+    let mut permits = Some(permits);
+    let mut tx = inner.pool.begin().await?;
+    let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
+    let mut tasks = Vec::with_capacity(claimed.len());
+    for c in claimed {
+        let Some(workflow) = inner.workflow(&c.run.workflow, c.run.workflow_version) else {
+            continue;
+        };
+        let old = store::run_state(&c.run, &c.steps);
+        if old.steps.len() != workflow.steps.len() {
+            error!(run_id = %c.run.id, "the run's steps do not match its workflow version's plan; leaving it alone");
+            continue;
+        }
+        let taken_over_from = match c.previous_owner {
+            Some(owner) => Some(store::worker_name(&mut tx, owner).await?),
+            None => None,
+        };
+        if taken_over_from.is_some() {
+            metrics::counter!(m::LEASE_TAKEOVERS).increment(1);
+        }
+        let mut state = old.clone();
+        let conditions = Conditions {
+            draining: false,
+            jitter: rand::random::<f64>(),
+            now: chrono::Utc::now(),
+        };
+        let transition = Machine::new(&workflow, &c.run.input).handle(
+            &mut state,
+            Event::Claimed {
+                by: shared.name.clone(),
+                taken_over_from,
+            },
+            &conditions,
+        );
+        super::executor::persist_transition(
+            &mut tx,
+            c.run.id,
+            c.run.lease_epoch,
+            &old,
+            &state,
+            &transition,
+            engine.lease_ms(),
+        )
+        .await?;
+        let Some(permit) = permits.as_mut().and_then(|p| p.split(1)) else {
+            break;
+        };
+        tasks.push(RunTask {
+            engine: engine.clone(),
+            worker: Arc::clone(shared),
+            workflow,
+            run_id: c.run.id,
+            input: c.run.input,
+            epoch: c.run.lease_epoch,
+            created_at: c.run.created_at,
+            state,
+            next: transition.next,
+            _permit: permit,
+        });
+    }
+    tx.commit().await?;
+    let n = tasks.len();
+    for task in tasks {
+        shared.spawn(task);
+    }
+    Ok(n)
+}
+
+async fn listen_loop(mut listener: PgListener, shared: Arc<WorkerShared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            received = listener.try_recv() => match received {
+                Ok(Some(_)) => shared.wake.notify_one(),
+                // The connection was lost and will be re-established: notifications may
+                // have been missed, so look for work.
+                Ok(None) => shared.wake.notify_one(),
+                Err(e) => {
+                    debug!(error = %e, "listening for due runs failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(engine: &Engine, shared: &WorkerShared, lock: &mut PgConnection, stop: CancellationToken) {
+    let every = engine.inner.config.lease_ttl / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if lock.ping().await.is_err() {
+            warn!("the session holding the liveness lock was lost; reconnecting");
+            match connect_locked(engine, shared.id).await {
+                Ok(conn) => *lock = conn,
+                Err(e) => warn!(error = %e, "could not take the liveness lock again yet"),
+            }
+        }
+        match store::heartbeat(&engine.inner.pool, shared.id, engine.lease_ms()).await {
+            Ok(renewed) => debug!(renewed, "heartbeat"),
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+async fn recovery_loop(engine: Engine, me: i32, stop: CancellationToken) {
+    let every = engine.inner.config.recovery_interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        recover(&engine, me).await;
+    }
+}

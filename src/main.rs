@@ -1,0 +1,138 @@
+//! The `sagaflow` binary: `serve` (the default), `migrate`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sagaflow::engine::EngineConfig;
+use sagaflow::pg::PoolConfig;
+use sagaflow::server::{self, Database, ServerConfig};
+use sagaflow::telemetry::{self, LogFormat};
+
+/// A durable saga orchestrator on PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the API, dashboard and workers (the default).
+    Serve(ServeArgs),
+    /// Run the database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DatabaseArgs {
+    /// PostgreSQL to use. Unset: start the embedded cluster in --data-dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Where the embedded PostgreSQL keeps its data.
+    #[arg(long, env = "SAGAFLOW_DATA_DIR", default_value = ".sagaflow")]
+    data_dir: PathBuf,
+    /// Log format.
+    #[arg(long, env = "SAGAFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Address of the API and dashboard.
+    #[arg(long, env = "SAGAFLOW_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Stable identity of this instance [default: hostname and data dir].
+    #[arg(long, env = "SAGAFLOW_NODE_ID")]
+    node_id: Option<String>,
+    /// How long a lease lasts without a heartbeat before another instance takes the run.
+    #[arg(long, env = "SAGAFLOW_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// Runs this instance drives at once.
+    #[arg(long, env = "SAGAFLOW_MAX_CONCURRENT_RUNS", default_value_t = 64)]
+    max_concurrent_runs: usize,
+    /// Database connections at most.
+    #[arg(long, env = "SAGAFLOW_POOL_SIZE", default_value_t = 32)]
+    pool_size: u32,
+    /// How long shutdown waits for attempts in flight.
+    #[arg(long, env = "SAGAFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Fallback polling interval when no notification arrives.
+    #[arg(long, env = "SAGAFLOW_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Do not run a worker in this instance (API only).
+    #[arg(long, env = "SAGAFLOW_NO_WORKER")]
+    no_worker: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Migrate(args)) => migrate(args).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        None => serve(cli.serve).await,
+    }
+}
+
+async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let database = Database::open(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
+        .await
+        .context("migrating the database")?;
+    tracing::info!("migrations are up to date");
+    database.close().await;
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init(args.database.log_format);
+    let node_id = match args.node_id {
+        Some(id) => id,
+        None => default_node_id(&args.database.data_dir),
+    };
+    let config = ServerConfig {
+        listen: args.listen,
+        database_url: args.database.database_url,
+        data_dir: args.database.data_dir,
+        engine: EngineConfig {
+            node_id,
+            lease_ttl: args.lease_ttl,
+            max_concurrent_runs: args.max_concurrent_runs.max(1),
+            poll_interval: args.poll_interval,
+            recovery_interval: (args.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            shutdown_grace: args.shutdown_grace,
+            ..EngineConfig::default()
+        },
+        pool: PoolConfig {
+            max_connections: args.pool_size.max(4),
+            idle_in_transaction_timeout: args.lease_ttl,
+            ..PoolConfig::default()
+        },
+        faults: std::env::var("SAGAFLOW_FAULTS").ok().filter(|s| !s.is_empty()),
+        run_worker: !args.no_worker,
+    };
+    let running = server::start(config).await.context("starting sagaflow")?;
+    server::shutdown_signal().await;
+    running.shutdown().await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// The hostname plus the data directory: stable across restarts, distinct for two
+/// instances on one machine with their own data directories.
+fn default_node_id(data_dir: &std::path::Path) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    format!("{host}:{}", dir.display())
+}

@@ -1,0 +1,74 @@
+//! PostgreSQL: connecting, migrating, and the embedded default cluster.
+
+pub mod embedded;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+/// The schema migrations, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// How the engine's connection pool is set up.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Connections at most.
+    pub max_connections: u32,
+    /// A transaction left idle this long is ended by the server. Engine transactions are
+    /// short; this frees the row locks of a process paused (SIGSTOP) inside one, so its runs
+    /// can be taken over once its lease expires.
+    pub idle_in_transaction_timeout: Duration,
+    /// How long to wait for a free connection.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            idle_in_transaction_timeout: Duration::from_secs(10),
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connects a pool to `url` (no connection is made until one is needed, so a database that
+/// is still starting or restarting is waited for, not fatal).
+pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("sagaflow")
+        .options([(
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", config.idle_in_transaction_timeout.as_millis()),
+        )])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Runs the migrations that have not run yet (several instances starting at once are
+/// serialized by sqlx's advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Creates database `name` on the server of `admin_url` unless it exists.
+pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+    }
+    conn.close().await
+}

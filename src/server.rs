@@ -1,0 +1,229 @@
+//! The `serve` command: database (embedded or given), migrations, engine, worker and HTTP,
+//! started in that order and stopped in the reverse order.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::engine::faults::FaultsParseError;
+use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
+use crate::http::{self, AppState};
+use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
+use crate::pg::{self, PoolConfig};
+use crate::workflows;
+
+/// Everything `serve` needs to know.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the HTTP server listens (port 0: any free port).
+    pub listen: SocketAddr,
+    /// An existing PostgreSQL; `None` starts the embedded cluster in `data_dir`.
+    pub database_url: Option<String>,
+    /// Where the embedded cluster lives.
+    pub data_dir: PathBuf,
+    /// The engine's settings (node id, lease, concurrency, grace period).
+    pub engine: EngineConfig,
+    /// The connection pool's settings.
+    pub pool: PoolConfig,
+    /// `SAGAFLOW_FAULTS` (testing only).
+    pub faults: Option<String>,
+    /// Start the worker (false: API only).
+    pub run_worker: bool,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The embedded PostgreSQL could not be started.
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    /// `SAGAFLOW_FAULTS` is malformed.
+    #[error(transparent)]
+    Faults(#[from] FaultsParseError),
+    /// The database could not be reached or set up.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The engine refused to start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A blocking task failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The database the server uses, and the embedded cluster behind it if there is one.
+pub struct Database {
+    /// The pool the engine and API use.
+    pub pool: PgPool,
+    /// The URL it connects to.
+    pub url: String,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Connects to `database_url`, or starts the embedded cluster of `data_dir`; then runs
+    /// the migrations.
+    pub async fn open(
+        database_url: Option<&str>,
+        data_dir: &std::path::Path,
+        pool: &PoolConfig,
+    ) -> Result<Self, ServeError> {
+        let (url, embedded) = match database_url {
+            Some(url) => (url.to_string(), None),
+            None => {
+                let options = ClusterOptions {
+                    data_dir: data_dir.to_path_buf(),
+                    unsafe_fast: false,
+                };
+                let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options))
+                    .await
+                    .map_err(|e| ServeError::Internal(e.to_string()))??;
+                pg::create_database_if_missing(&cluster.url("postgres"), pg::embedded::DATABASE_NAME).await?;
+                info!(socket = %cluster.socket_dir().display(), "embedded PostgreSQL running");
+                (cluster.url(pg::embedded::DATABASE_NAME), Some(cluster))
+            }
+        };
+        let pool = pg::pool(&url, pool)?;
+        pg::migrate(&pool).await?;
+        Ok(Self { pool, url, embedded })
+    }
+
+    /// Closes the pool and stops the embedded cluster, if any.
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(mut cluster) = self.embedded {
+            let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+            match stopped {
+                Ok(Ok(())) => info!("embedded PostgreSQL stopped"),
+                Ok(Err(e)) => warn!(error = %e, "stopping the embedded PostgreSQL failed"),
+                Err(e) => warn!(error = %e, "stopping the embedded PostgreSQL failed"),
+            }
+        }
+    }
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// The address the HTTP server listens on.
+    pub addr: SocketAddr,
+    /// The engine.
+    pub engine: Engine,
+    database: Database,
+    worker: Option<WorkerHandle>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_http: CancellationToken,
+}
+
+/// Builds the engine with every built-in workflow.
+pub fn build_engine(pool: PgPool, config: EngineConfig, faults: Faults) -> Result<Engine, ServeError> {
+    let builder = Engine::builder(pool).config(config).faults(faults);
+    let engine = workflows::register_builtins(builder)
+        .build()
+        .map_err(|e| ServeError::Engine(EngineError::Definition(e)))?;
+    Ok(engine)
+}
+
+/// Starts database, engine, worker and HTTP server.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
+    let faults = match &config.faults {
+        Some(spec) => {
+            let faults = Faults::parse(spec)?;
+            if !faults.is_empty() {
+                warn!(faults = %spec, "SAGAFLOW_FAULTS is set: this process will abort on purpose (testing only)");
+            }
+            faults
+        }
+        None => Faults::none(),
+    };
+    let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
+    let engine = build_engine(database.pool.clone(), config.engine.clone(), faults)?;
+    let worker = if config.run_worker {
+        Some(engine.start_worker().await?)
+    } else {
+        None
+    };
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let state = AppState {
+        engine: engine.clone(),
+        pool: database.pool.clone(),
+    };
+    let app = http::app(Arc::new(state));
+    let stop_http = CancellationToken::new();
+    let stop = stop_http.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    info!(%addr, node_id = %config.engine.node_id, "sagaflow listening");
+    Ok(RunningServer {
+        addr,
+        engine,
+        database,
+        worker,
+        http,
+        stop_http,
+    })
+}
+
+impl RunningServer {
+    /// Stops in reverse order: HTTP (in-flight requests finish), worker (attempts finish,
+    /// leases are given back), pool, embedded database.
+    pub async fn shutdown(self) {
+        self.stop_http.cancel();
+        match tokio::time::timeout(Duration::from_secs(10), self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server stopped with an error"),
+            Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
+            Err(_) => warn!("HTTP server did not stop in time"),
+        }
+        if let Some(worker) = self.worker {
+            worker.shutdown().await;
+        }
+        self.database.close().await;
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+    }
+}

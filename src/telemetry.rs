@@ -1,0 +1,34 @@
+//! Logging: human-readable lines by default, one JSON object per line with `--log-format json`.
+//! Spans carry the run id, workflow, step and attempt, so every line of a step attempt says
+//! which run it belongs to.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Text,
+    /// For log pipelines.
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter
+/// (`info`, with sqlx's statement logging at `warn`). Calling it twice does nothing.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_span_events(FmtSpan::NONE)
+            .try_init(),
+    };
+}

@@ -1,0 +1,247 @@
+//! The embedded PostgreSQL default and the server's life cycle, through the real binary:
+//! first start (initdb), restart (data persists), SIGKILL then restart (the orphaned cluster
+//! is adopted), a stale `postmaster.pid`, SIGTERM (exit 0, database stopped), no binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sagaflow-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // The cluster may run as another user (when tests run as root): let it in.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Stop any cluster a failed test left behind, then remove the directory.
+        if let Some(pid) = postmaster(&self.0.join("data")) {
+            let _ = kill(pid, Signal::SIGQUIT);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The PID of the cluster's postmaster, if one is running. (Not `pg_ctl status`: it refuses
+/// to run as root, and the tests may.)
+fn postmaster(data_dir: &Path) -> Option<Pid> {
+    let text = std::fs::read_to_string(data_dir.join("pgdata").join("postmaster.pid")).ok()?;
+    let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
+    kill(pid, None).ok().map(|()| pid)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn spawn_server(data_dir: &Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("SAGAFLOW_FAULTS")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sagaflow")
+}
+
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") && response.contains("\"ok\"")
+}
+
+fn wait_healthy(child: &mut Child, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if healthy(port) {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                use std::io::Read;
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("server exited with {status}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("server not healthy after 60 s");
+}
+
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cluster_running(data_dir: &Path) -> bool {
+    postmaster(data_dir).is_some()
+}
+
+fn psql_scalar(data_dir: &Path, sql: &str) -> String {
+    let url = format!(
+        "postgres://postgres@localhost:5432/sagaflow?host={}",
+        data_dir.join("run").display().to_string().replace('/', "%2F")
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("connect to the embedded cluster");
+        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+        value
+    })
+}
+
+#[test]
+fn the_embedded_default_starts_persists_survives_a_kill_and_stops_on_sigterm() {
+    let tmp = TempDir::new("embedded");
+    let data = tmp.0.join("data");
+    let port = free_port();
+
+    // First start: initdb, migrations, healthz.
+    let mut server = spawn_server(&data, port);
+    wait_healthy(&mut server, port);
+    assert!(data.join("pgdata").join("PG_VERSION").is_file());
+    let first_worker = psql_scalar(&data, "SELECT max(id)::text FROM workers");
+    // SIGTERM: exit 0, database stopped.
+    let status = terminate(server);
+    assert!(status.success(), "exit status {status}");
+    assert!(!cluster_running(&data), "the embedded cluster was left running");
+
+    // Restart: the same cluster, data kept.
+    let mut server = spawn_server(&data, port);
+    wait_healthy(&mut server, port);
+    let workers = psql_scalar(&data, "SELECT count(*)::text FROM workers");
+    assert_eq!(workers, "2", "the first start's worker row is still there");
+
+    // SIGKILL leaves the cluster running; the next start adopts it.
+    server.kill().expect("SIGKILL");
+    let _ = server.wait();
+    assert!(cluster_running(&data), "PostgreSQL outlives a killed server");
+    let mut server = spawn_server(&data, port);
+    wait_healthy(&mut server, port);
+    let stopped: String = psql_scalar(
+        &data,
+        &format!("SELECT count(*)::text FROM workers WHERE stopped_at IS NOT NULL AND id > {first_worker}"),
+    );
+    assert_eq!(
+        stopped, "1",
+        "the killed incarnation is recognised as gone when its node restarts"
+    );
+    assert!(terminate(server).success());
+    assert!(!cluster_running(&data));
+
+    // A stale postmaster.pid (a crashed cluster whose PID is gone) does not stop a start.
+    std::fs::write(data.join("pgdata").join("postmaster.pid"), "999999\n").expect("stale pid file");
+    let mut server = spawn_server(&data, port);
+    wait_healthy(&mut server, port);
+    assert!(terminate(server).success());
+}
+
+#[test]
+fn two_servers_cannot_share_one_data_directory() {
+    let tmp = TempDir::new("shared");
+    let data = tmp.0.join("data");
+    let (p1, p2) = (free_port(), free_port());
+    let mut first = spawn_server(&data, p1);
+    wait_healthy(&mut first, p1);
+    let second = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["--listen", &format!("127.0.0.1:{p2}"), "--data-dir"])
+        .arg(&data)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run second");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another sagaflow process"), "{err}");
+    assert!(terminate(first).success());
+}
+
+#[test]
+fn without_postgres_binaries_the_server_says_how_to_get_them() {
+    let tmp = TempDir::new("nobin");
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.0.join("data"))
+        .env_remove("DATABASE_URL")
+        .env("SAGAFLOW_PG_BINDIR", tmp.0.join("no-such-bin"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no PostgreSQL server binaries") && err.contains("DATABASE_URL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_fault_specs_are_refused_at_start() {
+    let tmp = TempDir::new("faults");
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.0.join("data"))
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("SAGAFLOW_FAULTS", "explode:everything")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid SAGAFLOW_FAULTS entry `explode:everything`"),
+        "{err}"
+    );
+}

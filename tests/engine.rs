@@ -1,0 +1,957 @@
+//! The engine against a real PostgreSQL: every scenario of DESIGN.md §3, each checked
+//! event by event in the execution log, and the effects the steps wrote counted exactly.
+
+mod common;
+
+use std::time::Duration;
+
+use common::scripted::{self, gate};
+use common::{eventually, fast_config, test_db};
+use sagaflow::engine::store::{self, LeaseWrite, Persist, Persisted};
+use sagaflow::engine::{
+    Engine, EngineError, EventKind as K, Handler, Retried, RunState, RunStatus, Step, StepContext, StepError,
+    StepStatus, TriggerOptions, WorkerHandle, Workflow,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn engine(pool: &PgPool, node: &str) -> Engine {
+    Engine::builder(pool.clone())
+        .config(fast_config(node))
+        .register(scripted::workflow())
+        .build()
+        .expect("engine")
+}
+
+async fn started(pool: &PgPool, node: &str) -> (Engine, WorkerHandle) {
+    let engine = engine(pool, node);
+    let worker = engine.start_worker().await.expect("worker");
+    (engine, worker)
+}
+
+async fn trigger(engine: &Engine, input: Value) -> Uuid {
+    engine
+        .trigger(scripted::NAME, input, TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id
+}
+
+async fn finish(engine: &Engine, run: Uuid) -> RunStatus {
+    let status = engine.wait_for_terminal(run, WAIT).await.expect("wait");
+    assert!(status.is_terminal(), "run {run} still {status} after {WAIT:?}");
+    status
+}
+
+/// The log as (kind, step, attempt), checking that sequence numbers run 1, 2, 3... and time
+/// never goes backwards.
+async fn log(engine: &Engine, run: Uuid) -> Vec<(K, Option<String>, Option<i32>)> {
+    let events = engine.events(run).await.expect("events").expect("run exists");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as i32 + 1, "log of {run} has a gap or is out of order");
+    }
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at), "log times go backwards");
+    events.into_iter().map(|e| (e.kind, e.step, e.attempt)).collect()
+}
+
+fn ev(kind: K, step: Option<&str>, attempt: Option<i32>) -> (K, Option<String>, Option<i32>) {
+    (kind, step.map(str::to_string), attempt)
+}
+
+fn run_level(kind: K) -> (K, Option<String>, Option<i32>) {
+    ev(kind, None, None)
+}
+
+fn at(kind: K, step: &str, attempt: i32) -> (K, Option<String>, Option<i32>) {
+    ev(kind, Some(step), Some(attempt))
+}
+
+/// Effects written by successful attempts, as (step, phase, attempt), in order.
+async fn effects(pool: &PgPool, run: Uuid) -> Vec<(String, String, i32)> {
+    sqlx::query_as("SELECT step, phase, attempt FROM test_effects WHERE run_id = $1 ORDER BY at")
+        .bind(run)
+        .fetch_all(pool)
+        .await
+        .expect("effects")
+}
+
+fn effect(step: &str, phase: &str, attempt: i32) -> (String, String, i32) {
+    (step.into(), phase.into(), attempt)
+}
+
+async fn step_statuses(engine: &Engine, run: Uuid) -> Vec<StepStatus> {
+    engine
+        .run(run)
+        .await
+        .expect("run")
+        .expect("exists")
+        .steps
+        .iter()
+        .map(|s| s.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn happy_path_runs_each_step_once_and_logs_every_transition() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"subject": "a@b.co"})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+
+    assert_eq!(
+        log(&engine, run).await,
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "a", 1),
+            at(K::StepSucceeded, "a", 1),
+            at(K::StepStarted, "b", 1),
+            at(K::StepSucceeded, "b", 1),
+            at(K::StepStarted, "c", 1),
+            at(K::StepSucceeded, "c", 1),
+            at(K::StepStarted, "d", 1),
+            at(K::StepSucceeded, "d", 1),
+            run_level(K::RunCompleted),
+        ]
+    );
+    assert_eq!(
+        effects(&db.pool, run).await,
+        [
+            effect("a", "invoke", 1),
+            effect("b", "invoke", 1),
+            effect("c", "invoke", 1),
+            effect("d", "invoke", 1)
+        ]
+    );
+    let detail = engine.run(run).await.expect("run").expect("exists");
+    assert_eq!(detail.run.output, Some(json!({"step": "d", "attempt": 1})));
+    assert_eq!(detail.run.subject.as_deref(), Some("a@b.co"));
+    assert!(detail.run.finished_at.is_some() && detail.run.lease_owner.is_none() && detail.run.ready_at.is_none());
+    assert!(
+        detail
+            .steps
+            .iter()
+            .all(|s| s.attempts == 1 && s.started_at.is_some() && s.finished_at >= s.started_at)
+    );
+    assert_eq!(detail.steps[1].output, Some(json!({"step": "b", "attempt": 1})));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_retried_after_a_durable_backoff() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"fail": {"b": 2}})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    assert_eq!(
+        log(&engine, run).await,
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "a", 1),
+            at(K::StepSucceeded, "a", 1),
+            at(K::StepStarted, "b", 1),
+            at(K::StepFailed, "b", 1),
+            at(K::RetryScheduled, "b", 2),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "b", 2),
+            at(K::StepFailed, "b", 2),
+            at(K::RetryScheduled, "b", 3),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "b", 3),
+            at(K::StepSucceeded, "b", 3),
+            at(K::StepStarted, "c", 1),
+            at(K::StepSucceeded, "c", 1),
+            at(K::StepStarted, "d", 1),
+            at(K::StepSucceeded, "d", 1),
+            run_level(K::RunCompleted),
+        ]
+    );
+    // The backoff doubles (20 ms, then 40 ms) and the next attempt waits for it.
+    let events = engine.events(run).await.expect("events").expect("exists");
+    let retries: Vec<&store::EventRow> = events.iter().filter(|e| e.kind == K::RetryScheduled).collect();
+    assert_eq!(retries[0].detail["delay_ms"], json!(20));
+    assert_eq!(retries[1].detail["delay_ms"], json!(40));
+    for retry in retries {
+        let due: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(retry.detail["at"].clone()).expect("retry time");
+        let next_start = events
+            .iter()
+            .find(|e| e.seq > retry.seq && e.kind == K::StepStarted)
+            .expect("next attempt");
+        assert!(
+            next_start.at >= due,
+            "attempt started at {} before its retry time {due}",
+            next_start.at
+        );
+    }
+    assert_eq!(effects(&db.pool, run).await.iter().filter(|e| e.0 == "b").count(), 1);
+    let b = &engine.run(run).await.expect("run").expect("exists").steps[1];
+    assert_eq!((b.status, b.attempts), (StepStatus::Succeeded, 3));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_compensate_in_reverse_order() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    // d gets a single attempt.
+    let run = trigger(&engine, json!({"fail": {"d": 5}})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    assert_eq!(
+        log(&engine, run).await[8..],
+        [
+            at(K::StepStarted, "d", 1),
+            at(K::StepFailed, "d", 1),
+            run_level(K::CompensationStarted),
+            at(K::StepCompensationStarted, "c", 1),
+            at(K::StepCompensationSucceeded, "c", 1),
+            at(K::StepCompensationStarted, "b", 1),
+            at(K::StepCompensationSucceeded, "b", 1),
+            run_level(K::RunCompensated),
+        ]
+    );
+    assert_eq!(
+        effects(&db.pool, run).await,
+        [
+            effect("a", "invoke", 1),
+            effect("b", "invoke", 1),
+            effect("c", "invoke", 1),
+            effect("c", "compensate", 1),
+            effect("b", "compensate", 1),
+        ]
+    );
+    assert_eq!(
+        step_statuses(&engine, run).await,
+        [
+            StepStatus::Succeeded,
+            StepStatus::Compensated,
+            StepStatus::Compensated,
+            StepStatus::Failed
+        ]
+    );
+    let error = engine
+        .run(run)
+        .await
+        .expect("run")
+        .expect("exists")
+        .run
+        .error
+        .expect("error kept");
+    assert_eq!(
+        error,
+        json!({"step": "d", "message": "d attempt 1 failed", "retryable": true})
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_permanent_error_skips_the_remaining_retries() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"permanent": {"c": true}})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    assert_eq!(
+        log(&engine, run).await[6..],
+        [
+            at(K::StepStarted, "c", 1),
+            at(K::StepFailed, "c", 1),
+            run_level(K::CompensationStarted),
+            at(K::StepCompensationStarted, "b", 1),
+            at(K::StepCompensationSucceeded, "b", 1),
+            run_level(K::RunCompensated),
+        ]
+    );
+    let c = &engine.run(run).await.expect("run").expect("exists").steps[2];
+    assert_eq!((c.status, c.attempts), (StepStatus::Failed, 1), "no second attempt");
+    assert_eq!(c.error.as_ref().map(|e| e["retryable"].clone()), Some(json!(false)));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_step_that_recorded_partial_work_is_compensated_with_it() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"permanent": {"c": true}, "partial": {"c": true}})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    let compensated: Vec<_> = effects(&db.pool, run)
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "compensate")
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        compensated,
+        ["c", "b"],
+        "the failing step's partial work is undone first"
+    );
+    let c = &engine.run(run).await.expect("run").expect("exists").steps[2];
+    assert_eq!(c.partial, Some(json!({"half": "c"})));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_compensation_that_gives_up_fails_the_run_and_an_operator_resumes_it() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    // c's compensation has 2 attempts; both fail. Then the cause is fixed and an operator
+    // retries with a fresh budget.
+    sqlx::query("INSERT INTO test_switches VALUES ('broken')")
+        .execute(&db.pool)
+        .await
+        .expect("switch");
+    let run = trigger(&engine, json!({"fail": {"d": 1}, "comp_fail_while": {"c": "broken"}})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Failed);
+    assert_eq!(
+        log(&engine, run).await[10..],
+        [
+            run_level(K::CompensationStarted),
+            at(K::StepCompensationStarted, "c", 1),
+            at(K::StepCompensationFailed, "c", 1),
+            at(K::RetryScheduled, "c", 2),
+            run_level(K::RunClaimed),
+            at(K::StepCompensationStarted, "c", 2),
+            at(K::StepCompensationFailed, "c", 2),
+            run_level(K::RunFailed),
+        ]
+    );
+    assert_eq!(
+        step_statuses(&engine, run).await,
+        [
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::CompensationFailed,
+            StepStatus::Failed
+        ]
+    );
+
+    sqlx::query("DELETE FROM test_switches")
+        .execute(&db.pool)
+        .await
+        .expect("fix");
+    assert_eq!(
+        engine.retry(run, "ops@example.com").await.expect("retry"),
+        Retried::Resumed(run)
+    );
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    let events = engine.events(run).await.expect("events").expect("exists");
+    let retry = events
+        .iter()
+        .find(|e| e.kind == K::OperatorRetry)
+        .expect("operator retry logged");
+    assert_eq!(retry.detail["by"], json!("ops@example.com"));
+    assert_eq!(
+        log(&engine, run).await[18..],
+        [
+            run_level(K::OperatorRetry),
+            run_level(K::RunClaimed),
+            at(K::StepCompensationStarted, "c", 1),
+            at(K::StepCompensationSucceeded, "c", 1),
+            at(K::StepCompensationStarted, "b", 1),
+            at(K::StepCompensationSucceeded, "b", 1),
+            run_level(K::RunCompensated),
+        ]
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_false_when_condition_skips_the_step() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"skip": ["d"]})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    assert_eq!(
+        log(&engine, run).await[7..],
+        [
+            at(K::StepSucceeded, "c", 1),
+            ev(K::StepSkipped, Some("d"), None),
+            run_level(K::RunCompleted)
+        ]
+    );
+    assert_eq!(
+        step_statuses(&engine, run).await,
+        [
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Skipped
+        ]
+    );
+    assert!(effects(&db.pool, run).await.iter().all(|e| e.0 != "d"));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_attempt_over_its_timeout_fails_and_is_retried() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    // c's timeout is 300 ms; its first attempt sleeps 2 s.
+    let run = trigger(&engine, json!({"sleep_ms": {"c": 2000}, "sleep_attempts": {"c": 1}})).await;
+    let started = std::time::Instant::now();
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "the slow attempt was not cut off"
+    );
+    let events = engine.events(run).await.expect("events").expect("exists");
+    let failed = events
+        .iter()
+        .find(|e| e.kind == K::StepFailed)
+        .expect("timed-out attempt");
+    assert_eq!(failed.step.as_deref(), Some("c"));
+    assert!(
+        failed.detail["error"].as_str().is_some_and(|m| m.contains("timed out")),
+        "{}",
+        failed.detail
+    );
+    assert_eq!(effects(&db.pool, run).await.iter().filter(|e| e.0 == "c").count(), 1);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn hook_points_are_no_ops_until_the_application_registers_a_handler() {
+    struct Greeter;
+    #[async_trait::async_trait]
+    impl Step for Greeter {
+        type Output = String;
+        async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<String, StepError> {
+            let name: String = ctx.input::<Value>()?["name"].as_str().unwrap_or("?").to_string();
+            let first: Value = ctx.output("first")?;
+            Ok(format!("hello {name} after {}", first))
+        }
+    }
+    struct First;
+    #[async_trait::async_trait]
+    impl Step for First {
+        type Output = u32;
+        async fn invoke(&self, _: &mut StepContext<'_>) -> Result<u32, StepError> {
+            Ok(7)
+        }
+    }
+    let definition = || {
+        Workflow::builder("hooked", 1)
+            .step(sagaflow::engine::StepDef::new("first", First))
+            .step(sagaflow::engine::StepDef::hook("greet"))
+            .build()
+            .expect("valid")
+    };
+    let db = test_db().await;
+    let plain = Engine::builder(db.pool.clone())
+        .config(fast_config("n1"))
+        .register(definition())
+        .build()
+        .expect("engine");
+    let worker = plain.start_worker().await.expect("worker");
+    let run = plain
+        .trigger("hooked", json!({"name": "ada"}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    assert_eq!(finish(&plain, run).await, RunStatus::Completed);
+    assert_eq!(
+        plain.run(run).await.expect("run").expect("exists").steps[1].output,
+        Some(Value::Null)
+    );
+    worker.shutdown().await;
+
+    let hooked = Engine::builder(db.pool.clone())
+        .config(fast_config("n2"))
+        .register(definition())
+        .hook("hooked", "greet", Handler::new(Greeter))
+        .build()
+        .expect("engine");
+    let worker = hooked.start_worker().await.expect("worker");
+    let run = hooked
+        .trigger("hooked", json!({"name": "ada"}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    assert_eq!(finish(&hooked, run).await, RunStatus::Completed);
+    assert_eq!(
+        hooked.run(run).await.expect("run").expect("exists").run.output,
+        Some(json!("hello ada after 7"))
+    );
+    worker.shutdown().await;
+
+    let unknown = Engine::builder(db.pool.clone())
+        .register(definition())
+        .hook("hooked", "first", Handler::new(Greeter))
+        .build();
+    assert!(unknown.is_err(), "only hook points take hook handlers");
+}
+
+#[tokio::test]
+async fn a_taken_over_lease_fences_the_old_owners_late_commit() {
+    let db = test_db().await;
+    // A holds one run at a time and renews its lease rarely, so expiring it is up to the test.
+    let a = Engine::builder(db.pool.clone())
+        .config(sagaflow::engine::EngineConfig {
+            lease_ttl: Duration::from_secs(60),
+            max_concurrent_runs: 1,
+            ..fast_config("node-a")
+        })
+        .register(scripted::workflow())
+        .build()
+        .expect("engine");
+    let worker_a = a.start_worker().await.expect("worker a");
+    let run = trigger(&a, json!({"block": {"b": 1}})).await;
+    let gate = gate(run);
+    gate.wait_entered().await; // A is inside b: its effect is written but not committed.
+
+    // The lease runs out (A is alive but, say, paused): B's recovery makes it claimable.
+    sqlx::query("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .expect("expire lease");
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+
+    // A wakes up and tries to commit b's attempt 1: refused.
+    gate.release();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        effects(&db.pool, run).await,
+        [
+            effect("a", "invoke", 1),
+            effect("b", "invoke", 2),
+            effect("c", "invoke", 1),
+            effect("d", "invoke", 1)
+        ],
+        "A's effect for b (attempt 1) never committed"
+    );
+    let entries = log(&b, run).await;
+    assert_eq!(
+        entries[..10],
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "a", 1),
+            at(K::StepSucceeded, "a", 1),
+            at(K::StepStarted, "b", 1),
+            run_level(K::LeaseTakenOver),
+            at(K::StepFailed, "b", 1),
+            at(K::StepStarted, "b", 2),
+            at(K::StepSucceeded, "b", 2),
+            at(K::StepStarted, "c", 1),
+        ]
+    );
+    assert_eq!(entries.last(), Some(&run_level(K::RunCompleted)));
+    assert!(
+        !entries[10..]
+            .iter()
+            .any(|e| e.2 == Some(1) && e.1.as_deref() == Some("b")),
+        "nothing from A after the takeover"
+    );
+    let events = b.events(run).await.expect("events").expect("exists");
+    let takeover = events.iter().find(|e| e.kind == K::LeaseTakenOver).expect("takeover");
+    assert!(
+        takeover.detail["from"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("node-a#")),
+        "{}",
+        takeover.detail
+    );
+    assert!(
+        takeover.detail["by"].as_str().is_some_and(|f| f.starts_with("node-b#")),
+        "{}",
+        takeover.detail
+    );
+    worker_b.shutdown().await;
+    worker_a.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_under_an_old_epoch_changes_nothing() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    // No worker: the run stays pending; claim it by hand to get a lease.
+    let run = trigger(&engine, json!({})).await;
+    let worker_id = store::register_worker(&db.pool, "manual").await.expect("worker");
+    let mut tx = db.pool.begin().await.expect("tx");
+    let claimed = store::claim(&mut tx, worker_id, 1, 60_000, &["scripted@1".to_string()])
+        .await
+        .expect("claim");
+    tx.commit().await.expect("commit");
+    assert_eq!(claimed.len(), 1);
+    let old_epoch = claimed[0].run.lease_epoch;
+    // Someone else takes it over.
+    sqlx::query("UPDATE runs SET ready_at = now() WHERE id = $1")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .expect("expire");
+    let mut tx = db.pool.begin().await.expect("tx");
+    let retaken = store::claim(&mut tx, worker_id, 1, 60_000, &["scripted@1".to_string()])
+        .await
+        .expect("claim");
+    tx.commit().await.expect("commit");
+    assert_eq!(retaken[0].run.lease_epoch, old_epoch + 1);
+
+    let before = engine.run(run).await.expect("run").expect("exists");
+    let before_log = engine.events(run).await.expect("events").expect("exists").len();
+    let mut state = store::run_state(&before.run, &before.steps);
+    state.status = RunStatus::Completed;
+    let marks = Default::default();
+    let events = [sagaflow::engine::machine::NewEvent {
+        kind: K::RunCompleted,
+        step: None,
+        attempt: None,
+        detail: json!({}),
+    }];
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let outcome = store::persist(
+        &mut conn,
+        &Persist {
+            run_id: run,
+            epoch: old_epoch,
+            cancel_requested: false,
+            state: &state,
+            changed: vec![0, 1, 2, 3],
+            marks: &marks,
+            events: &events,
+            lease: LeaseWrite::Finish,
+            lease_ms: 1000,
+        },
+    )
+    .await
+    .expect("persist");
+    assert_eq!(outcome, Persisted::Fenced);
+    let after = engine.run(run).await.expect("run").expect("exists");
+    assert_eq!(after.run.status, before.run.status);
+    assert_eq!(after.run.lease_epoch, old_epoch + 1);
+    assert_eq!(
+        engine.events(run).await.expect("events").expect("exists").len(),
+        before_log
+    );
+}
+
+#[tokio::test]
+async fn a_crashed_engine_s_run_is_finished_by_a_new_one_with_each_effect_once() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "node-a").await;
+    let run = trigger(&a, json!({"block": {"c": 1}})).await;
+    gate(run).wait_entered().await; // inside c, effect written, not committed
+    worker_a.abandon().await; // as if the process died: nothing given back
+
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    let started = std::time::Instant::now();
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    // A's liveness lock went with its session: no lease wait (the lease is 5 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        effects(&db.pool, run).await,
+        [
+            effect("a", "invoke", 1),
+            effect("b", "invoke", 1),
+            effect("c", "invoke", 2),
+            effect("d", "invoke", 1)
+        ]
+    );
+    let entries = log(&b, run).await;
+    assert_eq!(
+        entries[6..10],
+        [
+            at(K::StepStarted, "c", 1),
+            run_level(K::LeaseTakenOver),
+            at(K::StepFailed, "c", 1),
+            at(K::StepStarted, "c", 2)
+        ]
+    );
+    worker_b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_resumes_its_runs_at_once() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "same-node").await;
+    let run = trigger(&a, json!({"block": {"b": 1}})).await;
+    gate(run).wait_entered().await;
+    worker_a.abandon().await;
+    let (b, worker_b) = started(&db.pool, "same-node").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    worker_b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_when_the_owner_cannot_be_seen_to_be_gone() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "node-a").await;
+    let run = trigger(&a, json!({"block": {"b": 1}})).await;
+    gate(run).wait_entered().await;
+    // Pretend A's session lock is still held by leaving A running (it is stuck in b) but its
+    // lease ran out: only expiry lets B in.
+    sqlx::query("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .expect("expire");
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    gate(run).release();
+    worker_b.shutdown().await;
+    worker_a.shutdown().await;
+    assert_eq!(effects(&db.pool, run).await.iter().filter(|e| e.0 == "b").count(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_attempt_finish_and_hands_the_run_back() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "node-a").await;
+    let run = trigger(&a, json!({"block": {"b": 1}})).await;
+    let gate = gate(run);
+    gate.wait_entered().await;
+    let shutdown = tokio::spawn(worker_a.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.release(); // the attempt in flight finishes during the grace period
+    shutdown.await.expect("shutdown");
+
+    let detail = a.run(run).await.expect("run").expect("exists");
+    assert_eq!(detail.run.status, RunStatus::Running);
+    assert!(
+        detail.run.lease_owner.is_none() && detail.run.ready_at.is_some(),
+        "lease given back, due now"
+    );
+    assert_eq!(detail.steps[1].status, StepStatus::Succeeded);
+    assert_eq!(detail.steps[2].attempts, 0, "no attempt spent by the shutdown");
+    assert_eq!(log(&a, run).await.last(), Some(&run_level(K::LeaseReleased)));
+
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    assert_eq!(effects(&db.pool, run).await.len(), 4);
+    worker_b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retry_timer_survives_a_restart() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "node-a").await;
+    let run = trigger(&a, json!({"fail": {"a": 1}})).await;
+    eventually(WAIT, "the retry to be scheduled", || async {
+        let log = log(&a, run).await;
+        log.iter().any(|e| e.0 == K::RetryScheduled).then_some(())
+    })
+    .await;
+    worker_a.shutdown().await;
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    worker_b.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_after_the_attempt_in_flight_and_compensates() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"block": {"c": 1}})).await;
+    let gate = gate(run);
+    gate.wait_entered().await;
+    engine.cancel(run, "ops@example.com").await.expect("cancel");
+    engine
+        .cancel(run, "ops@example.com")
+        .await
+        .expect("asking twice is fine");
+    gate.release();
+    assert_eq!(finish(&engine, run).await, RunStatus::Cancelled);
+    let entries = log(&engine, run).await;
+    assert_eq!(
+        entries[6..],
+        [
+            at(K::StepStarted, "c", 1),
+            run_level(K::CancelRequested),
+            at(K::StepSucceeded, "c", 1),
+            run_level(K::CompensationStarted),
+            at(K::StepCompensationStarted, "c", 1),
+            at(K::StepCompensationSucceeded, "c", 1),
+            at(K::StepCompensationStarted, "b", 1),
+            at(K::StepCompensationSucceeded, "b", 1),
+            run_level(K::RunCancelled),
+        ]
+    );
+    let events = engine.events(run).await.expect("events").expect("exists");
+    assert_eq!(events[7].detail["by"], json!("ops@example.com"));
+    match engine.cancel(run, "ops").await {
+        Err(EngineError::NotAllowed {
+            action: "cancel",
+            status: RunStatus::Cancelled,
+        }) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Retrying a cancelled run starts a new, linked run with the same input.
+    let Retried::NewRun(new_run) = engine.retry(run, "ops@example.com").await.expect("retry") else {
+        panic!("a cancelled run is retried as a new run");
+    };
+    scripted::gate(new_run).release();
+    let old = engine.run(run).await.expect("run").expect("exists").run;
+    assert_eq!(old.retried_by, Some(new_run));
+    let new = engine.run(new_run).await.expect("run").expect("exists").run;
+    assert_eq!(
+        (new.retry_of, new.trigger, new.input.clone()),
+        (Some(run), sagaflow::engine::Trigger::Retry, old.input)
+    );
+    match engine.retry(run, "ops").await {
+        Err(EngineError::AlreadyRetried { by, .. }) => assert_eq!(by, new_run),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(log(&engine, run).await.last(), Some(&run_level(K::OperatorRetry)));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_pending_run_needs_no_compensation() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let run = trigger(&engine, json!({})).await;
+    engine.cancel(run, "ops").await.expect("cancel");
+    let worker = engine.start_worker().await.expect("worker");
+    assert_eq!(finish(&engine, run).await, RunStatus::Cancelled);
+    assert_eq!(
+        log(&engine, run).await,
+        [
+            run_level(K::RunCreated),
+            run_level(K::CancelRequested),
+            run_level(K::RunClaimed),
+            run_level(K::CompensationStarted),
+            run_level(K::RunCancelled),
+        ]
+    );
+    assert!(effects(&db.pool, run).await.is_empty());
+    match engine.retry(run, "ops").await {
+        Ok(Retried::NewRun(_)) => {}
+        other => panic!("a cancelled run can be retried: {other:?}"),
+    }
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn operator_actions_refuse_runs_in_the_wrong_status() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    for result in [
+        engine.retry(run, "ops").await.map(|_| ()),
+        engine.cancel(run, "ops").await,
+    ] {
+        match result {
+            Err(EngineError::NotAllowed {
+                status: RunStatus::Completed,
+                ..
+            }) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let missing = Uuid::now_v7();
+    assert!(matches!(engine.cancel(missing, "ops").await, Err(EngineError::RunNotFound(id)) if id == missing));
+    assert!(matches!(engine.retry(missing, "ops").await, Err(EngineError::RunNotFound(id)) if id == missing));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn triggers_are_idempotent_per_key_and_input() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let key = TriggerOptions {
+        idempotency_key: Some("order-1".into()),
+        ..Default::default()
+    };
+    let first = engine
+        .trigger(scripted::NAME, json!({"x": 1}), key.clone())
+        .await
+        .expect("first");
+    let again = engine
+        .trigger(scripted::NAME, json!({"x": 1}), key.clone())
+        .await
+        .expect("replay");
+    assert!(first.created && !again.created);
+    assert_eq!(first.run_id, again.run_id);
+    match engine.trigger(scripted::NAME, json!({"x": 2}), key.clone()).await {
+        Err(EngineError::IdempotencyConflict { run, .. }) => assert_eq!(run, first.run_id),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let long = TriggerOptions {
+        idempotency_key: Some("k".repeat(256)),
+        ..Default::default()
+    };
+    assert!(matches!(
+        engine.trigger(scripted::NAME, json!({}), long).await,
+        Err(EngineError::InvalidIdempotencyKey)
+    ));
+    assert!(matches!(
+        engine.trigger("nope", json!({}), TriggerOptions::default()).await,
+        Err(EngineError::UnknownWorkflow(_))
+    ));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 1, "refused triggers wrote nothing");
+
+    // Concurrent triggers with one key: one run.
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let engine = engine.clone();
+        let key = TriggerOptions {
+            idempotency_key: Some("order-2".into()),
+            ..Default::default()
+        };
+        handles.push(tokio::spawn(async move {
+            engine.trigger(scripted::NAME, json!({"y": 1}), key).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.push(h.await.expect("join").expect("trigger").run_id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+}
+
+#[tokio::test]
+async fn the_log_is_append_only() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let run = trigger(&engine, json!({})).await;
+    let rewrite = sqlx::query("UPDATE run_events SET kind = 'run_completed' WHERE run_id = $1")
+        .bind(run)
+        .execute(&db.pool)
+        .await;
+    assert!(rewrite.is_err_and(|e| e.to_string().contains("append-only")));
+    let _ = RunState::new(0);
+}
+
+#[tokio::test]
+async fn many_runs_complete_under_concurrency() {
+    let db = test_db().await;
+    let (a, worker_a) = started(&db.pool, "node-a").await;
+    let (b, worker_b) = started(&db.pool, "node-b").await;
+    let mut runs = Vec::new();
+    for i in 0..60 {
+        let engine = if i % 2 == 0 { &a } else { &b };
+        let input = if i % 5 == 0 {
+            json!({"fail": {"c": 1}})
+        } else {
+            json!({"i": i})
+        };
+        runs.push(trigger(engine, input).await);
+    }
+    for run in &runs {
+        assert_eq!(finish(&a, *run).await, RunStatus::Completed);
+    }
+    let per_step: Vec<(i64,)> =
+        sqlx::query_as("SELECT count(*) FROM test_effects GROUP BY run_id, step HAVING count(*) <> 1")
+            .fetch_all(&db.pool)
+            .await
+            .expect("effects");
+    assert!(per_step.is_empty(), "some step's effect happened twice");
+    worker_a.shutdown().await;
+    worker_b.shutdown().await;
+}
