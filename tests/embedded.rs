@@ -245,3 +245,29 @@ fn bad_fault_specs_are_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn logs_are_json_lines_with_a_flag() {
+    let tmp = TempDir::new("jsonlog");
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+        .arg(tmp.0.join("data"))
+        // A valid fault spec makes the server warn before it fails to reach this database.
+        .env("SAGAFLOW_FAULTS", "fail:nothing")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none?connect_timeout=1")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warning = err
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("SAGAFLOW_FAULTS"))
+        })
+        .unwrap_or_else(|| panic!("no JSON log line about the faults in: {err}"));
+    assert_eq!(warning["level"], "WARN");
+    assert!(!out.status.success(), "the unreachable database is an error");
+}

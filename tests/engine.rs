@@ -955,3 +955,71 @@ async fn many_runs_complete_under_concurrency() {
     worker_a.shutdown().await;
     worker_b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_notification_wakes_an_idle_worker_without_polling() {
+    let db = test_db().await;
+    let worker_engine = Engine::builder(db.pool.clone())
+        .config(sagaflow::engine::EngineConfig {
+            poll_interval: Duration::from_secs(600),
+            ..fast_config("worker")
+        })
+        .register(scripted::workflow())
+        .build()
+        .expect("engine");
+    let worker = worker_engine.start_worker().await.expect("worker");
+    tokio::time::sleep(Duration::from_millis(300)).await; // idle, asleep for the poll interval
+    let api_only = engine(&db.pool, "api"); // no worker: its runs are left for others
+    let started = std::time::Instant::now();
+    let run = trigger(&api_only, json!({})).await;
+    assert_eq!(
+        api_only
+            .wait_for_terminal(run, Duration::from_secs(5))
+            .await
+            .expect("wait"),
+        RunStatus::Completed
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let claimed_by = &engine_events(&api_only, run).await[1].detail["by"];
+    assert!(
+        claimed_by.as_str().is_some_and(|b| b.starts_with("worker#")),
+        "{claimed_by}"
+    );
+    worker.shutdown().await;
+}
+
+async fn engine_events(engine: &Engine, run: Uuid) -> Vec<store::EventRow> {
+    engine.events(run).await.expect("events").expect("exists")
+}
+
+#[tokio::test]
+async fn heartbeats_keep_the_lease_of_an_attempt_longer_than_the_lease() {
+    let db = test_db().await;
+    let short_lease = sagaflow::engine::EngineConfig {
+        lease_ttl: Duration::from_millis(600),
+        ..fast_config("a")
+    };
+    let a = Engine::builder(db.pool.clone())
+        .config(short_lease.clone())
+        .register(scripted::workflow())
+        .build()
+        .expect("a");
+    let worker_a = a.start_worker().await.expect("worker a");
+    let b = Engine::builder(db.pool.clone())
+        .config(sagaflow::engine::EngineConfig {
+            node_id: "b".into(),
+            ..short_lease
+        })
+        .register(scripted::workflow())
+        .build()
+        .expect("b");
+    let worker_b = b.start_worker().await.expect("worker b");
+    // b's attempt takes 2 s: more than three leases.
+    let run = trigger(&a, json!({"sleep_ms": {"b": 2000}, "sleep_attempts": {"b": 1}})).await;
+    assert_eq!(finish(&a, run).await, RunStatus::Completed);
+    let entries = log(&a, run).await;
+    assert!(!entries.iter().any(|e| e.0 == K::LeaseTakenOver), "{entries:?}");
+    assert_eq!(effects(&db.pool, run).await.len(), 4);
+    worker_b.shutdown().await;
+    worker_a.shutdown().await;
+}
