@@ -6,14 +6,18 @@
 //!   machine deciding every transition, the executor (one transaction per step), the worker
 //!   (claims, leases, heartbeats, recovery, shutdown), and `engine::store`, the only module
 //!   of the engine that speaks SQL.
-//! - [`workflows`]: workflows built on the engine and registered by the server.
-//! - [`http`]: the axum application: JSON API, health, metrics.
+//! - [`domain`]: the customer domain (customers, addresses, auth identities, the outbox) and
+//!   its SQL.
+//! - [`workflows`]: workflows built on the engine and registered by the server;
+//!   `create-customer-account` first.
+//! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics.
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
 //! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command.
 //! - [`telemetry`]: logging setup (human-readable or JSON).
 //!
 //! The engine knows nothing of customers or HTTP; workflows know nothing of HTTP.
 
+pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod pg;

@@ -70,6 +70,12 @@ struct ServeArgs {
     /// Do not run a worker in this instance (API only).
     #[arg(long, env = "SAGAFLOW_NO_WORKER")]
     no_worker: bool,
+    /// Token for backends (trigger and read) [default: generated and printed].
+    #[arg(long, env = "SAGAFLOW_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Token for operators (dashboard and operator actions) [default: generated and printed].
+    #[arg(long, env = "SAGAFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[tokio::main]
@@ -98,6 +104,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(id) => id,
         None => default_node_id(&args.database.data_dir),
     };
+    let api_token = Token::resolve(args.api_token, "SAGAFLOW_API_TOKEN");
+    let admin_token = Token::resolve(args.admin_token, "SAGAFLOW_ADMIN_TOKEN");
     let config = ServerConfig {
         listen: args.listen,
         database_url: args.database.database_url,
@@ -118,12 +126,50 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         faults: std::env::var("SAGAFLOW_FAULTS").ok().filter(|s| !s.is_empty()),
         run_worker: !args.no_worker,
+        api_token: api_token.value.clone(),
+        admin_token: admin_token.value.clone(),
     };
     let running = server::start(config).await.context("starting sagaflow")?;
+    println!(
+        "sagaflow is running: http://{}/ (dashboard; API under /v1, spec at /openapi.json)",
+        running.addr
+    );
+    api_token.announce("API token  ");
+    admin_token.announce("admin token");
     server::shutdown_signal().await;
     running.shutdown().await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// A token from the configuration, or generated when unset.
+struct Token {
+    value: String,
+    generated_for: Option<&'static str>,
+}
+
+impl Token {
+    fn resolve(given: Option<String>, env: &'static str) -> Self {
+        match given.filter(|t| !t.trim().is_empty()) {
+            Some(value) => Self {
+                value,
+                generated_for: None,
+            },
+            None => Self {
+                value: sagaflow::http::auth::generate_token(),
+                generated_for: Some(env),
+            },
+        }
+    }
+
+    /// Prints a generated token once, so the operator can use it; a configured one is not
+    /// repeated.
+    fn announce(&self, label: &str) {
+        match self.generated_for {
+            Some(env) => println!("  {label}: {}   (generated; set {env} to choose it)", self.value),
+            None => println!("  {label}: from the configuration"),
+        }
+    }
 }
 
 /// The hostname plus the data directory: stable across restarts, distinct for two

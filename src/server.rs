@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::engine::faults::FaultsParseError;
 use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
+use crate::http::auth::Tokens;
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
@@ -33,6 +34,10 @@ pub struct ServerConfig {
     pub pool: PoolConfig,
     /// `SAGAFLOW_FAULTS` (testing only).
     pub faults: Option<String>,
+    /// The token backends use to trigger and read.
+    pub api_token: String,
+    /// The token operators use (everything the API token can do, plus operator actions).
+    pub admin_token: String,
     /// Start the worker (false: API only).
     pub run_worker: bool,
 }
@@ -152,6 +157,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         }
         None => Faults::none(),
     };
+    // Installed before anything records, so no early sample is lost.
+    let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
     let engine = build_engine(database.pool.clone(), config.engine.clone(), faults)?;
     let worker = if config.run_worker {
@@ -173,6 +180,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let state = AppState {
         engine: engine.clone(),
         pool: database.pool.clone(),
+        tokens: Tokens::new(&config.api_token, &config.admin_token),
     };
     let app = http::app(Arc::new(state));
     let stop_http = CancellationToken::new();

@@ -685,6 +685,12 @@ impl WorkflowBuilder {
         self
     }
 
+    /// Checks inputs with a function of your own (e.g. to require a JSON object first).
+    pub fn input_check(mut self, check: impl Fn(&Value) -> Result<(), InputError> + Send + Sync + 'static) -> Self {
+        self.workflow.input_check = Arc::new(check);
+        self
+    }
+
     /// What operators search for and see for a run (e.g. a customer's email).
     pub fn subject(mut self, subject: impl Fn(&Value) -> Option<String> + Send + Sync + 'static) -> Self {
         self.workflow.subject = Some(Arc::new(subject));

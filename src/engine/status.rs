@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a run is in its life. See DESIGN.md §3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "run_status", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -93,7 +93,7 @@ pub enum RetryAction {
 }
 
 /// Where a step of a run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "step_status", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
@@ -140,7 +140,7 @@ impl std::fmt::Display for StepStatus {
 }
 
 /// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "run_trigger", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
@@ -153,7 +153,7 @@ pub enum Trigger {
 }
 
 /// The kind of an execution-log entry: one per transition of DESIGN.md §3.7.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "event_kind", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {

@@ -536,8 +536,9 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
                  lease_expires_at = CASE $8::text WHEN 'keep' THEN now() + $10 * interval '1 millisecond'
                                                   WHEN 'wake' THEN lease_expires_at END,
-                 finished_at = CASE WHEN $4 IN ('completed', 'compensated', 'failed', 'cancelled') THEN now() END,
-                 updated_at = now()
+                 finished_at = CASE WHEN $4 IN ('completed', 'compensated', 'failed', 'cancelled')
+                                    THEN clock_timestamp() END,
+                 updated_at = clock_timestamp()
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
              RETURNING id, log_seq - cardinality($19::event_kind[]) AS base
          ), steps AS (

@@ -1,38 +1,153 @@
-//! The HTTP surface: `fn app(state) -> Router` builds all of it, so tests drive exactly what
-//! the server serves.
+//! The HTTP surface: [`app`] builds all of it, so tests drive exactly what the server serves.
+//!
+//! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
+//! - [`customers`]: auth identities, customers, released events.
+//! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
+//!   place errors become responses; [`metrics`]: the Prometheus endpoint.
+//!
+//! The OpenAPI document (`/openapi.json`) is generated from the handlers' annotations.
+
+pub mod auth;
+pub mod customers;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod runs;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use serde_json::json;
+use serde::Serialize;
 use sqlx::PgPool;
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use self::auth::{ApiAccess, Tokens};
+use self::error::{ApiError, ErrorBody};
 use crate::engine::Engine;
 
 /// What every handler can reach.
 pub struct AppState {
     /// The engine.
     pub engine: Engine,
-    /// The database pool (domain reads).
+    /// The database pool (domain reads and writes).
     pub pool: PgPool,
+    /// The API and admin tokens.
+    pub tokens: Tokens,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sagaflow",
+        description = "A durable saga orchestrator on PostgreSQL. Every route but /healthz and \
+                       /openapi.json takes `Authorization: Bearer <token>`: the API token triggers and \
+                       reads, the admin token also retries and cancels. Errors are \
+                       `{\"error\": {\"code\", \"message\", \"field\"?}}`."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "runs", description = "Trigger and inspect workflow runs"),
+        (name = "operators", description = "Operator actions (admin token)"),
+        (name = "workflows", description = "Registered workflows"),
+        (name = "customers", description = "The customer domain of create-customer-account"),
+        (name = "system", description = "Health, metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document and the router serving what it describes.
+fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics_text))
+        .routes(routes!(runs::list_workflows))
+        .routes(routes!(runs::trigger))
+        .routes(routes!(runs::list_runs))
+        .routes(routes!(runs::get_run))
+        .routes(routes!(runs::run_events))
+        .routes(routes!(runs::retry_run))
+        .routes(routes!(runs::cancel_run))
+        .routes(routes!(customers::create_identity))
+        .routes(routes!(customers::get_identity))
+        .routes(routes!(customers::list_customers))
+        .routes(routes!(customers::get_customer))
+        .routes(routes!(customers::list_events))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
 }
 
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new().route("/healthz", get(healthz)).with_state(state)
+    let (router, spec) = api();
+    let spec = Arc::new(spec);
+    router
+        .route("/openapi.json", get(move || async move { Json(spec.as_ref().clone()) }))
+        .fallback(no_route)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
 }
 
-/// 200 once the server is up (migrations ran before it listens) and the database answers.
-async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await {
-        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "error": {"code": "database_unavailable", "message": e.to_string()}})),
-        ),
-    }
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_string())
+}
+
+/// The server's health.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+/// 200 once the server is up (migrations ran before it listens) and the database answers;
+/// 503 otherwise. No token needed.
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+    sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&state.pool)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "health check: database unreachable");
+            ApiError::Unavailable
+        })?;
+    Ok(Json(Health { status: "ok".into() }))
+}
+
+/// Prometheus metrics (text format 0.0.4).
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    security(("bearer" = [])),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorBody)))]
+async fn metrics_text(_: ApiAccess) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(),
+    )
+        .into_response()
 }

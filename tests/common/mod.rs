@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod scripted;
+pub mod server;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

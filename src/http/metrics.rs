@@ -1,0 +1,78 @@
+//! `/metrics` in Prometheus text: runs started and finished by status, step attempts, step
+//! and run durations as histograms, recoveries, lease takeovers and fenced writes. The engine
+//! records through the `metrics` facade; this module installs the Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::metrics_names as m;
+
+/// Buckets of the duration histograms, in seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The process-wide Prometheus handle, installing the recorder on first use. `None` if the
+/// embedding application installed another recorder first.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &DURATION_BUCKETS)
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+                return None;
+            }
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    metrics::describe_counter!(m::RUNS_STARTED, "Runs accepted, by workflow and trigger");
+    metrics::describe_counter!(
+        m::RUNS_FINISHED,
+        "Runs that reached a terminal status, by workflow and status"
+    );
+    metrics::describe_counter!(
+        m::STEP_ATTEMPTS,
+        "Step and compensation attempts, by workflow, step, phase, outcome"
+    );
+    metrics::describe_histogram!(
+        m::STEP_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of step and compensation attempts"
+    );
+    metrics::describe_histogram!(
+        m::RUN_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of runs from acceptance to the end"
+    );
+    metrics::describe_counter!(
+        m::RECOVERIES,
+        "Runs made claimable because their owner was gone or its lease expired"
+    );
+    metrics::describe_counter!(m::LEASE_TAKEOVERS, "Claims that took over another worker's lease");
+    metrics::describe_counter!(m::FENCED_WRITES, "Writes refused because the lease had been taken over");
+    // Counters of rare events are exported from the start, at zero, so alerts can rely on them.
+    for name in [m::RECOVERIES, m::LEASE_TAKEOVERS, m::FENCED_WRITES] {
+        metrics::counter!(name).increment(0);
+    }
+}
+
+/// The current metrics in Prometheus text format.
+pub fn render() -> String {
+    match handle() {
+        Some(handle) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    }
+}

@@ -1,0 +1,628 @@
+//! Workflows and runs: trigger, list, inspect, read the log, retry, cancel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::{AdminAccess, ApiAccess};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{JsonBody, Params};
+use crate::engine::store::{Cursor, EventRow, RunFilter, RunRow, StepRow};
+use crate::engine::{
+    EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions, Workflow,
+};
+
+/// A run, as the API shows it (DESIGN.md §5).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunBody {
+    /// The run's id.
+    pub id: Uuid,
+    /// The workflow.
+    pub workflow: String,
+    /// The workflow version it runs.
+    pub workflow_version: i32,
+    /// Its status.
+    pub status: RunStatus,
+    /// The input it was triggered with.
+    #[schema(value_type = Object)]
+    pub input: Value,
+    /// The workflow's output, once completed.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    /// Why it did not complete.
+    pub error: Option<RunErrorBody>,
+    /// What operators search for (e.g. the customer's email).
+    pub subject: Option<String>,
+    /// The trigger's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// The run this one retries.
+    pub retry_of: Option<Uuid>,
+    /// The run that retried this one.
+    pub retried_by: Option<Uuid>,
+    /// What started it.
+    pub trigger: Trigger,
+    /// An operator asked to cancel it.
+    pub cancel_requested: bool,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it reached a terminal status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its steps, in plan order (absent in lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepBody>>,
+}
+
+/// Why a run did not complete.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunErrorBody {
+    /// The step that gave up (null for a cancel).
+    pub step: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// Whether the error was retryable (the step ran out of attempts).
+    pub retryable: bool,
+}
+
+/// A step of a run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepBody {
+    /// Position in the plan, from 0.
+    pub index: i16,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Invoke attempts started.
+    pub attempts: i32,
+    /// Compensation attempts started.
+    pub compensation_attempts: i32,
+    /// When its last attempt began.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When its last attempt ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its recorded output.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    /// Its last error.
+    pub error: Option<StepErrorBody>,
+}
+
+/// A step's last error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepErrorBody {
+    /// What went wrong.
+    pub message: String,
+    /// Whether another attempt could succeed.
+    pub retryable: bool,
+}
+
+impl RunBody {
+    /// The API view of a run, with its steps when given.
+    pub fn new(run: RunRow, steps: Option<Vec<StepRow>>) -> Self {
+        let error = run.error.and_then(|e| {
+            Some(RunErrorBody {
+                step: e.get("step").and_then(Value::as_str).map(str::to_string),
+                message: e.get("message")?.as_str()?.to_string(),
+                retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
+            })
+        });
+        Self {
+            id: run.id,
+            workflow: run.workflow,
+            workflow_version: run.workflow_version,
+            status: run.status,
+            input: run.input,
+            output: run.output,
+            error,
+            subject: run.subject,
+            idempotency_key: run.idempotency_key,
+            retry_of: run.retry_of,
+            retried_by: run.retried_by,
+            trigger: run.trigger,
+            cancel_requested: run.cancel_requested,
+            created_at: run.created_at,
+            updated_at: run.updated_at,
+            finished_at: run.finished_at,
+            steps: steps.map(|steps| steps.into_iter().map(StepBody::from).collect()),
+        }
+    }
+}
+
+impl From<RunDetail> for RunBody {
+    fn from(detail: RunDetail) -> Self {
+        Self::new(detail.run, Some(detail.steps))
+    }
+}
+
+impl From<StepRow> for StepBody {
+    fn from(step: StepRow) -> Self {
+        let error = step.error.and_then(|e| {
+            Some(StepErrorBody {
+                message: e.get("message")?.as_str()?.to_string(),
+                retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
+            })
+        });
+        Self {
+            index: step.idx,
+            name: step.name,
+            status: step.status,
+            attempts: step.attempts,
+            compensation_attempts: step.compensation_attempts,
+            started_at: step.started_at,
+            finished_at: step.finished_at,
+            output: step.output,
+            error,
+        }
+    }
+}
+
+/// A page of runs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    /// Newest first, without their steps.
+    pub runs: Vec<RunBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// An execution-log entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventBody {
+    /// Position in the log, from 1, without gaps.
+    pub seq: i32,
+    /// When it was written.
+    pub at: DateTime<Utc>,
+    /// What happened.
+    pub kind: EventKind,
+    /// The step concerned.
+    pub step: Option<String>,
+    /// The attempt concerned.
+    pub attempt: Option<i32>,
+    /// Details (errors, retry times, who).
+    #[schema(value_type = Object)]
+    pub detail: Value,
+}
+
+impl From<EventRow> for EventBody {
+    fn from(e: EventRow) -> Self {
+        Self {
+            seq: e.seq,
+            at: e.at,
+            kind: e.kind,
+            step: e.step,
+            attempt: e.attempt,
+            detail: e.detail,
+        }
+    }
+}
+
+/// A run's execution log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    /// In order.
+    pub events: Vec<EventBody>,
+}
+
+/// A registered workflow and its plan.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowBody {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: i32,
+    /// What it is for.
+    pub description: String,
+    /// Its steps, in order.
+    pub steps: Vec<StepPlanBody>,
+}
+
+/// A step of a plan.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepPlanBody {
+    /// Position, from 0.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// Whether it can be undone.
+    pub has_compensation: bool,
+    /// Whether the embedding application may plug in its handler.
+    pub hook: bool,
+    /// Whether a `when` condition may skip it.
+    pub conditional: bool,
+    /// Per-attempt timeout, if any.
+    pub timeout_ms: Option<u64>,
+    /// Retries of the invoke.
+    pub retry: RetryBody,
+    /// Retries of the compensation.
+    pub compensation_retry: RetryBody,
+}
+
+/// A retry policy.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryBody {
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    pub initial_delay_ms: u64,
+    /// Growth of each further delay.
+    pub backoff_factor: f64,
+    /// Cap on any delay.
+    pub max_delay_ms: u64,
+    /// Randomized share of each delay.
+    pub jitter: f64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<&RetryPolicy> for RetryBody {
+    fn from(p: &RetryPolicy) -> Self {
+        Self {
+            max_attempts: p.max_attempts,
+            initial_delay_ms: millis(p.initial_delay),
+            backoff_factor: p.backoff_factor,
+            max_delay_ms: millis(p.max_delay),
+            jitter: p.jitter,
+        }
+    }
+}
+
+impl From<&Workflow> for WorkflowBody {
+    fn from(w: &Workflow) -> Self {
+        Self {
+            name: w.name().to_string(),
+            version: w.version(),
+            description: w.description().to_string(),
+            steps: w
+                .steps()
+                .iter()
+                .enumerate()
+                .map(|(index, s)| StepPlanBody {
+                    index,
+                    name: s.name().to_string(),
+                    has_compensation: s.has_compensation(),
+                    hook: s.is_hook(),
+                    conditional: s.is_conditional(),
+                    timeout_ms: s.attempt_timeout().map(millis),
+                    retry: s.retry_policy().into(),
+                    compensation_retry: s.compensation_retry_policy().into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The registered workflows.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowList {
+    /// Every registered version, by name then version.
+    pub workflows: Vec<WorkflowBody>,
+}
+
+/// The registered workflows with their step plans.
+#[utoipa::path(get, path = "/v1/workflows", tag = "workflows",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = WorkflowList),
+        (status = 401, body = ErrorBody),
+    ))]
+pub async fn list_workflows(_: ApiAccess, State(state): State<Arc<AppState>>) -> Json<WorkflowList> {
+    Json(WorkflowList {
+        workflows: state
+            .engine
+            .workflows()
+            .iter()
+            .map(|w| WorkflowBody::from(w.as_ref()))
+            .collect(),
+    })
+}
+
+fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound {
+        what: "run",
+        id: id.to_string(),
+    })
+}
+
+async fn run_body(state: &AppState, id: Uuid) -> Result<RunBody, ApiError> {
+    let detail = state.engine.run(id).await?.ok_or(ApiError::NotFound {
+        what: "run",
+        id: id.to_string(),
+    })?;
+    Ok(detail.into())
+}
+
+fn with_location(status: StatusCode, body: RunBody) -> Response {
+    let location = HeaderValue::from_str(&format!("/v1/runs/{}", body.id)).ok();
+    let mut response = (status, Json(body)).into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// Starts a run. The body is the workflow input (for `create-customer-account`:
+/// `{"authIdentityId": "authid_...", "customerData": {"email": ...}}`).
+///
+/// With `Idempotency-Key`, the same key and body return the same run; the same key with
+/// another body is refused. With `wait_ms`, the answer waits up to that long for the run to
+/// finish. 201: created and not finished; 200: finished, or an idempotent replay.
+#[utoipa::path(post, path = "/v1/workflows/{workflow}/runs", tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("workflow" = String, Path, description = "The workflow's name"),
+        ("wait_ms" = Option<u32>, Query, description = "Wait up to this long (0-30000) for a terminal status"),
+        ("Idempotency-Key" = Option<String>, Header, description = "At most 255 characters"),
+    ),
+    request_body(content = Object, description = "The workflow input", content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; not finished yet", body = RunBody),
+        (status = 200, description = "Finished within wait_ms, or replayed", body = RunBody),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown workflow", body = ErrorBody),
+        (status = 409, description = "Idempotency key used with another body", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Input fails the workflow's schema", body = ErrorBody),
+    ))]
+pub async fn trigger(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    Path(workflow): Path<String>,
+    params: Params,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    if state.engine.workflow(&workflow).is_none() {
+        return Err(ApiError::NotFound {
+            what: "workflow",
+            id: workflow,
+        });
+    }
+    let wait_ms = params.integer("wait_ms", 0, 30_000, 0)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.chars().count() <= 255 && !k.contains('\0'))
+                .ok_or_else(|| ApiError::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?
+                .to_string(),
+        ),
+    };
+    let triggered = state
+        .engine
+        .trigger(
+            &workflow,
+            body.0,
+            TriggerOptions {
+                idempotency_key,
+                trigger: Some(Trigger::Api),
+            },
+        )
+        .await?;
+    if wait_ms > 0 && triggered.created {
+        state
+            .engine
+            .wait_for_terminal(triggered.run_id, Duration::from_millis(wait_ms as u64))
+            .await?;
+    }
+    let run = run_body(&state, triggered.run_id).await?;
+    let status = if !triggered.created || run.status.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(with_location(status, run))
+}
+
+fn encode_cursor(run: &RunRow) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}|{}", run.created_at.timestamp_micros(), run.id))
+}
+
+fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
+    let bad = || ApiError::invalid("cursor", "not a cursor this API returned");
+    let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once('|').ok_or_else(bad)?;
+    let created_at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok(Cursor {
+        created_at,
+        id: Uuid::parse_str(id).map_err(|_| bad())?,
+    })
+}
+
+/// Reads the list filters shared by the API and the dashboard.
+pub fn run_filter(params: &Params) -> Result<RunFilter, ApiError> {
+    let statuses = match params.text("status", 200)? {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                RunStatus::parse(s).ok_or_else(|| {
+                    let all: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::invalid("status", format!("`{s}` is not one of {}", all.join(", ")))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(RunFilter {
+        workflow: params.text("workflow", 200)?,
+        statuses,
+        query: params.text("q", 300)?,
+        created_from: params.timestamp("from")?,
+        created_to: params.timestamp("to")?,
+    })
+}
+
+/// Lists runs, newest first. `q` matches a run id, an idempotency key or the subject (the
+/// customer's email) exactly; `status` takes one status or a comma list.
+#[utoipa::path(get, path = "/v1/runs", tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("workflow" = Option<String>, Query, description = "Only this workflow"),
+        ("status" = Option<String>, Query, description = "A status or a comma list of statuses"),
+        ("q" = Option<String>, Query, description = "A run id, an idempotency key or a subject (e.g. an email)"),
+        ("from" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "1-200, default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = RunList),
+        (status = 401, body = ErrorBody),
+        (status = 422, description = "A bad parameter", body = ErrorBody),
+    ))]
+pub async fn list_runs(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    params: Params,
+) -> Result<Json<RunList>, ApiError> {
+    let filter = run_filter(&params)?;
+    let limit = params.integer("limit", 1, 200, 50)?;
+    let cursor = params.text("cursor", 200)?.map(|c| decode_cursor(&c)).transpose()?;
+    let mut rows = state.engine.list_runs(&filter, cursor, limit + 1).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(encode_cursor)
+    } else {
+        None
+    };
+    Ok(Json(RunList {
+        runs: rows.into_iter().map(|r| RunBody::new(r, None)).collect(),
+        next_cursor,
+    }))
+}
+
+/// A run with its steps.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The run's id")),
+    responses(
+        (status = 200, body = RunBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub async fn get_run(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<RunBody>, ApiError> {
+    Ok(Json(run_body(&state, parse_run_id(&id)?).await?))
+}
+
+/// A run's execution log, in order.
+#[utoipa::path(get, path = "/v1/runs/{id}/events", tag = "runs",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The run's id")),
+    responses(
+        (status = 200, body = EventList),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub async fn run_events(
+    _: ApiAccess,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<EventList>, ApiError> {
+    let run = parse_run_id(&id)?;
+    let events = state
+        .engine
+        .events(run)
+        .await?
+        .ok_or(ApiError::NotFound { what: "run", id })?;
+    Ok(Json(EventList {
+        events: events.into_iter().map(EventBody::from).collect(),
+    }))
+}
+
+/// Retries a run (admin token). A `failed` run resumes the compensation that gave up, with a
+/// fresh budget (200, the run). A `compensated` or `cancelled` run is started again as a new
+/// run with the same input, linked both ways (201, the new run). The operator named in
+/// `X-Sagaflow-Operator` is recorded in the log.
+#[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "operators",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The run's id"),
+        ("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)"),
+    ),
+    responses(
+        (status = 200, description = "The failed run resumes", body = RunBody),
+        (status = 201, description = "A new run was started", body = RunBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The API token cannot do this", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Not allowed in the run's status, or already retried", body = ErrorBody),
+        (status = 422, description = "A bad X-Sagaflow-Operator header", body = ErrorBody),
+    ))]
+pub async fn retry_run(
+    admin: AdminAccess,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = parse_run_id(&id)?;
+    Ok(match state.engine.retry(run, &admin.operator).await? {
+        Retried::Resumed(id) => with_location(StatusCode::OK, run_body(&state, id).await?),
+        Retried::NewRun(id) => with_location(StatusCode::CREATED, run_body(&state, id).await?),
+    })
+}
+
+/// Cancels a `pending` or `running` run (admin token): it stops after the attempt in flight
+/// and compensates, ending `cancelled`. 202: accepted (`cancel_requested` is true).
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "operators",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The run's id"),
+        ("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)"),
+    ),
+    responses(
+        (status = 202, body = RunBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The API token cannot do this", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Not allowed in the run's status", body = ErrorBody),
+        (status = 422, description = "A bad X-Sagaflow-Operator header", body = ErrorBody),
+    ))]
+pub async fn cancel_run(
+    admin: AdminAccess,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = parse_run_id(&id)?;
+    state.engine.cancel(run, &admin.operator).await?;
+    Ok((StatusCode::ACCEPTED, Json(run_body(&state, run).await?)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let created_at = DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("time");
+        let id = Uuid::now_v7();
+        let text = URL_SAFE_NO_PAD.encode(format!("{}|{}", created_at.timestamp_micros(), id));
+        assert_eq!(decode_cursor(&text).ok(), Some(Cursor { created_at, id }));
+        for bad in ["", "!!", "bm90IGEgY3Vyc29y", &URL_SAFE_NO_PAD.encode("x|y")] {
+            assert!(matches!(decode_cursor(bad), Err(ApiError::Invalid { .. })), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! A real sagaflow server in the test process: a listener on port 0, a fresh database, and
+//! an HTTP client that speaks to it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use sagaflow::pg::PoolConfig;
+use sagaflow::server::{self, RunningServer, ServerConfig};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use super::{TestDb, fast_config, test_db};
+
+pub const API_TOKEN: &str = "test-api-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub struct TestServer {
+    pub db: TestDb,
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    running: Option<RunningServer>,
+}
+
+/// Starts a server on a fresh database.
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+/// Starts a server on a fresh database, after `tweak` adjusted its configuration.
+pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let db = test_db().await;
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        database_url: Some(db.url.clone()),
+        data_dir: std::env::temp_dir(),
+        engine: fast_config("api-test"),
+        pool: PoolConfig {
+            max_connections: 16,
+            ..PoolConfig::default()
+        },
+        faults: None,
+        run_worker: true,
+        api_token: API_TOKEN.into(),
+        admin_token: ADMIN_TOKEN.into(),
+    };
+    tweak(&mut config);
+    let running = server::start(config).await.expect("server starts");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    TestServer {
+        db,
+        addr: running.addr,
+        client,
+        running: Some(running),
+    }
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    /// A request with the API token.
+    pub fn api(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(API_TOKEN)
+    }
+
+    /// A request with the admin token.
+    pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Creates an auth identity for `email`; returns its id.
+    pub async fn identity(&self, email: &str) -> String {
+        let response = self
+            .api(Method::POST, "/v1/auth-identities")
+            .json(&json!({"provider": "emailpass", "entity_id": email}))
+            .send()
+            .await
+            .expect("request");
+        let (status, body) = read(response).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    /// Triggers a registration and waits for it to finish; returns the run.
+    pub async fn register(&self, identity: &str, email: &str) -> Value {
+        let response = self
+            .api(Method::POST, "/v1/workflows/create-customer-account/runs?wait_ms=20000")
+            .json(&registration(identity, email))
+            .send()
+            .await
+            .expect("request");
+        let (status, body) = read(response).await;
+        assert!(
+            status == StatusCode::OK || status == StatusCode::CREATED,
+            "{status}: {body}"
+        );
+        if body["status"] == "running" || body["status"] == "pending" || body["status"] == "compensating" {
+            return self.wait_terminal(body["id"].as_str().expect("id")).await;
+        }
+        body
+    }
+
+    /// Polls a run until it is terminal.
+    pub async fn wait_terminal(&self, run: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, body) = read(
+                self.api(Method::GET, &format!("/v1/runs/{run}"))
+                    .send()
+                    .await
+                    .expect("get"),
+            )
+            .await;
+            let status = body["status"].as_str().unwrap_or_default();
+            if ["completed", "compensated", "failed", "cancelled"].contains(&status) {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "run {run} still {status}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Rows in each table a rejected request must not touch.
+    pub async fn row_counts(&self) -> Vec<(String, i64)> {
+        let mut counts = Vec::new();
+        for table in [
+            "runs",
+            "run_steps",
+            "run_events",
+            "customers",
+            "customer_addresses",
+            "auth_identities",
+            "outbox_events",
+        ] {
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(self.pool())
+                .await
+                .expect("count");
+            counts.push((table.to_string(), n));
+        }
+        counts
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub fn registration(identity: &str, email: &str) -> Value {
+    json!({"authIdentityId": identity, "customerData": {"email": email, "first_name": "Ada", "last_name": "Lovelace"}})
+}
+
+/// Status and JSON body of a response.
+pub async fn read(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
