@@ -1023,3 +1023,27 @@ async fn heartbeats_keep_the_lease_of_an_attempt_longer_than_the_lease() {
     worker_b.shutdown().await;
     worker_a.shutdown().await;
 }
+
+#[tokio::test]
+async fn run_changes_are_announced_for_live_views() {
+    let db = test_db().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("listener");
+    listener
+        .listen(sagaflow::engine::changes::CHANNEL)
+        .await
+        .expect("listen");
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    let mut mentioned = false;
+    while let Ok(Ok(notification)) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        if notification.payload() == "*" || notification.payload().split(',').any(|id| id == run.to_string()) {
+            mentioned = true;
+            break;
+        }
+    }
+    assert!(mentioned, "no notification named run {run}");
+    worker.shutdown().await;
+}

@@ -255,6 +255,7 @@ impl RunTask {
                 Persisted::Applied => {
                     self.state = new_state;
                     self.next = transition.next;
+                    self.engine.inner.changes.touch(self.run_id);
                     return Ok(());
                 }
                 Persisted::CancelRequested => {
@@ -332,6 +333,7 @@ impl RunTask {
         tx.commit().await?;
         self.state = new_state;
         self.next = transition.next;
+        self.engine.inner.changes.touch(self.run_id);
         Ok(true)
     }
 }

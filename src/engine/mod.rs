@@ -10,6 +10,7 @@
 //! [`Engine`] is the entry point: register workflows, start a worker, trigger and inspect
 //! runs, and act on them as an operator.
 
+pub mod changes;
 pub mod definition;
 pub(crate) mod executor;
 pub mod faults;
@@ -224,6 +225,7 @@ impl EngineBuilder {
                 kinds,
                 worker: RwLock::new(None),
                 finished: FinishedRuns::default(),
+                changes: changes::ChangeFeed::default(),
             }),
         })
     }
@@ -247,6 +249,8 @@ pub(crate) struct Inner {
     worker: RwLock<Option<Arc<WorkerShared>>>,
     /// Wakes callers waiting for runs driven here to finish.
     pub(crate) finished: FinishedRuns,
+    /// Runs changed by this instance, published for live views.
+    pub(crate) changes: changes::ChangeFeed,
 }
 
 impl Inner {
@@ -420,6 +424,7 @@ impl Engine {
         if self.insert_prepared(&mut conn, &prepared).await? {
             drop(conn);
             let run_id = prepared.id;
+            self.inner.changes.touch(run_id);
             self.start_prepared(prepared);
             return Ok(Triggered { run_id, created: true });
         }
@@ -689,6 +694,7 @@ impl Engine {
                     )));
                 }
                 tx.commit().await?;
+                self.inner.changes.touch(run_id);
                 Ok(Retried::Resumed(run_id))
             }
             RetryAction::NewRun => {
@@ -713,6 +719,8 @@ impl Engine {
                 let new_id = prepared.id;
                 store::link_retry(&mut tx, run_id, new_id, operator).await?;
                 tx.commit().await?;
+                self.inner.changes.touch(run_id);
+                self.inner.changes.touch(new_id);
                 self.start_prepared(prepared);
                 Ok(Retried::NewRun(new_id))
             }

@@ -187,6 +187,11 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
             }
         }),
         tokio::spawn(recovery_loop(engine.clone(), id, stop_upkeep.clone())),
+        tokio::spawn({
+            let engine = engine.clone();
+            let stop = stop_upkeep.clone();
+            async move { engine.inner.changes.publish(engine.inner.pool.clone(), stop).await }
+        }),
     ];
     inner.attach_worker(Arc::clone(&shared));
     shared.wake.notify_one();
@@ -357,6 +362,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     tx.commit().await?;
     let n = tasks.len();
     for task in tasks {
+        inner.changes.touch(task.run_id);
         shared.spawn(task);
     }
     Ok(n)
