@@ -12,11 +12,13 @@
 //!   `create-customer-account` first.
 //! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics.
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
+//! - [`check`]: the invariant checker (DESIGN.md §6) behind `sagaflow check` and the crash tests.
 //! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command.
 //! - [`telemetry`]: logging setup (human-readable or JSON).
 //!
 //! The engine knows nothing of customers or HTTP; workflows know nothing of HTTP.
 
+pub mod check;
 pub mod domain;
 pub mod engine;
 pub mod http;

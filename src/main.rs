@@ -27,6 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Check the database against the invariants (exit 1 when one is broken).
+    Check(DatabaseArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -83,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Migrate(args)) => migrate(args).await,
+        Some(Command::Check(args)) => check(args).await,
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
@@ -96,6 +99,27 @@ async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
     tracing::info!("migrations are up to date");
     database.close().await;
     Ok(())
+}
+
+async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let database = Database::open(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
+        .await
+        .context("opening the database")?;
+    let engine = server::build_engine(database.pool.clone(), EngineConfig::default(), Default::default())?;
+    let violations = sagaflow::check::violations(&database.pool, &engine)
+        .await
+        .context("checking")?;
+    database.close().await;
+    for violation in &violations {
+        println!("{violation}");
+    }
+    if violations.is_empty() {
+        println!("all invariants hold");
+        Ok(())
+    } else {
+        anyhow::bail!("{} invariant violations", violations.len())
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1047,3 +1047,52 @@ async fn run_changes_are_announced_for_live_views() {
     assert!(mentioned, "no notification named run {run}");
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_lease_without_an_executor_expires_even_while_its_worker_lives() {
+    // A claim (or a trigger) whose commit succeeded while its acknowledgement was lost leaves
+    // a run leased to a live worker with nobody driving it: its lease must not be renewed.
+    let db = test_db().await;
+    // The live worker knows only another workflow, so it never claims the run itself.
+    let other = Workflow::builder("other", 1)
+        .step(sagaflow::engine::StepDef::hook("noop"))
+        .build()
+        .expect("workflow");
+    let config = sagaflow::engine::EngineConfig {
+        lease_ttl: Duration::from_millis(600),
+        ..fast_config("live")
+    };
+    let live = Engine::builder(db.pool.clone())
+        .config(config)
+        .register(other)
+        .build()
+        .expect("engine");
+    let live_worker = live.start_worker().await.expect("worker");
+    let api_only = engine(&db.pool, "api");
+    let run = trigger(&api_only, json!({})).await;
+    let mut tx = db.pool.begin().await.expect("tx");
+    let claimed = store::claim(&mut tx, live_worker.id(), 1, 600, &["scripted@1".to_string()])
+        .await
+        .expect("claim");
+    tx.commit().await.expect("commit");
+    assert_eq!(claimed.len(), 1);
+
+    // Several heartbeats later, the lease has run out and recovery made the run claimable.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ready, expired): (bool, bool) =
+        sqlx::query_as("SELECT ready_at IS NOT NULL, lease_expires_at < now() FROM runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&db.pool)
+            .await
+            .expect("run");
+    assert!(
+        ready && expired,
+        "the orphaned lease was kept alive (ready {ready}, expired {expired})"
+    );
+
+    let (b, worker_b) = started(&db.pool, "rescuer").await;
+    assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    assert!(log(&b, run).await.contains(&run_level(K::LeaseTakenOver)));
+    worker_b.shutdown().await;
+    live_worker.shutdown().await;
+}

@@ -305,7 +305,8 @@ impl RunTask {
             match self.reload(error).await {
                 Ok(true) => return true,
                 Ok(false) => {
-                    warn!("lease taken over while the database was unreachable");
+                    warn!("lease taken over while the database was unreachable; stopping without writing");
+                    metrics::counter!(m::FENCED_WRITES).increment(1);
                     return false;
                 }
                 Err(e) => debug!(error = %e, "database still unreachable"),

@@ -171,18 +171,33 @@ pub async fn lock_worker(conn: &mut PgConnection, worker: i32) -> Result<bool, s
         .await
 }
 
-/// Marks the worker alive and renews the leases of the runs it holds (those it is not writing
-/// right now: a run locked by its own step transaction cannot be claimed by anyone anyway).
-pub async fn heartbeat(pool: &PgPool, worker: i32, lease_ms: i64) -> Result<u64, sqlx::Error> {
+/// Marks the worker alive and renews the leases of the given runs (those its executors are
+/// driving, under these epochs), except the ones it is writing right now: a run locked by its
+/// own step transaction cannot be claimed by anyone anyway.
+pub async fn heartbeat(
+    pool: &PgPool,
+    worker: i32,
+    runs: &[Uuid],
+    epochs: &[i64],
+    lease_ms: i64,
+) -> Result<u64, sqlx::Error> {
     sqlx::query("UPDATE workers SET last_seen_at = now() WHERE id = $1")
         .bind(worker)
         .execute(pool)
         .await?;
+    if runs.is_empty() {
+        return Ok(0);
+    }
     let renewed = sqlx::query(
-        "UPDATE runs SET lease_expires_at = now() + $2 * interval '1 millisecond'
-         WHERE id IN (SELECT id FROM runs WHERE lease_owner = $1 AND ready_at IS NULL FOR UPDATE SKIP LOCKED)",
+        "UPDATE runs SET lease_expires_at = now() + $4 * interval '1 millisecond'
+         WHERE id IN (SELECT r.id FROM runs r JOIN unnest($2::uuid[], $3::int8[]) AS a(id, epoch)
+                             ON r.id = a.id AND r.lease_epoch = a.epoch
+                      WHERE r.lease_owner = $1 AND r.ready_at IS NULL
+                      FOR UPDATE OF r SKIP LOCKED)",
     )
     .bind(worker)
+    .bind(runs)
+    .bind(epochs)
     .bind(lease_ms)
     .execute(pool)
     .await?;

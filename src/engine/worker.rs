@@ -48,6 +48,10 @@ pub(crate) struct WorkerShared {
     tasks: TaskTracker,
     /// Cancelled when the grace period ends: executors still running are dropped.
     abort: CancellationToken,
+    /// The runs an executor of this worker is driving, with their lease epochs. Only these
+    /// leases are renewed: a lease whose executor is gone (a claim or trigger whose commit
+    /// succeeded but whose acknowledgement was lost) must expire so the run is recovered.
+    active: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>,
 }
 
 impl WorkerShared {
@@ -62,13 +66,29 @@ impl WorkerShared {
         }
     }
 
+    fn active(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, i64>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leases to renew: the runs being driven, with their epochs.
+    fn active_leases(&self) -> (Vec<uuid::Uuid>, Vec<i64>) {
+        self.active().iter().map(|(run, epoch)| (*run, *epoch)).unzip()
+    }
+
     /// Starts driving a claimed run.
-    pub(crate) fn spawn(&self, task: RunTask) {
+    pub(crate) fn spawn(self: &Arc<Self>, task: RunTask) {
         let abort = self.abort.clone();
+        let (run, epoch) = (task.run_id, task.epoch);
+        self.active().insert(run, epoch);
+        let shared = Arc::clone(self);
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = abort.cancelled() => {}
                 _ = task.drive() => {}
+            }
+            let mut active = shared.active();
+            if active.get(&run) == Some(&epoch) {
+                active.remove(&run);
             }
         });
     }
@@ -159,6 +179,7 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
         starved: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         abort: CancellationToken::new(),
+        active: Default::default(),
     });
     // Runs of this node's previous incarnation (and of any worker already gone) need no wait.
     recover(&engine, id).await;
@@ -401,7 +422,8 @@ async fn heartbeat_loop(engine: &Engine, shared: &WorkerShared, lock: &mut PgCon
                 Err(e) => warn!(error = %e, "could not take the liveness lock again yet"),
             }
         }
-        match store::heartbeat(&engine.inner.pool, shared.id, engine.lease_ms()).await {
+        let (runs, epochs) = shared.active_leases();
+        match store::heartbeat(&engine.inner.pool, shared.id, &runs, &epochs, engine.lease_ms()).await {
             Ok(renewed) => debug!(renewed, "heartbeat"),
             Err(e) => warn!(error = %e, "heartbeat failed"),
         }

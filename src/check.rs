@@ -1,0 +1,187 @@
+//! The invariant checker: SQL over the whole database that reports every violation of
+//! DESIGN.md §6, each with the run it concerns. The crash tests end with it; operators can
+//! run it on a live database with `sagaflow check`.
+//!
+//! It reads engine tables and the customer domain's tables together, so its SQL lives here,
+//! apart from both components' stores.
+
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::engine::Engine;
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// Which rule.
+    pub rule: &'static str,
+    /// The run concerned, if one is.
+    pub run_id: Option<Uuid>,
+    /// What was found.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.run_id {
+            Some(run) => write!(f, "[{}] run {run}: {}", self.rule, self.detail),
+            None => write!(f, "[{}] {}", self.rule, self.detail),
+        }
+    }
+}
+
+/// A rule: its name and a query returning `(run_id, detail)` for each violation.
+struct Rule {
+    name: &'static str,
+    sql: &'static str,
+}
+
+const RULES: &[Rule] = &[
+    Rule {
+        name: "log-gap-free",
+        // Sequence numbers 1..n, n = the run's log_seq, no duplicates, times never go back.
+        sql: "SELECT r.id, format('log has %s entries, seq %s..%s, run.log_seq %s',
+                                  count(e.seq), min(e.seq), max(e.seq), r.log_seq)
+              FROM runs r LEFT JOIN run_events e ON e.run_id = r.id
+              GROUP BY r.id, r.log_seq
+              HAVING count(e.seq) <> r.log_seq OR coalesce(max(e.seq), 0) <> r.log_seq
+                  OR coalesce(min(e.seq), 1) <> 1 OR count(DISTINCT e.seq) <> count(e.seq)
+              UNION ALL
+              SELECT e.run_id, format('entry %s is dated before entry %s', e.seq, e.prev_seq)
+              FROM (SELECT run_id, seq, at, lag(at) OVER w AS prev_at, lag(seq) OVER w AS prev_seq
+                    FROM run_events WINDOW w AS (PARTITION BY run_id ORDER BY seq)) e
+              WHERE e.at < e.prev_at",
+    },
+    Rule {
+        name: "one-success-per-step",
+        sql: "SELECT run_id, format('step %s succeeded %s times', step, count(*))
+              FROM run_events WHERE kind = 'step_succeeded'
+              GROUP BY run_id, step HAVING count(*) > 1",
+    },
+    Rule {
+        name: "compensation-only-after-success",
+        // A compensation starts only for a step that succeeded earlier in the log, or whose
+        // failed attempt recorded partial work.
+        sql: "SELECT c.run_id, format('step %s compensated (seq %s) without a success or partial work before',
+                                      c.step, c.seq)
+              FROM run_events c
+              WHERE c.kind = 'step_compensation_started'
+                AND NOT EXISTS (SELECT 1 FROM run_events s
+                                WHERE s.run_id = c.run_id AND s.step = c.step AND s.seq < c.seq
+                                  AND (s.kind = 'step_succeeded'
+                                       OR (s.kind = 'step_failed' AND s.detail ? 'partial')))",
+    },
+    Rule {
+        name: "terminal-steps-consistent",
+        sql: "SELECT r.id, format('%s run has step %s %s', r.status, s.name, s.status)
+              FROM runs r JOIN run_steps s ON s.run_id = r.id
+              WHERE (r.status = 'completed' AND s.status NOT IN ('succeeded', 'skipped'))
+                 OR (r.status IN ('compensated', 'cancelled', 'failed')
+                     AND s.status IN ('running', 'compensating'))
+                 OR (r.status IN ('compensated', 'cancelled') AND s.status = 'compensation_failed')
+              UNION ALL
+              SELECT r.id, 'failed run without a compensation that gave up'
+              FROM runs r WHERE r.status = 'failed'
+                AND NOT EXISTS (SELECT 1 FROM run_steps s WHERE s.run_id = r.id AND s.status = 'compensation_failed')
+              UNION ALL
+              SELECT r.id, format('%s run whose log does not end with its outcome (%s)', r.status, e.kind)
+              FROM runs r JOIN run_events e ON e.run_id = r.id AND e.seq = r.log_seq
+              WHERE r.status IN ('completed', 'compensated', 'failed', 'cancelled')
+                AND e.kind::text <> 'run_' || r.status::text AND e.kind <> 'operator_retry'",
+    },
+    Rule {
+        name: "outbox-released-exactly-for-completed",
+        sql: "SELECT r.id, format('%s run with %s released and %s held events', r.status,
+                                  count(*) FILTER (WHERE o.status = 'released'),
+                                  count(*) FILTER (WHERE o.status = 'held'))
+              FROM runs r LEFT JOIN outbox_events o ON o.run_id = r.id
+              WHERE r.status IN ('completed', 'compensated', 'failed', 'cancelled')
+                AND r.workflow = 'create-customer-account'
+              GROUP BY r.id, r.status
+              HAVING (r.status = 'completed') <> (count(*) FILTER (WHERE o.status = 'released') = 1)
+                  OR count(*) FILTER (WHERE o.status = 'held') > 0
+                  OR count(*) FILTER (WHERE o.status = 'released') > 1",
+    },
+    Rule {
+        name: "completed-registration-has-its-customer",
+        // Exactly one account customer created by the run, and the identity points at it.
+        sql: "SELECT r.id, format('%s account customers created; identity %s has customer_id %s (run output %s)',
+                                  (SELECT count(*) FROM customers c WHERE c.created_by_run = r.id AND c.has_account),
+                                  r.input->>'authIdentityId', a.app_metadata->>'customer_id', r.output->>'id')
+              FROM runs r LEFT JOIN auth_identities a ON a.id = r.input->>'authIdentityId'
+              WHERE r.workflow = 'create-customer-account' AND r.status = 'completed'
+                AND ((SELECT count(*) FROM customers c WHERE c.created_by_run = r.id AND c.has_account) <> 1
+                     OR a.app_metadata->>'customer_id' IS DISTINCT FROM r.output->>'id'
+                     OR NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = r.output->>'id' AND c.created_by_run = r.id))",
+    },
+    Rule {
+        name: "undone-registration-left-nothing",
+        // No customer created by the run survives, and no identity points at a customer that
+        // no completed run created.
+        sql: "SELECT r.id, format('%s run left customer %s', r.status, c.id)
+              FROM runs r JOIN customers c ON c.created_by_run = r.id
+              WHERE r.workflow = 'create-customer-account' AND r.status IN ('compensated', 'cancelled')
+              UNION ALL
+              SELECT NULL::uuid, format('identity %s points at customer %s, which no completed registration created',
+                                        a.id, a.app_metadata->>'customer_id')
+              FROM auth_identities a
+              WHERE a.app_metadata ? 'customer_id'
+                AND NOT EXISTS (SELECT 1 FROM customers c JOIN runs r ON r.id = c.created_by_run
+                                WHERE c.id = a.app_metadata->>'customer_id' AND r.status = 'completed')",
+    },
+    Rule {
+        name: "one-account-per-email",
+        sql: "SELECT NULL::uuid, format('%s account customers with email %s', count(*), email)
+              FROM customers WHERE has_account AND deleted_at IS NULL GROUP BY email HAVING count(*) > 1",
+    },
+];
+
+/// Every violation of the invariants in the database, by rule. `engine` supplies the step
+/// plans (which steps can be compensated).
+pub async fn violations(pool: &PgPool, engine: &Engine) -> Result<Vec<Violation>, sqlx::Error> {
+    let mut found = Vec::new();
+    for rule in RULES {
+        let rows: Vec<(Option<Uuid>, String)> = sqlx::query_as(rule.sql).fetch_all(pool).await?;
+        found.extend(rows.into_iter().map(|(run_id, detail)| Violation {
+            rule: rule.name,
+            run_id,
+            detail,
+        }));
+    }
+    found.extend(uncompensated_steps(pool, engine).await?);
+    Ok(found)
+}
+
+/// In a compensated or cancelled run, no step that can be compensated is left succeeded.
+async fn uncompensated_steps(pool: &PgPool, engine: &Engine) -> Result<Vec<Violation>, sqlx::Error> {
+    let rows: Vec<(Uuid, String, i32, String)> = sqlx::query_as(
+        "SELECT r.id, r.workflow, r.workflow_version, s.name FROM runs r JOIN run_steps s ON s.run_id = r.id
+         WHERE r.status IN ('compensated', 'cancelled') AND s.status = 'succeeded'",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, workflow, version, step)| {
+            engine
+                .workflow_version(workflow, *version)
+                .is_some_and(|w| w.steps().iter().any(|s| s.name() == step && s.has_compensation()))
+        })
+        .map(|(run, _, _, step)| Violation {
+            rule: "compensable-steps-undone",
+            run_id: Some(run),
+            detail: format!("step {step} can be compensated but is still succeeded"),
+        })
+        .collect())
+}
+
+/// Runs that are not terminal (for checks after "every run had time to finish").
+pub async fn unfinished_runs(pool: &PgPool) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, status::text FROM runs WHERE status NOT IN ('completed', 'compensated', 'failed', 'cancelled')
+         ORDER BY created_at",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,664 @@
+//! Crash recovery against the real binary and a real PostgreSQL: abort at every point of
+//! every step, SIGKILL at random under load, several instances, a paused owner, a database
+//! restart, SIGTERM. Every test ends with the invariant checker (DESIGN.md §6).
+//!
+//! `SAGAFLOW_CHAOS=1` turns on the long chaos mode (thousands of runs, dozens of kills,
+//! several instances); `SAGAFLOW_CHAOS_SEED` replays a seed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::process::{Options, ServerProcess};
+use common::server::API_TOKEN;
+use common::{TestDb, test_db};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sagaflow::engine::Faults;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const WORKFLOW: &str = "create-customer-account";
+const STEPS: [&str; 5] = [
+    "validate-customer-account-creation",
+    "create-customers",
+    "customers-created",
+    "emit-customer-created",
+    "set-auth-app-metadata",
+];
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Creates an auth identity over HTTP.
+async fn identity(client: &reqwest::Client, base: &str, email: &str) -> String {
+    let body: Value = client
+        .post(format!("{base}/v1/auth-identities"))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"provider": "emailpass", "entity_id": email}))
+        .send()
+        .await
+        .expect("identity")
+        .json()
+        .await
+        .expect("json");
+    body["id"].as_str().expect("id").to_string()
+}
+
+fn registration(identity: &str, email: &str) -> Value {
+    json!({"authIdentityId": identity, "customerData": {"email": email, "first_name": "Crash", "last_name": "Test"}})
+}
+
+/// Triggers a registration; `Ok(run id)` once accepted, `Err` when the server is not there.
+async fn trigger(client: &reqwest::Client, base: &str, key: &str, body: &Value) -> Result<String, String> {
+    let response = client
+        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs"))
+        .bearer_auth(API_TOKEN)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(body["id"].as_str().unwrap_or_default().to_string())
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
+async fn run_id_by_key(pool: &PgPool, key: &str) -> Option<uuid::Uuid> {
+    sqlx::query_scalar("SELECT id FROM runs WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .expect("query")
+}
+
+/// Waits until no run is left unfinished.
+async fn all_terminal(pool: &PgPool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let unfinished = sagaflow::check::unfinished_runs(pool).await.expect("query");
+        if unfinished.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} runs never finished, e.g. {:?}",
+            unfinished.len(),
+            &unfinished[..unfinished.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every invariant of DESIGN.md §6 holds.
+async fn assert_invariants(pool: &PgPool) {
+    let engine = sagaflow::server::build_engine(pool.clone(), Default::default(), Faults::none()).expect("engine");
+    let violations = sagaflow::check::violations(pool, &engine).await.expect("check");
+    assert!(
+        violations.is_empty(),
+        "invariants broken:\n{}",
+        violations.iter().map(|v| format!("  {v}\n")).collect::<String>()
+    );
+}
+
+async fn log_of(pool: &PgPool, run: uuid::Uuid) -> Vec<(String, Option<String>, Option<i32>, Value)> {
+    sqlx::query_as("SELECT kind::text, step, attempt, detail FROM run_events WHERE run_id = $1 ORDER BY seq")
+        .bind(run)
+        .fetch_all(pool)
+        .await
+        .expect("log")
+}
+
+async fn steps_of(pool: &PgPool, run: uuid::Uuid) -> Vec<(String, String, i32, i32)> {
+    sqlx::query_as(
+        "SELECT name, status::text, attempts, compensation_attempts FROM run_steps WHERE run_id = $1 ORDER BY idx",
+    )
+    .bind(run)
+    .fetch_all(pool)
+    .await
+    .expect("steps")
+}
+
+/// What the run should look like after the crash and the restart.
+struct Expected {
+    status: &'static str,
+    /// Invoke attempts per step, in plan order.
+    attempts: [i32; 5],
+    /// Compensation attempts of create-customers.
+    create_compensations: i32,
+}
+
+/// Aborts the server at `faults`, restarts it without faults, and checks the run's final
+/// state exactly.
+async fn crash_at(faults: &str, expected: Expected) {
+    let db = test_db().await;
+    let node = "crash-node";
+    let mut server = ServerProcess::start(
+        &db.url,
+        Options {
+            faults: Some(faults.to_string()),
+            ..Options::node(node)
+        },
+    );
+    let client = client();
+    let email = "crash@example.com";
+    let auth = identity(&client, &server.url(), email).await;
+    // The process may die before it answers: the idempotency key finds the run afterwards.
+    let _ = trigger(&client, &server.url(), "crash-run", &registration(&auth, email)).await;
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the fault {faults} did not abort the process (status {status})"
+    );
+    let run = run_id_by_key(&db.pool, "crash-run")
+        .await
+        .expect("the run was accepted before the crash");
+
+    server.restart(Options::node(node));
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    let final_status: String = sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1")
+        .bind(run)
+        .fetch_one(&db.pool)
+        .await
+        .expect("run");
+    let steps = steps_of(&db.pool, run).await;
+    let log = log_of(&db.pool, run).await;
+    let context = format!(
+        "{faults}: steps {steps:?}\nlog {:#?}",
+        log.iter().map(|e| (&e.0, &e.1, e.2)).collect::<Vec<_>>()
+    );
+    assert_eq!(final_status, expected.status, "{context}");
+    let attempts: Vec<i32> = steps.iter().map(|s| s.2).collect();
+    assert_eq!(attempts, expected.attempts, "{context}");
+    assert_eq!(steps[1].3, expected.create_compensations, "{context}");
+
+    // The domain: exactly the customer a completed run made, or none.
+    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
+        .bind(email)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    let linked: Option<String> =
+        sqlx::query_scalar("SELECT app_metadata->>'customer_id' FROM auth_identities WHERE id = $1")
+            .bind(&auth)
+            .fetch_one(&db.pool)
+            .await
+            .expect("identity");
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events WHERE status = 'released'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    if expected.status == "completed" {
+        assert_eq!((customers, released), (1, 1), "{context}");
+        assert!(linked.is_some_and(|id| id.starts_with("cus_")), "{context}");
+    } else {
+        assert_eq!((customers, released, linked), (0, 0, None), "{context}");
+    }
+    // A crash before the outcome committed shows in the log as a takeover and a lost attempt.
+    if expected.attempts.iter().any(|a| *a > 1) || expected.create_compensations > 1 {
+        assert!(log.iter().any(|e| e.0 == "lease_taken_over"), "{context}");
+        assert!(
+            log.iter()
+                .any(|e| e.3["error"].as_str().is_some_and(|m| m.starts_with("attempt lost"))),
+            "{context}"
+        );
+    }
+    assert_invariants(&db.pool).await;
+    server.kill9();
+}
+
+const ALL_ONCE: [i32; 5] = [1, 1, 1, 1, 1];
+
+/// The attempts after a crash before the attempt of step `i` committed: that attempt is lost
+/// and retried once.
+fn retried(i: usize) -> [i32; 5] {
+    let mut attempts = ALL_ONCE;
+    attempts[i] = 2;
+    attempts
+}
+
+macro_rules! crash_points {
+    ($($name:ident: $step:expr => $point:literal, $expected:expr;)*) => {$(
+        #[tokio::test]
+        async fn $name() {
+            crash_at(&format!("{}:{}", $point, STEPS[$step]), $expected).await;
+        }
+    )*};
+}
+
+crash_points! {
+    before_validate: 0 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+    after_effect_validate: 0 => "after-effect", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+    after_commit_validate: 0 => "after-commit", Expected { status: "completed", attempts: retried(1), create_compensations: 0 };
+    before_create_customers: 1 => "before", Expected { status: "completed", attempts: retried(1), create_compensations: 0 };
+    after_effect_create_customers: 1 => "after-effect", Expected { status: "completed", attempts: retried(1), create_compensations: 0 };
+    after_commit_create_customers: 1 => "after-commit", Expected { status: "completed", attempts: retried(2), create_compensations: 0 };
+    before_customers_created: 2 => "before", Expected { status: "completed", attempts: retried(2), create_compensations: 0 };
+    after_effect_customers_created: 2 => "after-effect", Expected { status: "completed", attempts: retried(2), create_compensations: 0 };
+    after_commit_customers_created: 2 => "after-commit", Expected { status: "completed", attempts: retried(3), create_compensations: 0 };
+    before_emit_customer_created: 3 => "before", Expected { status: "completed", attempts: retried(3), create_compensations: 0 };
+    after_effect_emit_customer_created: 3 => "after-effect", Expected { status: "completed", attempts: retried(3), create_compensations: 0 };
+    after_commit_emit_customer_created: 3 => "after-commit", Expected { status: "completed", attempts: retried(4), create_compensations: 0 };
+    before_set_auth_app_metadata: 4 => "before", Expected { status: "completed", attempts: retried(4), create_compensations: 0 };
+    after_effect_set_auth_app_metadata: 4 => "after-effect", Expected { status: "completed", attempts: retried(4), create_compensations: 0 };
+    // The last commit completes the run: nothing is left to do after the restart.
+    after_commit_set_auth_app_metadata: 4 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
+}
+
+/// The compensation of create-customers, reached by making set-auth-app-metadata fail all
+/// its attempts, is interrupted after it deleted the customer but before that committed.
+/// (set-auth-app-metadata's own compensation cannot be reached: it is the last step, so its
+/// success completes the run.)
+#[tokio::test]
+async fn compensate_create_customers() {
+    crash_at(
+        "fail:set-auth-app-metadata:3,compensate:create-customers",
+        Expected {
+            status: "compensated",
+            attempts: [1, 1, 1, 1, 3],
+            create_compensations: 2,
+        },
+    )
+    .await;
+}
+
+/// Load: `runs` registrations through HTTP, clients retrying (same idempotency key) while
+/// the server is down. Returns the keys that were accepted.
+struct Load {
+    accepted: Arc<AtomicUsize>,
+    done: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts `runs` registrations spread over `bases` with `concurrency` clients.
+async fn start_load(db: &TestDb, bases: Vec<String>, runs: usize, concurrency: usize, prefix: &str) -> Load {
+    // Identities first (directly in the database: the servers may be down at any moment).
+    let mut identities = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let id = format!("authid_{prefix}{i:06}");
+        identities.push(id.clone());
+        sqlx::query("INSERT INTO auth_identities (id, provider, entity_id) VALUES ($1, 'emailpass', $2)")
+            .bind(&id)
+            .bind(format!("{prefix}{i}@example.com"))
+            .execute(&db.pool)
+            .await
+            .expect("identity");
+    }
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let identities = Arc::new(identities);
+    let bases = Arc::new(bases);
+    let mut handles = Vec::new();
+    for worker in 0..concurrency {
+        let (accepted, done, next, identities, bases) = (
+            accepted.clone(),
+            done.clone(),
+            next.clone(),
+            identities.clone(),
+            bases.clone(),
+        );
+        let prefix = prefix.to_string();
+        handles.push(tokio::spawn(async move {
+            let client = client();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= identities.len() {
+                    break;
+                }
+                let body = registration(&identities[i], &format!("{prefix}{i}@example.com"));
+                let key = format!("{prefix}-{i}");
+                let mut attempt = 0usize;
+                loop {
+                    let base = &bases[(worker + attempt) % bases.len()];
+                    match trigger(&client, base, &key, &body).await {
+                        Ok(_) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(_) => {
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+            if next.load(Ordering::SeqCst) >= identities.len() {
+                done.store(true, Ordering::SeqCst);
+            }
+        }));
+    }
+    Load {
+        accepted,
+        done,
+        handles,
+    }
+}
+
+impl Load {
+    async fn finish(self) -> usize {
+        for h in self.handles {
+            h.await.expect("load task");
+        }
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("SAGAFLOW_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+fn chaos() -> bool {
+    std::env::var("SAGAFLOW_CHAOS").is_ok_and(|v| v == "1")
+}
+
+/// Every registration ends completed (each with its customer) unless a kill cost a step all
+/// of its attempts, in which case it ends compensated with nothing left behind.
+async fn assert_registrations(db: &TestDb, expected_runs: usize) -> HashMap<String, i64> {
+    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT status::text, count(*) FROM runs GROUP BY status")
+        .fetch_all(&db.pool)
+        .await
+        .expect("counts");
+    let counts: HashMap<String, i64> = counts.into_iter().collect();
+    let total: i64 = counts.values().sum();
+    assert_eq!(total as usize, expected_runs, "runs by status: {counts:?}");
+    let completed = counts.get("completed").copied().unwrap_or(0);
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE has_account")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(accounts, completed, "one customer per completed registration");
+    counts
+}
+
+#[tokio::test]
+async fn random_sigkill_under_load() {
+    let seed = seed();
+    println!("random_sigkill_under_load: SAGAFLOW_CHAOS_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (runs, kills) = if chaos() { (3000, 30) } else { (300, 4) };
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("kill-me"));
+    let load = start_load(&db, vec![server.url()], runs, 16, "k").await;
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+        server.kill9();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        server.restart(Options::node("kill-me"));
+        if load.done.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    let accepted = load.finish().await;
+    assert_eq!(accepted, runs);
+    all_terminal(&db.pool, Duration::from_secs(120)).await;
+    let counts = assert_registrations(&db, runs).await;
+    println!("random_sigkill_under_load (seed {seed}): {runs} runs, {kills} kills -> {counts:?}");
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn several_instances_finish_a_killed_instances_runs() {
+    let runs = if chaos() { 2000 } else { 300 };
+    let db = test_db().await;
+    let mut instances: Vec<ServerProcess> = (0..3)
+        .map(|i| ServerProcess::start(&db.url, Options::node(&format!("node-{i}"))))
+        .collect();
+    let bases = instances.iter().map(ServerProcess::url).collect();
+    let load = start_load(&db, bases, runs, 24, "m").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    instances[0].kill9();
+    let killed_at = chrono::Utc::now();
+    let accepted = load.finish().await;
+    assert_eq!(accepted, runs);
+    all_terminal(&db.pool, Duration::from_secs(120)).await;
+    assert_registrations(&db, runs).await;
+    // How long until the others took over node-0's runs: first and last takeover after the kill.
+    let takeover: (Option<f64>, Option<f64>, i64) = sqlx::query_as(
+        "SELECT extract(epoch FROM min(at) - $1)::float8, extract(epoch FROM max(at) - $1)::float8, count(*)
+         FROM run_events WHERE kind = 'lease_taken_over' AND detail->>'from' LIKE 'node-0#%'",
+    )
+    .bind(killed_at)
+    .fetch_one(&db.pool)
+    .await
+    .expect("takeovers");
+    println!(
+        "several_instances: node-0 SIGKILLed; {} of its runs taken over, first after {:.3} s, last after {:.3} s",
+        takeover.2,
+        takeover.0.unwrap_or(f64::NAN),
+        takeover.1.unwrap_or(f64::NAN)
+    );
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn a_paused_owner_is_fenced_when_it_wakes_up() {
+    let db = test_db().await;
+    let lease = Duration::from_millis(1500);
+    let mut paused = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("sleepy")
+        },
+    );
+    let mut other = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("awake")
+        },
+    );
+    // Load on the first instance only, so it owns runs in flight when it freezes.
+    let load = start_load(&db, vec![paused.url()], 200, 16, "p").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    paused.pause();
+    let frozen_at = chrono::Utc::now();
+    // Its runs are taken over once their leases expire (its database session is alive, so
+    // nothing tells the others it is gone).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let taken: i64 = loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM run_events WHERE kind = 'lease_taken_over' AND detail->>'from' LIKE 'sleepy#%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs r WHERE r.status NOT IN ('completed', 'compensated', 'failed', 'cancelled')
+               AND r.lease_owner IN (SELECT id FROM workers WHERE node_id = 'sleepy')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+        if n > 0 && unfinished == 0 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the frozen owner's runs were not taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first_takeover: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(at) - $1)::float8 FROM run_events WHERE kind = 'lease_taken_over'",
+    )
+    .bind(frozen_at)
+    .fetch_one(&db.pool)
+    .await
+    .expect("time");
+    assert!(
+        first_takeover >= lease.as_secs_f64() * 0.9,
+        "taken over after {first_takeover:.2} s, before the lease ran out"
+    );
+    let log_before: i64 = sqlx::query_scalar("SELECT count(*) FROM run_events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+
+    // Wake it up: whatever it had in flight must not commit.
+    paused.resume();
+    let accepted = load.finish().await;
+    assert_eq!(accepted, 200);
+    all_terminal(&db.pool, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let metrics = client()
+        .get(format!("{}/metrics", paused.url()))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let fenced: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sagaflow_fenced_writes_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    println!("paused owner: {taken} runs taken over, first after {first_takeover:.2} s; {fenced} late writes fenced");
+    assert!(
+        fenced >= 1.0,
+        "the woken owner had writes in flight; none was fenced:\n{metrics}"
+    );
+    // The log of every taken-over run continues under the new owner only: after the takeover
+    // no entry belongs to an attempt the old owner started (the checker's one-success rule and
+    // gap-free rule would catch a late commit too).
+    let late: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events t JOIN run_events e ON e.run_id = t.run_id AND e.seq > t.seq
+         WHERE t.kind = 'lease_taken_over' AND t.detail->>'from' LIKE 'sleepy#%'
+           AND e.kind IN ('step_succeeded', 'step_failed') AND e.step IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM run_events s WHERE s.run_id = e.run_id AND s.seq > t.seq AND s.seq < e.seq
+                           AND s.kind = 'step_started' AND s.step = e.step AND s.attempt = e.attempt)
+           AND NOT (e.kind = 'step_failed' AND e.detail->>'error' LIKE 'attempt lost%')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("late entries");
+    assert_eq!(
+        late, 0,
+        "an outcome of an attempt started before the takeover was recorded after it"
+    );
+    let _ = log_before;
+    assert_registrations(&db, 200).await;
+    assert_invariants(&db.pool).await;
+    other.kill9();
+    paused.kill9();
+}
+
+#[tokio::test]
+async fn the_database_going_away_under_load() {
+    // Its own cluster: crashing the shared one would break the other tests.
+    let cluster = tokio::task::spawn_blocking(sagaflow::pg::embedded::EmbeddedPostgres::start_ephemeral)
+        .await
+        .expect("join")
+        .expect("cluster");
+    let admin = cluster.url("postgres");
+    sagaflow::pg::create_database_if_missing(&admin, "restarts")
+        .await
+        .expect("database");
+    let url = cluster.url("restarts");
+    let pool = sagaflow::pg::pool(&url, &Default::default()).expect("pool");
+    sagaflow::pg::migrate(&pool).await.expect("migrate");
+    let db = TestDb {
+        name: "restarts".into(),
+        url: url.clone(),
+        pool,
+    };
+
+    let mut server = ServerProcess::start(&url, Options::node("survivor"));
+    let load = start_load(&db, vec![server.url()], 200, 16, "d").await;
+    let cluster = Arc::new(cluster);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.crash())
+            .await
+            .expect("join")
+            .expect("crash");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.restart())
+            .await
+            .expect("join")
+            .expect("restart");
+    }
+    let accepted = load.finish().await;
+    assert_eq!(accepted, 200);
+    all_terminal(&db.pool, Duration::from_secs(120)).await;
+    assert!(
+        server.is_running(),
+        "the server died with the database:\n{}",
+        server.log_text()
+    );
+    let counts = assert_registrations(&db, 200).await;
+    println!("database restarts: {counts:?}");
+    assert_invariants(&db.pool).await;
+    server.kill9();
+}
+
+#[tokio::test]
+async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
+    let db = test_db().await;
+    // Long leases: a run left leased would be stuck for a minute.
+    let long = Duration::from_secs(60);
+    let mut first = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: long,
+            ..Options::node("leaving")
+        },
+    );
+    let load = start_load(&db, vec![first.url()], 150, 16, "t").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let status = first.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}:\n{}", first.log_text());
+    let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE lease_owner IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(leased, 0, "leases left behind after SIGTERM");
+
+    let started = Instant::now();
+    let second = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: long,
+            port: first.port,
+            ..Options::node("arriving")
+        },
+    );
+    let accepted = load.finish().await;
+    assert_eq!(accepted, 150);
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() < long / 2,
+        "runs waited for leases: {:?}",
+        started.elapsed()
+    );
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM run_events WHERE kind = 'lease_released'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    println!(
+        "SIGTERM: {released} runs handed back, all finished {:?} after the next start",
+        started.elapsed()
+    );
+    assert_registrations(&db, 150).await;
+    assert_invariants(&db.pool).await;
+    drop(second);
+}
