@@ -104,6 +104,10 @@ CREATE TABLE run_steps (
     status                  step_status NOT NULL DEFAULT 'pending',
     attempts                integer     NOT NULL DEFAULT 0,
     compensation_attempts   integer     NOT NULL DEFAULT 0,
+    -- Attempts lost with their worker (crash, lost lease): counted apart from the retry budget,
+    -- and bounded on their own, so a step that keeps killing its worker still gives up.
+    lost_attempts               integer NOT NULL DEFAULT 0,
+    lost_compensation_attempts  integer NOT NULL DEFAULT 0,
     started_at              timestamptz,
     finished_at             timestamptz,
     output                  jsonb,

@@ -121,9 +121,10 @@ async fn log_of(pool: &PgPool, run: uuid::Uuid) -> Vec<(String, Option<String>, 
         .expect("log")
 }
 
-async fn steps_of(pool: &PgPool, run: uuid::Uuid) -> Vec<(String, String, i32, i32)> {
+async fn steps_of(pool: &PgPool, run: uuid::Uuid) -> Vec<(String, String, i32, i32, i32)> {
     sqlx::query_as(
-        "SELECT name, status::text, attempts, compensation_attempts FROM run_steps WHERE run_id = $1 ORDER BY idx",
+        "SELECT name, status::text, attempts, compensation_attempts, lost_attempts + lost_compensation_attempts
+         FROM run_steps WHERE run_id = $1 ORDER BY idx",
     )
     .bind(run)
     .fetch_all(pool)
@@ -184,6 +185,11 @@ async fn crash_at(faults: &str, expected: Expected) {
     let attempts: Vec<i32> = steps.iter().map(|s| s.2).collect();
     assert_eq!(attempts, expected.attempts, "{context}");
     assert_eq!(steps[1].3, expected.create_compensations, "{context}");
+    // Exactly the attempt the crash interrupted is recorded as lost (not charged to the budget).
+    let lost: i32 = steps.iter().map(|s| s.4).sum();
+    let interrupted = expected.attempts.iter().any(|a| *a > 1) && expected.create_compensations == 0
+        || expected.create_compensations > 1;
+    assert_eq!(lost, i32::from(interrupted), "{context}");
 
     // The domain: exactly the customer a completed run made, or none.
     let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
@@ -392,24 +398,35 @@ async fn random_sigkill_under_load() {
     let seed = seed();
     println!("random_sigkill_under_load: SAGAFLOW_CHAOS_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let (runs, kills) = if chaos() { (3000, 30) } else { (300, 4) };
+    let (runs, kills, instances) = if chaos() { (3000, 40, 3) } else { (300, 4, 1) };
     let db = test_db().await;
-    let mut server = ServerProcess::start(&db.url, Options::node("kill-me"));
-    let load = start_load(&db, vec![server.url()], runs, 16, "k").await;
+    let mut servers: Vec<ServerProcess> = (0..instances)
+        .map(|i| ServerProcess::start(&db.url, Options::node(&format!("chaos-{i}"))))
+        .collect();
+    let load = start_load(&db, servers.iter().map(ServerProcess::url).collect(), runs, 16, "k").await;
+    let started = Instant::now();
+    let mut done_kills = 0;
     for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
-        server.kill9();
+        let victim = rng.random_range(0..servers.len());
+        servers[victim].kill9();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
-        server.restart(Options::node("kill-me"));
+        let node = servers[victim].options.node.clone();
+        servers[victim].restart(Options::node(&node));
+        done_kills += 1;
         if load.done.load(Ordering::SeqCst) {
             break;
         }
     }
     let accepted = load.finish().await;
     assert_eq!(accepted, runs);
-    all_terminal(&db.pool, Duration::from_secs(120)).await;
+    all_terminal(&db.pool, Duration::from_secs(300)).await;
     let counts = assert_registrations(&db, runs).await;
-    println!("random_sigkill_under_load (seed {seed}): {runs} runs, {kills} kills -> {counts:?}");
+    println!(
+        "random_sigkill_under_load (seed {seed}): {runs} runs on {instances} instance(s), {done_kills} SIGKILLs \
+         in {:.1} s -> {counts:?}",
+        started.elapsed().as_secs_f64()
+    );
     assert_invariants(&db.pool).await;
 }
 

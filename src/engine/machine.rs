@@ -25,6 +25,10 @@ pub struct StepState {
     pub attempts: u32,
     /// Compensation attempts started so far (reset by an operator's retry).
     pub compensation_attempts: u32,
+    /// Invoke attempts lost with their worker: not charged to the retry budget.
+    pub lost_attempts: u32,
+    /// Compensation attempts lost with their worker.
+    pub lost_compensation_attempts: u32,
     /// The output of the successful attempt.
     pub output: Option<Value>,
     /// The last error (of an invoke or a compensation attempt).
@@ -201,6 +205,22 @@ impl Transition {
     }
 }
 
+/// How many attempts of one step (or of its compensation) may be lost with their worker
+/// before the step is given up on: a step that crashes every process that runs it must not
+/// take the whole fleet down in turn forever.
+pub const MAX_LOST_ATTEMPTS: u32 = 5;
+
+/// Why an attempt ended without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The attempt returned an error (or timed out): charged to the retry budget, retried
+    /// after the policy's backoff.
+    Attempt,
+    /// The attempt was lost with its worker: not charged, retried at once, bounded by
+    /// [`MAX_LOST_ATTEMPTS`].
+    Lost,
+}
+
 /// An operator action the run's status does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("not allowed while the run is {0}")]
@@ -256,7 +276,7 @@ impl<'a> Machine<'a> {
                 );
                 None
             }
-            Event::StepFailed { step, error } => self.step_failed(state, step, error, true, cond, &mut t),
+            Event::StepFailed { step, error } => self.step_failed(state, step, error, Failure::Attempt, cond, &mut t),
             Event::CompensationSucceeded { step } => {
                 let s = &mut state.steps[step];
                 s.status = StepStatus::Compensated;
@@ -270,7 +290,7 @@ impl<'a> Machine<'a> {
                 None
             }
             Event::CompensationFailed { step, error } => {
-                self.compensation_failed(state, step, error, true, cond, &mut t)
+                self.compensation_failed(state, step, error, Failure::Attempt, cond, &mut t)
             }
         };
         t.next = match stop {
@@ -280,8 +300,8 @@ impl<'a> Machine<'a> {
         t
     }
 
-    /// Attempts in flight when their worker was lost count as failed (retryable) attempts and
-    /// are retried at once.
+    /// Attempts in flight when their worker was lost are recorded as lost and retried at once,
+    /// without charging the step's retry budget.
     fn settle_lost_attempts(&self, state: &mut RunState, reason: &str, t: &mut Transition) -> Option<Next> {
         let immediate = Conditions {
             draining: false,
@@ -291,8 +311,8 @@ impl<'a> Machine<'a> {
         for step in 0..state.steps.len() {
             let lost = StepError::retryable(format!("attempt lost: {reason}"));
             let stop = match state.steps[step].status {
-                StepStatus::Running => self.step_failed(state, step, lost, false, &immediate, t),
-                StepStatus::Compensating => self.compensation_failed(state, step, lost, false, &immediate, t),
+                StepStatus::Running => self.step_failed(state, step, lost, Failure::Lost, &immediate, t),
+                StepStatus::Compensating => self.compensation_failed(state, step, lost, Failure::Lost, &immediate, t),
                 _ => None,
             };
             if stop.is_some() {
@@ -306,8 +326,8 @@ impl<'a> Machine<'a> {
         &self,
         state: &mut RunState,
         step: usize,
-        error: StepError,
-        with_backoff: bool,
+        mut error: StepError,
+        failure: Failure,
         cond: &Conditions,
         t: &mut Transition,
     ) -> Option<Next> {
@@ -316,11 +336,24 @@ impl<'a> Machine<'a> {
         if let Some(partial) = &error.partial {
             s.partial = Some(partial.clone());
         }
+        if failure == Failure::Lost {
+            s.lost_attempts += 1;
+            if s.lost_attempts > MAX_LOST_ATTEMPTS {
+                error = StepError::permanent(format!(
+                    "{} attempts were lost with their worker; the step may be crashing it",
+                    s.lost_attempts
+                ));
+            }
+        }
         s.status = StepStatus::Failed;
         s.error = Some(error.clone());
         let attempt = s.attempts;
+        let charged = s.attempts - s.lost_attempts;
         t.marks.insert(step, TimeMark::Finished);
         let mut detail = json!({"error": error.message, "retryable": error.retryable});
+        if failure == Failure::Lost {
+            detail["lost"] = json!(true);
+        }
         if let Some(partial) = &error.partial {
             detail["partial"] = partial.clone();
         }
@@ -329,9 +362,9 @@ impl<'a> Machine<'a> {
             return None;
         }
         let policy = &self.workflow.steps[step].retry;
-        if error.retryable && policy.allows_another(attempt) {
-            if with_backoff {
-                let delay = policy.delay_after(attempt, cond.jitter);
+        if error.retryable && (failure == Failure::Lost || policy.allows_another(charged)) {
+            if failure == Failure::Attempt {
+                let delay = policy.delay_after(charged, cond.jitter);
                 if !delay.is_zero() {
                     return Some(schedule_retry(name, attempt + 1, "invoke", delay, cond, t));
                 }
@@ -356,26 +389,35 @@ impl<'a> Machine<'a> {
         &self,
         state: &mut RunState,
         step: usize,
-        error: StepError,
-        with_backoff: bool,
+        mut error: StepError,
+        failure: Failure,
         cond: &Conditions,
         t: &mut Transition,
     ) -> Option<Next> {
         let name = self.name(step);
         let s = &mut state.steps[step];
+        if failure == Failure::Lost {
+            s.lost_compensation_attempts += 1;
+            if s.lost_compensation_attempts > MAX_LOST_ATTEMPTS {
+                error = StepError::permanent(format!(
+                    "{} compensation attempts were lost with their worker; it may be crashing it",
+                    s.lost_compensation_attempts
+                ));
+            }
+        }
         s.status = StepStatus::CompensationFailed;
         s.error = Some(error.clone());
         let attempt = s.compensation_attempts;
-        t.log(
-            EventKind::StepCompensationFailed,
-            Some(name),
-            Some(attempt),
-            json!({"error": error.message, "retryable": error.retryable}),
-        );
+        let charged = s.compensation_attempts - s.lost_compensation_attempts;
+        let mut detail = json!({"error": error.message, "retryable": error.retryable});
+        if failure == Failure::Lost {
+            detail["lost"] = json!(true);
+        }
+        t.log(EventKind::StepCompensationFailed, Some(name), Some(attempt), detail);
         let policy = &self.workflow.steps[step].compensation_retry;
-        if error.retryable && policy.allows_another(attempt) {
-            if with_backoff {
-                let delay = policy.delay_after(attempt, cond.jitter);
+        if error.retryable && (failure == Failure::Lost || policy.allows_another(charged)) {
+            if failure == Failure::Attempt {
+                let delay = policy.delay_after(charged, cond.jitter);
                 if !delay.is_zero() {
                     return Some(schedule_retry(name, attempt + 1, "compensate", delay, cond, t));
                 }
@@ -537,6 +579,7 @@ impl<'a> Machine<'a> {
         for (i, s) in state.steps.iter_mut().enumerate() {
             if s.status == StepStatus::CompensationFailed {
                 s.compensation_attempts = 0;
+                s.lost_compensation_attempts = 0;
                 resumed.push(self.name(i));
             }
         }
@@ -1003,7 +1046,7 @@ mod tests {
     }
 
     #[test]
-    fn takeover_of_an_attempt_out_of_budget_compensates() {
+    fn a_lost_attempt_is_not_charged_to_the_retry_budget() {
         let wf = workflow();
         let input = json!({});
         let m = Machine::new(&wf, &input);
@@ -1011,12 +1054,54 @@ mod tests {
         for step in 0..3 {
             m.handle(&mut state, ok(step), &cond());
         }
-        // d has a single attempt; its worker died.
+        // d has a single attempt; its worker died: the attempt is retried all the same.
         let t = m.handle(
             &mut state,
             Event::Claimed {
                 by: "w2".into(),
                 taken_over_from: Some("w1".into()),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::LeaseTakenOver, K::StepFailed, K::StepStarted]);
+        assert_eq!(t.events[1].detail["lost"], json!(true));
+        assert_eq!(t.next, Next::Invoke(3));
+        assert_eq!((state.steps[3].attempts, state.steps[3].lost_attempts), (2, 1));
+        // Its own failure is charged: one attempt in the budget, so compensation.
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 3,
+                error: StepError::retryable("down"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.next, Next::Compensate(2));
+    }
+
+    #[test]
+    fn a_step_that_keeps_losing_its_worker_is_given_up_on() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        for lost in 1..=MAX_LOST_ATTEMPTS {
+            let t = m.handle(
+                &mut state,
+                Event::Claimed {
+                    by: "w".into(),
+                    taken_over_from: Some("w".into()),
+                },
+                &cond(),
+            );
+            assert_eq!(t.next, Next::Invoke(1), "after {lost} lost attempts");
+        }
+        let t = m.handle(
+            &mut state,
+            Event::Claimed {
+                by: "w".into(),
+                taken_over_from: Some("w".into()),
             },
             &cond(),
         );
@@ -1026,10 +1111,11 @@ mod tests {
                 K::LeaseTakenOver,
                 K::StepFailed,
                 K::CompensationStarted,
-                K::StepCompensationStarted
+                K::RunCompensated
             ]
         );
-        assert_eq!(t.next, Next::Compensate(2));
+        assert_eq!(t.events[1].detail["retryable"], json!(false));
+        assert!(state.error.as_ref().is_some_and(|e| e.message.contains("crashing")));
     }
 
     #[test]

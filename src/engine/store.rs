@@ -82,6 +82,10 @@ pub struct StepRow {
     pub attempts: i32,
     /// Compensation attempts started.
     pub compensation_attempts: i32,
+    /// Invoke attempts lost with their worker (not charged to the retry budget).
+    pub lost_attempts: i32,
+    /// Compensation attempts lost with their worker.
+    pub lost_compensation_attempts: i32,
     /// When its last attempt began.
     pub started_at: Option<DateTime<Utc>>,
     /// When its last attempt ended.
@@ -101,6 +105,8 @@ impl StepRow {
             status: self.status,
             attempts: u32::try_from(self.attempts).unwrap_or(0),
             compensation_attempts: u32::try_from(self.compensation_attempts).unwrap_or(0),
+            lost_attempts: u32::try_from(self.lost_attempts).unwrap_or(0),
+            lost_compensation_attempts: u32::try_from(self.lost_compensation_attempts).unwrap_or(0),
             output: self.output.clone(),
             error: self
                 .error
@@ -446,7 +452,8 @@ async fn steps_of_many(
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Vec<StepRow>>, sqlx::Error> {
     let rows: Vec<StepRow> = sqlx::query_as(
-        "SELECT run_id, idx, name, status, attempts, compensation_attempts, started_at, finished_at, output, error, partial
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts, lost_attempts, lost_compensation_attempts,
+                started_at, finished_at, output, error, partial
          FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
     )
     .bind(ids)
@@ -559,13 +566,15 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
          ), steps AS (
              UPDATE run_steps s SET
                  status = c.status, attempts = c.attempts, compensation_attempts = c.compensation_attempts,
+                 lost_attempts = c.lost, lost_compensation_attempts = c.lost_compensation,
                  output = c.output, error = c.error, partial = c.partial,
                  started_at = CASE c.mark WHEN 'started' THEN clock_timestamp() ELSE s.started_at END,
                  finished_at = CASE c.mark WHEN 'started' THEN NULL WHEN 'finished' THEN clock_timestamp()
                                            ELSE s.finished_at END
              FROM run, unnest($11::smallint[], $12::step_status[], $13::int4[], $14::int4[], $15::jsonb[],
-                              $16::jsonb[], $17::jsonb[], $18::text[])
-                       AS c(idx, status, attempts, compensation_attempts, output, error, partial, mark)
+                              $16::jsonb[], $17::jsonb[], $18::text[], $23::int4[], $24::int4[])
+                       AS c(idx, status, attempts, compensation_attempts, output, error, partial, mark,
+                            lost, lost_compensation)
              WHERE s.run_id = run.id AND s.idx = c.idx
          ), events AS (
              INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
@@ -597,6 +606,8 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(&events.step)
     .bind(&events.attempt)
     .bind(&events.detail)
+    .bind(&steps.lost_attempts)
+    .bind(&steps.lost_compensation_attempts)
     .fetch_optional(&mut *conn)
     .await?;
     if applied.is_some() {
@@ -618,6 +629,8 @@ struct StepArrays {
     status: Vec<StepStatus>,
     attempts: Vec<i32>,
     compensation_attempts: Vec<i32>,
+    lost_attempts: Vec<i32>,
+    lost_compensation_attempts: Vec<i32>,
     output: Vec<Option<Value>>,
     error: Vec<Option<Value>>,
     partial: Vec<Option<Value>>,
@@ -631,6 +644,8 @@ impl StepArrays {
             status: Vec::with_capacity(which.len()),
             attempts: Vec::with_capacity(which.len()),
             compensation_attempts: Vec::with_capacity(which.len()),
+            lost_attempts: Vec::with_capacity(which.len()),
+            lost_compensation_attempts: Vec::with_capacity(which.len()),
             output: Vec::with_capacity(which.len()),
             error: Vec::with_capacity(which.len()),
             partial: Vec::with_capacity(which.len()),
@@ -644,6 +659,12 @@ impl StepArrays {
             arrays
                 .compensation_attempts
                 .push(i32::try_from(step.compensation_attempts).unwrap_or(i32::MAX));
+            arrays
+                .lost_attempts
+                .push(i32::try_from(step.lost_attempts).unwrap_or(i32::MAX));
+            arrays
+                .lost_compensation_attempts
+                .push(i32::try_from(step.lost_compensation_attempts).unwrap_or(i32::MAX));
             arrays.output.push(step.output.clone());
             arrays
                 .error
@@ -726,7 +747,8 @@ pub async fn status_of(pool: &PgPool, id: Uuid) -> Result<Option<RunStatus>, sql
 /// A run's steps, in plan order.
 pub async fn steps_of<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT run_id, idx, name, status, attempts, compensation_attempts, started_at, finished_at, output, error, partial
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts, lost_attempts, lost_compensation_attempts,
+                started_at, finished_at, output, error, partial
          FROM run_steps WHERE run_id = $1 ORDER BY idx",
     )
     .bind(id)

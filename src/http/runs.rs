@@ -90,6 +90,8 @@ pub struct StepBody {
     pub attempts: i32,
     /// Compensation attempts started.
     pub compensation_attempts: i32,
+    /// Attempts (invoke and compensation) lost with their worker, not charged to the budget.
+    pub lost_attempts: i32,
     /// When its last attempt began.
     pub started_at: Option<DateTime<Utc>>,
     /// When its last attempt ended.
@@ -162,6 +164,7 @@ impl From<StepRow> for StepBody {
             status: step.status,
             attempts: step.attempts,
             compensation_attempts: step.compensation_attempts,
+            lost_attempts: step.lost_attempts + step.lost_compensation_attempts,
             started_at: step.started_at,
             finished_at: step.finished_at,
             output: step.output,
