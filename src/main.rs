@@ -1,4 +1,6 @@
-//! The `sagaflow` binary: `serve` (the default), `migrate`.
+//! The `sagaflow` binary: `serve` (the default), `migrate`, `check`, `bench`.
+
+mod bench;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +31,34 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Check the database against the invariants (exit 1 when one is broken).
     Check(DatabaseArgs),
+    /// Measure throughput, latency and recovery against PostgreSQL's own ceiling.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct BenchArgs {
+    /// Runs per closed-loop phase.
+    #[arg(long, default_value_t = 2000)]
+    runs: usize,
+    /// Concurrent clients (and writers of the ceiling phase).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Connection pool size of the server and of the ceiling's writers.
+    #[arg(long, default_value_t = 32)]
+    pool_size: u32,
+    /// An existing PostgreSQL to measure on (a fresh database is created there). Unset: a
+    /// private embedded cluster in a temporary directory, with durable settings.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Runs-table sizes for the list-query phase (comma list; empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    list_rows: Vec<usize>,
+    /// Length of the ceiling and half-load phases.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    phase: Duration,
+    /// Print the result as one JSON object, as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -86,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Check(args)) => check(args).await,
+        Some(Command::Bench(args)) => run_bench(args).await,
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
@@ -120,6 +151,24 @@ async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{} invariant violations", violations.len())
     }
+}
+
+async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    telemetry::init(LogFormat::Text);
+    let report = bench::run(bench::BenchOptions {
+        runs: args.runs,
+        concurrency: args.concurrency,
+        pool_size: args.pool_size,
+        database_url: args.database_url,
+        list_rows: args.list_rows.into_iter().filter(|n| *n > 0).collect(),
+        phase: args.phase,
+    })
+    .await?;
+    println!("{}", report.table());
+    if args.json {
+        println!("{}", report.json());
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -615,7 +615,6 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
             marks: &marks,
             events: &events,
             lease: LeaseWrite::Finish,
-            lease_ms: 1000,
         },
     )
     .await

@@ -282,16 +282,7 @@ impl RunTask {
         new_state: &RunState,
         transition: &Transition,
     ) -> Result<Persisted, sqlx::Error> {
-        persist_transition(
-            conn,
-            self.run_id,
-            self.epoch,
-            &self.state,
-            new_state,
-            transition,
-            self.engine.lease_ms(),
-        )
-        .await
+        persist_transition(conn, self.run_id, self.epoch, &self.state, new_state, transition).await
     }
 
     /// After a failed write, reloads the run (still under this lease) and goes on from what
@@ -347,7 +338,6 @@ pub(crate) async fn persist_transition(
     old: &RunState,
     new: &RunState,
     transition: &Transition,
-    lease_ms: i64,
 ) -> Result<Persisted, sqlx::Error> {
     let mut changed: Vec<usize> = (0..new.steps.len())
         .filter(|&i| old.steps.get(i) != new.steps.get(i) || transition.marks.contains_key(&i))
@@ -369,7 +359,6 @@ pub(crate) async fn persist_transition(
             marks: &transition.marks,
             events: &transition.events,
             lease,
-            lease_ms,
         },
     )
     .await

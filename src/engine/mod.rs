@@ -641,7 +641,6 @@ impl Engine {
                 marks: &transition.marks,
                 events: &transition.events,
                 lease: store::LeaseWrite::Wake,
-                lease_ms: self.lease_ms(),
             },
         )
         .await?;
@@ -678,16 +677,8 @@ impl Engine {
                         action: "retry",
                         status: e.0,
                     })?;
-                let persisted = executor::persist_transition(
-                    &mut tx,
-                    run_id,
-                    run.lease_epoch,
-                    &old,
-                    &state,
-                    &transition,
-                    self.lease_ms(),
-                )
-                .await?;
+                let persisted =
+                    executor::persist_transition(&mut tx, run_id, run.lease_epoch, &old, &state, &transition).await?;
                 if persisted != store::Persisted::Applied {
                     return Err(EngineError::Internal(format!(
                         "retry of run {run_id} was not applied: {persisted:?}"

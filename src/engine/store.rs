@@ -480,7 +480,7 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Erro
 /// What happens to the lease with a persisted transition.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LeaseWrite {
-    /// The owner goes on: renew the lease.
+    /// The owner goes on (its heartbeat renews the lease).
     Keep,
     /// The owner gives the run back; it is due at this time.
     Release(DateTime<Utc>),
@@ -510,8 +510,6 @@ pub struct Persist<'a> {
     pub events: &'a [NewEvent],
     /// What happens to the lease.
     pub lease: LeaseWrite,
-    /// The lease duration, for [`LeaseWrite::Keep`].
-    pub lease_ms: i64,
 }
 
 /// Whether a transition was written.
@@ -550,19 +548,19 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  output = $5,
                  error = $6,
                  cancel_requested = $7,
-                 log_seq = log_seq + cardinality($19::event_kind[]),
+                 log_seq = log_seq + cardinality($18::event_kind[]),
                  ready_at = CASE $8::text WHEN 'release' THEN $9
                                           WHEN 'wake' THEN CASE WHEN lease_owner IS NULL THEN least(ready_at, now())
                                                                 ELSE ready_at END
                                           ELSE NULL END,
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
-                 lease_expires_at = CASE $8::text WHEN 'keep' THEN now() + $10 * interval '1 millisecond'
-                                                  WHEN 'wake' THEN lease_expires_at END,
+                 -- Kept as is while the owner goes on: heartbeats renew it (see runs' fillfactor).
+                 lease_expires_at = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_expires_at END,
                  finished_at = CASE WHEN $4 IN ('completed', 'compensated', 'failed', 'cancelled')
                                     THEN clock_timestamp() END,
                  updated_at = clock_timestamp()
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
-             RETURNING id, log_seq - cardinality($19::event_kind[]) AS base
+             RETURNING id, log_seq - cardinality($18::event_kind[]) AS base
          ), steps AS (
              UPDATE run_steps s SET
                  status = c.status, attempts = c.attempts, compensation_attempts = c.compensation_attempts,
@@ -571,15 +569,15 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  started_at = CASE c.mark WHEN 'started' THEN clock_timestamp() ELSE s.started_at END,
                  finished_at = CASE c.mark WHEN 'started' THEN NULL WHEN 'finished' THEN clock_timestamp()
                                            ELSE s.finished_at END
-             FROM run, unnest($11::smallint[], $12::step_status[], $13::int4[], $14::int4[], $15::jsonb[],
-                              $16::jsonb[], $17::jsonb[], $18::text[], $23::int4[], $24::int4[])
+             FROM run, unnest($10::smallint[], $11::step_status[], $12::int4[], $13::int4[], $14::jsonb[],
+                              $15::jsonb[], $16::jsonb[], $17::text[], $22::int4[], $23::int4[])
                        AS c(idx, status, attempts, compensation_attempts, output, error, partial, mark,
                             lost, lost_compensation)
              WHERE s.run_id = run.id AND s.idx = c.idx
          ), events AS (
              INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
              SELECT run.id, run.base + c.ord, c.kind, c.step, c.attempt, c.detail
-             FROM run, unnest($19::event_kind[], $20::text[], $21::int4[], $22::jsonb[])
+             FROM run, unnest($18::event_kind[], $19::text[], $20::int4[], $21::jsonb[])
                        WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
          )
          SELECT base FROM run",
@@ -593,7 +591,6 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(p.state.cancel_requested)
     .bind(mode)
     .bind(ready_at)
-    .bind(p.lease_ms)
     .bind(&steps.idx)
     .bind(&steps.status)
     .bind(&steps.attempts)

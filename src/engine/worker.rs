@@ -354,16 +354,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             },
             &conditions,
         );
-        super::executor::persist_transition(
-            &mut tx,
-            c.run.id,
-            c.run.lease_epoch,
-            &old,
-            &state,
-            &transition,
-            engine.lease_ms(),
-        )
-        .await?;
+        super::executor::persist_transition(&mut tx, c.run.id, c.run.lease_epoch, &old, &state, &transition).await?;
         let Some(permit) = permits.as_mut().and_then(|p| p.split(1)) else {
             break;
         };

@@ -1,0 +1,334 @@
+//! Load generators of the benchmark, and the SQL they need (the ceiling table, identities,
+//! commit and run counts).
+
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sagaflow::engine::{EngineConfig, Faults, TriggerOptions};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use super::report::{Latency, cpu_seconds};
+
+/// The token the bench's server children accept.
+pub const TOKEN: &str = "bench-token";
+const WORKFLOW: &str = "create-customer-account";
+/// Steps of `create-customer-account`.
+const STEPS: f64 = 5.0;
+
+/// What a closed- or open-loop phase measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// Runs completed.
+    pub runs: usize,
+    /// Runs completed per second.
+    pub runs_per_s: f64,
+    /// Steps completed per second.
+    pub steps_per_s: f64,
+    /// Transactions committed (writing ones, all of the cluster) per run.
+    pub commits_per_run: f64,
+    /// Trigger to completion.
+    pub latency_ms: Latency,
+    /// CPU seconds the server process used (HTTP phases).
+    pub server_cpu_s: Option<f64>,
+}
+
+/// What the recovery phase measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    /// Runs not finished when the server was killed.
+    pub runs_in_flight: usize,
+    /// From the restart until every run was terminal.
+    pub recovery_s: f64,
+    /// Of which: until the restarted server listened.
+    pub restart_s: f64,
+}
+
+/// Single-row INSERT + COMMIT throughput with `writers` concurrent writers for `length`.
+pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<f64> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_ceiling (id bigserial PRIMARY KEY, payload text NOT NULL)")
+        .execute(pool)
+        .await?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + length;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (pool, done) = (pool.clone(), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                sqlx::query("INSERT INTO bench_ceiling (payload) VALUES ($1)")
+                    .bind("a row of about the size of a step's record")
+                    .execute(&pool)
+                    .await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), sqlx::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `count` auth identities `authid_<prefix><i>` for registrations.
+pub async fn create_identities(pool: &PgPool, prefix: &str, count: usize) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO auth_identities (id, provider, entity_id)
+         SELECT 'authid_' || $1 || g, 'emailpass', $1 || g || '@bench.example' FROM generate_series(0, $2 - 1) g
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(prefix)
+    .bind(count as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+fn registration(prefix: &str, i: usize) -> Value {
+    json!({"authIdentityId": format!("authid_{prefix}{i}"),
+           "customerData": {"email": format!("{prefix}{i}@bench.example"), "first_name": "Bench"}})
+}
+
+/// Writing transactions of the whole cluster so far (each one assigned a transaction id).
+async fn xid(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+        .fetch_one(pool)
+        .await?)
+}
+
+fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+async fn register(client: &reqwest::Client, base: &str, body: &Value, wait_ms: u32) -> Result<Value> {
+    let response = client
+        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs?wait_ms={wait_ms}"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if !status.is_success() {
+        bail!("trigger answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+/// Registrations `from..from+runs` over HTTP from `clients` clients, each waiting for its run
+/// to finish before sending the next.
+pub async fn http_closed_loop(
+    pool: &PgPool,
+    base: &str,
+    prefix: &str,
+    from: usize,
+    runs: usize,
+    clients: usize,
+    server_pid: u32,
+) -> Result<Phase> {
+    let client = client()?;
+    // Warm up connections and caches.
+    register(&client, base, &registration(prefix, from + runs * 2), 30_000).await?;
+    let next = Arc::new(AtomicUsize::new(from));
+    let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
+    let xid_before = xid(pool).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, next, base, prefix) = (client.clone(), Arc::clone(&next), base.to_string(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= from + runs {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let sent = Instant::now();
+                let run = register(&client, &base, &registration(&prefix, i), 30_000).await?;
+                if run["status"] != "completed" {
+                    bail!("run {} ended {}", run["id"], run["status"]);
+                }
+                latencies.push(sent.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(runs);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let commits = (xid(pool).await? - xid_before) as f64;
+    let cpu = cpu_seconds(server_pid).map(|after| after - cpu_before);
+    Ok(Phase {
+        runs,
+        runs_per_s: runs as f64 / elapsed,
+        steps_per_s: runs as f64 * STEPS / elapsed,
+        commits_per_run: commits / runs as f64,
+        latency_ms: Latency::of(&mut latencies),
+        server_cpu_s: cpu,
+    })
+}
+
+/// Registrations at a fixed `rate` (open loop: one is sent every 1/rate seconds whether or not
+/// earlier ones finished) for `length`, using identities `from..to`.
+pub async fn http_open_loop(
+    base: &str,
+    prefix: &str,
+    from: usize,
+    to: usize,
+    rate: f64,
+    length: Duration,
+) -> Result<Phase> {
+    let client = client()?;
+    let rate = rate.max(1.0);
+    let count = ((rate * length.as_secs_f64()) as usize).clamp(1, to - from);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for i in from..from + count {
+        ticker.tick().await;
+        let (client, base, body) = (client.clone(), base.to_string(), registration(prefix, i));
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let run = register(&client, &base, &body, 30_000).await?;
+            if run["status"] != "completed" {
+                bail!("run {} ended {}", run["id"], run["status"]);
+            }
+            Ok::<_, anyhow::Error>(sent.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Phase {
+        runs: count,
+        runs_per_s: count as f64 / elapsed,
+        steps_per_s: count as f64 * STEPS / elapsed,
+        commits_per_run: f64::NAN,
+        latency_ms: Latency::of(&mut latencies),
+        server_cpu_s: None,
+    })
+}
+
+/// Registrations through the engine in this process (no HTTP).
+pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usize) -> Result<Phase> {
+    let config = EngineConfig {
+        node_id: "bench-library".into(),
+        ..EngineConfig::default()
+    };
+    let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none())?;
+    let worker = engine.start_worker().await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let xid_before = xid(pool).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..tasks_count {
+        let (engine, next, prefix) = (engine.clone(), Arc::clone(&next), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= runs {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let sent = Instant::now();
+                let run = engine
+                    .trigger(WORKFLOW, registration(&prefix, i), TriggerOptions::default())
+                    .await?;
+                let status = engine.wait_for_terminal(run.run_id, Duration::from_secs(30)).await?;
+                if status != sagaflow::engine::RunStatus::Completed {
+                    bail!("run {} ended {status}", run.run_id);
+                }
+                latencies.push(sent.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(runs);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let commits = (xid(pool).await? - xid_before) as f64;
+    worker.shutdown().await;
+    Ok(Phase {
+        runs,
+        runs_per_s: runs as f64 / elapsed,
+        steps_per_s: runs as f64 * STEPS / elapsed,
+        commits_per_run: commits / runs as f64,
+        latency_ms: Latency::of(&mut latencies),
+        server_cpu_s: None,
+    })
+}
+
+/// Keeps `clients` triggers in flight (not waiting for the runs) until a good number of runs
+/// is accepted, SIGKILLs the server, and returns how many runs were left unfinished.
+pub async fn fill_and_kill(
+    pool: &PgPool,
+    base: &str,
+    prefix: &str,
+    identities: usize,
+    clients: usize,
+    server: &mut Child,
+) -> Result<usize> {
+    let client = client()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, next, base, prefix, stop) = (
+            client.clone(),
+            Arc::clone(&next),
+            base.to_string(),
+            prefix.to_string(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= identities {
+                    break;
+                }
+                let _ = register(&client, &base, &registration(&prefix, i), 0).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill().context("SIGKILL")?;
+    server.wait()?;
+    stop.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(sagaflow::check::unfinished_runs(pool).await?.len())
+}
+
+/// Waits until every run is terminal.
+pub async fn all_terminal(pool: &PgPool, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status NOT IN ('completed', 'compensated', 'failed', 'cancelled')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if unfinished == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{unfinished} runs still unfinished after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

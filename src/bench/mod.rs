@@ -1,0 +1,290 @@
+//! `sagaflow bench`: throughput, latency and recovery measured against PostgreSQL's own
+//! ceiling, in one run on one machine (DESIGN.md §7).
+//!
+//! Phases, each on the same database server:
+//! 1. **ceiling**: single-row INSERT + COMMIT at the same concurrency and pool size;
+//! 2. **http**: `create-customer-account` runs triggered over HTTP (`wait_ms`) by `C` clients
+//!    against a server child process, as fast as it goes (runs/s, commits per run, server CPU
+//!    and peak RSS), then open-loop at half that rate for the latency distribution;
+//! 3. **library**: the same through the engine in this process, no HTTP;
+//! 4. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
+//!    seconds from the restart until every run is terminal;
+//! 5. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
+//!
+//! This module belongs to the binary (it is a tool at the edge), so it uses anyhow.
+
+mod list;
+mod load;
+mod report;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sagaflow::pg::embedded::{ClusterOptions, EmbeddedPostgres};
+use sagaflow::pg::{self, PoolConfig};
+use sqlx::PgPool;
+
+pub use report::Report;
+
+/// What `sagaflow bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Runs per closed-loop phase.
+    pub runs: usize,
+    /// Concurrent clients (and ceiling writers).
+    pub concurrency: usize,
+    /// Connection pool size of the server and of the ceiling writers.
+    pub pool_size: u32,
+    /// Existing PostgreSQL (a fresh database is created on it); None: a private embedded
+    /// cluster in a temporary directory.
+    pub database_url: Option<String>,
+    /// Sizes of the runs table for the list-query phase (empty: skip it).
+    pub list_rows: Vec<usize>,
+    /// How long the ceiling and the open-loop phases last.
+    pub phase: Duration,
+}
+
+/// The database server the bench uses, and how to reach a database on it.
+struct Target {
+    cluster: Option<EmbeddedPostgres>,
+    admin_url: String,
+    url_of: Box<dyn Fn(&str) -> String + Send + Sync>,
+    temp_dir: Option<PathBuf>,
+}
+
+impl Target {
+    async fn open(options: &BenchOptions) -> Result<Self> {
+        if let Some(url) = &options.database_url {
+            let base = url.clone();
+            return Ok(Self {
+                cluster: None,
+                admin_url: url.clone(),
+                url_of: Box::new(move |db| replace_database(&base, db)),
+                temp_dir: None,
+            });
+        }
+        let dir = std::env::temp_dir().join(format!("sagaflow-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let data_dir = dir.join("data");
+        // Durable settings, as the server runs: the cost of a commit is what is measured.
+        let cluster = tokio::task::spawn_blocking(move || {
+            EmbeddedPostgres::start(&ClusterOptions {
+                data_dir,
+                unsafe_fast: false,
+            })
+        })
+        .await??;
+        let admin_url = cluster.url("postgres");
+        let template = cluster.url("DBNAME");
+        Ok(Self {
+            cluster: Some(cluster),
+            admin_url,
+            url_of: Box::new(move |db| template.replace("/DBNAME?", &format!("/{db}?"))),
+            temp_dir: Some(dir),
+        })
+    }
+
+    /// A fresh, migrated database.
+    async fn database(&self, name: &str, pool_size: u32) -> Result<(String, PgPool)> {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        let url = (self.url_of)(name);
+        let pool = pg::pool(
+            &url,
+            &PoolConfig {
+                max_connections: pool_size,
+                ..PoolConfig::default()
+            },
+        )?;
+        pg::migrate(&pool).await?;
+        Ok((url, pool))
+    }
+
+    async fn close(mut self) {
+        if let Some(mut cluster) = self.cluster.take() {
+            let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+        }
+        if let Some(dir) = self.temp_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn replace_database(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let base = match head.rfind('/') {
+        Some(i) if i > "postgres://".len() => &head[..i],
+        _ => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Runs every phase and returns the report.
+pub async fn run(options: BenchOptions) -> Result<Report> {
+    if options.runs == 0 || options.concurrency == 0 {
+        bail!("--runs and --concurrency must be at least 1");
+    }
+    let target = Target::open(&options).await.context("starting the database")?;
+    let result = phases(&target, &options).await;
+    target.close().await;
+    result
+}
+
+async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
+    let mut report = Report::new(options);
+    let (url, pool) = target.database("sagaflow_bench", options.pool_size).await?;
+    report.postgres = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await?;
+
+    eprintln!(
+        "ceiling: single-row INSERT + COMMIT, {} writers, {:?}",
+        options.concurrency, options.phase
+    );
+    report.ceiling_commits_per_s = load::ceiling(&pool, options.concurrency, options.phase).await?;
+
+    eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
+    let server = ServerChild::start(&url, "bench-http", options.pool_size)?;
+    load::create_identities(&pool, "h", options.runs * 3).await?;
+    let max = load::http_closed_loop(
+        &pool,
+        &server.base(),
+        "h",
+        0,
+        options.runs,
+        options.concurrency,
+        server.pid(),
+    )
+    .await?;
+    let rate = max.runs_per_s / 2.0;
+    eprintln!(
+        "http: open loop at {rate:.0} runs/s (half the maximum) for {:?}",
+        options.phase
+    );
+    let half = load::http_open_loop(&server.base(), "h", options.runs, options.runs * 2, rate, options.phase).await?;
+    report.rss_mb = server.peak_rss_mb();
+    server.terminate()?;
+    report.http = Some(max);
+    report.http_half_load = Some(half);
+
+    eprintln!(
+        "library: {} runs from {} tasks, no HTTP",
+        options.runs, options.concurrency
+    );
+    load::create_identities(&pool, "l", options.runs).await?;
+    report.library = Some(load::library(&pool, "l", options.runs, options.concurrency).await?);
+
+    eprintln!("recovery: SIGKILL with runs in flight, restart, wait");
+    report.recovery = Some(recovery(&pool, &url, options).await?);
+
+    for rows in &options.list_rows {
+        eprintln!("list: the runs-list query with {rows} runs");
+    }
+    if !options.list_rows.is_empty() {
+        let (_, list_pool) = target.database("sagaflow_bench_list", 8).await?;
+        report.list = list::measure(&list_pool, &options.list_rows).await?;
+        list_pool.close().await;
+    }
+    pool.close().await;
+    Ok(report)
+}
+
+async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<load::Recovery> {
+    load::create_identities(pool, "r", 5000).await?;
+    let mut server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
+    let in_flight = load::fill_and_kill(pool, &server.base(), "r", 5000, 64, &mut server.child).await?;
+    let restarted = Instant::now();
+    let server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
+    let ready = restarted.elapsed();
+    load::all_terminal(pool, Duration::from_secs(120)).await?;
+    let recovery = load::Recovery {
+        runs_in_flight: in_flight,
+        recovery_s: restarted.elapsed().as_secs_f64(),
+        restart_s: ready.as_secs_f64(),
+    };
+    drop(server);
+    Ok(recovery)
+}
+
+/// The server under test, as a child process of this binary.
+struct ServerChild {
+    child: Child,
+    port: u16,
+}
+
+impl ServerChild {
+    fn start(url: &str, node: &str, pool_size: u32) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let exe = std::env::current_exe().context("finding this binary")?;
+        let child = Command::new(exe)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node])
+            .args(["--pool-size", &pool_size.to_string()])
+            .env("DATABASE_URL", url)
+            .env("SAGAFLOW_API_TOKEN", load::TOKEN)
+            .env("SAGAFLOW_ADMIN_TOKEN", load::TOKEN)
+            .env("RUST_LOG", "warn")
+            .env_remove("SAGAFLOW_FAULTS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the server")?;
+        let mut server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("the server exited with {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn peak_rss_mb(&self) -> f64 {
+        report::peak_rss_mb(self.child.id()).unwrap_or(f64::NAN)
+    }
+
+    fn terminate(mut self) -> Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

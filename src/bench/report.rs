@@ -1,0 +1,255 @@
+//! The benchmark's report: the JSON object of DESIGN.md §7 and a table for people.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::BenchOptions;
+use super::list::ListTimes;
+use super::load::{Phase, Recovery};
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Worst.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles of the samples (sorted in place).
+    pub fn of(samples: &mut [Duration]) -> Self {
+        samples.sort();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((samples.len() - 1) as f64 * q).round() as usize;
+            samples[i].as_secs_f64() * 1000.0
+        };
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((utime + stime) / ticks)
+}
+
+/// The peak resident set of a process, in MiB, from /proc.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Everything one bench run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Runs per closed-loop phase.
+    pub runs: usize,
+    /// Clients.
+    pub concurrency: usize,
+    /// Pool size.
+    pub pool_size: u32,
+    /// CPUs of this machine.
+    pub cpus: usize,
+    /// PostgreSQL's version.
+    pub postgres: String,
+    /// Single-row commits per second.
+    pub ceiling_commits_per_s: f64,
+    /// Over HTTP, as fast as it goes.
+    pub http: Option<Phase>,
+    /// Over HTTP at half that rate.
+    pub http_half_load: Option<Phase>,
+    /// Through the library.
+    pub library: Option<Phase>,
+    /// SIGKILL and restart.
+    pub recovery: Option<Recovery>,
+    /// The server's peak resident set, MiB.
+    pub rss_mb: f64,
+    /// The runs-list query.
+    pub list: Vec<ListTimes>,
+}
+
+impl Report {
+    /// An empty report for these options.
+    pub fn new(options: &BenchOptions) -> Self {
+        Self {
+            runs: options.runs,
+            concurrency: options.concurrency,
+            pool_size: options.pool_size,
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            postgres: String::new(),
+            ceiling_commits_per_s: f64::NAN,
+            http: None,
+            http_half_load: None,
+            library: None,
+            recovery: None,
+            rss_mb: f64::NAN,
+            list: Vec::new(),
+        }
+    }
+
+    /// The JSON object of DESIGN.md §7 (with more detail beside the required keys).
+    pub fn json(&self) -> Value {
+        let http = self.http.as_ref();
+        let half = self.http_half_load.as_ref();
+        let latency = half.map(|p| p.latency_ms);
+        json!({
+            "ceiling_commits_per_s": round(self.ceiling_commits_per_s),
+            "runs_per_s": http.map(|p| round(p.runs_per_s)),
+            "steps_per_s": http.map(|p| round(p.steps_per_s)),
+            "commits_per_run": http.map(|p| round(p.commits_per_run)),
+            "ratio": http.map(|p| round(p.steps_per_s / self.ceiling_commits_per_s)),
+            "latency_ms": latency.map(|l| json!({"p50": round(l.p50), "p90": round(l.p90), "p99": round(l.p99)})),
+            "recovery_s": self.recovery.as_ref().map(|r| round(r.recovery_s)),
+            "rss_mb": round(self.rss_mb),
+            "latency_ms_at_max_throughput": http.map(|p| p.latency_ms),
+            "half_load_runs_per_s": half.map(|p| round(p.runs_per_s)),
+            "server_cpu_s": http.and_then(|p| p.server_cpu_s).map(round),
+            "library": self.library,
+            "recovery": self.recovery,
+            "list_ms": self.list,
+            "runs": self.runs,
+            "concurrency": self.concurrency,
+            "pool_size": self.pool_size,
+            "cpus": self.cpus,
+            "postgres": self.postgres,
+        })
+    }
+
+    /// The table for people.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<44} {v}\n"));
+        line("machine", format!("{} CPUs, PostgreSQL {}", self.cpus, self.postgres));
+        line(
+            "runs per phase / clients / pool",
+            format!("{} / {} / {}", self.runs, self.concurrency, self.pool_size),
+        );
+        line(
+            "ceiling: single-row commits/s",
+            format!("{:.0}", self.ceiling_commits_per_s),
+        );
+        if let Some(p) = &self.http {
+            line("http: runs/s (max)", format!("{:.0}", p.runs_per_s));
+            line("http: steps/s", format!("{:.0}", p.steps_per_s));
+            line(
+                "ratio = steps/s / ceiling commits/s",
+                format!("{:.2}", p.steps_per_s / self.ceiling_commits_per_s),
+            );
+            line(
+                "http: commits per run (per step)",
+                format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / 5.0),
+            );
+            line("http: latency at max p50/p90/p99 ms", fmt_latency(&p.latency_ms));
+            if let Some(cpu) = p.server_cpu_s {
+                line(
+                    "http: server CPU s (per 1000 runs)",
+                    format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
+                );
+            }
+        }
+        if let Some(p) = &self.http_half_load {
+            line(
+                &format!("http at half load ({:.0} runs/s): p50/p90/p99 ms", p.runs_per_s),
+                fmt_latency(&p.latency_ms),
+            );
+        }
+        line("server peak RSS MiB", format!("{:.1}", self.rss_mb));
+        if let Some(p) = &self.library {
+            line("library: runs/s", format!("{:.0}", p.runs_per_s));
+            line("library: commits per run", format!("{:.2}", p.commits_per_run));
+            line("library: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
+        }
+        if let Some(r) = &self.recovery {
+            line(
+                "recovery_s (restart -> all terminal)",
+                format!(
+                    "{:.2} ({} runs in flight; listening after {:.2} s)",
+                    r.recovery_s, r.runs_in_flight, r.restart_s
+                ),
+            );
+        }
+        for l in &self.list {
+            line(
+                &format!("runs list, {} runs: newest page ms", l.rows),
+                format!("{:.2}", l.newest_ms),
+            );
+            line(
+                &format!("runs list, {} runs: by status ms", l.rows),
+                format!("{:.2}", l.by_status_ms),
+            );
+            line(
+                &format!("runs list, {} runs: workflow+status ms", l.rows),
+                format!("{:.2}", l.by_workflow_status_ms),
+            );
+            line(
+                &format!("runs list, {} runs: search by email ms", l.rows),
+                format!("{:.2}", l.by_email_ms),
+            );
+            line(
+                &format!("runs list, {} runs: deep page ms", l.rows),
+                format!("{:.2}", l.deep_page_ms),
+            );
+            line(
+                &format!("runs list, {} runs: counts by status ms", l.rows),
+                format!("{:.2}", l.counts_ms),
+            );
+        }
+        out
+    }
+}
+
+fn fmt_latency(l: &Latency) -> String {
+    format!("{:.1} / {:.1} / {:.1}", l.p50, l.p90, l.p99)
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_samples() {
+        let mut samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let l = Latency::of(&mut samples);
+        assert_eq!(
+            (l.p50.round(), l.p90.round(), l.p99.round(), l.max.round()),
+            (51.0, 90.0, 99.0, 100.0)
+        );
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_a_resident_set() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
+        assert!(peak_rss_mb(pid).is_some_and(|m| m > 0.0));
+    }
+}
