@@ -68,7 +68,7 @@ impl RunTask {
                         metrics::counter!(m::RUNS_FINISHED, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).increment(1);
                         let took = (Utc::now() - self.created_at).to_std().unwrap_or_default();
                         metrics::histogram!(m::RUN_SECONDS, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).record(took.as_secs_f64());
-                        self.engine.inner.finished.notify(self.run_id);
+                        self.engine.inner.finished.notify(self.run_id, self.state.status);
                         break;
                     }
                 };

@@ -27,7 +27,6 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use definition::{
@@ -279,18 +278,21 @@ impl Inner {
     }
 }
 
-/// Runs finished by this instance, for callers waiting on them.
+/// Runs finished by this instance, for callers waiting on them: the final status is handed
+/// over directly, so a waiter needs no second read.
 #[derive(Default)]
 pub(crate) struct FinishedRuns {
-    waiting: Mutex<HashMap<Uuid, (Arc<Notify>, usize)>>,
+    waiting: Mutex<HashMap<Uuid, (tokio::sync::watch::Sender<Option<RunStatus>>, usize)>>,
 }
 
 impl FinishedRuns {
-    fn watch(&self, run: Uuid) -> Arc<Notify> {
+    fn watch(&self, run: Uuid) -> tokio::sync::watch::Receiver<Option<RunStatus>> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = waiting.entry(run).or_insert_with(|| (Arc::new(Notify::new()), 0));
+        let entry = waiting
+            .entry(run)
+            .or_insert_with(|| (tokio::sync::watch::channel(None).0, 0));
         entry.1 += 1;
-        Arc::clone(&entry.0)
+        entry.0.subscribe()
     }
 
     fn unwatch(&self, run: Uuid) {
@@ -303,10 +305,10 @@ impl FinishedRuns {
         }
     }
 
-    pub(crate) fn notify(&self, run: Uuid) {
+    pub(crate) fn notify(&self, run: Uuid, status: RunStatus) {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((notify, _)) = waiting.get(&run) {
-            notify.notify_waiters();
+        if let Some((sender, _)) = waiting.get(&run) {
+            sender.send_replace(Some(status));
         }
     }
 }
@@ -554,12 +556,10 @@ impl Engine {
     /// Waits up to `timeout` for a run to reach a terminal status; returns its status then.
     pub async fn wait_for_terminal(&self, run_id: Uuid, timeout: Duration) -> Result<RunStatus, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let notify = self.inner.finished.watch(run_id);
+        // Watch before reading, so a finish between the read and the wait is not missed.
+        let mut finished = self.inner.finished.watch(run_id);
         let result = async {
             loop {
-                let notified = notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
                 let status = store::status_of(&self.inner.pool, run_id)
                     .await?
                     .ok_or(EngineError::RunNotFound(run_id))?;
@@ -570,7 +570,11 @@ impl Engine {
                 // Runs driven by another instance are not announced here: look again soon.
                 let poll = (deadline - now).min(Duration::from_millis(200));
                 tokio::select! {
-                    _ = notified => {}
+                    changed = finished.changed() => {
+                        if changed.is_ok() && let Some(status) = *finished.borrow() {
+                            return Ok(status);
+                        }
+                    }
                     _ = tokio::time::sleep(poll) => {}
                 }
             }
