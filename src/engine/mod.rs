@@ -282,8 +282,11 @@ impl Inner {
 /// over directly, so a waiter needs no second read.
 #[derive(Default)]
 pub(crate) struct FinishedRuns {
-    waiting: Mutex<HashMap<Uuid, (tokio::sync::watch::Sender<Option<RunStatus>>, usize)>>,
+    /// Per watched run: where its final status is announced, and how many callers wait.
+    waiting: Mutex<HashMap<Uuid, (FinalStatus, usize)>>,
 }
+
+type FinalStatus = tokio::sync::watch::Sender<Option<RunStatus>>;
 
 impl FinishedRuns {
     fn watch(&self, run: Uuid) -> tokio::sync::watch::Receiver<Option<RunStatus>> {
