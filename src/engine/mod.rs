@@ -5,6 +5,7 @@
 //! - [`executor`]: drives one claimed run, one transaction per step.
 //! - [`worker`]: claims runs, renews leases, recovers runs of lost workers, shuts down.
 //! - [`store`]: all SQL of the engine.
+//! - [`scheduler`]: cron schedules firing runs exactly once across instances.
 //! - [`retry`], [`faults`], [`status`]: retry policies, fault injection, status enums.
 //!
 //! [`Engine`] is the entry point: register workflows, start a worker, trigger and inspect
@@ -16,6 +17,7 @@ pub(crate) mod executor;
 pub mod faults;
 pub mod machine;
 pub mod retry;
+pub mod scheduler;
 pub mod status;
 pub mod store;
 pub mod worker;
