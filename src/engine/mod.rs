@@ -63,6 +63,8 @@ pub mod metrics_names {
     pub const LEASE_TAKEOVERS: &str = "sagaflow_lease_takeovers_total";
     /// Writes refused because the lease had been taken over (fencing at work).
     pub const FENCED_WRITES: &str = "sagaflow_fenced_writes_total";
+    /// Schedule ticks handled, by schedule and outcome.
+    pub const SCHEDULE_TICKS: &str = "sagaflow_schedule_ticks_total";
 }
 
 /// Everything that can go wrong in an engine call.
@@ -156,6 +158,7 @@ pub struct EngineBuilder {
     faults: Faults,
     workflows: Vec<Workflow>,
     hooks: Vec<(String, String, Handler)>,
+    clock: Arc<dyn scheduler::Clock>,
 }
 
 impl EngineBuilder {
@@ -168,6 +171,12 @@ impl EngineBuilder {
     /// Sets the fault injection (tests only).
     pub fn faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// Sets the wall clock schedules run by (tests move a [`scheduler::ManualClock`]).
+    pub fn clock(mut self, clock: Arc<dyn scheduler::Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -228,6 +237,7 @@ impl EngineBuilder {
                 worker: RwLock::new(None),
                 finished: FinishedRuns::default(),
                 changes: changes::ChangeFeed::default(),
+                clock: self.clock,
             }),
         })
     }
@@ -253,6 +263,8 @@ pub(crate) struct Inner {
     pub(crate) finished: FinishedRuns,
     /// Runs changed by this instance, published for live views.
     pub(crate) changes: changes::ChangeFeed,
+    /// The wall clock schedules run by.
+    pub(crate) clock: Arc<dyn scheduler::Clock>,
 }
 
 impl Inner {
@@ -358,6 +370,7 @@ impl Engine {
             faults: Faults::none(),
             workflows: Vec::new(),
             hooks: Vec::new(),
+            clock: Arc::new(scheduler::SystemClock),
         }
     }
 
