@@ -17,7 +17,7 @@ use crate::http::auth::Tokens;
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
-use crate::workflows;
+use crate::workflows::{self, Builtins};
 
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ pub struct RunningServer {
 /// Builds the engine with every built-in workflow.
 pub fn build_engine(pool: PgPool, config: EngineConfig, faults: Faults) -> Result<Engine, ServeError> {
     let builder = Engine::builder(pool).config(config).faults(faults);
-    let engine = workflows::register_builtins(builder)
+    let engine = workflows::register_builtins(builder, &Builtins::default())
         .build()
         .map_err(|e| ServeError::Engine(EngineError::Definition(e)))?;
     Ok(engine)

@@ -1,6 +1,7 @@
 //! Cron schedules against a real PostgreSQL: ticks fire exactly once across instances, missed
 //! ticks follow the catch-up policy, the overlap policy holds, disabling or deleting stops a
-//! schedule. Time is a manual clock: no test waits for a real minute.
+//! schedule, the retention sweep deletes exactly what it should. Time is a manual clock: no
+//! test waits for a real minute.
 
 mod common;
 
@@ -14,6 +15,7 @@ use sagaflow::engine::scheduler::{
     CatchUp, CatchUpRules, ManualClock, Overlap, ScheduleError, ScheduleSpec, SchedulerConfig, tick_key,
 };
 use sagaflow::engine::{Engine, EngineError, RunStatus, Trigger, TriggerOptions};
+use sagaflow::workflows::retention;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -32,7 +34,8 @@ fn manual_clock() -> Arc<ManualClock> {
 fn engine_at(pool: &PgPool, node: &str, clock: Option<Arc<ManualClock>>) -> Engine {
     let mut builder = Engine::builder(pool.clone())
         .config(fast_config(node))
-        .register(scripted::workflow());
+        .register(scripted::workflow())
+        .register(retention::workflow(Duration::from_secs(7 * 24 * 3600)));
     if let Some(clock) = clock {
         builder = builder.clock(clock);
     }
@@ -516,4 +519,227 @@ async fn two_creates_racing_for_a_name_make_one_schedule() {
     assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{a:?} {b:?}");
     assert!(matches!(a.err().or(b.err()), Some(ScheduleError::Duplicate(name)) if name == "contested"));
     assert_eq!(count(&db.pool, "SELECT count(*) FROM schedules").await, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// The retention sweep
+// ---------------------------------------------------------------------------------------
+
+/// Inserts `n` completed runs that finished `days` ago, each with a step and two log entries.
+async fn old_runs(pool: &PgPool, n: i32, days: i32) -> Vec<Uuid> {
+    sqlx::query_scalar(
+        "WITH runs AS (
+             INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, created_at, updated_at,
+                               finished_at, log_seq)
+             SELECT gen_random_uuid(), 'scripted', 1, 'completed', '{}', 'api',
+                    now() - make_interval(days => $2 + 1), now() - make_interval(days => $2),
+                    now() - make_interval(days => $2), 2
+             FROM generate_series(1, $1)
+             RETURNING id
+         ), steps AS (
+             INSERT INTO run_steps (run_id, idx, name, status, attempts) SELECT id, 0, 'a', 'succeeded', 1 FROM runs
+         ), events AS (
+             INSERT INTO run_events (run_id, seq, kind) SELECT id, s, 'run_created' FROM runs, generate_series(1, 2) s
+         )
+         SELECT id FROM runs",
+    )
+    .bind(n)
+    .bind(days)
+    .fetch_all(pool)
+    .await
+    .expect("old runs")
+}
+
+async fn finish_days_ago(pool: &PgPool, runs: &[Uuid], days: i32) {
+    sqlx::query("UPDATE runs SET finished_at = now() - make_interval(days => $2) WHERE id = ANY($1)")
+        .bind(runs)
+        .bind(days)
+        .execute(pool)
+        .await
+        .expect("backdate");
+}
+
+async fn sweep(engine: &Engine, input: Value) -> Value {
+    let run = engine
+        .trigger(retention::NAME, input, TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    assert_eq!(
+        engine.wait_for_terminal(run, WAIT).await.expect("wait"),
+        RunStatus::Completed
+    );
+    engine
+        .run(run)
+        .await
+        .expect("run")
+        .expect("exists")
+        .run
+        .output
+        .expect("output")
+}
+
+#[tokio::test]
+async fn the_retention_sweep_removes_exactly_what_it_should() {
+    let db = test_db().await;
+    let engine = engine_at(&db.pool, "n", None);
+    let worker = engine.start_worker().await.expect("worker");
+    let run = |input: Value| {
+        let engine = engine.clone();
+        async move {
+            let id = engine
+                .trigger(scripted::NAME, input, TriggerOptions::default())
+                .await
+                .expect("trigger")
+                .run_id;
+            engine.wait_for_terminal(id, WAIT).await.expect("wait");
+            id
+        }
+    };
+    // Terminal runs of each kind, finished 40 days ago: all go.
+    let completed = run(json!({})).await;
+    let compensated = run(json!({"permanent": {"c": true}})).await;
+    let failed = run(json!({"permanent": {"c": true}, "comp_permanent": {"b": true}})).await;
+    let cancelled = engine
+        .trigger(scripted::NAME, json!({"block": {"a": 1}}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    gate(cancelled).wait_entered().await;
+    engine.cancel(cancelled, "ops").await.expect("cancel");
+    gate(cancelled).release();
+    engine.wait_for_terminal(cancelled, WAIT).await.expect("wait");
+    let statuses: Vec<RunStatus> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ANY($1) ORDER BY status")
+        .bind([completed, compensated, failed, cancelled])
+        .fetch_all(&db.pool)
+        .await
+        .expect("statuses");
+    assert_eq!(
+        statuses,
+        [
+            RunStatus::Completed,
+            RunStatus::Compensated,
+            RunStatus::Failed,
+            RunStatus::Cancelled
+        ]
+    );
+    let old = [completed, compensated, failed, cancelled];
+    finish_days_ago(&db.pool, &old, 40).await;
+    // A recent retry of the old compensated run stays, its link to it cleared.
+    let retry = match engine.retry(compensated, "ops").await.expect("retry") {
+        sagaflow::engine::Retried::NewRun(id) => id,
+        other => panic!("expected a new run, got {other:?}"),
+    };
+    engine.wait_for_terminal(retry, WAIT).await.expect("wait");
+    // Finished 10 days ago: kept by a 30-day sweep, gone with the 7-day default.
+    let recent = run(json!({})).await;
+    finish_days_ago(&db.pool, &[recent], 10).await;
+    // A backlog of 1,200 old runs: more than two batches.
+    let backlog = old_runs(&db.pool, 1200, 45).await;
+    // Not finished, though created long ago: never deleted.
+    let unfinished = engine
+        .trigger(scripted::NAME, json!({"block": {"a": 1}}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    gate(unfinished).wait_entered().await;
+    sqlx::query("UPDATE runs SET created_at = now() - interval '90 days' WHERE id = $1")
+        .bind(unfinished)
+        .execute(&db.pool)
+        .await
+        .expect("backdate");
+    // An old run another transaction holds locked: skipped, not waited for.
+    let locked = old_runs(&db.pool, 1, 50).await[0];
+    let mut holder = db.pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+        .bind(locked)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+
+    let output = sweep(&engine, json!({"older_than": "30d"})).await;
+    assert_eq!(output["deleted"], json!(4 + 1200));
+    assert_eq!(output["older_than"], "30days");
+    holder.rollback().await.expect("unlock");
+
+    let gone: Vec<Uuid> = old.iter().chain(&backlog).copied().collect();
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM runs").await,
+        // retry, recent, unfinished, locked, and the sweep itself
+        5
+    );
+    for table in ["runs", "run_steps", "run_events"] {
+        let column = if table == "runs" { "id" } else { "run_id" };
+        let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE {column} = ANY($1)"
+        )))
+        .bind(&gone)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+        assert_eq!(left, 0, "{table} keeps rows of deleted runs");
+    }
+    for kept in [retry, recent, unfinished, locked] {
+        let detail = engine.run(kept).await.expect("run").expect("kept");
+        assert!(!detail.steps.is_empty());
+        assert!(!engine.events(kept).await.expect("events").expect("kept").is_empty());
+    }
+    assert_eq!(engine.run(retry).await.expect("run").expect("kept").run.retry_of, None);
+
+    // The configured default (7 days here) when the input gives none.
+    let output = sweep(&engine, json!({})).await;
+    assert_eq!(
+        output["deleted"],
+        json!(2),
+        "the 10-day-old run and the unlocked old one"
+    );
+    assert!(engine.run(recent).await.expect("run").is_none());
+    assert!(engine.run(locked).await.expect("run").is_none());
+    assert!(engine.run(unfinished).await.expect("run").is_some());
+
+    // A bad period is refused before anything is written.
+    let runs_before = count(&db.pool, "SELECT count(*) FROM runs").await;
+    let refused = engine
+        .trigger(
+            retention::NAME,
+            json!({"older_than": "soon"}),
+            TriggerOptions::default(),
+        )
+        .await;
+    assert!(matches!(refused, Err(EngineError::InvalidInput(ref e)) if e.field == "older_than"));
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM runs").await, runs_before);
+
+    gate(unfinished).release();
+    engine.wait_for_terminal(unfinished, WAIT).await.expect("wait");
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_swept_run_leaves_its_schedule_consistent() {
+    let db = test_db().await;
+    let clock = manual_clock();
+    let engine = engine_at(&db.pool, "n", Some(Arc::clone(&clock)));
+    engine
+        .create_schedule(spec("nightly", "* * * * *", Overlap::Skip, CatchUp::None))
+        .await
+        .expect("create");
+    let fired = engine.fire_schedule("nightly", "ops").await.expect("fire");
+    sqlx::query(
+        "UPDATE runs SET status = 'completed', ready_at = NULL, finished_at = now() - interval '40 days' WHERE id = $1",
+    )
+    .bind(fired.run_id)
+    .execute(&db.pool)
+    .await
+    .expect("finish");
+    assert_eq!(
+        engine
+            .delete_finished_runs(Utc::now() - chrono::Duration::days(30), 10)
+            .await
+            .expect("sweep"),
+        1
+    );
+    let view = engine.schedule("nightly").await.expect("read").expect("exists");
+    assert!(view.recent_runs.is_empty(), "the fire went with its run");
+    // Nothing in flight any more: skip allows the next.
+    engine.fire_schedule("nightly", "ops").await.expect("fire again");
 }

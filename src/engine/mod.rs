@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -65,6 +65,8 @@ pub mod metrics_names {
     pub const FENCED_WRITES: &str = "sagaflow_fenced_writes_total";
     /// Schedule ticks handled, by schedule and outcome.
     pub const SCHEDULE_TICKS: &str = "sagaflow_schedule_ticks_total";
+    /// Finished runs deleted by the retention sweep.
+    pub const RUNS_DELETED: &str = "sagaflow_runs_deleted_total";
 }
 
 /// Everything that can go wrong in an engine call.
@@ -623,6 +625,15 @@ impl Engine {
         limit: i64,
     ) -> Result<Vec<store::RunRow>, EngineError> {
         Ok(store::list_runs(&self.inner.pool, filter, cursor, limit).await?)
+    }
+
+    /// Deletes up to `batch` runs that reached a terminal status before `cutoff`, with their
+    /// steps and execution log, and returns how many. One short statement that skips runs
+    /// locked by anyone else: call it repeatedly to sweep a backlog without long locks.
+    pub async fn delete_finished_runs(&self, cutoff: DateTime<Utc>, batch: i64) -> Result<u64, EngineError> {
+        let deleted = store::delete_finished_before(&self.inner.pool, cutoff, batch).await?;
+        metrics::counter!(metrics_names::RUNS_DELETED).increment(deleted);
+        Ok(deleted)
     }
 
     /// Asks to cancel a `pending` or `running` run: it stops after the attempt in flight and
