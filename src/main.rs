@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sagaflow::engine::EngineConfig;
 use sagaflow::pg::PoolConfig;
-use sagaflow::server::{self, Database, ServerConfig};
+use sagaflow::server::{self, Database, ScheduleSettings, ServerConfig};
 use sagaflow::telemetry::{self, LogFormat};
 
 /// A durable saga orchestrator on PostgreSQL.
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the API, dashboard and workers (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the database migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -76,6 +76,12 @@ struct ServeArgs {
     /// Token for operators (dashboard and operator actions) [default: generated and printed].
     #[arg(long, env = "SAGAFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A JSON file of schedules (`{"schedules": [...]}`) upserted at every start.
+    #[arg(long, env = "SAGAFLOW_SCHEDULES")]
+    schedules: Option<PathBuf>,
+    /// How long finished runs are kept before the daily retention sweep deletes them.
+    #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    retention: Duration,
 }
 
 #[tokio::main]
@@ -83,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Migrate(args)) => migrate(args).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         None => serve(cli.serve).await,
     }
 }
@@ -128,6 +134,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         run_worker: !args.no_worker,
         api_token: api_token.value.clone(),
         admin_token: admin_token.value.clone(),
+        schedules: ScheduleSettings {
+            file: args.schedules,
+            retention_period: args.retention,
+            ..ScheduleSettings::default()
+        },
     };
     let running = server::start(config).await.context("starting sagaflow")?;
     println!(
@@ -140,6 +151,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     running.shutdown().await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// A retention period: a duration of at least a minute (`30d`, `12h`).
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    sagaflow::workflows::retention::parse_period(text).map_err(|e| e.message)
 }
 
 /// A token from the configuration, or generated when unset.

@@ -1,20 +1,24 @@
 //! Cron schedules against a real PostgreSQL: ticks fire exactly once across instances, missed
 //! ticks follow the catch-up policy, the overlap policy holds, disabling or deleting stops a
-//! schedule, the retention sweep deletes exactly what it should. Time is a manual clock: no
-//! test waits for a real minute.
+//! schedule, the retention sweep deletes exactly what it should, and the API refuses bad
+//! input writing nothing. Time is a manual clock: no test waits for a real minute.
 
 mod common;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::scripted::{self, gate};
+use common::server::{self, TestServer, read};
 use common::{eventually, fast_config, test_db};
+use reqwest::{Method, StatusCode};
 use sagaflow::engine::scheduler::{
-    CatchUp, CatchUpRules, ManualClock, Overlap, ScheduleError, ScheduleSpec, SchedulerConfig, tick_key,
+    CatchUp, CatchUpRules, ManualClock, Origin, Overlap, ScheduleError, ScheduleSpec, SchedulerConfig, tick_key,
 };
-use sagaflow::engine::{Engine, EngineError, RunStatus, Trigger, TriggerOptions};
+use sagaflow::engine::{Engine, EngineError, Faults, RunStatus, Trigger, TriggerOptions};
+use sagaflow::server::{ScheduleSettings, ServeError, build_engine, declare_schedules};
 use sagaflow::workflows::retention;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -742,4 +746,611 @@ async fn a_swept_run_leaves_its_schedule_consistent() {
     assert!(view.recent_runs.is_empty(), "the fire went with its run");
     // Nothing in flight any more: skip allows the next.
     engine.fire_schedule("nightly", "ops").await.expect("fire again");
+}
+
+// ---------------------------------------------------------------------------------------
+// Declared schedules
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn declared_schedules_are_upserted_and_the_builtin_sweep_is_created_once() {
+    let db = test_db().await;
+    let dir = std::env::temp_dir().join(format!("sagaflow-schedules-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("schedules.json");
+    let declare = |text: &str| {
+        std::fs::write(&file, text).expect("write");
+        let settings = ScheduleSettings {
+            file: Some(file.clone()),
+            ..ScheduleSettings::default()
+        };
+        let pool = db.pool.clone();
+        async move {
+            let engine = build_engine(pool, fast_config("n"), Faults::none(), &settings).expect("engine");
+            let result = declare_schedules(&engine, &settings).await;
+            (engine, result)
+        }
+    };
+
+    let (engine, result) = declare(
+        r#"{"schedules": [{"name": "report", "expression": "0 6 * * 1-5", "time_zone": "Europe/Paris",
+                            "workflow": "retention-sweep", "input": {"older_than": "90d"}}]}"#,
+    )
+    .await;
+    result.expect("declared");
+    let report = engine.schedule("report").await.expect("read").expect("declared");
+    assert_eq!(report.schedule.origin, Origin::File);
+    assert_eq!(report.description, "at 06:00 on Monday to Friday (Europe/Paris)");
+    let sweep = engine.schedule(retention::NAME).await.expect("read").expect("built in");
+    assert_eq!(sweep.schedule.origin, Origin::Builtin);
+    assert_eq!(sweep.schedule.expression, retention::DEFAULT_EXPRESSION);
+
+    // An operator changes both; the next start re-declares the file's and keeps theirs.
+    engine.set_schedule_enabled("report", false).await.expect("disable");
+    engine
+        .set_schedule_enabled(retention::NAME, false)
+        .await
+        .expect("disable");
+    let (engine, result) = declare(
+        r#"{"schedules": [{"name": "report", "expression": "0 7 * * 1-5", "time_zone": "Europe/Paris",
+                            "workflow": "retention-sweep"}]}"#,
+    )
+    .await;
+    result.expect("declared again");
+    let report = engine.schedule("report").await.expect("read").expect("declared");
+    assert!(report.schedule.enabled);
+    assert_eq!(report.schedule.expression, "0 7 * * 1-5");
+    assert_eq!(report.schedule.input, json!({}));
+    assert!(
+        !engine
+            .schedule(retention::NAME)
+            .await
+            .expect("read")
+            .expect("kept")
+            .schedule
+            .enabled
+    );
+
+    // A bad file stops the start, naming the schedule and what is wrong.
+    let (_, result) =
+        declare(r#"{"schedules": [{"name": "bad", "expression": "0 6 * * *", "workflow": "nope"}]}"#).await;
+    match result {
+        Err(ServeError::Schedules { message, .. }) => assert!(message.contains("unknown workflow `nope`"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (_, result) = declare(r#"{"schedules": [{"name": "bad", "expression": 6}]}"#).await;
+    match result {
+        Err(ServeError::Schedules { message, .. }) => assert!(message.contains("schedules[0].expression"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(engine.schedule("bad").await.expect("read").is_none());
+    let missing = ScheduleSettings {
+        file: Some(dir.join("missing.json")),
+        ..ScheduleSettings::default()
+    };
+    match declare_schedules(&engine, &missing).await {
+        Err(ServeError::Schedules { file, .. }) => assert_eq!(file, dir.join("missing.json")),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// The API
+// ---------------------------------------------------------------------------------------
+
+async fn start_server(clock: &Arc<ManualClock>, run_worker: bool) -> TestServer {
+    let clock = Arc::clone(clock);
+    server::start_with(move |config| {
+        config.run_worker = run_worker;
+        config.schedules.clock = clock;
+        config.schedules.scheduler = scheduler_config();
+    })
+    .await
+}
+
+async fn schedule_rows(server: &TestServer) -> (i64, i64, i64) {
+    (
+        count(server.pool(), "SELECT count(*) FROM schedules").await,
+        count(server.pool(), "SELECT count(*) FROM schedule_fires").await,
+        count(server.pool(), "SELECT count(*) FROM runs").await,
+    )
+}
+
+#[tokio::test]
+async fn schedules_over_the_api_from_creation_to_deletion() {
+    let clock = manual_clock();
+    let server = start_server(&clock, true).await;
+    let body = json!({
+        "name": "sweep-often", "expression": "*/15 * * * *", "time_zone": "America/New_York",
+        "workflow": "retention-sweep", "input": {"older_than": "90d"}, "catch_up": "none"
+    });
+    let response = server
+        .admin(Method::POST, "/v1/schedules")
+        .json(&body)
+        .send()
+        .await
+        .expect("create");
+    let location = response.headers().get("location").cloned();
+    let (status, created) = read(response).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(
+        location.and_then(|l| l.to_str().ok().map(str::to_string)).as_deref(),
+        Some("/v1/schedules/sweep-often")
+    );
+    assert_eq!(created["description"], "every 15 minutes (America/New_York)");
+    assert_eq!(created["overlap"], "skip");
+    assert_eq!(created["catch_up"], "none");
+    assert_eq!(created["origin"], "api");
+    assert_eq!(created["next_fire_at"], "2030-01-01T00:15:00Z");
+    assert_eq!(
+        created["upcoming"],
+        json!([
+            "2030-01-01T00:15:00Z",
+            "2030-01-01T00:30:00Z",
+            "2030-01-01T00:45:00Z",
+            "2030-01-01T01:00:00Z",
+            "2030-01-01T01:15:00Z"
+        ])
+    );
+
+    // The tick fires on its own; the run shows in the schedule's recent runs with its status.
+    clock.set(t("2030-01-01T00:15:00Z"));
+    let run_id = eventually(WAIT, "the tick's run", || async {
+        let (_, s) = read(
+            server
+                .api(Method::GET, "/v1/schedules/sweep-often")
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        s["recent_runs"][0]["run_id"].as_str().map(str::to_string)
+    })
+    .await;
+    let run = server.wait_terminal(&run_id).await;
+    assert_eq!(run["trigger"], "schedule");
+    assert_eq!(run["idempotency_key"], "schedule:sweep-often:2030-01-01T00:15:00Z");
+    assert_eq!(run["status"], "completed");
+    let (_, listed) = read(server.api(Method::GET, "/v1/schedules").send().await.expect("list")).await;
+    let names: Vec<&str> = listed["schedules"]
+        .as_array()
+        .expect("schedules")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["retention-sweep", "sweep-often"]);
+    let mine = &listed["schedules"][1];
+    assert_eq!(mine["recent_runs"][0]["status"], "completed");
+    assert_eq!(mine["recent_runs"][0]["tick"], "2030-01-01T00:15:00Z");
+    assert_eq!(mine["last_run_id"], json!(run_id));
+
+    // Replace: the input alone keeps the next tick; a new expression moves it.
+    let (status, replaced) = read(
+        server
+            .admin(Method::PUT, "/v1/schedules/sweep-often")
+            .json(&json!({"expression": "*/15 * * * *", "time_zone": "America/New_York",
+                          "workflow": "retention-sweep", "input": {"older_than": "60d"}, "catch_up": "none"}))
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    assert_eq!(replaced["input"], json!({"older_than": "60d"}));
+    assert_eq!(replaced["next_fire_at"], "2030-01-01T00:30:00Z");
+    let (status, replaced) = read(
+        server
+            .admin(Method::PUT, "/v1/schedules/sweep-often")
+            .json(
+                &json!({"name": "sweep-often", "expression": "0 9 * * *", "time_zone": "America/New_York",
+                          "workflow": "retention-sweep"}),
+            )
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    assert_eq!(replaced["next_fire_at"], "2030-01-01T14:00:00Z");
+    assert_eq!(replaced["description"], "at 09:00 every day (America/New_York)");
+
+    // Disable, enable, fire now.
+    let (status, disabled) = read(
+        server
+            .admin(Method::POST, "/v1/schedules/sweep-often/disable")
+            .send()
+            .await
+            .expect("disable"),
+    )
+    .await;
+    assert_eq!(
+        (status, &disabled["enabled"], &disabled["upcoming"]),
+        (StatusCode::OK, &json!(false), &json!([]))
+    );
+    let (status, enabled) = read(
+        server
+            .admin(Method::POST, "/v1/schedules/sweep-often/enable")
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    assert_eq!((status, &enabled["enabled"]), (StatusCode::OK, &json!(true)));
+    let response = server
+        .admin(Method::POST, "/v1/schedules/sweep-often/fire")
+        .header("X-Sagaflow-Operator", "grace@example.com")
+        .send()
+        .await
+        .expect("fire");
+    let (status, fired) = read(response).await;
+    assert_eq!(status, StatusCode::CREATED, "{fired}");
+    assert_eq!(fired["trigger"], "schedule");
+    assert!(
+        fired["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("schedule:sweep-often:manual:"))
+    );
+    server.wait_terminal(fired["id"].as_str().expect("id")).await;
+    let (_, view) = read(
+        server
+            .api(Method::GET, "/v1/schedules/sweep-often")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(view["recent_runs"][0]["manual"], true);
+    assert_eq!(view["recent_runs"][0]["fired_by"], "grace@example.com");
+
+    let (status, _) = read(
+        server
+            .admin(Method::DELETE, "/v1/schedules/sweep-often")
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, gone) = read(
+        server
+            .api(Method::GET, "/v1/schedules/sweep-often")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(
+        (status, &gone["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("not_found"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_schedule_requests_are_refused_and_write_nothing() {
+    let clock = manual_clock();
+    // No worker: runs stay pending, so a fire-now stays in flight.
+    let server = start_server(&clock, false).await;
+    let good = json!({"name": "nightly", "expression": "0 3 * * *", "workflow": "retention-sweep"});
+    let (status, _) = read(
+        server
+            .admin(Method::POST, "/v1/schedules")
+            .json(&good)
+            .send()
+            .await
+            .expect("create"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = read(
+        server
+            .admin(Method::POST, "/v1/schedules/nightly/fire")
+            .send()
+            .await
+            .expect("fire"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let before = schedule_rows(&server).await;
+
+    let with = |patch: Value| {
+        let mut body = good.clone();
+        if let (Some(body), Some(patch)) = (body.as_object_mut(), patch.as_object()) {
+            for (k, v) in patch {
+                body.insert(k.clone(), v.clone());
+            }
+        }
+        body
+    };
+    struct Case {
+        name: &'static str,
+        request: reqwest::RequestBuilder,
+        status: StatusCode,
+        code: &'static str,
+        field: Option<&'static str>,
+        says: &'static str,
+    }
+    let post = |body: Value| server.admin(Method::POST, "/v1/schedules").json(&body);
+    let cases = vec![
+        Case {
+            name: "invalid expression",
+            request: post(with(json!({"name": "x", "expression": "61 * * * *"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("expression"),
+            says: "Minutes must be less than 59",
+        },
+        Case {
+            name: "wrong number of fields",
+            request: post(with(json!({"name": "x", "expression": "* * *"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("expression"),
+            says: "got 3",
+        },
+        Case {
+            name: "never fires",
+            request: post(with(json!({"name": "x", "expression": "0 0 30 2 *"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("expression"),
+            says: "never fires",
+        },
+        Case {
+            name: "invalid time zone",
+            request: post(with(json!({"name": "x", "time_zone": "Mars/Olympus_Mons"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("time_zone"),
+            says: "failed to parse timezone",
+        },
+        Case {
+            name: "unknown workflow",
+            request: post(with(json!({"name": "x", "workflow": "no-such-workflow"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("workflow"),
+            says: "unknown workflow",
+        },
+        Case {
+            name: "input the workflow refuses",
+            request: post(with(json!({"name": "x", "input": {"older_than": "soon"}}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("input.older_than"),
+            says: "not a duration",
+        },
+        Case {
+            name: "invalid name",
+            request: post(with(json!({"name": "has space"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("name"),
+            says: "invalid schedule name",
+        },
+        Case {
+            name: "missing expression",
+            request: post(json!({"name": "x", "workflow": "retention-sweep"})),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("expression"),
+            says: "missing field",
+        },
+        Case {
+            name: "unknown policy",
+            request: post(with(json!({"name": "x", "overlap": "sometimes"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("overlap"),
+            says: "unknown variant",
+        },
+        Case {
+            name: "duplicate name",
+            request: post(good.clone()),
+            status: StatusCode::CONFLICT,
+            code: "duplicate",
+            field: None,
+            says: "already exists",
+        },
+        Case {
+            name: "malformed JSON",
+            request: server
+                .admin(Method::POST, "/v1/schedules")
+                .header("content-type", "application/json")
+                .body("{"),
+            status: StatusCode::BAD_REQUEST,
+            code: "malformed_json",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "the API token cannot create",
+            request: server
+                .api(Method::POST, "/v1/schedules")
+                .json(&with(json!({"name": "x"}))),
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "no token",
+            request: server.client.get(server.url("/v1/schedules")),
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "replace an unknown schedule",
+            request: server
+                .admin(Method::PUT, "/v1/schedules/ghost")
+                .json(&with(json!({"name": "ghost"}))),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "schedule `ghost`",
+        },
+        Case {
+            name: "replace naming another schedule",
+            request: server
+                .admin(Method::PUT, "/v1/schedules/nightly")
+                .json(&with(json!({"name": "other"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("name"),
+            says: "the path names `nightly`",
+        },
+        Case {
+            name: "replace with a bad expression",
+            request: server
+                .admin(Method::PUT, "/v1/schedules/nightly")
+                .json(&with(json!({"expression": "@fortnightly"}))),
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            field: Some("expression"),
+            says: "unknown shorthand",
+        },
+        Case {
+            name: "read an unknown schedule",
+            request: server.api(Method::GET, "/v1/schedules/ghost"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "a name no schedule can have",
+            request: server.api(Method::GET, "/v1/schedules/bad%00name"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "replace under a name no schedule can have",
+            request: server.admin(Method::PUT, "/v1/schedules/%20x").json(&good),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "delete an unknown schedule",
+            request: server.admin(Method::DELETE, "/v1/schedules/ghost"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "the API token cannot delete",
+            request: server.api(Method::DELETE, "/v1/schedules/nightly"),
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "enable an unknown schedule",
+            request: server.admin(Method::POST, "/v1/schedules/ghost/enable"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "disable an unknown schedule",
+            request: server.admin(Method::POST, "/v1/schedules/ghost/disable"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "fire an unknown schedule",
+            request: server.admin(Method::POST, "/v1/schedules/ghost/fire"),
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            field: None,
+            says: "",
+        },
+        Case {
+            name: "fire while a run is in flight (skip)",
+            request: server.admin(Method::POST, "/v1/schedules/nightly/fire"),
+            status: StatusCode::CONFLICT,
+            code: "in_flight",
+            field: None,
+            says: "still in flight",
+        },
+        Case {
+            name: "the API token cannot fire",
+            request: server.api(Method::POST, "/v1/schedules/nightly/fire"),
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            field: None,
+            says: "",
+        },
+    ];
+    for case in cases {
+        let (status, body) = read(case.request.send().await.expect("request")).await;
+        assert_eq!(status, case.status, "{}: {body}", case.name);
+        assert_eq!(body["error"]["code"], case.code, "{}: {body}", case.name);
+        if let Some(field) = case.field {
+            assert_eq!(body["error"]["field"], field, "{}: {body}", case.name);
+        }
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(case.says), "{}: {message}", case.name);
+        assert_eq!(schedule_rows(&server).await, before, "{} wrote something", case.name);
+    }
+    let (_, nightly) = read(
+        server
+            .api(Method::GET, "/v1/schedules/nightly")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(nightly["expression"], "0 3 * * *", "refused replaces changed nothing");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_schedule_routes() {
+    let server = server::start().await;
+    let (_, spec) = read(
+        server
+            .client
+            .get(server.url("/openapi.json"))
+            .send()
+            .await
+            .expect("spec"),
+    )
+    .await;
+    let paths: HashSet<String> = spec["paths"].as_object().expect("paths").keys().cloned().collect();
+    for path in [
+        "/v1/schedules",
+        "/v1/schedules/{name}",
+        "/v1/schedules/{name}/enable",
+        "/v1/schedules/{name}/disable",
+        "/v1/schedules/{name}/fire",
+    ] {
+        assert!(paths.contains(path), "the spec lacks {path}");
+    }
+    let create = &spec["paths"]["/v1/schedules"]["post"]["responses"];
+    for code in ["201", "400", "401", "403", "409", "413", "422"] {
+        assert!(
+            create.get(code).is_some(),
+            "POST /v1/schedules does not document {code}"
+        );
+    }
+    for method in ["get", "put", "delete"] {
+        assert!(
+            spec["paths"]["/v1/schedules/{name}"][method]["responses"]
+                .get("404")
+                .is_some()
+        );
+    }
+    server.stop().await;
 }
