@@ -4,12 +4,13 @@
 //!
 //! - [`engine`]: the domain-agnostic durable saga engine. Workflow definitions, the pure state
 //!   machine deciding every transition, the executor (one transaction per step), the worker
-//!   (claims, leases, heartbeats, recovery, shutdown), and `engine::store`, the only module
-//!   of the engine that speaks SQL.
+//!   (claims, leases, heartbeats, recovery, shutdown), `engine::store`, the only module of the
+//!   engine that speaks SQL about runs, and `engine::scheduler`, cron schedules firing each
+//!   tick once across instances (with its own `store`).
 //! - [`domain`]: the customer domain (customers, addresses, auth identities, the outbox) and
 //!   its SQL.
 //! - [`workflows`]: workflows built on the engine and registered by the server;
-//!   `create-customer-account` first.
+//!   `create-customer-account` first, and `retention-sweep`.
 //! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics.
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
 //! - [`check`]: the invariant checker (DESIGN.md §6) behind `sagaflow check` and the crash tests.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sagaflow::engine::EngineConfig;
 use sagaflow::pg::PoolConfig;
-use sagaflow::server::{self, Database, ServerConfig};
+use sagaflow::server::{self, Database, ScheduleSettings, ServerConfig};
 use sagaflow::telemetry::{self, LogFormat};
 
 /// A durable saga orchestrator on PostgreSQL.
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the API, dashboard and workers (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the database migrations and exit.
     Migrate(DatabaseArgs),
     /// Check the database against the invariants (exit 1 when one is broken).
@@ -108,6 +108,12 @@ struct ServeArgs {
     /// Token for operators (dashboard and operator actions) [default: generated and printed].
     #[arg(long, env = "SAGAFLOW_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A JSON file of schedules (`{"schedules": [...]}`) upserted at every start.
+    #[arg(long, env = "SAGAFLOW_SCHEDULES")]
+    schedules: Option<PathBuf>,
+    /// How long finished runs are kept before the daily retention sweep deletes them.
+    #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    retention: Duration,
 }
 
 #[tokio::main]
@@ -117,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Check(args)) => check(args).await,
         Some(Command::Bench(args)) => run_bench(args).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         None => serve(cli.serve).await,
     }
 }
@@ -137,7 +143,12 @@ async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
     let database = Database::open(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
         .await
         .context("opening the database")?;
-    let engine = server::build_engine(database.pool.clone(), EngineConfig::default(), Default::default())?;
+    let engine = server::build_engine(
+        database.pool.clone(),
+        EngineConfig::default(),
+        Default::default(),
+        &Default::default(),
+    )?;
     let violations = sagaflow::check::violations(&database.pool, &engine)
         .await
         .context("checking")?;
@@ -201,6 +212,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         run_worker: !args.no_worker,
         api_token: api_token.value.clone(),
         admin_token: admin_token.value.clone(),
+        schedules: ScheduleSettings {
+            file: args.schedules,
+            retention_period: args.retention,
+            ..ScheduleSettings::default()
+        },
     };
     let running = server::start(config).await.context("starting sagaflow")?;
     println!(
@@ -213,6 +229,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     running.shutdown().await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// A retention period: a duration of at least a minute (`30d`, `12h`).
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    sagaflow::workflows::retention::parse_period(text).map_err(|e| e.message)
 }
 
 /// A token from the configuration, or generated when unset.

@@ -1,5 +1,5 @@
-//! The `serve` command: database (embedded or given), migrations, engine, worker and HTTP,
-//! started in that order and stopped in the reverse order.
+//! The `serve` command: database (embedded or given), migrations, engine, declared schedules,
+//! worker and scheduler, and HTTP, started in that order and stopped in the reverse order.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,12 +12,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::engine::faults::FaultsParseError;
+use crate::engine::scheduler::{
+    Clock, DeclaredSchedules, ScheduleError, SchedulerConfig, SchedulerHandle, SystemClock,
+};
 use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
 use crate::http::auth::Tokens;
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
-use crate::workflows;
+use crate::workflows::{self, Builtins, retention};
 
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone)]
@@ -38,8 +41,35 @@ pub struct ServerConfig {
     pub api_token: String,
     /// The token operators use (everything the API token can do, plus operator actions).
     pub admin_token: String,
-    /// Start the worker (false: API only).
+    /// Start the worker and the scheduler (false: API only).
     pub run_worker: bool,
+    /// Schedules and the retention sweep.
+    pub schedules: ScheduleSettings,
+}
+
+/// Schedules and the retention sweep.
+#[derive(Debug, Clone)]
+pub struct ScheduleSettings {
+    /// A JSON file of schedules (`{"schedules": [...]}`) upserted at every start.
+    pub file: Option<PathBuf>,
+    /// How long finished runs are kept: what `retention-sweep` deletes when its input does not
+    /// say otherwise.
+    pub retention_period: Duration,
+    /// The scheduler's catch-up bounds and sleeps.
+    pub scheduler: SchedulerConfig,
+    /// The wall clock schedules run by (tests move a manual one).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            file: None,
+            retention_period: retention::DEFAULT_PERIOD,
+            scheduler: SchedulerConfig::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
 }
 
 /// Why the server could not start.
@@ -60,6 +90,17 @@ pub enum ServeError {
     /// The engine refused to start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The schedules file could not be read, or declares a schedule that is refused.
+    #[error("schedules file {file}: {message}")]
+    Schedules {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A schedule could not be set up.
+    #[error("schedules: {0}")]
+    Schedule(#[from] ScheduleError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -132,17 +173,61 @@ pub struct RunningServer {
     pub engine: Engine,
     database: Database,
     worker: Option<WorkerHandle>,
+    scheduler: Option<SchedulerHandle>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_http: CancellationToken,
 }
 
 /// Builds the engine with every built-in workflow.
-pub fn build_engine(pool: PgPool, config: EngineConfig, faults: Faults) -> Result<Engine, ServeError> {
-    let builder = Engine::builder(pool).config(config).faults(faults);
-    let engine = workflows::register_builtins(builder)
+pub fn build_engine(
+    pool: PgPool,
+    config: EngineConfig,
+    faults: Faults,
+    schedules: &ScheduleSettings,
+) -> Result<Engine, ServeError> {
+    let builder = Engine::builder(pool)
+        .config(config)
+        .faults(faults)
+        .clock(Arc::clone(&schedules.clock));
+    let builtins = Builtins {
+        retention_period: schedules.retention_period,
+    };
+    let engine = workflows::register_builtins(builder, &builtins)
         .build()
         .map_err(|e| ServeError::Engine(EngineError::Definition(e)))?;
     Ok(engine)
+}
+
+/// Upserts the schedules the file declares, then creates the built-in daily
+/// `retention-sweep` schedule unless a schedule of that name exists (declared, or changed by
+/// an operator: theirs wins).
+pub async fn declare_schedules(engine: &Engine, settings: &ScheduleSettings) -> Result<(), ServeError> {
+    if let Some(file) = &settings.file {
+        let refused = |message: String| ServeError::Schedules {
+            file: file.clone(),
+            message,
+        };
+        let text = tokio::fs::read_to_string(file)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        let declared = DeclaredSchedules::parse(&text).map_err(|e| refused(e.to_string()))?;
+        for (i, spec) in declared.schedules.into_iter().enumerate() {
+            let name = spec.name.clone();
+            engine
+                .declare_schedule(spec)
+                .await
+                .map_err(|e| refused(format!("schedules[{i}] (`{name}`): {e}")))?;
+            info!(schedule = %name, "declared schedule upserted");
+        }
+    }
+    if engine.ensure_schedule(retention::default_schedule()).await? {
+        info!(
+            schedule = retention::NAME,
+            expression = retention::DEFAULT_EXPRESSION,
+            "built-in schedule created"
+        );
+    }
+    Ok(())
 }
 
 /// Starts database, engine, worker and HTTP server.
@@ -160,11 +245,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     // Installed before anything records, so no early sample is lost.
     let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
-    let engine = build_engine(database.pool.clone(), config.engine.clone(), faults)?;
-    let worker = if config.run_worker {
-        Some(engine.start_worker().await?)
+    let engine = build_engine(database.pool.clone(), config.engine.clone(), faults, &config.schedules)?;
+    declare_schedules(&engine, &config.schedules).await?;
+    let (worker, scheduler) = if config.run_worker {
+        let worker = engine.start_worker().await?;
+        let scheduler = engine.start_scheduler(config.schedules.scheduler).await?;
+        (Some(worker), Some(scheduler))
     } else {
-        None
+        (None, None)
     };
 
     let listener = TcpListener::bind(config.listen)
@@ -196,14 +284,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         engine,
         database,
         worker,
+        scheduler,
         http,
         stop_http,
     })
 }
 
 impl RunningServer {
-    /// Stops in reverse order: HTTP (in-flight requests finish), worker (attempts finish,
-    /// leases are given back), pool, embedded database.
+    /// Stops in reverse order: HTTP (in-flight requests finish), scheduler, worker (attempts
+    /// finish, leases are given back), pool, embedded database.
     pub async fn shutdown(self) {
         self.stop_http.cancel();
         match tokio::time::timeout(Duration::from_secs(10), self.http).await {
@@ -211,6 +300,9 @@ impl RunningServer {
             Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server stopped with an error"),
             Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
             Err(_) => warn!("HTTP server did not stop in time"),
+        }
+        if let Some(scheduler) = self.scheduler {
+            scheduler.shutdown().await;
         }
         if let Some(worker) = self.worker {
             worker.shutdown().await;

@@ -104,7 +104,8 @@ async fn all_terminal(pool: &PgPool, timeout: Duration) {
 
 /// Every invariant of DESIGN.md §6 holds.
 async fn assert_invariants(pool: &PgPool) {
-    let engine = sagaflow::server::build_engine(pool.clone(), Default::default(), Faults::none()).expect("engine");
+    let engine = sagaflow::server::build_engine(pool.clone(), Default::default(), Faults::none(), &Default::default())
+        .expect("engine");
     let violations = sagaflow::check::violations(pool, &engine).await.expect("check");
     assert!(
         violations.is_empty(),

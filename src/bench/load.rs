@@ -228,7 +228,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
         node_id: "bench-library".into(),
         ..EngineConfig::default()
     };
-    let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none())?;
+    let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let xid_before = xid(pool).await?;

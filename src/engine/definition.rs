@@ -181,6 +181,7 @@ impl StepTransaction {
 /// What a step attempt sees: which run and attempt it is, the input, earlier outputs, and
 /// the run's transaction.
 pub struct StepContext<'a> {
+    pub(crate) engine: &'a super::Engine,
     pub(crate) run_id: Uuid,
     pub(crate) workflow: &'a str,
     pub(crate) step: &'a str,
@@ -191,6 +192,12 @@ pub struct StepContext<'a> {
 }
 
 impl<'a> StepContext<'a> {
+    /// The engine running the step, for steps that act on the engine itself (the retention
+    /// sweep deletes old runs through it).
+    pub fn engine(&self) -> &super::Engine {
+        self.engine
+    }
+
     /// The run's id.
     pub fn run_id(&self) -> Uuid {
         self.run_id

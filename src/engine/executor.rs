@@ -114,6 +114,7 @@ impl RunTask {
             }
             let handler = &def.handler.0;
             let mut ctx = StepContext {
+                engine: &self.engine,
                 run_id: self.run_id,
                 workflow: &workflow.name,
                 step: name,

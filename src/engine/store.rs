@@ -870,3 +870,28 @@ pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, by: &str)
     .await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Retention
+// ---------------------------------------------------------------------------------------
+
+/// Deletes up to `limit` terminal runs that finished before `cutoff`, oldest first; their
+/// steps and log go with them (ON DELETE CASCADE), links from their retries are cleared.
+/// Runs locked by a worker or an operator right now are skipped, not waited for.
+pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "WITH doomed AS (
+             SELECT id FROM runs
+             WHERE finished_at < $1 AND status IN ('completed', 'compensated', 'failed', 'cancelled')
+             ORDER BY finished_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM runs r USING doomed WHERE r.id = doomed.id",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

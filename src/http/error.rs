@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 use crate::domain::store::DomainError;
 use crate::engine::EngineError;
+use crate::engine::scheduler::{ExprError, ScheduleError};
 
 /// An error answer.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +79,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Machine-readable: `malformed_json`, `unauthorized`, `forbidden`, `not_found`,
     /// `method_not_allowed`, `idempotency_conflict`, `not_allowed`, `already_retried`,
-    /// `duplicate`, `payload_too_large`, `invalid_input`, `unavailable`, `internal`.
+    /// `duplicate`, `in_flight`, `payload_too_large`, `invalid_input`, `unavailable`,
+    /// `internal`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -204,6 +206,42 @@ impl From<EngineError> for ApiError {
             },
             EngineError::Database(e) => e.into(),
             e @ (EngineError::Definition(_) | EngineError::Internal(_)) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(error: ScheduleError) -> Self {
+        let message = error.to_string();
+        match error {
+            ScheduleError::InvalidName(_) | ScheduleError::NameMismatch { .. } => Self::invalid("name", message),
+            ScheduleError::Expression(ExprError::Expression { .. }) | ScheduleError::NeverFires(_) => {
+                Self::invalid("expression", message)
+            }
+            ScheduleError::Expression(ExprError::TimeZone { .. }) => Self::invalid("time_zone", message),
+            ScheduleError::UnknownWorkflow(_) => Self::invalid("workflow", message),
+            ScheduleError::InvalidInput { error, .. } => {
+                let field = if error.field == "." {
+                    "input".to_string()
+                } else {
+                    format!("input.{}", error.field)
+                };
+                Self::invalid(field, message)
+            }
+            ScheduleError::Duplicate(_) => Self::Conflict {
+                code: "duplicate",
+                message,
+            },
+            ScheduleError::InFlight(_) => Self::Conflict {
+                code: "in_flight",
+                message,
+            },
+            ScheduleError::NotFound(name) => Self::NotFound {
+                what: "schedule",
+                id: name,
+            },
+            ScheduleError::Engine(e) => e.into(),
+            ScheduleError::Database(e) => e.into(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `/metrics` in Prometheus text: runs started and finished by status, step attempts, step
-//! and run durations as histograms, recoveries, lease takeovers and fenced writes. The engine
-//! records through the `metrics` facade; this module installs the Prometheus recorder.
+//! and run durations as histograms, recoveries, lease takeovers and fenced writes, schedule
+//! ticks and runs deleted by the retention sweep. The engine records through the `metrics`
+//! facade; this module installs the Prometheus recorder.
 
 use std::sync::OnceLock;
 
@@ -60,6 +61,11 @@ fn describe() {
     );
     metrics::describe_counter!(m::LEASE_TAKEOVERS, "Claims that took over another worker's lease");
     metrics::describe_counter!(m::FENCED_WRITES, "Writes refused because the lease had been taken over");
+    metrics::describe_counter!(
+        m::SCHEDULE_TICKS,
+        "Schedule ticks handled, by schedule and outcome (started, already_started, skipped_overlap, skipped_missed, refused)"
+    );
+    metrics::describe_counter!(m::RUNS_DELETED, "Finished runs deleted by the retention sweep");
     // Counters of rare events are exported from the start, at zero, so alerts can rely on them.
     for name in [m::RECOVERIES, m::LEASE_TAKEOVERS, m::FENCED_WRITES] {
         metrics::counter!(name).increment(0);

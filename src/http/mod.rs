@@ -2,6 +2,7 @@
 //!
 //! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
 //! - [`customers`]: auth identities, customers, released events.
+//! - [`schedules`]: cron schedules (create, read, replace, delete, enable, disable, fire now).
 //! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
 //!   place errors become responses; [`metrics`]: the Prometheus endpoint.
 //!
@@ -13,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod metrics;
 pub mod runs;
+pub mod schedules;
 
 use std::sync::Arc;
 
@@ -57,6 +59,7 @@ pub struct AppState {
         (name = "runs", description = "Trigger and inspect workflow runs"),
         (name = "operators", description = "Operator actions (admin token)"),
         (name = "workflows", description = "Registered workflows"),
+        (name = "schedules", description = "Cron schedules starting runs (changes need the admin token)"),
         (name = "customers", description = "The customer domain of create-customer-account"),
         (name = "system", description = "Health, metrics"),
     )
@@ -87,6 +90,15 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::run_events))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(schedules::list_schedules, schedules::create_schedule))
+        .routes(routes!(
+            schedules::get_schedule,
+            schedules::replace_schedule,
+            schedules::delete_schedule
+        ))
+        .routes(routes!(schedules::enable_schedule))
+        .routes(routes!(schedules::disable_schedule))
+        .routes(routes!(schedules::fire_schedule))
         .routes(routes!(customers::create_identity))
         .routes(routes!(customers::get_identity))
         .routes(routes!(customers::list_customers))

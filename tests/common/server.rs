@@ -43,6 +43,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         run_worker: true,
         api_token: API_TOKEN.into(),
         admin_token: ADMIN_TOKEN.into(),
+        schedules: Default::default(),
     };
     tweak(&mut config);
     let running = server::start(config).await.expect("server starts");
