@@ -783,6 +783,129 @@ pub async fn count_by_status(pool: &PgPool, filter: &RunFilter) -> Result<Vec<(R
     sql.build_query_as().fetch_all(pool).await
 }
 
+/// How many runs match the filter (without its status part), by status, counting at most
+/// `cap` runs of each status: exact below the cap, "at least `cap`" at it. Each count is an
+/// index range scan that stops at the cap, so the cost does not grow with the table.
+pub async fn count_by_status_capped(
+    pool: &PgPool,
+    filter: &RunFilter,
+    cap: i64,
+) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
+    let without_status = RunFilter {
+        statuses: Vec::new(),
+        ..filter.clone()
+    };
+    let mut sql: QueryBuilder<Postgres> =
+        QueryBuilder::new("SELECT s.status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = s.status");
+    push_filter(&mut sql, &without_status);
+    sql.push(" LIMIT ")
+        .push_bind(cap)
+        .push(") capped) FROM unnest(")
+        .push_bind(RunStatus::ALL.to_vec())
+        .push(") AS s(status)");
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// A run's step without its outputs and errors: what a list needs to show progress.
+#[derive(Debug, Clone, FromRow)]
+pub struct StepBrief {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its position in the plan.
+    pub idx: i16,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Invoke attempts started.
+    pub attempts: i32,
+    /// Compensation attempts started.
+    pub compensation_attempts: i32,
+}
+
+/// The steps of several runs, without outputs (which can be large), by run then plan order.
+pub async fn step_briefs(pool: &PgPool, runs: &[Uuid]) -> Result<Vec<StepBrief>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts
+         FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
+    )
+    .bind(runs)
+    .fetch_all(pool)
+    .await
+}
+
+/// Runs finished in one minute of the overview.
+#[derive(Debug, Clone, FromRow)]
+pub struct FinishedMinute {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Runs that completed in it.
+    pub completed: i64,
+    /// Runs that ended otherwise (compensated, failed, cancelled).
+    pub other: i64,
+}
+
+/// Run durations (acceptance to terminal status) over a time bucket of the overview.
+#[derive(Debug, Clone, FromRow)]
+pub struct DurationBucket {
+    /// The bucket's start (the whole period for the summary).
+    pub start: DateTime<Utc>,
+    /// Median, in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, in milliseconds.
+    pub p99_ms: f64,
+    /// Runs measured.
+    pub runs: i64,
+}
+
+/// Finished runs per minute since `since`, oldest first (minutes without any are absent).
+pub async fn finished_per_minute(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<FinishedMinute>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT date_trunc('minute', finished_at) AS minute,
+                count(*) FILTER (WHERE status = 'completed') AS completed,
+                count(*) FILTER (WHERE status <> 'completed') AS other
+         FROM runs WHERE finished_at >= $1
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
+/// p50 and p99 run durations since `since`, over the `sample` most recently finished runs,
+/// per `bucket_minutes` and (first, with `start = since`) over the whole period.
+pub async fn durations(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    bucket_minutes: i32,
+    sample: i64,
+) -> Result<Vec<DurationBucket>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH recent AS (
+             SELECT finished_at, (extract(epoch FROM finished_at - created_at) * 1000)::float8 AS ms
+             FROM runs WHERE finished_at >= $1 ORDER BY finished_at DESC LIMIT $3
+         )
+         SELECT start, p50_ms, p99_ms, runs FROM (
+             SELECT 0 AS ord, $1 AS start,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99_ms,
+                    count(*) AS runs
+             FROM recent HAVING count(*) > 0
+             UNION ALL
+             SELECT 1, date_bin($2 * interval '1 minute', finished_at, $1),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
+                    count(*)
+             FROM recent GROUP BY 2
+         ) b ORDER BY ord, start",
+    )
+    .bind(since)
+    .bind(bucket_minutes)
+    .bind(sample)
+    .fetch_all(pool)
+    .await
+}
+
 fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
     if let Some(workflow) = &filter.workflow {
         sql.push(" AND workflow = ").push_bind(workflow.clone());
