@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -41,6 +42,9 @@ pub struct AppState {
     pub pool: PgPool,
     /// The API and admin tokens.
     pub tokens: Tokens,
+    /// Cancelled when the server stops, so that responses that never end by themselves (the
+    /// dashboard's live updates) end and graceful shutdown does not wait for them.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(OpenApi)]
