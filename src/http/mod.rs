@@ -2,6 +2,7 @@
 //!
 //! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
 //! - [`customers`]: auth identities, customers, released events.
+//! - [`dashboard`]: the operator dashboard (HTML pages, login, live updates).
 //! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
 //!   place errors become responses; [`metrics`]: the Prometheus endpoint.
 //!
@@ -9,6 +10,7 @@
 
 pub mod auth;
 pub mod customers;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -110,6 +112,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let spec = Arc::new(spec);
     router
         .route("/openapi.json", get(move || async move { Json(spec.as_ref().clone()) }))
+        .merge(dashboard::router(Arc::clone(&state)))
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
