@@ -64,7 +64,9 @@
     timer = setTimeout(function () { timer = null; refresh(); }, Math.max(0, 1000 - (Date.now() - last)));
   }
 
-  events.addEventListener("ready", function () { show("on", "● live"); });
+  // Whatever changed between rendering the page and listening (or while reconnecting) was
+  // not announced to this page: catch up once when the feed is ready.
+  events.addEventListener("ready", function () { show("on", "● live"); schedule(); });
   events.addEventListener("changed", schedule);
   events.onerror = function () { show("off", "○ reconnecting"); };
 })();

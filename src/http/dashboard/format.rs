@@ -35,9 +35,11 @@ pub fn machine_time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// The first block of a run id: enough to tell runs apart on a page.
+/// The end of a run id: enough to tell runs apart on a page. (Run ids are UUIDv7, whose
+/// first characters are a timestamp shared by runs started together; the end is random.)
 pub fn short_id(id: Uuid) -> String {
-    id.simple().to_string().chars().take(8).collect()
+    let hex = id.simple().to_string();
+    format!("…{}", &hex[hex.len() - 8..])
 }
 
 /// Text cut to `max` characters, with an ellipsis when cut.
@@ -175,6 +177,7 @@ mod tests {
         assert_eq!(count(9_999, Some(10_000)), "9,999");
         assert_eq!(clip("abcdef", 4), "abc…");
         assert_eq!(clip("abc", 4), "abc");
-        assert_eq!(short_id(Uuid::nil()), "00000000");
+        let id = Uuid::parse_str("01a21b97-7ac0-7280-a4c3-087742799a7b").expect("uuid");
+        assert_eq!(short_id(id), "…42799a7b");
     }
 }

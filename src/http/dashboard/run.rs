@@ -275,7 +275,8 @@ pub fn build(
     let end = run.finished_at.unwrap_or(now);
     let attempts = timeline::attempts(events, end, over);
     let names: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
-    let chart = timeline::chart(&names, &attempts, run.created_at, end, budget.bars);
+    let waits = timeline::waits(events);
+    let chart = timeline::chart(&names, &attempts, &waits, run.created_at, end, budget.bars);
 
     let retry = match run.status.retry_action() {
         Some(RetryAction::Resume) => Some(RetryOffer {

@@ -150,6 +150,33 @@ pub fn attempts(events: &[EventRow], end_of_run: DateTime<Utc>, run_over: bool) 
     done
 }
 
+/// A wait for a retry: from the failure to the time the next attempt was due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wait {
+    /// The step.
+    pub step: String,
+    /// When the retry was scheduled.
+    pub from: DateTime<Utc>,
+    /// When it was due.
+    pub until: DateTime<Utc>,
+}
+
+/// The retry waits recorded in a run's log (`retry_scheduled` entries with their due time).
+pub fn waits(events: &[EventRow]) -> Vec<Wait> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::RetryScheduled)
+        .filter_map(|e| {
+            let until = e.detail.get("at")?.as_str()?;
+            Some(Wait {
+                step: e.step.clone()?,
+                from: e.at,
+                until: DateTime::parse_from_rfc3339(until).ok()?.with_timezone(&Utc),
+            })
+        })
+        .collect()
+}
+
 /// Width of the whole chart, in SVG units.
 pub const WIDTH: f64 = 960.0;
 /// Room for the step names on the left.
@@ -175,6 +202,19 @@ pub struct Bar {
     /// CSS class: phase and outcome.
     pub class: &'static str,
     /// The tooltip: step, attempt, outcome, duration, error.
+    pub title: String,
+}
+
+/// A retry wait's line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitLine {
+    /// Start.
+    pub x1: String,
+    /// End.
+    pub x2: String,
+    /// Height (the row's middle).
+    pub y: String,
+    /// Tooltip.
     pub title: String,
 }
 
@@ -207,6 +247,8 @@ pub struct Chart {
     pub rows: Vec<Row>,
     /// The bars.
     pub bars: Vec<Bar>,
+    /// The retry waits, as dashed lines.
+    pub waits: Vec<WaitLine>,
     /// The axis marks.
     pub ticks: Vec<Tick>,
     /// Where the axis ends.
@@ -226,6 +268,7 @@ fn num(v: f64) -> String {
 pub fn chart(
     steps: &[String],
     attempts: &[Attempt],
+    waits: &[Wait],
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     max_bars: usize,
@@ -272,6 +315,19 @@ pub fn chart(
             })
         })
         .collect();
+    let wait_lines = waits
+        .iter()
+        .take(max_bars)
+        .filter_map(|w| {
+            let row = steps.iter().position(|s| *s == w.step)?;
+            Some(WaitLine {
+                x1: num(x_of(w.from)),
+                x2: num(x_of(w.until)),
+                y: num(TOP + row as f64 * ROW + ROW / 2.0),
+                title: format!("{} · waiting {} to retry", w.step, format::between(w.from, w.until)),
+            })
+        })
+        .collect();
     let ticks = tick_marks(span_ms)
         .into_iter()
         .map(|ms| Tick {
@@ -284,6 +340,7 @@ pub fn chart(
         height: num(bottom + 6.0),
         rows,
         bars,
+        waits: wait_lines,
         ticks,
         right: num(WIDTH - RIGHT_PAD),
         bottom: num(bottom),
@@ -364,7 +421,14 @@ mod tests {
                 Some(1),
                 json!({"error": "boom", "retryable": true}),
             ),
-            event(6, 20, RetryScheduled, Some("b"), Some(1), json!({})),
+            event(
+                6,
+                20,
+                RetryScheduled,
+                Some("b"),
+                Some(2),
+                json!({"at": "2023-11-14T22:13:20.220Z"}),
+            ),
             event(7, 220, StepStarted, Some("b"), Some(2), json!({})),
             event(8, 230, StepFailed, Some("b"), Some(2), json!({"error": "boom again"})),
             event(9, 230, CompensationStarted, None, None, json!({})),
@@ -399,7 +463,7 @@ mod tests {
 
         // To scale: the second attempt of b starts 220 ms into a 240 ms run.
         let steps = vec!["a".to_string(), "b".to_string(), "c".to_string()];
-        let chart = chart(&steps, &got, events[0].at, end, 100);
+        let chart = chart(&steps, &got, &waits(&events), events[0].at, end, 100);
         assert_eq!(chart.bars.len(), 4);
         assert_eq!(chart.rows.len(), 3, "steps never reached still get a row");
         let x: f64 = chart.bars[2].x.parse().expect("number");
@@ -459,7 +523,14 @@ mod tests {
             })
             .collect();
         let got = attempts(&events, events[events.len() - 1].at, true);
-        let chart = chart(&["a".to_string()], &got, events[0].at, events[events.len() - 1].at, 300);
+        let chart = chart(
+            &["a".to_string()],
+            &got,
+            &[],
+            events[0].at,
+            events[events.len() - 1].at,
+            300,
+        );
         assert_eq!(chart.bars.len(), 300);
         assert_eq!(chart.omitted, 2_000 - 300);
     }
