@@ -1093,3 +1093,27 @@ async fn the_json_api_is_unchanged_by_the_dashboard() {
     assert_eq!(body["error"]["code"], "not_found");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn counts_stop_at_their_cap() {
+    let server = server::start().await;
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger, finished_at)
+         SELECT gen_random_uuid(), 'create-customer-account', 1, 'completed', '{}', 'c' || i || '@example.com',
+                'api', now()
+         FROM generate_series(1, 10050) i",
+    )
+    .execute(server.pool())
+    .await
+    .expect("runs");
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, "/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("completed <strong>10,000+</strong>"), "capped count");
+    assert!(page.body.contains("all <strong>10,000+</strong>"));
+    assert!(page.body.contains("failed <strong>0</strong>"), "exact below the cap");
+    // Narrowed by a search, the count is exact again.
+    let page = session.get(&server, "/?q=c77%40example.com").await;
+    assert!(page.body.contains("completed <strong>1</strong>"));
+    server.stop().await;
+}

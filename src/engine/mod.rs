@@ -629,15 +629,15 @@ impl Engine {
         Ok(store::finished_per_minute(&self.inner.pool, since).await?)
     }
 
-    /// p50/p99 run durations since `since` over the `sample` most recently finished runs:
-    /// the whole period first, then per `bucket_minutes`.
+    /// p50/p99 run durations per bucket of `minutes` starting at each of `starts`, over at
+    /// most `sample` runs per bucket; the summary over all of them first.
     pub async fn durations(
         &self,
-        since: chrono::DateTime<Utc>,
-        bucket_minutes: i32,
+        starts: &[chrono::DateTime<Utc>],
+        minutes: i32,
         sample: i64,
     ) -> Result<Vec<store::DurationBucket>, EngineError> {
-        Ok(store::durations(&self.inner.pool, since, bucket_minutes, sample).await?)
+        Ok(store::durations(&self.inner.pool, starts, minutes, sample).await?)
     }
 
     /// Asks to cancel a `pending` or `running` run: it stops after the attempt in flight and

@@ -839,16 +839,14 @@ pub async fn step_briefs(pool: &PgPool, runs: &[Uuid]) -> Result<Vec<StepBrief>,
 pub struct FinishedMinute {
     /// The minute's start.
     pub minute: DateTime<Utc>,
-    /// Runs that completed in it.
-    pub completed: i64,
-    /// Runs that ended otherwise (compensated, failed, cancelled).
-    pub other: i64,
+    /// Runs that reached a terminal status in it.
+    pub finished: i64,
 }
 
 /// Run durations (acceptance to terminal status) over a time bucket of the overview.
 #[derive(Debug, Clone, FromRow)]
 pub struct DurationBucket {
-    /// The bucket's start (the whole period for the summary).
+    /// The bucket's start (for the summary over all buckets: the first bucket's).
     pub start: DateTime<Utc>,
     /// Median, in milliseconds.
     pub p50_ms: f64,
@@ -859,11 +857,10 @@ pub struct DurationBucket {
 }
 
 /// Finished runs per minute since `since`, oldest first (minutes without any are absent).
+/// Reads only the `runs_finished` index.
 pub async fn finished_per_minute(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<FinishedMinute>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT date_trunc('minute', finished_at) AS minute,
-                count(*) FILTER (WHERE status = 'completed') AS completed,
-                count(*) FILTER (WHERE status <> 'completed') AS other
+        "SELECT date_trunc('minute', finished_at) AS minute, count(*) AS finished
          FROM runs WHERE finished_at >= $1
          GROUP BY 1 ORDER BY 1",
     )
@@ -872,35 +869,40 @@ pub async fn finished_per_minute(pool: &PgPool, since: DateTime<Utc>) -> Result<
     .await
 }
 
-/// p50 and p99 run durations since `since`, over the `sample` most recently finished runs,
-/// per `bucket_minutes` and (first, with `start = since`) over the whole period.
+/// p50 and p99 run durations of the runs finished in each bucket `[start, start + minutes)`,
+/// over at most `sample` runs per bucket (the last finished), so the cost is bounded however
+/// busy the period was. The summary over all sampled runs comes first.
 pub async fn durations(
     pool: &PgPool,
-    since: DateTime<Utc>,
-    bucket_minutes: i32,
+    starts: &[DateTime<Utc>],
+    minutes: i32,
     sample: i64,
 ) -> Result<Vec<DurationBucket>, sqlx::Error> {
     sqlx::query_as(
-        "WITH recent AS (
-             SELECT finished_at, (extract(epoch FROM finished_at - created_at) * 1000)::float8 AS ms
-             FROM runs WHERE finished_at >= $1 ORDER BY finished_at DESC LIMIT $3
+        "WITH sample AS (
+             SELECT b.start, r.ms
+             FROM unnest($1::timestamptz[]) AS b(start)
+             CROSS JOIN LATERAL (
+                 SELECT (extract(epoch FROM finished_at - created_at) * 1000)::float8 AS ms
+                 FROM runs
+                 WHERE finished_at >= b.start AND finished_at < b.start + $2 * interval '1 minute'
+                 ORDER BY finished_at DESC LIMIT $3
+             ) r
          )
          SELECT start, p50_ms, p99_ms, runs FROM (
-             SELECT 0 AS ord, $1 AS start,
+             SELECT 0 AS ord, min(start) AS start,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50_ms,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99_ms,
                     count(*) AS runs
-             FROM recent HAVING count(*) > 0
+             FROM sample HAVING count(*) > 0
              UNION ALL
-             SELECT 1, date_bin($2 * interval '1 minute', finished_at, $1),
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
-                    count(*)
-             FROM recent GROUP BY 2
+             SELECT 1, start, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), count(*)
+             FROM sample GROUP BY start
          ) b ORDER BY ord, start",
     )
-    .bind(since)
-    .bind(bucket_minutes)
+    .bind(starts)
+    .bind(minutes)
     .bind(sample)
     .fetch_all(pool)
     .await
