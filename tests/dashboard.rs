@@ -343,6 +343,21 @@ async fn logging_in_checks_the_token_the_form_and_the_name() {
         assert!(page.body.contains("name=\"csrf\""), "the form is shown again");
     }
 
+    // Not a form at all.
+    let page = Page::of(
+        client
+            .post(server.url("/login"))
+            .header("cookie", &nonce)
+            .json(&json!({"token": ADMIN_TOKEN, "csrf": csrf}))
+            .send()
+            .await
+            .expect("login"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.body.contains("expected the login form"), "{}", page.body);
+    assert!(page.set_cookie("sagaflow_session").is_none());
+
     // The admin token: a session cookie that scripts cannot read and other sites cannot send.
     let page = attempt(ADMIN_TOKEN, " grace ".into(), csrf.clone(), nonce.clone()).await;
     assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
@@ -742,6 +757,12 @@ async fn retrying_from_the_dashboard_starts_a_linked_run() {
         )
         .await;
     assert_eq!(page.status, StatusCode::NOT_FOUND);
+    let page = session
+        .post(&server, "/runs/not-a-run/retry", &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    let runs = server.row_counts().await.into_iter().find(|(table, _)| table == "runs");
+    assert_eq!(runs.map(|(_, n)| n), Some(3), "the refused retries started nothing");
     server.stop().await;
 }
 

@@ -30,7 +30,7 @@
     if (busy) { pending = true; return; }
     busy = true;
     var open = openDetails();
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Sagaflow-Live": "1" } })
+    fetch(window.location.href, { credentials: "same-origin" })
       .then(function (response) {
         if (response.redirected || !response.ok) { throw new Error("HTTP " + response.status); }
         return response.text();
