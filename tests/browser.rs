@@ -142,6 +142,15 @@ async fn seed(server: &TestServer) -> String {
     failed["id"].as_str().expect("id").to_string()
 }
 
+/// Chromium's fresh profile, removed however the test ends.
+struct Profile(PathBuf);
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_finds_a_failed_registration_and_retries_it() {
     // set-auth-app-metadata fails its three attempts once: the first registration is
@@ -149,12 +158,12 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
     let failed = seed(&server).await;
 
-    let profile = std::env::temp_dir().join(format!("sagaflow-chromium-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&profile);
+    let profile = Profile(std::env::temp_dir().join(format!("sagaflow-chromium-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&profile.0);
     let config = BrowserConfig::builder()
         .chrome_executable(chromium())
         .no_sandbox()
-        .user_data_dir(&profile)
+        .user_data_dir(&profile.0)
         .window_size(WIDTH, HEIGHT)
         .viewport(Viewport {
             width: WIDTH,
@@ -260,6 +269,5 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     browser.close().await.expect("close Chromium");
     let _ = browser.wait().await;
     events.abort();
-    let _ = std::fs::remove_dir_all(&profile);
     server.stop().await;
 }
