@@ -11,7 +11,8 @@
 //!   its SQL.
 //! - [`workflows`]: workflows built on the engine and registered by the server;
 //!   `create-customer-account` first, and `retention-sweep`.
-//! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics.
+//! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics, and the operator
+//!   dashboard (`http::dashboard`, with its templates and static files in `dashboard/`).
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
 //! - [`check`]: the invariant checker (DESIGN.md §6) behind `sagaflow check` and the crash tests.
 //! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command.

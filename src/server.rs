@@ -265,13 +265,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         addr: config.listen,
         source,
     })?;
+    let stop_http = CancellationToken::new();
     let state = AppState {
         engine: engine.clone(),
         pool: database.pool.clone(),
         tokens: Tokens::new(&config.api_token, &config.admin_token),
+        shutdown: stop_http.clone(),
     };
     let app = http::app(Arc::new(state));
-    let stop_http = CancellationToken::new();
     let stop = stop_http.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -817,6 +817,131 @@ pub async fn count_by_status(pool: &PgPool, filter: &RunFilter) -> Result<Vec<(R
     sql.build_query_as().fetch_all(pool).await
 }
 
+/// How many runs match the filter (without its status part), by status, counting at most
+/// `cap` runs of each status: exact below the cap, "at least `cap`" at it. Each count is an
+/// index range scan that stops at the cap, so the cost does not grow with the table.
+pub async fn count_by_status_capped(
+    pool: &PgPool,
+    filter: &RunFilter,
+    cap: i64,
+) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
+    let without_status = RunFilter {
+        statuses: Vec::new(),
+        ..filter.clone()
+    };
+    let mut sql: QueryBuilder<Postgres> =
+        QueryBuilder::new("SELECT s.status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = s.status");
+    push_filter(&mut sql, &without_status);
+    sql.push(" LIMIT ")
+        .push_bind(cap)
+        .push(") capped) FROM unnest(")
+        .push_bind(RunStatus::ALL.to_vec())
+        .push(") AS s(status)");
+    sql.build_query_as().fetch_all(pool).await
+}
+
+/// A run's step without its outputs and errors: what a list needs to show progress.
+#[derive(Debug, Clone, FromRow)]
+pub struct StepBrief {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its position in the plan.
+    pub idx: i16,
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: StepStatus,
+    /// Invoke attempts started.
+    pub attempts: i32,
+    /// Compensation attempts started.
+    pub compensation_attempts: i32,
+}
+
+/// The steps of several runs, without outputs (which can be large), by run then plan order.
+pub async fn step_briefs(pool: &PgPool, runs: &[Uuid]) -> Result<Vec<StepBrief>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, idx, name, status, attempts, compensation_attempts
+         FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
+    )
+    .bind(runs)
+    .fetch_all(pool)
+    .await
+}
+
+/// Runs finished in one minute of the overview.
+#[derive(Debug, Clone, FromRow)]
+pub struct FinishedMinute {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Runs that reached a terminal status in it.
+    pub finished: i64,
+}
+
+/// Run durations (acceptance to terminal status) over a time bucket of the overview.
+#[derive(Debug, Clone, FromRow)]
+pub struct DurationBucket {
+    /// The bucket's start (for the summary over all buckets: the first bucket's).
+    pub start: DateTime<Utc>,
+    /// Median, in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, in milliseconds.
+    pub p99_ms: f64,
+    /// Runs measured.
+    pub runs: i64,
+}
+
+/// Finished runs per minute since `since`, oldest first (minutes without any are absent).
+/// Reads only the `runs_finished` index.
+pub async fn finished_per_minute(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<FinishedMinute>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT date_trunc('minute', finished_at) AS minute, count(*) AS finished
+         FROM runs WHERE finished_at >= $1
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
+/// p50 and p99 run durations of the runs finished in each bucket `[start, start + minutes)`,
+/// over at most `sample` runs per bucket (the last finished), so the cost is bounded however
+/// busy the period was. The summary over all sampled runs comes first.
+pub async fn durations(
+    pool: &PgPool,
+    starts: &[DateTime<Utc>],
+    minutes: i32,
+    sample: i64,
+) -> Result<Vec<DurationBucket>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH sample AS (
+             SELECT b.start, r.ms
+             FROM unnest($1::timestamptz[]) AS b(start)
+             CROSS JOIN LATERAL (
+                 SELECT (extract(epoch FROM finished_at - created_at) * 1000)::float8 AS ms
+                 FROM runs
+                 WHERE finished_at >= b.start AND finished_at < b.start + $2 * interval '1 minute'
+                 ORDER BY finished_at DESC LIMIT $3
+             ) r
+         )
+         SELECT start, p50_ms, p99_ms, runs FROM (
+             SELECT 0 AS ord, min(start) AS start,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99_ms,
+                    count(*) AS runs
+             FROM sample HAVING count(*) > 0
+             UNION ALL
+             SELECT 1, start, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), count(*)
+             FROM sample GROUP BY start
+         ) b ORDER BY ord, start",
+    )
+    .bind(starts)
+    .bind(minutes)
+    .bind(sample)
+    .fetch_all(pool)
+    .await
+}
+
 fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
     if let Some(workflow) = &filter.workflow {
         sql.push(" AND workflow = ").push_bind(workflow.clone());
@@ -837,12 +962,14 @@ fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
             Ok(id) => {
                 sql.push(" AND id = ").push_bind(id);
             }
+            // Two index lookups. Written as an OR, PostgreSQL walks the newest-first index and
+            // filters every run (seconds on a million runs) when few match.
             Err(_) => {
-                sql.push(" AND (idempotency_key = ")
+                sql.push(" AND id IN (SELECT id FROM runs WHERE idempotency_key = ")
                     .push_bind(q.to_string())
-                    .push(" OR (subject IS NOT NULL AND lower(subject) = lower(")
+                    .push(" UNION ALL SELECT id FROM runs WHERE subject IS NOT NULL AND lower(subject) = lower(")
                     .push_bind(q.to_string())
-                    .push(")))");
+                    .push("))");
             }
         }
     }

@@ -57,6 +57,26 @@ impl Tokens {
     }
 }
 
+impl Tokens {
+    /// A key for `purpose` derived from the admin token (HMAC-SHA-256 keyed by its digest):
+    /// what the dashboard signs its session cookies with. Every instance given the same admin
+    /// token derives the same key, and changing the token invalidates everything signed.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = hmac_sha256(&self.admin);
+        hmac::Mac::update(&mut mac, purpose.as_bytes());
+        hmac::Mac::finalize(mac).into_bytes().into()
+    }
+}
+
+/// HMAC-SHA-256 keyed by a 256-bit key. HMAC zero-pads keys shorter than the hash's 64-byte
+/// block, so padding here gives the standard result with a key of the exact type, not a
+/// length checked at run time.
+pub(crate) fn hmac_sha256(key: &[u8; 32]) -> hmac::Hmac<Sha256> {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(key);
+    <hmac::Hmac<Sha256> as hmac::digest::KeyInit>::new(&block.into())
+}
+
 fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
@@ -136,6 +156,21 @@ mod tests {
         assert_eq!(tokens.role_of("admin-token"), Some(Role::Admin));
         assert_eq!(tokens.role_of("api-token "), None);
         assert_eq!(tokens.role_of(""), None);
+    }
+
+    #[test]
+    fn derived_keys_follow_the_admin_token_and_the_purpose() {
+        use hmac::Mac;
+        let tokens = Tokens::new("api-token", "admin-token");
+        let key = tokens.derive_key("sessions");
+        assert_eq!(key, Tokens::new("other-api", "admin-token").derive_key("sessions"));
+        assert_ne!(key, Tokens::new("api-token", "admin-token2").derive_key("sessions"));
+        assert_ne!(key, tokens.derive_key("other purpose"));
+        // The padded key gives standard HMAC (the same as keying with the 32 bytes).
+        let standard = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&digest("admin-token")).expect("any length");
+        let mut standard = standard;
+        standard.update(b"sessions");
+        assert_eq!(key, <[u8; 32]>::from(standard.finalize().into_bytes()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
 //! - [`customers`]: auth identities, customers, released events.
 //! - [`schedules`]: cron schedules (create, read, replace, delete, enable, disable, fire now).
+//! - [`dashboard`]: the operator dashboard (HTML pages, login, live updates).
 //! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
 //!   place errors become responses; [`metrics`]: the Prometheus endpoint.
 //!
@@ -10,6 +11,7 @@
 
 pub mod auth;
 pub mod customers;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -25,6 +27,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -43,6 +46,9 @@ pub struct AppState {
     pub pool: PgPool,
     /// The API and admin tokens.
     pub tokens: Tokens,
+    /// Cancelled when the server stops, so that responses that never end by themselves (the
+    /// dashboard's live updates) end and graceful shutdown does not wait for them.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(OpenApi)]
@@ -118,6 +124,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let spec = Arc::new(spec);
     router
         .route("/openapi.json", get(move || async move { Json(spec.as_ref().clone()) }))
+        .merge(dashboard::router(Arc::clone(&state)))
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))

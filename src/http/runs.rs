@@ -435,11 +435,13 @@ pub async fn trigger(
     Ok(with_location(status, run))
 }
 
-fn encode_cursor(run: &RunRow) -> String {
+/// The cursor of the page after `run` (opaque to clients).
+pub fn encode_cursor(run: &RunRow) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}|{}", run.created_at.timestamp_micros(), run.id))
 }
 
-fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
+/// Reads a cursor [`encode_cursor`] made; anything else is a 422 naming `cursor`.
+pub fn decode_cursor(text: &str) -> Result<Cursor, ApiError> {
     let bad = || ApiError::invalid("cursor", "not a cursor this API returned");
     let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;

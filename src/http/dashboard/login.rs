@@ -1,0 +1,239 @@
+//! Logging in with the admin token, and out.
+
+use std::sync::Arc;
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::Utc;
+use serde::Deserialize;
+
+use super::Dashboard;
+use super::error::PageError;
+use super::session::{
+    self, LOGIN_COOKIE, LOGIN_FORM_TTL, Operator, SESSION_COOKIE, SESSION_TTL, clear_cookie, set_cookie,
+};
+use crate::http::auth::Role;
+use crate::http::error::ApiError;
+use crate::http::extract::Params;
+
+/// The login form.
+#[derive(Template, WebTemplate)]
+#[template(path = "login.html", config = "dashboard/askama.toml")]
+pub struct LoginPage {
+    /// The form's CSRF token.
+    pub csrf: String,
+    /// Where to go after logging in.
+    pub next: String,
+    /// The operator name typed before (kept when the token was wrong).
+    pub operator: String,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+}
+
+/// Where a login may send the browser: a path on this site, nothing else (no open redirect).
+pub fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(path)
+            if path.starts_with('/')
+                && !path.starts_with("//")
+                && !path.starts_with("/\\")
+                && !path.chars().any(|c| c.is_control() || c == '\\')
+                && path.len() <= 2000 =>
+        {
+            path.to_string()
+        }
+        _ => "/".to_string(),
+    }
+}
+
+/// What a request tells about the browser, with or without a session.
+pub struct Browser {
+    /// Its session, if it has a valid one.
+    pub session: Option<session::Session>,
+    /// The login form's nonce cookie.
+    pub login_nonce: Option<String>,
+    /// Whether it came over HTTPS (so cookies get `Secure`).
+    pub https: bool,
+}
+
+impl Browser {
+    fn of(parts: &Parts, dashboard: &Dashboard) -> Self {
+        let session = session::cookie(parts, SESSION_COOKIE).and_then(|c| dashboard.keys.open(c, Utc::now()).ok());
+        Self {
+            session,
+            login_nonce: session::cookie(parts, LOGIN_COOKIE).map(str::to_string),
+            https: session::is_https(parts),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Dashboard>> for Browser {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, dashboard: &Arc<Dashboard>) -> Result<Self, Self::Rejection> {
+        Ok(Self::of(parts, dashboard))
+    }
+}
+
+/// The form with a fresh login nonce, with `status` (the form again after a refusal).
+fn render_form(
+    dashboard: &Dashboard,
+    status: StatusCode,
+    next: String,
+    operator: String,
+    error: Option<String>,
+    https: bool,
+) -> Response {
+    let (nonce, csrf) = dashboard.keys.login_nonce(Utc::now());
+    let page = LoginPage {
+        csrf,
+        next,
+        operator,
+        error,
+    };
+    let mut response = (status, page).into_response();
+    if let Ok(cookie) = HeaderValue::from_str(&set_cookie(LOGIN_COOKIE, &nonce, LOGIN_FORM_TTL, https)) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+/// `GET /login`: the form (or, already logged in, straight on).
+pub async fn form(State(dashboard): State<Arc<Dashboard>>, browser: Browser, params: Params) -> Response {
+    let next = safe_next(params.text("next", 2000).ok().flatten().as_deref());
+    if browser.session.is_some() {
+        return Redirect::to(&next).into_response();
+    }
+    render_form(&dashboard, StatusCode::OK, next, String::new(), None, browser.https)
+}
+
+/// The login form's fields.
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    /// The admin token.
+    pub token: Option<String>,
+    /// Who is logging in (recorded on retry and cancel).
+    pub operator: Option<String>,
+    /// The form's CSRF token.
+    pub csrf: Option<String>,
+    /// Where to go afterwards.
+    pub next: Option<String>,
+}
+
+/// `POST /login`: checks the token and starts a session.
+pub async fn submit(
+    State(dashboard): State<Arc<Dashboard>>,
+    browser: Browser,
+    form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        return PageError::from(ApiError::invalid("form", "expected the login form's fields")).into_response();
+    };
+    let next = safe_next(form.next.as_deref());
+    let typed_operator = form.operator.clone().unwrap_or_default();
+    let again = |status, message: &str| {
+        render_form(
+            &dashboard,
+            status,
+            next.clone(),
+            super::format::clip(&typed_operator, session::MAX_OPERATOR_CHARS),
+            Some(message.to_string()),
+            browser.https,
+        )
+    };
+    let csrf_ok = match (&browser.login_nonce, &form.csrf) {
+        (Some(nonce), Some(token)) => dashboard.keys.check_login(nonce, token, Utc::now()),
+        _ => false,
+    };
+    if !csrf_ok {
+        return again(
+            StatusCode::FORBIDDEN,
+            "This login form was stale or not sent from this dashboard. Please try again.",
+        );
+    }
+    let operator = match session::operator_name(form.operator.as_deref()) {
+        Ok(name) => name,
+        Err(why) => return again(StatusCode::UNPROCESSABLE_ENTITY, &format!("Operator name: {why}.")),
+    };
+    match dashboard
+        .app
+        .tokens
+        .role_of(form.token.as_deref().unwrap_or_default().trim())
+    {
+        Some(Role::Admin) => {}
+        Some(Role::Api) => {
+            return again(
+                StatusCode::FORBIDDEN,
+                "That is the API token; the dashboard needs the admin token.",
+            );
+        }
+        None => return again(StatusCode::UNAUTHORIZED, "That is not the admin token."),
+    }
+    let session = dashboard.keys.issue(&operator, Utc::now());
+    tracing::info!(operator = %session.operator, "operator logged in to the dashboard");
+    let mut response = Redirect::to(&next).into_response();
+    let headers = response.headers_mut();
+    for cookie in [
+        set_cookie(
+            SESSION_COOKIE,
+            &dashboard.keys.seal(&session),
+            SESSION_TTL,
+            browser.https,
+        ),
+        clear_cookie(LOGIN_COOKIE),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            headers.append(header::SET_COOKIE, value);
+        }
+    }
+    response
+}
+
+/// The logout form's field.
+#[derive(Debug, Deserialize)]
+pub struct LogoutForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+}
+
+/// `POST /logout`: ends the session in this browser.
+pub async fn logout(
+    operator: Operator,
+    form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let token = form.ok().and_then(|Form(f)| f.csrf);
+    if let Err(e) = operator.check_csrf(token.as_deref()) {
+        return e.into_response();
+    }
+    let mut response = Redirect::to("/login").into_response();
+    if let Ok(value) = HeaderValue::from_str(&clear_cookie(SESSION_COOKIE)) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_paths_are_followed() {
+        assert_eq!(safe_next(Some("/runs/abc?q=x")), "/runs/abc?q=x");
+        for bad in [
+            "https://evil.example",
+            "//evil.example",
+            "/\\evil.example",
+            "runs",
+            "/a\nb",
+            "",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/");
+    }
+}

@@ -1,0 +1,522 @@
+//! A run's page (`/runs/{id}`): what happened and when, and the operator's Retry and Cancel.
+//!
+//! Everything a run holds can be large (inputs up to the body limit, outputs and errors of any
+//! size, logs of thousands of retries), so each part has a budget; the page says what it left
+//! out and where the whole is (the JSON API).
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::Form;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Path, State};
+use axum::response::{Html, Redirect};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::Dashboard;
+use super::error::PageError;
+use super::format::{self, JsonText};
+use super::session::{Operator, Viewer};
+use super::timeline::{self, Chart};
+use crate::engine::store::{EventRow, RunRow, StepRow};
+use crate::engine::{Retried, RetryAction, RunStatus, StepStatus};
+use crate::http::error::ApiError;
+use crate::http::extract::Params;
+
+/// No page may be larger than this.
+pub const PAGE_LIMIT: usize = 200 * 1024;
+
+/// How much of a run's data a page shows. Escaping can make text up to six times longer in
+/// HTML, so the page is rendered with [`Budget::FULL`] and, while it is over [`PAGE_LIMIT`],
+/// again with halved budgets: the limit holds whatever the data is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes of the input, and of the output.
+    pub json: usize,
+    /// Bytes of all step outputs together.
+    pub step_outputs: usize,
+    /// Bytes of one step output.
+    pub step_output: usize,
+    /// Characters of an error message.
+    pub text: usize,
+    /// Characters of a log entry's detail.
+    pub detail: usize,
+    /// Log entries shown: the first `log_head` and the latest ones.
+    pub log_rows: usize,
+    /// See `log_rows`.
+    pub log_head: usize,
+    /// Bars drawn in the timeline.
+    pub bars: usize,
+}
+
+impl Budget {
+    /// What a page shows when it fits.
+    pub const FULL: Budget = Budget {
+        json: 16 * 1024,
+        step_outputs: 16 * 1024,
+        step_output: 2 * 1024,
+        text: 1_000,
+        detail: 200,
+        log_rows: 150,
+        log_head: 50,
+        bars: 200,
+    };
+
+    /// Half of everything, down to a floor that still tells the story.
+    pub fn halved(self) -> Self {
+        Self {
+            json: (self.json / 2).max(1024),
+            step_outputs: (self.step_outputs / 2).max(512),
+            step_output: (self.step_output / 2).max(256),
+            text: (self.text / 2).max(120),
+            detail: (self.detail / 2).max(60),
+            log_rows: (self.log_rows / 2).max(20),
+            log_head: (self.log_head / 2).max(5),
+            bars: (self.bars / 2).max(20),
+        }
+    }
+}
+
+/// A run's page (rendered by the handler, which checks its size).
+#[derive(Template)]
+#[template(path = "run.html", config = "dashboard/askama.toml")]
+pub struct RunPage {
+    /// The logged-in operator.
+    pub operator: String,
+    /// For the forms.
+    pub csrf: String,
+    /// The run, its facts and lineage.
+    pub run: Summary,
+    /// What an action just did.
+    pub notice: Option<&'static str>,
+    /// The retry offered, if allowed.
+    pub retry: Option<RetryOffer>,
+    /// Whether Cancel is offered.
+    pub can_cancel: bool,
+    /// The input.
+    pub input: JsonText,
+    /// The output, once completed.
+    pub output: Option<JsonText>,
+    /// Every step of the plan.
+    pub steps: Vec<StepLine>,
+    /// The timeline.
+    pub chart: Chart,
+    /// The log (possibly cut in the middle).
+    pub events: Vec<EventLine>,
+    /// How many log entries are not shown.
+    pub events_omitted: usize,
+    /// Where the log is cut (entries before this index are the head).
+    pub events_cut_at: usize,
+}
+
+/// The facts about a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Full id.
+    pub id: String,
+    /// First block of the id.
+    pub short_id: String,
+    /// The workflow.
+    pub workflow: String,
+    /// Its version.
+    pub version: i32,
+    /// The status.
+    pub status: &'static str,
+    /// Whether it is still going (the page updates itself).
+    pub in_flight: bool,
+    /// An operator asked to cancel it.
+    pub cancel_requested: bool,
+    /// The customer's email (the subject).
+    pub subject: String,
+    /// The idempotency key.
+    pub idempotency_key: String,
+    /// What started it.
+    pub trigger: String,
+    /// When it was accepted.
+    pub created: String,
+    /// When it ended.
+    pub finished: String,
+    /// How long it took (so far).
+    pub duration: String,
+    /// Why it did not complete.
+    pub error: Option<ErrorLine>,
+    /// The run it retries: id and short id.
+    pub retry_of: Option<(String, String)>,
+    /// The run that retried it.
+    pub retried_by: Option<(String, String)>,
+}
+
+/// A run's error.
+#[derive(Debug, Clone)]
+pub struct ErrorLine {
+    /// The step that gave up (none for a cancel).
+    pub step: String,
+    /// What went wrong.
+    pub message: String,
+    /// Whether the step ran out of attempts (rather than failing permanently).
+    pub retryable: bool,
+}
+
+/// What Retry will do.
+#[derive(Debug, Clone)]
+pub struct RetryOffer {
+    /// The button.
+    pub label: &'static str,
+    /// The confirmation's explanation.
+    pub explanation: &'static str,
+}
+
+/// A step of the plan.
+#[derive(Debug, Clone)]
+pub struct StepLine {
+    /// Position, from 1.
+    pub number: usize,
+    /// Its name.
+    pub name: String,
+    /// Status (CSS class).
+    pub status: &'static str,
+    /// Status for people ("not reached").
+    pub status_text: &'static str,
+    /// Attempts of the step and of its compensation.
+    pub attempts: String,
+    /// When its last attempt started.
+    pub started: String,
+    /// How long its last attempt took.
+    pub took: String,
+    /// Its last error.
+    pub error: String,
+    /// Its output.
+    pub output: Option<JsonText>,
+}
+
+/// A log entry.
+#[derive(Debug, Clone)]
+pub struct EventLine {
+    /// Position in the log.
+    pub seq: i32,
+    /// When.
+    pub at: String,
+    /// Time since the run was accepted.
+    pub offset: String,
+    /// What happened.
+    pub kind: &'static str,
+    /// A CSS class grouping kinds (failures, compensation, operator).
+    pub tone: &'static str,
+    /// The step.
+    pub step: String,
+    /// The attempt.
+    pub attempt: String,
+    /// Details, compact.
+    pub detail: String,
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound {
+        what: "run",
+        id: format::clip(id, 100),
+    })
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound {
+        what: "run",
+        id: id.to_string(),
+    }
+}
+
+/// `GET /runs/{id}`.
+pub async fn page(
+    viewer: Viewer,
+    State(dashboard): State<Arc<Dashboard>>,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Html<String>, PageError> {
+    let id = parse_id(&id)?;
+    let engine = &dashboard.app.engine;
+    let detail = engine.run(id).await?.ok_or_else(|| not_found(id))?;
+    let events = engine.events(id).await?.unwrap_or_default();
+    let notice = match params.text("done", 20)?.as_deref() {
+        Some("retried") => Some("Retry started: this is the new run, with the same input as the run it retries."),
+        Some("resumed") => Some("Retry accepted: the compensation that gave up is being attempted again."),
+        Some("cancel") => Some("Cancel requested: the run stops after the attempt in flight and compensates."),
+        _ => None,
+    };
+    let now = Utc::now();
+    let mut budget = Budget::FULL;
+    loop {
+        let html = build(&viewer, &detail.run, &detail.steps, &events, notice, now, budget)
+            .render()
+            .map_err(|e| ApiError::Internal(format!("rendering run {id}: {e}")))?;
+        let smaller = budget.halved();
+        if html.len() <= PAGE_LIMIT || smaller == budget {
+            if html.len() > PAGE_LIMIT {
+                tracing::warn!(run_id = %id, bytes = html.len(), "run page over the size limit at the smallest budget");
+            }
+            return Ok(Html(html));
+        }
+        budget = smaller;
+    }
+}
+
+/// Lays out a run's page (pure: the handler only loads).
+pub fn build(
+    viewer: &Viewer,
+    run: &RunRow,
+    steps: &[StepRow],
+    events: &[EventRow],
+    notice: Option<&'static str>,
+    now: DateTime<Utc>,
+    budget: Budget,
+) -> RunPage {
+    let over = run.status.is_terminal();
+    let end = run.finished_at.unwrap_or(now);
+    let attempts = timeline::attempts(events, end, over);
+    let names: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
+    let waits = timeline::waits(events);
+    let chart = timeline::chart(&names, &attempts, &waits, run.created_at, end, budget.bars);
+
+    let retry = match run.status.retry_action() {
+        Some(RetryAction::Resume) => Some(RetryOffer {
+            label: "Retry the compensation",
+            explanation: "The compensation that gave up is attempted again, with a fresh budget of attempts. \
+                          This run resumes; no new run is started.",
+        }),
+        Some(RetryAction::NewRun) if run.retried_by.is_none() => Some(RetryOffer {
+            label: "Retry as a new run",
+            explanation: "A new run starts with the same input, linked to this one. This run stays as it is.",
+        }),
+        _ => None,
+    };
+    let link = |id: Option<Uuid>| id.map(|id| (id.to_string(), format::short_id(id)));
+    let error = run.error.as_ref().and_then(|e| {
+        Some(ErrorLine {
+            step: e.get("step").and_then(Value::as_str).unwrap_or_default().to_string(),
+            message: format::clip(e.get("message")?.as_str()?, budget.text),
+            retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
+        })
+    });
+    let mut duration = format::between(run.created_at, end);
+    if !over {
+        duration.push_str(" so far");
+    }
+    let summary = Summary {
+        id: run.id.to_string(),
+        short_id: format::short_id(run.id),
+        workflow: run.workflow.clone(),
+        version: run.workflow_version,
+        status: run.status.as_str(),
+        in_flight: !over,
+        cancel_requested: run.cancel_requested,
+        subject: format::clip(run.subject.as_deref().unwrap_or_default(), 300),
+        idempotency_key: run.idempotency_key.clone().unwrap_or_default(),
+        trigger: format!("{:?}", run.trigger).to_lowercase(),
+        created: format::time(run.created_at),
+        finished: run.finished_at.map(format::time).unwrap_or_default(),
+        duration,
+        error,
+        retry_of: link(run.retry_of),
+        retried_by: link(run.retried_by),
+    };
+
+    let mut outputs_left = budget.step_outputs;
+    let steps = steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| step_line(i, step, run.status, budget, &mut outputs_left))
+        .collect();
+
+    let (events, events_omitted, events_cut_at) = log_lines(events, run.created_at, budget);
+    RunPage {
+        operator: viewer.session.operator.clone(),
+        csrf: viewer.csrf.clone(),
+        can_cancel: run.status.can_cancel() && !run.cancel_requested,
+        retry,
+        notice,
+        input: format::json(&run.input, budget.json),
+        output: run.output.as_ref().map(|o| format::json(o, budget.json)),
+        run: summary,
+        steps,
+        chart,
+        events,
+        events_omitted,
+        events_cut_at,
+    }
+}
+
+fn step_line(
+    index: usize,
+    step: &StepRow,
+    run_status: RunStatus,
+    budget: Budget,
+    outputs_left: &mut usize,
+) -> StepLine {
+    let status_text = match step.status {
+        StepStatus::Pending if run_status.is_terminal() => "not reached",
+        StepStatus::Pending => "not reached yet",
+        StepStatus::Skipped => "skipped (condition false)",
+        StepStatus::CompensationFailed => "compensation failed",
+        other => other.as_str(),
+    };
+    let mut attempts = step.attempts.to_string();
+    if step.compensation_attempts > 0 {
+        attempts.push_str(&format!(" + {} undo", step.compensation_attempts));
+    }
+    let output = step.output.as_ref().map(|o| {
+        let text = format::json(o, budget.step_output.min(*outputs_left));
+        *outputs_left -= text.text.len().min(*outputs_left);
+        text
+    });
+    let took = match (step.started_at, step.finished_at) {
+        (Some(start), Some(end)) => format::between(start, end),
+        _ => String::new(),
+    };
+    StepLine {
+        number: index + 1,
+        name: step.name.clone(),
+        status: step.status.as_str(),
+        status_text,
+        attempts,
+        started: step.started_at.map(format::time).unwrap_or_default(),
+        took,
+        error: step
+            .error
+            .as_ref()
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+            .map(|m| format::clip(m, budget.text))
+            .unwrap_or_default(),
+        output,
+    }
+}
+
+/// The log entries shown (the first `log_head` and the latest), how many are left out, and
+/// where the cut is.
+fn log_lines(events: &[EventRow], start: DateTime<Utc>, budget: Budget) -> (Vec<EventLine>, usize, usize) {
+    let line = |e: &EventRow| {
+        let detail = match &e.detail {
+            Value::Object(map) if map.is_empty() => String::new(),
+            other => format::clip(&other.to_string(), budget.detail),
+        };
+        let tone = match e.kind.as_str() {
+            k if k.ends_with("failed") || k == "lease_taken_over" => "bad",
+            k if k.contains("compensat") || k == "run_cancelled" => "undo",
+            "operator_retry" | "cancel_requested" => "operator",
+            "run_completed" | "step_succeeded" => "good",
+            _ => "",
+        };
+        EventLine {
+            seq: e.seq,
+            at: format::time(e.at),
+            offset: format!("+{}", format::between(start, e.at)),
+            kind: e.kind.as_str(),
+            tone,
+            step: e.step.clone().unwrap_or_default(),
+            attempt: e.attempt.map(|a| a.to_string()).unwrap_or_default(),
+            detail,
+        }
+    };
+    let (rows, head) = (budget.log_rows, budget.log_head.min(budget.log_rows));
+    if events.len() <= rows {
+        return (events.iter().map(line).collect(), 0, events.len());
+    }
+    let shown = events[..head]
+        .iter()
+        .chain(&events[events.len() - (rows - head)..])
+        .map(line)
+        .collect();
+    (shown, events.len() - rows, head)
+}
+
+/// The fields of the Retry and Cancel forms.
+#[derive(Debug, Deserialize)]
+pub struct ActionForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+}
+
+fn checked(operator: &Operator, form: Result<Form<ActionForm>, FormRejection>) -> Result<(), PageError> {
+    let token = form.ok().and_then(|Form(f)| f.csrf);
+    operator.check_csrf(token.as_deref())
+}
+
+/// `POST /runs/{id}/retry`: retries, then shows the run that goes on (the new one, for a
+/// compensated or cancelled run).
+pub async fn retry(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    Path(id): Path<String>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    checked(&operator, form)?;
+    let id = parse_id(&id)?;
+    let by = &operator.session.operator;
+    Ok(match dashboard.app.engine.retry(id, by).await? {
+        Retried::NewRun(new) => {
+            tracing::info!(run_id = %id, new_run = %new, operator = %by, "dashboard: run retried as a new run");
+            Redirect::to(&format!("/runs/{new}?done=retried"))
+        }
+        Retried::Resumed(run) => {
+            tracing::info!(run_id = %run, operator = %by, "dashboard: failed run resumed");
+            Redirect::to(&format!("/runs/{run}?done=resumed"))
+        }
+    })
+}
+
+/// `POST /runs/{id}/cancel`: asks the run to stop and compensate.
+pub async fn cancel(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    Path(id): Path<String>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    checked(&operator, form)?;
+    let id = parse_id(&id)?;
+    dashboard.app.engine.cancel(id, &operator.session.operator).await?;
+    tracing::info!(run_id = %id, operator = %operator.session.operator, "dashboard: cancel requested");
+    Ok(Redirect::to(&format!("/runs/{id}?done=cancel")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EventKind;
+    use serde_json::json;
+
+    #[test]
+    fn long_logs_keep_their_start_and_their_end() {
+        let t0 = Utc::now();
+        let events: Vec<EventRow> = (1..=1_000)
+            .map(|seq| EventRow {
+                seq,
+                at: t0,
+                kind: EventKind::StepFailed,
+                step: Some("s".into()),
+                attempt: Some(seq),
+                detail: json!({"error": "x".repeat(5_000)}),
+            })
+            .collect();
+        let b = Budget::FULL;
+        let (shown, omitted, cut) = log_lines(&events, t0, b);
+        assert_eq!(shown.len(), b.log_rows);
+        assert_eq!(omitted, 1_000 - b.log_rows);
+        assert_eq!(cut, b.log_head);
+        assert_eq!(shown[b.log_head - 1].seq, b.log_head as i32);
+        assert_eq!(shown[b.log_head].seq, (1_000 - (b.log_rows - b.log_head) + 1) as i32);
+        assert_eq!(shown[b.log_rows - 1].seq, 1_000);
+        assert!(shown.iter().all(|l| l.detail.chars().count() <= b.detail));
+        assert_eq!(shown[0].tone, "bad");
+    }
+
+    #[test]
+    fn budgets_halve_down_to_a_floor() {
+        let mut b = Budget::FULL;
+        for _ in 0..20 {
+            b = b.halved();
+        }
+        assert_eq!(b, b.halved(), "the floor is reached");
+        assert!(b.log_head <= b.log_rows && b.log_rows >= 20 && b.bars >= 20);
+    }
+}

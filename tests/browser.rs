@@ -1,0 +1,273 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium`, driven over the DevTools
+//! protocol by chromiumoxide): an operator logs in, finds a compensated registration by its
+//! email, opens it, retries it and sees the new run; a run triggered meanwhile appears on the
+//! list without a reload.
+//!
+//! Screenshots are written to `target/screenshots/`; with `SAGAFLOW_UPDATE_DOCS=1` the two
+//! shown in the README are copied to `docs/` as well. The test fails, loudly, when Chromium
+//! is missing or cannot start: `.ci/run` installs it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
+use chromiumoxide::handler::viewport::Viewport;
+use chromiumoxide::page::ScreenshotParams;
+use chromiumoxide::{Browser, BrowserConfig, Page};
+use common::server::{self, ADMIN_TOKEN, TestServer};
+use futures::StreamExt;
+
+const WIDTH: u32 = 1360;
+const HEIGHT: u32 = 900;
+
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("SAGAFLOW_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.exists(),
+        "Chromium not found at {} (Debian: apt-get install chromium; or set SAGAFLOW_CHROMIUM); \
+         the browser test does not skip",
+        path.display()
+    );
+    path
+}
+
+fn screenshots_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshots directory");
+    dir
+}
+
+async fn screenshot(page: &Page, name: &str, docs_name: Option<&str>) {
+    let path = screenshots_dir().join(name);
+    page.save_screenshot(
+        ScreenshotParams::builder()
+            .format(CaptureScreenshotFormat::Png)
+            .full_page(true)
+            .build(),
+        &path,
+    )
+    .await
+    .expect("screenshot");
+    if let (Some(docs_name), Some(_)) = (docs_name, std::env::var_os("SAGAFLOW_UPDATE_DOCS")) {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).expect("docs directory");
+        std::fs::copy(&path, docs.join(docs_name)).expect("copy the screenshot to docs/");
+    }
+}
+
+/// Polls the page until `check` holds for its HTML, or fails after 15 s saying `what`.
+async fn until(page: &Page, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let html = page.content().await.expect("page content");
+        if check(&html) {
+            return html;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; page:\n{html}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn path_of(page: &Page) -> String {
+    let url = page.url().await.expect("url").unwrap_or_default();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map_or("/".to_string(), |i| after_scheme[i..].to_string())
+}
+
+/// Clicks, then waits until the browser is on another page and has loaded it.
+async fn click_and_wait(page: &Page, selector: &str) {
+    let before = path_of(page).await;
+    page.find_element(selector)
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = page
+            .evaluate("document.readyState")
+            .await
+            .ok()
+            .and_then(|r| r.into_value::<String>().ok());
+        if path_of(page).await != before && ready.as_deref() == Some("complete") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clicking {selector} on {before} led nowhere"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fill(page: &Page, selector: &str, text: &str) {
+    page.find_element(selector)
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .expect("focus")
+        .type_str(text)
+        .await
+        .expect("type");
+}
+
+/// Runs for the pictures and the story: a registration whose last step fails all its
+/// attempts (compensated), completed ones, and a duplicate email (compensated at once).
+async fn seed(server: &TestServer) -> String {
+    let ada = server.identity("ada@example.com").await;
+    let failed = server.register(&ada, "ada@example.com").await;
+    assert_eq!(failed["status"], "compensated", "{failed}");
+    for email in ["grace@example.com", "alan@example.com", "edsger@example.com"] {
+        let identity = server.identity(email).await;
+        let run = server.register(&identity, email).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    let again = server.identity("grace.again@example.com").await;
+    let duplicate = server.register(&again, "grace@example.com").await;
+    assert_eq!(duplicate["status"], "compensated", "{duplicate}");
+    failed["id"].as_str().expect("id").to_string()
+}
+
+/// Chromium's fresh profile, removed however the test ends.
+struct Profile(PathBuf);
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_finds_a_failed_registration_and_retries_it() {
+    // set-auth-app-metadata fails its three attempts once: the first registration is
+    // compensated, and its retry later succeeds.
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
+    let failed = seed(&server).await;
+
+    let profile = Profile(std::env::temp_dir().join(format!("sagaflow-chromium-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&profile.0);
+    let config = BrowserConfig::builder()
+        .chrome_executable(chromium())
+        .no_sandbox()
+        .user_data_dir(&profile.0)
+        .window_size(WIDTH, HEIGHT)
+        .viewport(Viewport {
+            width: WIDTH,
+            height: HEIGHT,
+            device_scale_factor: Some(1.0),
+            emulating_mobile: false,
+            is_landscape: true,
+            has_touch: false,
+        })
+        .args([
+            "disable-gpu",
+            "disable-background-networking",
+            "disable-component-update",
+            "disable-sync",
+            "no-first-run",
+        ])
+        .launch_timeout(Duration::from_secs(60))
+        .request_timeout(Duration::from_secs(30))
+        .build()
+        .expect("browser configuration");
+    let (mut browser, mut handler) = Browser::launch(config)
+        .await
+        .unwrap_or_else(|e| panic!("Chromium could not start: {e}"));
+    let events = tokio::spawn(async move {
+        // Drives the DevTools connection; an event it cannot read is not fatal.
+        while let Some(event) = handler.next().await {
+            let _ = event;
+        }
+    });
+
+    // Any page first asks for the login.
+    let page = browser.new_page(server.url("/")).await.expect("new page");
+    page.wait_for_navigation().await.expect("navigation");
+    assert!(path_of(&page).await.starts_with("/login"), "{}", path_of(&page).await);
+    fill(&page, "input[name=token]", ADMIN_TOKEN).await;
+    fill(&page, "input[name=operator]", "grace@example.com").await;
+    click_and_wait(&page, "button[type=submit]").await;
+    assert_eq!(path_of(&page).await, "/");
+    let html = until(&page, "the runs list", |html| html.matches("data-run=").count() == 5).await;
+    assert!(html.contains("signed in as <strong>grace@example.com</strong>"));
+    // The live feed is connected (the page says so once the server is listening).
+    until(&page, "live updates", |html| html.contains("● live")).await;
+    screenshot(&page, "runs-list.png", Some("dashboard-runs.png")).await;
+
+    // Search the compensated registration by its email.
+    fill(&page, "input[name=q]", "ada@example.com").await;
+    click_and_wait(&page, "form.filters button[type=submit]").await;
+    assert_eq!(path_of(&page).await, "/?q=ada%40example.com&workflow=&status=&range=");
+    let html = until(&page, "the search result", |html| {
+        html.matches("data-run=").count() == 1
+    })
+    .await;
+    assert!(html.contains(&failed) && html.contains(">compensated</span>"));
+    screenshot(&page, "runs-search.png", None).await;
+
+    // Open it: what happened, and when.
+    click_and_wait(&page, &format!("tr[data-run='{failed}'] a.run-link")).await;
+    assert_eq!(path_of(&page).await, format!("/runs/{failed}"));
+    let html = until(&page, "the run page", |html| html.contains("Timeline")).await;
+    assert!(html.contains("set-auth-app-metadata"));
+    assert!(html.contains("class=\"bar failed\""), "failed attempts drawn");
+    assert!(html.contains("class=\"bar comp\""), "compensations drawn");
+    screenshot(&page, "run-compensated.png", Some("dashboard-run.png")).await;
+
+    // Retry: confirm, and land on the new run.
+    page.find_element("#retry-button")
+        .await
+        .expect("retry offered")
+        .click()
+        .await
+        .expect("open the confirmation");
+    click_and_wait(&page, "#confirm-retry-button").await;
+    let path = path_of(&page).await;
+    let new_run = path
+        .strip_prefix("/runs/")
+        .and_then(|p| p.strip_suffix("?done=retried"))
+        .unwrap_or_else(|| panic!("landed on {path}"))
+        .to_string();
+    assert_ne!(new_run, failed);
+    let html = until(&page, "the new run completed", |html| {
+        html.contains("id=\"run-status\">completed<")
+    })
+    .await;
+    assert!(html.contains("Retry started"));
+    assert!(
+        html.contains(&format!("href=\"/runs/{failed}\"")),
+        "linked to the run it retries"
+    );
+    screenshot(&page, "run-retried.png", None).await;
+
+    // The list updates itself: a registration triggered now appears without a reload.
+    page.goto(server.url("/")).await.expect("list");
+    page.wait_for_navigation().await.expect("navigation");
+    until(&page, "live updates", |html| html.contains("● live")).await;
+    let identity = server.identity("barbara@example.com").await;
+    server.register(&identity, "barbara@example.com").await;
+    until(&page, "the new registration listed live", |html| {
+        html.contains("barbara@example.com")
+    })
+    .await;
+    assert_eq!(path_of(&page).await, "/", "no navigation happened");
+
+    browser.close().await.expect("close Chromium");
+    let _ = browser.wait().await;
+    events.abort();
+    server.stop().await;
+}

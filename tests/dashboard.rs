@@ -1,0 +1,1140 @@
+//! The operator dashboard over a real listener and a real PostgreSQL: every page and action,
+//! each refusal (no login, bad CSRF token, wrong token, bad parameters), escaping, page size
+//! bounds and live updates.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{self, ADMIN_TOKEN, API_TOKEN, TestServer, read, registration};
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use reqwest::{Method, StatusCode};
+use sagaflow::http::auth::Tokens;
+use sagaflow::http::dashboard::session::Keys;
+use serde_json::{Value, json};
+
+/// A browser-like client: no redirects followed, cookies handled by hand.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// What a response says.
+struct Page {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    async fn of(response: reqwest::Response) -> Self {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.text().await.expect("body");
+        Self { status, headers, body }
+    }
+
+    fn location(&self) -> &str {
+        self.headers
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    /// The value a `Set-Cookie` gives to `name`, with its attributes.
+    fn set_cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{name}=")))
+            .map(str::to_string)
+    }
+
+    /// The CSRF token of the page's forms.
+    fn csrf(&self) -> String {
+        hidden(&self.body, "csrf").expect("a form with a CSRF token")
+    }
+}
+
+fn hidden(body: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = body.find(&marker)? + marker.len();
+    let end = body[start..].find('"')? + start;
+    Some(body[start..end].to_string())
+}
+
+/// The text a browser shows for some HTML (entities decoded).
+fn text_of(html: &str) -> String {
+    html.replace("&#60;", "<")
+        .replace("&lt;", "<")
+        .replace("&#62;", ">")
+        .replace("&gt;", ">")
+        .replace("&#34;", "\"")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or_default().to_string()
+}
+
+/// A logged-in browser.
+struct Session {
+    client: reqwest::Client,
+    cookie: String,
+    csrf: String,
+}
+
+impl Session {
+    async fn get(&self, server: &TestServer, path: &str) -> Page {
+        Page::of(
+            self.client
+                .get(server.url(path))
+                .header("cookie", &self.cookie)
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await
+    }
+
+    async fn post(&self, server: &TestServer, path: &str, fields: &[(&str, &str)]) -> Page {
+        Page::of(
+            self.client
+                .post(server.url(path))
+                .header("cookie", &self.cookie)
+                .form(fields)
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await
+    }
+}
+
+/// The login form: its nonce cookie and CSRF token.
+async fn login_form(server: &TestServer, client: &reqwest::Client) -> (String, String) {
+    let page = Page::of(client.get(server.url("/login")).send().await.expect("login form")).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let cookie = page.set_cookie("sagaflow_login").expect("login nonce cookie");
+    (cookie_pair(&cookie), page.csrf())
+}
+
+async fn post_login(server: &TestServer, client: &reqwest::Client, cookie: &str, fields: &[(&str, &str)]) -> Page {
+    Page::of(
+        client
+            .post(server.url("/login"))
+            .header("cookie", cookie)
+            .form(fields)
+            .send()
+            .await
+            .expect("login"),
+    )
+    .await
+}
+
+async fn login(server: &TestServer, operator: &str) -> Session {
+    let client = client();
+    let (nonce, csrf) = login_form(server, &client).await;
+    let page = post_login(
+        server,
+        &client,
+        &nonce,
+        &[
+            ("token", ADMIN_TOKEN),
+            ("operator", operator),
+            ("csrf", &csrf),
+            ("next", "/"),
+        ],
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let cookie = cookie_pair(&page.set_cookie("sagaflow_session").expect("session cookie"));
+    let mut session = Session {
+        client,
+        cookie,
+        csrf: String::new(),
+    };
+    session.csrf = session.get(server, "/").await.csrf();
+    session
+}
+
+/// A registration that ends `compensated` (its email already has an account); returns
+/// (completed run, compensated run).
+async fn compensated_registration(server: &TestServer, email: &str) -> (Value, Value) {
+    let first = server.identity(email).await;
+    let done = server.register(&first, email).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let second = server.identity(&format!("second.{email}")).await;
+    let failed = server.register(&second, email).await;
+    assert_eq!(failed["status"], "compensated", "{failed}");
+    (done, failed)
+}
+
+fn id_of(run: &Value) -> String {
+    run["id"].as_str().expect("run id").to_string()
+}
+
+async fn api_run(server: &TestServer, id: &str) -> Value {
+    let (status, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/runs/{id}"))
+            .send()
+            .await
+            .expect("get run"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn api_events(server: &TestServer, id: &str) -> Vec<Value> {
+    let (_, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/runs/{id}/events"))
+            .send()
+            .await
+            .expect("events"),
+    )
+    .await;
+    body["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_page_and_action_needs_a_login() {
+    let server = server::start().await;
+    let (_, failed) = compensated_registration(&server, "nologin@example.com").await;
+    let id = id_of(&failed);
+    let client = client();
+    let before = server.row_counts().await;
+
+    // Pages send the browser to the login form, which brings it back.
+    let page = Page::of(client.get(server.url("/")).send().await.expect("get")).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert_eq!(page.location(), "/login?next=/");
+    let page = Page::of(
+        client
+            .get(server.url(&format!("/runs/{id}?done=x")))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert_eq!(page.location(), format!("/login?next=/runs/{id}%3Fdone%3Dx"));
+
+    // Actions and the live feed: 401, nothing done.
+    for path in [
+        format!("/runs/{id}/retry"),
+        format!("/runs/{id}/cancel"),
+        "/logout".into(),
+    ] {
+        let page = Page::of(
+            client
+                .post(server.url(&path))
+                .form(&[("csrf", "whatever")])
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(page.body.contains("not logged in"), "{path}: {}", page.body);
+    }
+    let page = Page::of(client.get(server.url("/live/changes")).send().await.expect("get")).await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+
+    // A bearer token is not a session: the dashboard is for browsers.
+    let page = Page::of(
+        client
+            .post(server.url(&format!("/runs/{id}/retry")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+
+    assert_eq!(server.row_counts().await, before, "a refused action writes nothing");
+    assert!(api_run(&server, &id).await["retried_by"].is_null());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn logging_in_checks_the_token_the_form_and_the_name() {
+    let server = server::start().await;
+    let client = client();
+    let (nonce, csrf) = login_form(&server, &client).await;
+
+    let attempt = |token: &'static str, operator: String, csrf: String, cookie: String| {
+        let client = client.clone();
+        let server = &server;
+        async move {
+            post_login(
+                server,
+                &client,
+                &cookie,
+                &[
+                    ("token", token),
+                    ("operator", &operator),
+                    ("csrf", &csrf),
+                    ("next", "/runs/x"),
+                ],
+            )
+            .await
+        }
+    };
+
+    // A wrong token, the API token, a stale or missing form token, a bad name: the form again,
+    // no session.
+    let cases = [
+        (
+            "not-the-token",
+            "ada".to_string(),
+            csrf.clone(),
+            nonce.clone(),
+            StatusCode::UNAUTHORIZED,
+            "not the admin token",
+        ),
+        (
+            API_TOKEN,
+            "ada".to_string(),
+            csrf.clone(),
+            nonce.clone(),
+            StatusCode::FORBIDDEN,
+            "the API token",
+        ),
+        (
+            ADMIN_TOKEN,
+            "ada".to_string(),
+            "forged".to_string(),
+            nonce.clone(),
+            StatusCode::FORBIDDEN,
+            "stale",
+        ),
+        (
+            ADMIN_TOKEN,
+            "ada".to_string(),
+            csrf.clone(),
+            String::new(),
+            StatusCode::FORBIDDEN,
+            "stale",
+        ),
+        (
+            ADMIN_TOKEN,
+            "x".repeat(201),
+            csrf.clone(),
+            nonce.clone(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Operator name",
+        ),
+    ];
+    for (token, operator, csrf, cookie, status, message) in cases {
+        let page = attempt(token, operator, csrf, cookie).await;
+        assert_eq!(page.status, status, "{token}: {}", page.body);
+        assert!(page.body.contains(message), "{token}: {}", page.body);
+        assert!(page.set_cookie("sagaflow_session").is_none(), "{token}: no session");
+        assert!(page.body.contains("name=\"csrf\""), "the form is shown again");
+    }
+
+    // Not a form at all.
+    let page = Page::of(
+        client
+            .post(server.url("/login"))
+            .header("cookie", &nonce)
+            .json(&json!({"token": ADMIN_TOKEN, "csrf": csrf}))
+            .send()
+            .await
+            .expect("login"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.body.contains("expected the login form"), "{}", page.body);
+    assert!(page.set_cookie("sagaflow_session").is_none());
+
+    // The admin token: a session cookie that scripts cannot read and other sites cannot send.
+    let page = attempt(ADMIN_TOKEN, " grace ".into(), csrf.clone(), nonce.clone()).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    assert_eq!(page.location(), "/runs/x");
+    let cookie = page.set_cookie("sagaflow_session").expect("session");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    assert!(
+        page.set_cookie("sagaflow_login")
+            .expect("cleared")
+            .contains("Max-Age=0")
+    );
+
+    // Logged in, the login form moves on; `next` never leaves the site.
+    let session = cookie_pair(&cookie);
+    let page = Page::of(
+        client
+            .get(server.url("/login?next=/runs/y"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(page.location(), "/runs/y");
+    let (nonce, csrf) = login_form(&server, &client).await;
+    let page = post_login(
+        &server,
+        &client,
+        &nonce,
+        &[("token", ADMIN_TOKEN), ("csrf", &csrf), ("next", "//evil.example/")],
+    )
+    .await;
+    assert_eq!(page.location(), "/");
+
+    // Over HTTPS (a proxy says so), cookies are Secure.
+    let (nonce, csrf) = login_form(&server, &client).await;
+    let page = Page::of(
+        client
+            .post(server.url("/login"))
+            .header("cookie", &nonce)
+            .header("x-forwarded-proto", "https")
+            .form(&[("token", ADMIN_TOKEN), ("csrf", csrf.as_str())])
+            .send()
+            .await
+            .expect("login"),
+    )
+    .await;
+    assert!(
+        page.set_cookie("sagaflow_session")
+            .expect("session")
+            .contains("; Secure")
+    );
+
+    // The name is the one recorded on actions, and shown.
+    let page = Page::of(
+        client
+            .get(server.url("/"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body.contains("signed in as <strong>grace</strong>"),
+        "{}",
+        page.body
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn forged_expired_and_foreign_sessions_are_refused() {
+    let server = server::start().await;
+    let client = client();
+    let now = chrono::Utc::now();
+    let ours = Keys::new(&Tokens::new(API_TOKEN, ADMIN_TOKEN));
+    let theirs = Keys::new(&Tokens::new(API_TOKEN, "another-admin-token"));
+    let cookies = [
+        ours.seal(&ours.issue("ops", now - chrono::Duration::hours(9))),
+        theirs.seal(&theirs.issue("ops", now)),
+        "garbage".to_string(),
+        format!("{}x", ours.seal(&ours.issue("ops", now))),
+    ];
+    for cookie in cookies {
+        let page = Page::of(
+            client
+                .get(server.url("/"))
+                .header("cookie", format!("sagaflow_session={cookie}"))
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{cookie}");
+        assert!(page.location().starts_with("/login"), "{cookie}");
+    }
+    // A genuine one works, on any instance with the same admin token.
+    let page = Page::of(
+        client
+            .get(server.url("/"))
+            .header(
+                "cookie",
+                format!("sagaflow_session={}", ours.seal(&ours.issue("ops", now))),
+            )
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn logging_out_needs_the_form_token_and_ends_the_session() {
+    let server = server::start().await;
+    let session = login(&server, "ops").await;
+    let page = session.post(&server, "/logout", &[("csrf", "forged")]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(page.set_cookie("sagaflow_session").is_none());
+    let page = session.post(&server, "/logout", &[("csrf", &session.csrf)]).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert_eq!(page.location(), "/login");
+    assert!(
+        page.set_cookie("sagaflow_session")
+            .expect("cleared")
+            .contains("Max-Age=0")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_runs_list_finds_a_compensated_registration_by_email() {
+    let server = server::start().await;
+    let (done, failed) = compensated_registration(&server, "ada@example.com").await;
+    let other = server.identity("bob@example.com").await;
+    server.register(&other, "bob@example.com").await;
+    let session = login(&server, "ops").await;
+
+    // Everything, newest first, with the columns operators need.
+    let page = session.get(&server, "/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let positions: Vec<usize> = ["bob@example.com", &id_of(&failed), &id_of(&done)]
+        .iter()
+        .map(|s| page.body.find(s).unwrap_or_else(|| panic!("{s} listed")))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "newest first: {positions:?}");
+    for header in [
+        "Customer email",
+        "Progress",
+        "Current or failed step",
+        "Attempts",
+        "Started",
+        "Duration",
+    ] {
+        assert!(page.body.contains(header), "column {header}");
+    }
+    assert!(page.body.contains("5 of 5 steps"));
+    assert!(page.body.contains("0 of 5 steps"));
+    assert!(page.body.contains("failed at validate-customer-account-creation"));
+    assert!(
+        page.body.contains("compensated <strong>1</strong>"),
+        "counts per status"
+    );
+    assert!(page.body.contains("completed <strong>2</strong>"));
+    assert!(page.body.contains("all <strong>3</strong>"));
+    // The overview of the last hour.
+    assert!(page.body.contains("Throughput"));
+    assert!(page.body.contains("3 finished"));
+    assert!(page.body.contains("p50"));
+
+    // Search by email (any case), then narrow to compensated runs.
+    let page = session.get(&server, "/?q=ADA%40example.com").await;
+    assert!(page.body.contains(&id_of(&failed)) && page.body.contains(&id_of(&done)));
+    assert!(!page.body.contains("bob@example.com"));
+    assert!(page.body.contains("all <strong>2</strong>"), "counts follow the search");
+    let page = session.get(&server, "/?q=ada%40example.com&status=compensated").await;
+    assert!(page.body.contains(&id_of(&failed)));
+    assert!(!page.body.contains(&format!("data-run=\"{}\"", id_of(&done))));
+    // By run id, and by time range.
+    let page = session.get(&server, &format!("/?q={}", id_of(&done))).await;
+    assert_eq!(page.body.matches("data-run=").count(), 1);
+    let page = session
+        .get(&server, "/?range=1h&workflow=create-customer-account")
+        .await;
+    assert_eq!(page.body.matches("data-run=").count(), 3);
+    let page = session.get(&server, "/?to=2000-01-01T00:00:00Z").await;
+    assert_eq!(page.body.matches("data-run=").count(), 0);
+    assert!(page.body.contains("No run matches these filters"));
+
+    // Bad parameters: a 422 page naming the parameter.
+    for (query, field) in [
+        ("status=bogus", "status"),
+        ("range=2h", "range"),
+        ("cursor=garbage", "cursor"),
+        ("from=yesterday", "from"),
+    ] {
+        let page = session.get(&server, &format!("/?{query}")).await;
+        assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        assert!(page.body.contains(&format!("{field}:")), "{query}: {}", page.body);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_runs_list_pages_with_a_cursor() {
+    let server = server::start().await;
+    // 55 runs that fail validation at once (no such identity).
+    for i in 0..55 {
+        let response = server
+            .api(Method::POST, "/v1/workflows/create-customer-account/runs")
+            .json(&registration("authid_missing", &format!("p{i}@example.com")))
+            .send()
+            .await
+            .expect("trigger");
+        assert!(response.status().is_success());
+    }
+    let session = login(&server, "ops").await;
+    let first = session.get(&server, "/").await;
+    assert_eq!(first.body.matches("data-run=").count(), 50);
+    assert!(first.body.contains("p54@example.com"), "newest first");
+    assert!(!first.body.contains("Newest runs"));
+    let older = first.body.split("rel=\"next\"").next().expect("page");
+    let href = older.rsplit("href=\"").next().expect("link").trim_end_matches("\" ");
+    let href = href.trim_end_matches('"').replace("&amp;", "&");
+    assert!(href.starts_with("/?cursor="), "{href}");
+    let second = session.get(&server, &href).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.body);
+    assert_eq!(second.body.matches("data-run=").count(), 5);
+    assert!(second.body.contains("p0@example.com"));
+    assert!(second.body.contains("Newest runs"));
+    assert!(!second.body.contains("rel=\"next\""));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_page_tells_what_happened_and_when() {
+    // set-auth-app-metadata fails three times (all its attempts): the customer created
+    // before is compensated.
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
+    let identity = server.identity("story@example.com").await;
+    let run = server.register(&identity, "story@example.com").await;
+    assert_eq!(run["status"], "compensated", "{run}");
+    let id = id_of(&run);
+    let session = login(&server, "ops").await;
+
+    let page = session.get(&server, &format!("/runs/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let body = &page.body;
+    assert!(body.contains("story@example.com"));
+    assert!(body.contains("Failed at <span class=\"mono\">set-auth-app-metadata</span>"));
+    assert!(body.contains("ran out of attempts"));
+    // Every step of the plan, with its outcome.
+    for step in [
+        "validate-customer-account-creation",
+        "create-customers",
+        "customers-created",
+        "emit-customer-created",
+        "set-auth-app-metadata",
+    ] {
+        assert!(body.contains(step), "{step}");
+    }
+    assert!(body.contains(">compensated</span>"), "create-customers was undone");
+    // The timeline: one bar per attempt (4 steps once, the failing one 3 times) and per
+    // compensation.
+    let events = api_events(&server, &id).await;
+    let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+    assert_eq!(body.matches("class=\"bar ok\"").count(), count("step_succeeded"));
+    assert_eq!(body.matches("class=\"bar failed\"").count(), 3);
+    assert_eq!(
+        body.matches("class=\"bar comp\"").count(),
+        count("step_compensation_succeeded")
+    );
+    assert!(count("step_compensation_succeeded") >= 1);
+    assert!(body.contains("set-auth-app-metadata · attempt 3 · failed after"));
+    // The whole log, in order.
+    assert_eq!(body.matches("<tr class=\"tone-").count(), events.len());
+    let kinds: Vec<usize> = ["run_created", "step_failed", "compensation_started", "run_compensated"]
+        .iter()
+        .map(|k| body.find(&format!(">{k}<")).unwrap_or_else(|| panic!("{k} logged")))
+        .collect();
+    assert!(kinds.windows(2).all(|w| w[0] < w[1]), "log in order");
+    // The input, readable and collapsible; no output (not completed).
+    assert!(body.contains("<details class=\"json\" id=\"input\" open>"));
+    assert!(text_of(body).contains("\"authIdentityId\": \"authid_"));
+    assert!(body.contains("No output"));
+    // Retry is offered (with a confirmation), Cancel is not.
+    assert!(body.contains("Retry as a new run…"));
+    assert!(body.contains("id=\"confirm-retry-button\""));
+    assert!(!body.contains("confirm-cancel"));
+    // Not live: the run is over.
+    assert!(!body.contains("data-live-source"));
+
+    // A completed run: nothing to do.
+    let other = server.identity("fine@example.com").await;
+    let done = server.register(&other, "fine@example.com").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let page = session.get(&server, &format!("/runs/{}", id_of(&done))).await;
+    assert!(!page.body.contains("confirm-retry") && !page.body.contains("confirm-cancel"));
+    assert!(page.body.contains("<details class=\"json\" id=\"output\" open>"));
+    assert!(page.body.contains("cus_"), "the output: the customer");
+
+    // Unknown and malformed ids.
+    for path in [format!("/runs/{}", uuid::Uuid::now_v7()), "/runs/not-a-run".to_string()] {
+        let page = session.get(&server, &path).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(page.body.contains("not found"));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn steps_never_reached_are_shown_as_such() {
+    let server = server::start().await;
+    let (_, failed) = compensated_registration(&server, "reach@example.com").await;
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, &format!("/runs/{}", id_of(&failed))).await;
+    assert_eq!(page.body.matches(">not reached</span>").count(), 4, "{}", page.body);
+    assert!(page.body.contains("Customer with this email already has an account"));
+    assert!(page.body.contains("The error was permanent"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retrying_from_the_dashboard_starts_a_linked_run() {
+    let server = server::start().await;
+    let (done, failed) = compensated_registration(&server, "retry@example.com").await;
+    let id = id_of(&failed);
+    let session = login(&server, "grace@example.com").await;
+    let path = format!("/runs/{id}/retry");
+
+    // Without this session's form token: refused, nothing done.
+    let before = server.row_counts().await;
+    let other = login(&server, "mallory").await;
+    for fields in [vec![], vec![("csrf", "forged")], vec![("csrf", other.csrf.as_str())]] {
+        let page = session.post(&server, &path, &fields).await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{fields:?}");
+        assert!(page.body.contains("nothing was done"));
+    }
+    assert_eq!(server.row_counts().await, before);
+    assert!(api_run(&server, &id).await["retried_by"].is_null());
+
+    // With it: the new run, at once.
+    let page = session.post(&server, &path, &[("csrf", &session.csrf)]).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let location = page.location().to_string();
+    let new_id = location
+        .strip_prefix("/runs/")
+        .and_then(|rest| rest.strip_suffix("?done=retried"))
+        .expect("redirect to the new run")
+        .to_string();
+    assert_ne!(new_id, id);
+    let page = session.get(&server, &location).await;
+    assert!(page.body.contains("Retry started"));
+    assert!(
+        page.body
+            .contains(&format!("href=\"/runs/{id}\" class=\"mono\" id=\"retry-of\""))
+    );
+    let old = api_run(&server, &id).await;
+    assert_eq!(old["retried_by"], new_id.as_str());
+    let events = api_events(&server, &id).await;
+    let retry = events.iter().find(|e| e["kind"] == "operator_retry").expect("logged");
+    assert_eq!(
+        retry["detail"]["by"], "grace@example.com",
+        "the operator's name is recorded"
+    );
+    let page = session.get(&server, &format!("/runs/{id}")).await;
+    assert!(page.body.contains("id=\"retried-by\""));
+    assert!(!page.body.contains("confirm-retry"), "retried once only");
+
+    // A second retry of the same run, a retry of a completed run, of an unknown run: refused.
+    let page = session.post(&server, &path, &[("csrf", &session.csrf)]).await;
+    assert_eq!(page.status, StatusCode::CONFLICT);
+    assert!(page.body.contains("already retried"), "{}", page.body);
+    let page = session
+        .post(
+            &server,
+            &format!("/runs/{}/retry", id_of(&done)),
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::CONFLICT);
+    assert!(
+        page.body.contains("cannot retry a run that is completed"),
+        "{}",
+        page.body
+    );
+    let page = session
+        .post(
+            &server,
+            &format!("/runs/{}/retry", uuid::Uuid::now_v7()),
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    let page = session
+        .post(&server, "/runs/not-a-run/retry", &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    let runs = server.row_counts().await.into_iter().find(|(table, _)| table == "runs");
+    assert_eq!(runs.map(|(_, n)| n), Some(3), "the refused retries started nothing");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_from_the_dashboard() {
+    // No worker: the run stays pending, so the cancel cannot race its completion.
+    let server = server::start_with(|c| c.run_worker = false).await;
+    let identity = server.identity("cancel@example.com").await;
+    let (status, run) = read(
+        server
+            .api(Method::POST, "/v1/workflows/create-customer-account/runs")
+            .json(&registration(&identity, "cancel@example.com"))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let id = id_of(&run);
+    let session = login(&server, "ops").await;
+
+    let page = session.get(&server, &format!("/runs/{id}")).await;
+    assert!(page.body.contains("id=\"confirm-cancel-button\""));
+    assert!(
+        page.body
+            .contains(&format!("data-live-source=\"/live/changes?run={id}\""))
+    );
+    assert!(page.body.contains("not reached yet"));
+
+    let page = session
+        .post(&server, &format!("/runs/{id}/cancel"), &[("csrf", "forged")])
+        .await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert_eq!(api_run(&server, &id).await["cancel_requested"], false);
+
+    let page = session
+        .post(&server, &format!("/runs/{id}/cancel"), &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    assert_eq!(page.location(), format!("/runs/{id}?done=cancel"));
+    assert_eq!(api_run(&server, &id).await["cancel_requested"], true);
+    let events = api_events(&server, &id).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "cancel_requested" && e["detail"]["by"] == "ops")
+    );
+    let page = session.get(&server, page.location()).await;
+    assert!(page.body.contains("Cancel requested"));
+    assert!(page.body.contains("cancel requested</span>"));
+    assert!(!page.body.contains("confirm-cancel"), "asked once");
+    server.stop().await;
+
+    // A finished run cannot be cancelled.
+    let server = server::start().await;
+    let identity = server.identity("done@example.com").await;
+    let done = server.register(&identity, "done@example.com").await;
+    let session = login(&server, "ops").await;
+    let page = session
+        .post(
+            &server,
+            &format!("/runs/{}/cancel", id_of(&done)),
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::CONFLICT);
+    assert!(
+        page.body.contains("cannot cancel a run that is completed"),
+        "{}",
+        page.body
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn data_from_users_is_shown_as_text() {
+    const XSS: &str = "<script>alert(1)</script>";
+    let server = server::start().await;
+    let identity = server.identity("xss@example.com").await;
+    let (status, run) = read(
+        server
+            .api(Method::POST, "/v1/workflows/create-customer-account/runs?wait_ms=10000")
+            .header("Idempotency-Key", "<script>alert(2)</script>")
+            .json(&json!({
+                "authIdentityId": identity,
+                "customerData": {
+                    "email": "xss@example.com",
+                    "first_name": XSS,
+                    "last_name": "\"><img src=x onerror=alert(3)>",
+                    "metadata": {"note": XSS}
+                }
+            }))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    let id = id_of(&run);
+    let session = login(&server, XSS).await;
+
+    let pages = [
+        session.get(&server, &format!("/runs/{id}")).await,
+        session.get(&server, "/?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E").await,
+        session.get(&server, "/?q=%3Cscript%3Ealert(2)%3C%2Fscript%3E").await,
+    ];
+    for page in &pages {
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(!page.body.contains("<script>alert"), "{}", page.body);
+        assert!(!page.body.contains("<img src=x"), "{}", page.body);
+        assert!(text_of(&page.body).contains("<script>alert("), "shown as text");
+        // Even a missed escape could not run: scripts from this origin only.
+        let csp = page
+            .headers
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+    }
+    // The customer's name in the input and output, the key, the operator's name.
+    let run_page = text_of(&pages[0].body);
+    assert!(run_page.contains("\"first_name\": \"<script>alert(1)</script>\""));
+    assert!(run_page.contains("<img src=x onerror=alert(3)>"));
+    assert!(run_page.contains("<script>alert(2)</script>"), "the idempotency key");
+    assert!(
+        pages[2].body.contains(&format!("data-run=\"{id}\"")),
+        "found by its key"
+    );
+    assert!(text_of(&pages[1].body).contains("signed in as <strong><script>alert(1)</script></strong>"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn no_page_grows_past_200_kb() {
+    let server = server::start().await;
+    // Quotes and angle brackets: what grows most when escaped. An input as large as the API
+    // takes, a larger output and error, 31 steps with large outputs and errors, and a log of
+    // 5,000 entries with large details: each part over its budget, together far over 200 KB.
+    let blob = |kb: usize| "\"<".repeat(kb * 512);
+    let id = uuid::Uuid::now_v7();
+    let pool = server.pool();
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, output, error, subject, trigger,
+                           log_seq, finished_at)
+         VALUES ($1, 'create-customer-account', 1, 'failed', $2, $3, $4, $5, 'api', 5000, now())",
+    )
+    .bind(id)
+    .bind(json!({"blob": blob(64)}))
+    .bind(json!({"blob": blob(256)}))
+    .bind(json!({"step": "create-customers", "message": blob(256), "retryable": true}))
+    .bind(format!("{}@example.com", "\"<".repeat(2500)))
+    .execute(pool)
+    .await
+    .expect("run");
+    sqlx::query(
+        "INSERT INTO run_steps (run_id, idx, name, status, attempts, output, error)
+         SELECT $1, i, 'step-' || i, 'compensation_failed', 2000, $2, $3 FROM generate_series(0, 30) i",
+    )
+    .bind(id)
+    .bind(json!({"blob": blob(64)}))
+    .bind(json!({"message": blob(16), "retryable": true}))
+    .execute(pool)
+    .await
+    .expect("steps");
+    sqlx::query(
+        "INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
+         SELECT $1, s, CASE WHEN s % 2 = 1 THEN 'step_started'::event_kind ELSE 'step_failed'::event_kind END,
+                'step-' || (s % 31), (s + 1) / 2, jsonb_build_object('error', repeat('\"<', 1000))
+         FROM generate_series(1, 5000) s",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .expect("events");
+    // And a full first page of runs with long subjects.
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger, finished_at)
+         SELECT gen_random_uuid(), 'create-customer-account', 1, 'compensated', '{}', repeat('\"<', 2500), 'api', now()
+         FROM generate_series(1, 60)",
+    )
+    .execute(pool)
+    .await
+    .expect("runs");
+
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, &format!("/runs/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.len() < 200 * 1024, "run page: {} bytes", page.body.len());
+    assert!(page.body.contains("entries not shown"));
+    assert!(page.body.contains("(cut at "));
+    assert!(page.body.contains("later attempts not drawn"));
+    let page = session.get(&server, "/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.len() < 200 * 1024, "runs list: {} bytes", page.body.len());
+    assert_eq!(page.body.matches("data-run=").count(), 50);
+    server.stop().await;
+}
+
+/// Reads server-sent events until one satisfies `want`.
+async fn next_event(response: &mut reqwest::Response, buffer: &mut String, want: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if want(&event) {
+                return event;
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("an event in time")
+            .expect("stream")
+            .expect("stream still open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn live_updates_announce_changed_runs() {
+    let server = server::start().await;
+    let session = login(&server, "ops").await;
+
+    let page = session.get(&server, "/live/changes?run=not-a-uuid").await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let mut stream = session
+        .client
+        .get(server.url("/live/changes"))
+        .header("cookie", &session.cookie)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(
+        stream.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut buffer = String::new();
+    next_event(&mut stream, &mut buffer, |e| e.contains("event: ready")).await;
+
+    // A run triggered after `ready` is announced, by id.
+    let identity = server.identity("live@example.com").await;
+    let run = server.register(&identity, "live@example.com").await;
+    let id = id_of(&run);
+    let event = next_event(&mut stream, &mut buffer, |e| e.contains(&id)).await;
+    assert!(event.contains("event: changed"), "{event}");
+
+    // A run's page hears about its run only.
+    let mut own = session
+        .client
+        .get(server.url(&format!("/live/changes?run={id}")))
+        .header("cookie", &session.cookie)
+        .send()
+        .await
+        .expect("stream");
+    let mut own_buffer = String::new();
+    next_event(&mut own, &mut own_buffer, |e| e.contains("event: ready")).await;
+    let other = server.identity("other@example.com").await;
+    let other_run = id_of(&server.register(&other, "other@example.com").await);
+    next_event(&mut stream, &mut buffer, |e| e.contains(&other_run)).await;
+    // By the time the list's stream heard of the other run, the run page's stream has had
+    // the same announcement and dropped it: nothing about the other run arrives.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, own.chunk()).await {
+        let text = String::from_utf8_lossy(&chunk);
+        assert!(!text.contains(&other_run), "{text}");
+    }
+
+    // Shutting down ends the streams rather than waiting for them.
+    let started = std::time::Instant::now();
+    server.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    drop(own);
+}
+
+#[tokio::test]
+async fn static_files_are_embedded_and_revalidated() {
+    let server = server::start().await;
+    let client = client();
+    let css = Page::of(
+        client
+            .get(server.url("/static/dashboard.css"))
+            .send()
+            .await
+            .expect("css"),
+    )
+    .await;
+    assert_eq!(css.status, StatusCode::OK);
+    assert_eq!(css.headers["content-type"], "text/css; charset=utf-8");
+    let etag = css.headers["etag"].to_str().expect("etag").to_string();
+    let again = Page::of(
+        client
+            .get(server.url("/static/dashboard.css"))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .expect("css"),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    let js = Page::of(client.get(server.url("/static/live.js")).send().await.expect("js")).await;
+    assert_eq!(js.headers["content-type"], "text/javascript; charset=utf-8");
+    assert!(js.body.contains("EventSource"));
+    let missing = Page::of(client.get(server.url("/static/nope.js")).send().await.expect("404")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let escape = Page::of(
+        client
+            .get(server.url("/static/../Cargo.toml"))
+            .send()
+            .await
+            .expect("404"),
+    )
+    .await;
+    assert_eq!(escape.status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_json_api_is_unchanged_by_the_dashboard() {
+    let server = server::start().await;
+    let (status, spec) = read(
+        server
+            .client
+            .get(server.url("/openapi.json"))
+            .send()
+            .await
+            .expect("spec"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let paths: Vec<&String> = spec["paths"].as_object().expect("paths").keys().collect();
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.starts_with("/v1/") || *p == "/healthz" || *p == "/metrics"),
+        "{paths:?}"
+    );
+    // Unknown routes still answer the API's JSON 404.
+    let (status, body) = read(server.client.get(server.url("/nope")).send().await.expect("404")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn counts_stop_at_their_cap() {
+    let server = server::start().await;
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger, finished_at)
+         SELECT gen_random_uuid(), 'create-customer-account', 1, 'completed', '{}', 'c' || i || '@example.com',
+                'api', now()
+         FROM generate_series(1, 10050) i",
+    )
+    .execute(server.pool())
+    .await
+    .expect("runs");
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, "/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("completed <strong>10,000+</strong>"), "capped count");
+    assert!(page.body.contains("all <strong>10,000+</strong>"));
+    assert!(page.body.contains("failed <strong>0</strong>"), "exact below the cap");
+    // Narrowed by a search, the count is exact again.
+    let page = session.get(&server, "/?q=c77%40example.com").await;
+    assert!(page.body.contains("completed <strong>1</strong>"));
+    server.stop().await;
+}
