@@ -74,6 +74,45 @@ pub async fn identity_for_update(conn: &mut PgConnection, id: &str) -> Result<Op
         .await
 }
 
+/// What [`link_identity`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Link {
+    /// No identity has that id.
+    NotFound,
+    /// The key already holds another value, left as it was.
+    Taken(Value),
+    /// The key now holds the value; this was there before (absent or JSON null: `None`).
+    Linked(Option<Value>),
+}
+
+/// Sets `key` of an identity's app metadata to `value` unless it already holds another value,
+/// in one statement that locks the identity (two registrations racing for one identity are
+/// serialized here).
+pub async fn link_identity(conn: &mut PgConnection, id: &str, key: &str, value: &Value) -> Result<Link, sqlx::Error> {
+    let found: Option<(Option<Value>, bool)> = sqlx::query_as(
+        "WITH current AS (
+             SELECT app_metadata -> $2 AS old FROM auth_identities WHERE id = $1 FOR UPDATE
+         ), linked AS (
+             UPDATE auth_identities a
+             SET app_metadata = jsonb_set(a.app_metadata, ARRAY[$2], $3), updated_at = now()
+             FROM current c
+             WHERE a.id = $1 AND (c.old IS NULL OR c.old = 'null'::jsonb OR c.old = $3)
+             RETURNING 1
+         )
+         SELECT c.old, EXISTS (SELECT 1 FROM linked) FROM current c",
+    )
+    .bind(id)
+    .bind(key)
+    .bind(value)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match found {
+        None => Link::NotFound,
+        Some((old, true)) => Link::Linked(old.filter(|v| !v.is_null())),
+        Some((old, false)) => Link::Taken(old.unwrap_or(Value::Null)),
+    })
+}
+
 /// Sets (`Some`) or removes (`None`) one key of an identity's app metadata.
 pub async fn set_app_metadata_key(
     conn: &mut PgConnection,
@@ -144,12 +183,22 @@ const ADDRESS_COLUMNS: &str = "id, customer_id, address_name, is_default_shippin
      first_name, last_name, address_1, address_2, city, country_code, province, postal_code, phone, metadata, \
      created_at, updated_at, deleted_at";
 
-/// The id of the (non-deleted) registered customer with this email, if any.
-pub async fn account_with_email(conn: &mut PgConnection, email: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM customers WHERE email = $1 AND has_account AND deleted_at IS NULL")
-        .bind(normalize_email(email))
-        .fetch_optional(conn)
-        .await
+/// For a registration: the identity's app metadata (None: no such identity) and whether a
+/// registered customer already has this email, in one round trip.
+pub async fn registration_check(
+    conn: &mut PgConnection,
+    identity: &str,
+    email: &str,
+) -> Result<Option<(Value, bool)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.app_metadata,
+                EXISTS (SELECT 1 FROM customers c WHERE c.email = $2 AND c.has_account AND c.deleted_at IS NULL)
+         FROM auth_identities a WHERE a.id = $1",
+    )
+    .bind(identity)
+    .bind(normalize_email(email))
+    .fetch_optional(conn)
+    .await
 }
 
 /// Inserts a customer with its addresses. A registered customer whose email already has an

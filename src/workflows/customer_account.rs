@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::store::{self as domain, ONE_ACCOUNT_PER_EMAIL, violates};
+use crate::domain::store::{self as domain, Link, ONE_ACCOUNT_PER_EMAIL, violates};
 use crate::domain::{Customer, NewCustomer, is_valid_email};
 use crate::engine::definition::parse_input;
 use crate::engine::{
@@ -141,13 +141,13 @@ impl Step for ValidateCustomerAccountCreation {
             return Err(StepError::permanent(format!("`{email}` is not a valid email address")));
         }
         let db = ctx.db().await?;
-        let identity = domain::identity(&mut *db, &input.auth_identity_id)
+        let (app_metadata, account_exists) = domain::registration_check(db, &input.auth_identity_id, email)
             .await?
             .ok_or_else(|| not_found(&input.auth_identity_id))?;
-        if identity.app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
+        if app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
             return Err(StepError::permanent(messages::ALREADY_LINKED));
         }
-        if domain::account_with_email(db, email).await?.is_some() {
+        if account_exists {
             return Err(StepError::permanent(messages::DUPLICATE_ACCOUNT));
         }
         Ok(())
@@ -211,26 +211,18 @@ impl Step for SetAuthAppMetadata {
     async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<AppMetadataChange, StepError> {
         let input = input(ctx)?;
         let customer: Customer = ctx.output(CREATE_CUSTOMERS)?;
-        let db = ctx.db().await?;
-        let identity = domain::identity_for_update(db, &input.auth_identity_id)
-            .await?
-            .ok_or_else(|| not_found(&input.auth_identity_id))?;
         let new_value = Value::String(customer.id.clone());
-        let old_value = identity
-            .app_metadata
-            .get(CUSTOMER_ID_KEY)
-            .cloned()
-            .filter(|v| !v.is_null());
-        if old_value.as_ref().is_some_and(|old| old != &new_value) {
-            return Err(StepError::permanent(messages::ALREADY_LINKED));
+        let db = ctx.db().await?;
+        match domain::link_identity(db, &input.auth_identity_id, CUSTOMER_ID_KEY, &new_value).await? {
+            Link::NotFound => Err(not_found(&input.auth_identity_id)),
+            Link::Taken(_) => Err(StepError::permanent(messages::ALREADY_LINKED)),
+            Link::Linked(old_value) => Ok(AppMetadataChange {
+                id: input.auth_identity_id,
+                key: CUSTOMER_ID_KEY.into(),
+                value: new_value,
+                old_value,
+            }),
         }
-        domain::set_app_metadata_key(db, &identity.id, CUSTOMER_ID_KEY, Some(&new_value)).await?;
-        Ok(AppMetadataChange {
-            id: identity.id,
-            key: CUSTOMER_ID_KEY.into(),
-            value: new_value,
-            old_value,
-        })
     }
 }
 
