@@ -66,7 +66,10 @@ CREATE TABLE runs (
     ready_at          timestamptz,
     -- The lease: which worker drives the run, under which epoch, until when.
     -- Every write of the owner is fenced by lease_epoch.
-    lease_owner       integer REFERENCES workers (id) ON DELETE SET NULL,
+    -- No foreign key to workers: checking it locks the worker's row in every claim, and many
+    -- transactions locking one row make PostgreSQL create multixacts. Worker rows are never
+    -- deleted.
+    lease_owner       integer,
     lease_epoch       bigint      NOT NULL DEFAULT 0,
     lease_expires_at  timestamptz,
     -- Sequence number of the last execution-log entry; keeps the log gap-free.
@@ -103,7 +106,9 @@ CREATE INDEX runs_subject ON runs (lower(subject), created_at DESC) WHERE subjec
 CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE run_steps (
-    run_id                  uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    -- No foreign key (the engine writes steps only together with their run, and the retention
+    -- sweep deletes them with it): its check would run a query for every changed step.
+    run_id                  uuid        NOT NULL,
     idx                     smallint    NOT NULL,
     name                    text        NOT NULL,
     status                  step_status NOT NULL DEFAULT 'pending',
@@ -125,7 +130,9 @@ CREATE TABLE run_steps (
 WITH (fillfactor = 80);
 
 CREATE TABLE run_events (
-    run_id   uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    -- No foreign key, as for run_steps: entries are only appended in the statement that
+    -- updates their run, and the check would run a query per entry on the hot path.
+    run_id   uuid        NOT NULL,
     seq      integer     NOT NULL CHECK (seq > 0),
     at       timestamptz NOT NULL DEFAULT clock_timestamp(),
     kind     event_kind  NOT NULL,
@@ -135,8 +142,8 @@ CREATE TABLE run_events (
     PRIMARY KEY (run_id, seq)
 );
 
--- The execution log is append-only: entries are never rewritten. (Deleting a whole run, which
--- the retention sweep does, removes its log with it.)
+-- The execution log is append-only: entries are never rewritten. (The retention sweep deletes
+-- a whole run's log together with the run.)
 CREATE FUNCTION run_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the execution log is append-only (run %, seq %)', OLD.run_id, OLD.seq;

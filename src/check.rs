@@ -54,6 +54,15 @@ const RULES: &[Rule] = &[
               WHERE e.at < e.prev_at",
     },
     Rule {
+        name: "no-orphans",
+        // Steps and log entries belong to a run that exists (no foreign keys enforce it).
+        sql: "SELECT s.run_id, format('%s step rows of a missing run', count(*))
+              FROM run_steps s WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = s.run_id) GROUP BY s.run_id
+              UNION ALL
+              SELECT e.run_id, format('%s log entries of a missing run', count(*))
+              FROM run_events e WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = e.run_id) GROUP BY e.run_id",
+    },
+    Rule {
         name: "one-success-per-step",
         sql: "SELECT run_id, format('step %s succeeded %s times', step, count(*))
               FROM run_events WHERE kind = 'step_succeeded'

@@ -805,18 +805,6 @@ pub async fn list_runs(
     sql.build_query_as().fetch_all(pool).await
 }
 
-/// How many runs match the filter (without its status part), by status.
-pub async fn count_by_status(pool: &PgPool, filter: &RunFilter) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
-    let without_status = RunFilter {
-        statuses: Vec::new(),
-        ..filter.clone()
-    };
-    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT status, count(*) FROM runs WHERE true");
-    push_filter(&mut sql, &without_status);
-    sql.push(" GROUP BY status");
-    sql.build_query_as().fetch_all(pool).await
-}
-
 /// How many runs match the filter (without its status part), by status, counting at most
 /// `cap` runs of each status: exact below the cap, "at least `cap`" at it. Each count is an
 /// index range scan that stops at the cap, so the cost does not grow with the table.
@@ -1013,6 +1001,10 @@ pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit:
              ORDER BY finished_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED
+         ), steps AS (
+             DELETE FROM run_steps s USING doomed WHERE s.run_id = doomed.id
+         ), events AS (
+             DELETE FROM run_events e USING doomed WHERE e.run_id = doomed.id
          )
          DELETE FROM runs r USING doomed WHERE r.id = doomed.id",
     )
