@@ -1394,7 +1394,11 @@ async fn enabling_disabling_and_firing_from_the_dashboard() {
         page.body
     );
     assert!(page.body.contains("value=\"night\""), "the search is kept");
-    assert!(schedule_row(&page.body, "nightly").contains(">Enable<"));
+    let row = schedule_row(&page.body, "nightly");
+    assert!(row.contains(">Enable<"));
+    // And so are the forms' actions: the next action lands on the same list.
+    assert!(row.contains("action=\"/schedules/nightly/enable?q=night\""), "{row}");
+    assert!(row.contains("action=\"/schedules/nightly/fire?q=night\""), "{row}");
 
     // Enable again: its next tick is back.
     let page = session
