@@ -1,9 +1,9 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven over the DevTools
 //! protocol by chromiumoxide): an operator logs in, finds a compensated registration by its
 //! email, opens it, retries it and sees the new run; a run triggered meanwhile appears on the
-//! list without a reload.
+//! list without a reload; then it fires a schedule from the schedules page.
 //!
-//! Screenshots are written to `target/screenshots/`; with `SAGAFLOW_UPDATE_DOCS=1` the two
+//! Screenshots are written to `target/screenshots/`; with `SAGAFLOW_UPDATE_DOCS=1` the three
 //! shown in the README are copied to `docs/` as well. The test fails, loudly, when Chromium
 //! is missing or cannot start: `.ci/run` installs it.
 
@@ -86,15 +86,31 @@ async fn path_of(page: &Page) -> String {
         .map_or("/".to_string(), |i| after_scheme[i..].to_string())
 }
 
+/// Clicks an element. A live page may swap the element for a fresh copy between finding and
+/// clicking it (DevTools then no longer knows the node): it is found again, a few times.
+async fn click(page: &Page, selector: &str) {
+    let mut tries = 0;
+    loop {
+        let clicked = match page.find_element(selector).await {
+            Ok(element) => element.click().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match clicked {
+            Ok(()) => return,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                eprintln!("click {selector}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("click {selector}: {e}"),
+        }
+    }
+}
+
 /// Clicks, then waits until the browser is on another page and has loaded it.
 async fn click_and_wait(page: &Page, selector: &str) {
     let before = path_of(page).await;
-    page.find_element(selector)
-        .await
-        .unwrap_or_else(|e| panic!("{selector}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+    click(page, selector).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let ready = page
@@ -265,6 +281,38 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     })
     .await;
     assert_eq!(path_of(&page).await, "/", "no navigation happened");
+
+    // The schedules, from the navigation: fire the built-in sweep now, after confirming. (A
+    // second schedule is there for the picture.)
+    let weekdays = server
+        .admin(reqwest::Method::POST, "/v1/schedules")
+        .json(&serde_json::json!({
+            "name": "weekday-sweep", "expression": "30 6 * * 1-5", "time_zone": "Europe/Paris",
+            "workflow": "retention-sweep", "input": {"older_than": "90d"}, "overlap": "allow", "catch_up": "all"}))
+        .send()
+        .await
+        .expect("create a schedule");
+    assert_eq!(weekdays.status(), reqwest::StatusCode::CREATED);
+    click_and_wait(&page, "header nav a[href='/schedules']").await;
+    until(&page, "the schedules page", |html| {
+        html.contains("id=\"schedule-retention-sweep\"")
+    })
+    .await;
+    click(&page, "#fire-button-retention-sweep").await;
+    click_and_wait(&page, "#confirm-fire-retention-sweep").await;
+    let path = path_of(&page).await;
+    let fired = path
+        .strip_prefix("/schedules?done=fired&schedule=retention-sweep&run=")
+        .and_then(|rest| rest.split('#').next())
+        .unwrap_or_else(|| panic!("landed on {path}"))
+        .to_string();
+    let html = until(&page, "the fired run listed, completed", |html| {
+        html.contains("retention-sweep</strong> fired")
+            && html.contains(&format!("href=\"/runs/{fired}\" class=\"badge s-completed\""))
+    })
+    .await;
+    assert!(html.contains("fired by grace@example.com"), "the operator is recorded");
+    screenshot(&page, "schedules.png", Some("dashboard-schedules.png")).await;
 
     browser.close().await.expect("close Chromium");
     let _ = browser.wait().await;

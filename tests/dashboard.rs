@@ -1138,3 +1138,631 @@ async fn counts_stop_at_their_cap() {
     assert!(page.body.contains("completed <strong>1</strong>"));
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The schedules page
+// ---------------------------------------------------------------------------------------
+
+/// A schedule that ticks once a year (none fires during a test) and runs the retention sweep,
+/// with `extra` fields.
+fn yearly(name: &str, extra: Value) -> Value {
+    let mut body = json!({"name": name, "expression": "0 0 1 1 *", "workflow": "retention-sweep"});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body
+}
+
+async fn create_schedule(server: &TestServer, body: Value) {
+    let (status, created) = read(
+        server
+            .admin(Method::POST, "/v1/schedules")
+            .json(&body)
+            .send()
+            .await
+            .expect("create schedule"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+}
+
+async fn api_schedule(server: &TestServer, name: &str) -> Value {
+    let (status, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/schedules/{name}"))
+            .send()
+            .await
+            .expect("get schedule"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// What a refused schedule action must leave as it was: every schedule's state, the runs
+/// they started, and the runs.
+async fn schedule_state(server: &TestServer) -> (Vec<(String, bool, Option<String>, String)>, i64, i64) {
+    let schedules =
+        sqlx::query_as("SELECT name, enabled, next_fire_at::text, updated_at::text FROM schedules ORDER BY name")
+            .fetch_all(server.pool())
+            .await
+            .expect("schedules");
+    let fires = sqlx::query_scalar("SELECT count(*) FROM schedule_fires")
+        .fetch_one(server.pool())
+        .await
+        .expect("fires");
+    let runs = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(server.pool())
+        .await
+        .expect("runs");
+    (schedules, fires, runs)
+}
+
+/// The HTML of a schedule's row.
+fn schedule_row<'a>(body: &'a str, name: &str) -> &'a str {
+    let start = body
+        .find(&format!("<tr id=\"schedule-{name}\""))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{body}"));
+    let end = body[start..].find("</tr>").map_or(body.len(), |i| start + i);
+    &body[start..end]
+}
+
+/// The run id in an action's redirect (`...&run=ID#...`).
+fn fired_run(location: &str) -> String {
+    location
+        .split_once("&run=")
+        .and_then(|(_, rest)| rest.split('#').next())
+        .unwrap_or_else(|| panic!("no run in {location}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_schedules_page_and_its_actions_need_a_login() {
+    let server = server::start().await;
+    create_schedule(&server, yearly("nightly", json!({}))).await;
+    let client = client();
+    let before = schedule_state(&server).await;
+
+    let page = Page::of(client.get(server.url("/schedules?q=x")).send().await.expect("get")).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert_eq!(page.location(), "/login?next=/schedules%3Fq%3Dx");
+    for action in ["enable", "disable", "fire"] {
+        let page = Page::of(
+            client
+                .post(server.url(&format!("/schedules/nightly/{action}")))
+                .form(&[("csrf", "whatever")])
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{action}");
+        assert!(page.body.contains("not logged in"), "{action}: {}", page.body);
+        // The admin token is for the API, not the dashboard's forms.
+        let page = Page::of(
+            client
+                .post(server.url(&format!("/schedules/nightly/{action}")))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{action} with a bearer token");
+    }
+    let page = Page::of(
+        client
+            .get(server.url("/live/changes?view=schedules"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(schedule_state(&server).await, before, "a refused action writes nothing");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_schedules_page_shows_what_each_schedule_does_and_did() {
+    let server = server::start().await;
+    create_schedule(
+        &server,
+        json!({"name": "nightly", "expression": "30 6 * * 1-5", "time_zone": "Europe/Paris",
+               "workflow": "retention-sweep", "input": {"older_than": "90d"},
+               "overlap": "allow", "catch_up": "all"}),
+    )
+    .await;
+    create_schedule(&server, yearly("paused", json!({"enabled": false}))).await;
+    let mut fired = Vec::new();
+    for _ in 0..2 {
+        let (status, run) = read(
+            server
+                .admin(Method::POST, "/v1/schedules/nightly/fire")
+                .header("X-Sagaflow-Operator", "ops-api")
+                .send()
+                .await
+                .expect("fire"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{run}");
+        fired.push(id_of(&server.wait_terminal(&id_of(&run)).await));
+    }
+    sqlx::query("UPDATE schedules SET last_error = 'unknown workflow `gone`' WHERE name = 'nightly'")
+        .execute(server.pool())
+        .await
+        .expect("last error");
+    let session = login(&server, "ops").await;
+
+    let runs = session.get(&server, "/").await;
+    assert!(
+        runs.body.contains("<a href=\"/schedules\">Schedules</a>"),
+        "linked from the navigation"
+    );
+    let page = session.get(&server, "/schedules").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("data-live-source=\"/live/changes?view=schedules\""));
+    assert!(page.body.contains("id=\"schedules-list\" data-live"), "a live region");
+
+    let nightly = schedule_row(&page.body, "nightly");
+    for shown in [
+        "30 6 * * 1-5",
+        "at 06:30 on Monday to Friday (Europe/Paris)",
+        "time zone Europe/Paris",
+        "runs <span class=\"mono\">retention-sweep</span>",
+        ">enabled</span>",
+        "overlap: allow",
+        "catch-up: all",
+        "every tick missed while no instance ran fires",
+        "Last tick not started:</strong> <span class=\"message\">unknown workflow `gone`</span>",
+        "id=\"toggle-nightly\">Disable<",
+        "id=\"confirm-fire-nightly\"",
+    ] {
+        assert!(nightly.contains(shown), "{shown} not in:\n{nightly}");
+    }
+    // Five fire times, at 06:30 Paris time, the next one with how long until it.
+    assert_eq!(nightly.matches("<time datetime=").count(), 5, "{nightly}");
+    assert_eq!(nightly.matches(" 06:30:00 CE").count(), 5, "{nightly}");
+    assert!(nightly.contains("</time> <span class=\"sub\">in "), "{nightly}");
+    // Its runs, newest first, each a status badge linking to the run.
+    let newest = nightly
+        .find(&format!("href=\"/runs/{}\" class=\"badge s-completed\"", fired[1]))
+        .expect("the newest run");
+    let older = nightly
+        .find(&format!("href=\"/runs/{}\" class=\"badge s-completed\"", fired[0]))
+        .expect("the older run");
+    assert!(newest < older, "newest first");
+    assert_eq!(nightly.matches("fired by ops-api").count(), 2);
+
+    let paused = schedule_row(&page.body, "paused");
+    assert!(paused.contains(">disabled</span>") && paused.contains("none while disabled"));
+    assert!(paused.contains("id=\"toggle-paused\">Enable<") && paused.contains("no run yet"));
+    assert!(paused.contains("although the schedule is disabled"));
+    let builtin = schedule_row(&page.body, "retention-sweep");
+    assert!(builtin.contains("built in"), "{builtin}");
+
+    // A search by part of the name or workflow, ignoring case; the page after a name.
+    let page = session.get(&server, "/schedules?q=NIGHT").await;
+    assert_eq!(page.body.matches("<tr id=\"schedule-").count(), 1);
+    assert!(page.body.contains("id=\"schedule-nightly\"") && page.body.contains("value=\"NIGHT\""));
+    let page = session.get(&server, "/schedules?q=retention").await;
+    assert_eq!(page.body.matches("<tr id=\"schedule-").count(), 3, "all run the sweep");
+    let page = session.get(&server, "/schedules?after=nightly").await;
+    assert!(!page.body.contains("id=\"schedule-nightly\""));
+    assert!(page.body.contains("id=\"schedule-paused\"") && page.body.contains("← First schedules"));
+    let page = session.get(&server, "/schedules?q=nothing-like-it").await;
+    assert!(page.body.contains("No schedule here."));
+
+    // Parameters that are no page of this list.
+    let page = session.get(&server, "/schedules?after=%3Cscript%3E").await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.body.contains("must be a schedule&#39;s name") || page.body.contains("must be a schedule's name"));
+    let page = session.get(&server, &format!("/schedules?q={}", "q".repeat(101))).await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn enabling_disabling_and_firing_from_the_dashboard() {
+    let server = server::start().await;
+    create_schedule(&server, yearly("nightly", json!({"overlap": "allow"}))).await;
+    let session = login(&server, "grace@example.com").await;
+
+    // Disable, from a searched list: back on the same list, with the notice, at once.
+    let page = session
+        .post(
+            &server,
+            "/schedules/nightly/disable?q=night",
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    assert_eq!(
+        page.location(),
+        "/schedules?q=night&done=disabled&schedule=nightly#schedule-nightly"
+    );
+    let schedule = api_schedule(&server, "nightly").await;
+    assert_eq!(
+        (schedule["enabled"].clone(), schedule["next_fire_at"].clone()),
+        (json!(false), Value::Null)
+    );
+    let page = session.get(&server, page.location()).await;
+    assert!(
+        page.body
+            .contains("Schedule <strong class=\"mono\">nightly</strong> disabled: no tick fires"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("value=\"night\""), "the search is kept");
+    let row = schedule_row(&page.body, "nightly");
+    assert!(row.contains(">Enable<"));
+    // And so are the forms' actions: the next action lands on the same list.
+    assert!(row.contains("action=\"/schedules/nightly/enable?q=night\""), "{row}");
+    assert!(row.contains("action=\"/schedules/nightly/fire?q=night\""), "{row}");
+
+    // Enable again: its next tick is back.
+    let page = session
+        .post(&server, "/schedules/nightly/enable", &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    assert_eq!(
+        page.location(),
+        "/schedules?done=enabled&schedule=nightly#schedule-nightly"
+    );
+    let schedule = api_schedule(&server, "nightly").await;
+    assert_eq!(schedule["enabled"], true);
+    assert!(schedule["next_fire_at"].is_string());
+    let page = session.get(&server, page.location()).await;
+    assert!(
+        page.body
+            .contains("nightly</strong> enabled: it fires from its next tick")
+    );
+
+    // Fire now: a run of the schedule, recorded as fired by the operator, shown at once.
+    let page = session
+        .post(&server, "/schedules/nightly/fire", &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    assert!(
+        page.location()
+            .starts_with("/schedules?done=fired&schedule=nightly&run=")
+    );
+    let run = fired_run(page.location());
+    let detail = api_run(&server, &run).await;
+    assert_eq!(
+        (detail["workflow"].as_str(), detail["trigger"].as_str()),
+        (Some("retention-sweep"), Some("schedule"))
+    );
+    let schedule = api_schedule(&server, "nightly").await;
+    assert_eq!(schedule["recent_runs"][0]["run_id"], run.as_str());
+    assert_eq!(schedule["recent_runs"][0]["manual"], true);
+    assert_eq!(schedule["recent_runs"][0]["fired_by"], "grace@example.com");
+    let page = session.get(&server, page.location()).await;
+    assert!(page.body.contains("nightly</strong> fired: a run started now"));
+    assert!(
+        page.body
+            .contains(&format!("<a href=\"/runs/{run}\" class=\"mono\" id=\"fired-run\""))
+    );
+    let row = schedule_row(&page.body, "nightly");
+    assert!(row.contains(&format!("href=\"/runs/{run}\"")), "{row}");
+    assert!(row.contains("fired by grace@example.com"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refused_schedule_actions_write_nothing() {
+    let server = server::start().await;
+    create_schedule(&server, yearly("nightly", json!({"overlap": "allow"}))).await;
+    create_schedule(&server, yearly("broken", json!({"enabled": false}))).await;
+    create_schedule(&server, yearly("orphan", json!({"overlap": "allow"}))).await;
+    // What a new release could leave behind: an expression no longer understood, a workflow
+    // no longer registered.
+    sqlx::query("UPDATE schedules SET expression = '61 * * * *' WHERE name = 'broken'")
+        .execute(server.pool())
+        .await
+        .expect("break");
+    sqlx::query("UPDATE schedules SET workflow = 'gone' WHERE name = 'orphan'")
+        .execute(server.pool())
+        .await
+        .expect("orphan");
+    let session = login(&server, "ops").await;
+    let other = login(&server, "mallory").await;
+    let before = schedule_state(&server).await;
+
+    // Without this session's form token.
+    for action in ["enable", "disable", "fire"] {
+        let path = format!("/schedules/nightly/{action}");
+        for fields in [vec![], vec![("csrf", "forged")], vec![("csrf", other.csrf.as_str())]] {
+            let page = session.post(&server, &path, &fields).await;
+            assert_eq!(page.status, StatusCode::FORBIDDEN, "{path} {fields:?}");
+            assert!(page.body.contains("nothing was done"), "{}", page.body);
+        }
+        // A body that is not a form at all.
+        let page = Page::of(
+            session
+                .client
+                .post(server.url(&path))
+                .header("cookie", &session.cookie)
+                .header("content-type", "application/json")
+                .body(format!("{{\"csrf\": \"{}\"}}", session.csrf))
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{path} with JSON");
+    }
+    assert_eq!(schedule_state(&server).await, before);
+
+    // With it, but nothing to act on, or a list parameter that was tampered with.
+    let cases = [
+        (
+            "/schedules/ghost/fire",
+            StatusCode::NOT_FOUND,
+            "schedule `ghost` not found",
+        ),
+        (
+            "/schedules/ghost/enable",
+            StatusCode::NOT_FOUND,
+            "schedule `ghost` not found",
+        ),
+        (
+            "/schedules/ghost/disable",
+            StatusCode::NOT_FOUND,
+            "schedule `ghost` not found",
+        ),
+        (
+            "/schedules/no%20such/fire",
+            StatusCode::NOT_FOUND,
+            "schedule `no such` not found",
+        ),
+        (
+            "/schedules/nightly/fire?after=%2Fevil",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "must be a schedule",
+        ),
+        (
+            "/schedules/nightly/disable?after=%2Fevil",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "must be a schedule",
+        ),
+        // Enabling needs the next tick, from an expression no longer understood.
+        (
+            "/schedules/broken/enable",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "('61' specified.)",
+        ),
+        (
+            "/schedules/orphan/fire",
+            StatusCode::NOT_FOUND,
+            "workflow `gone` not found",
+        ),
+    ];
+    for (path, status, says) in cases {
+        let page = session.post(&server, path, &[("csrf", &session.csrf)]).await;
+        assert_eq!(page.status, status, "{path}: {}", page.body);
+        assert!(text_of(&page.body).contains(says), "{path}: {}", page.body);
+        assert!(page.body.contains("<title>"), "{path}: an error page, not a raw error");
+    }
+    assert_eq!(schedule_state(&server).await, before, "refused actions wrote nothing");
+    // A schedule no longer understood can still be switched off, and its page still shows it.
+    let page = session.get(&server, "/schedules").await;
+    assert!(schedule_row(&page.body, "broken").contains("not understood"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn firing_while_a_run_is_in_flight_is_refused_with_a_notice() {
+    // No worker: the first run stays pending, in flight.
+    let server = server::start_with(|c| c.run_worker = false).await;
+    create_schedule(&server, yearly("one-at-a-time", json!({"overlap": "skip"}))).await;
+    let session = login(&server, "ops").await;
+    let page = session
+        .post(
+            &server,
+            "/schedules/one-at-a-time/fire?q=one",
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let first = fired_run(page.location());
+    let page = session.get(&server, "/schedules").await;
+    let row = schedule_row(&page.body, "one-at-a-time");
+    assert!(row.contains("class=\"badge s-pending\""), "{row}");
+    assert!(
+        row.contains("this will be refused until that run finishes"),
+        "warned beforehand"
+    );
+    let before = schedule_state(&server).await;
+
+    let page = session
+        .post(
+            &server,
+            "/schedules/one-at-a-time/fire?q=one",
+            &[("csrf", &session.csrf)],
+        )
+        .await;
+    assert_eq!(
+        page.status,
+        StatusCode::SEE_OTHER,
+        "a notice, not an error page: {}",
+        page.body
+    );
+    assert_eq!(
+        page.location(),
+        "/schedules?q=one&done=in_flight&schedule=one-at-a-time#schedule-one-at-a-time"
+    );
+    assert_eq!(schedule_state(&server).await, before, "nothing started");
+    let page = session.get(&server, page.location()).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body.contains("<p class=\"alert bad\" role=\"status\" id=\"notice\">Schedule <strong class=\"mono\">one-at-a-time</strong> not fired: a run it started is still in flight"),
+        "{}",
+        page.body
+    );
+    let schedule = api_schedule(&server, "one-at-a-time").await;
+    assert_eq!(schedule["recent_runs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(schedule["recent_runs"][0]["run_id"], first.as_str());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn schedules_show_user_data_as_text() {
+    const XSS: &str = "<script>alert(1)</script>";
+    let server = server::start().await;
+    create_schedule(&server, yearly("nightly", json!({"overlap": "allow"}))).await;
+    sqlx::query("UPDATE schedules SET last_error = $1 WHERE name = 'nightly'")
+        .bind("\"><img src=x onerror=alert(3)>")
+        .execute(server.pool())
+        .await
+        .expect("last error");
+    let session = login(&server, XSS).await;
+    let page = session
+        .post(&server, "/schedules/nightly/fire", &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+
+    let pages = [
+        session.get(&server, "/schedules").await,
+        session
+            .get(&server, "/schedules?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+            .await,
+        // A notice naming no schedule that can exist is not shown at all.
+        session
+            .get(
+                &server,
+                "/schedules?done=enabled&schedule=%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+            )
+            .await,
+    ];
+    for page in &pages {
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(!page.body.contains("<script>alert"), "{}", page.body);
+        assert!(!page.body.contains("<img src=x"), "{}", page.body);
+        assert!(text_of(&page.body).contains("signed in as <strong><script>alert(1)</script></strong>"));
+    }
+    let row = text_of(schedule_row(&pages[0].body, "nightly"));
+    assert!(row.contains("fired by <script>alert(1)</script>"), "{row}");
+    assert!(row.contains("\"><img src=x onerror=alert(3)>"), "{row}");
+    assert!(text_of(&pages[1].body).contains("value=\"<script>alert(1)</script>\""));
+    assert!(!pages[2].body.contains("id=\"notice\""));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hundreds_of_schedules_page_under_200_kb() {
+    let server = server::start().await;
+    // 300 schedules with the longest names, long errors of what grows most when escaped, and
+    // ten runs each fired by operators with long such names.
+    sqlx::query(
+        "INSERT INTO schedules (name, expression, time_zone, workflow, next_fire_at, last_error)
+         SELECT 's' || lpad(i::text, 3, '0') || repeat('x', 96), '*/5 * * * *', 'America/New_York',
+                'retention-sweep', now() + interval '1 day', repeat('\"<', 3000)
+         FROM generate_series(1, 300) i",
+    )
+    .execute(server.pool())
+    .await
+    .expect("schedules");
+    sqlx::query(
+        "WITH fired AS (
+             SELECT s.name, j, gen_random_uuid() AS run_id FROM schedules s, generate_series(1, 10) j
+             WHERE s.name LIKE 's%x'),
+         runs AS (
+             INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, finished_at)
+             SELECT run_id, 'retention-sweep', 1, 'completed', '{}', 'schedule', now() FROM fired)
+         INSERT INTO schedule_fires (schedule, tick, manual, run_id, fired_by)
+         SELECT name, now() - j * interval '1 minute', true, run_id, repeat('\"<', 100) FROM fired",
+    )
+    .execute(server.pool())
+    .await
+    .expect("fires");
+    let session = login(&server, "ops").await;
+
+    let mut seen = std::collections::HashSet::new();
+    let mut path = "/schedules".to_string();
+    let mut pages = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let page = session.get(&server, &path).await;
+        let took = started.elapsed();
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(page.body.len() < 200 * 1024, "{path}: {} bytes", page.body.len());
+        pages += 1;
+        let rows = page.body.matches("<tr id=\"schedule-").count();
+        eprintln!("{path}: {rows} schedules, {} bytes, {took:?}", page.body.len());
+        for chunk in page.body.split("data-schedule=\"").skip(1) {
+            let name = chunk.split('"').next().unwrap_or_default().to_string();
+            assert!(seen.insert(name.clone()), "{name} shown twice");
+        }
+        match hidden_href(&page.body, "rel=\"next\"") {
+            // Whatever the budget, a page shows a useful number of schedules.
+            Some(next) => {
+                assert!(rows >= 10, "{path}: {rows} schedules");
+                path = text_of(&next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 301, "every schedule, the built-in sweep too, once");
+    assert!(pages > 1);
+    server.stop().await;
+}
+
+/// The `href` of the link carrying `marker` after it.
+fn hidden_href(body: &str, marker: &str) -> Option<String> {
+    let end = body.find(marker)?;
+    let start = body[..end].rfind("href=\"")? + "href=\"".len();
+    Some(body[start..].split('"').next()?.to_string())
+}
+
+#[tokio::test]
+async fn the_schedules_page_hears_about_schedules_and_runs() {
+    let server = server::start().await;
+    create_schedule(&server, yearly("nightly", json!({}))).await;
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, "/live/changes?view=everything").await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let page = session
+        .get(
+            &server,
+            &format!("/live/changes?view=schedules&run={}", uuid::Uuid::now_v7()),
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let open = |path: &'static str| {
+        let request = session
+            .client
+            .get(server.url(path))
+            .header("cookie", &session.cookie)
+            .send();
+        async move { request.await.expect("stream") }
+    };
+    let (mut schedules, mut runs) = (open("/live/changes?view=schedules").await, open("/live/changes").await);
+    let (mut schedules_buffer, mut runs_buffer) = (String::new(), String::new());
+    next_event(&mut schedules, &mut schedules_buffer, |e| e.contains("event: ready")).await;
+    next_event(&mut runs, &mut runs_buffer, |e| e.contains("event: ready")).await;
+
+    // A schedule changed elsewhere (here, through the API).
+    let (status, _) = read(
+        server
+            .admin(Method::POST, "/v1/schedules/nightly/disable")
+            .send()
+            .await
+            .expect("disable"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    next_event(&mut schedules, &mut schedules_buffer, |e| e.contains("data: schedules")).await;
+    // And a run: the schedules page hears of it too; the runs list hears of it and not of the
+    // schedule, which it does not show.
+    let identity = server.identity("live.schedules@example.com").await;
+    let run = id_of(&server.register(&identity, "live.schedules@example.com").await);
+    next_event(&mut schedules, &mut schedules_buffer, |e| e.contains(&run)).await;
+    next_event(&mut runs, &mut runs_buffer, |e| {
+        assert!(!e.contains("data: schedules"), "the runs list heard of a schedule: {e}");
+        e.contains(&run)
+    })
+    .await;
+    server.stop().await;
+}

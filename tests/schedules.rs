@@ -15,7 +15,8 @@ use common::server::{self, TestServer, read};
 use common::{eventually, fast_config, test_db};
 use reqwest::{Method, StatusCode};
 use sagaflow::engine::scheduler::{
-    CatchUp, CatchUpRules, ManualClock, Origin, Overlap, ScheduleError, ScheduleSpec, SchedulerConfig, tick_key,
+    CatchUp, CatchUpRules, ManualClock, Origin, Overlap, ScheduleError, ScheduleListing, ScheduleSpec, ScheduleView,
+    SchedulerConfig, tick_key,
 };
 use sagaflow::engine::{Engine, EngineError, Faults, RunStatus, Trigger, TriggerOptions};
 use sagaflow::server::{ScheduleSettings, ServeError, build_engine, declare_schedules};
@@ -833,6 +834,105 @@ async fn declared_schedules_are_upserted_and_the_builtin_sweep_is_created_once()
         other => panic!("expected a refusal, got {other:?}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn listings_page_by_name_and_read_each_schedules_own_latest_runs() {
+    let db = test_db().await;
+    let clock = manual_clock();
+    // No worker: the runs stay pending, which `allow` does not mind.
+    let engine = engine_at(&db.pool, "n", Some(Arc::clone(&clock)));
+    let fires = [("alpha", 12), ("beta.sweep", 3), ("gamma", 0), ("zeta", 1)];
+    for (name, _) in fires {
+        engine
+            .create_schedule(spec(name, "0 3 * * *", Overlap::Allow, CatchUp::None))
+            .await
+            .expect("create");
+    }
+    // Interleaved, so that no schedule's runs are contiguous in the table.
+    for round in 0..12 {
+        for (name, times) in fires {
+            if round < times {
+                clock.advance(Duration::from_secs(1));
+                engine.fire_schedule(name, &format!("op-{round}")).await.expect("fire");
+            }
+        }
+    }
+
+    // Each schedule's latest runs, read for all together, are what reading it alone gives.
+    let all = engine.schedules().await.expect("schedules");
+    let names: Vec<&str> = all.iter().map(|v| v.schedule.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta.sweep", "gamma", "zeta"], "by name");
+    for view in &all {
+        let alone: Vec<Uuid> = engine
+            .schedule_runs(&view.schedule.name, 10)
+            .await
+            .expect("runs")
+            .iter()
+            .map(|f| f.run_id)
+            .collect();
+        let together: Vec<Uuid> = view.recent_runs.iter().map(|f| f.run_id).collect();
+        assert_eq!(together, alone, "{}", view.schedule.name);
+        let expected = fires.iter().find(|(n, _)| *n == view.schedule.name).map_or(0, |f| f.1);
+        assert_eq!(together.len(), expected.min(10), "{}", view.schedule.name);
+        assert!(
+            view.recent_runs.windows(2).all(|w| w[0].tick > w[1].tick),
+            "newest first"
+        );
+    }
+    let alpha = &all[0];
+    assert_eq!(alpha.recent_runs[0].fired_by, "op-11");
+    assert_eq!(alpha.upcoming.len(), 5);
+
+    // Pages: after a name, at most a limit, a few latest runs each.
+    let listing = |contains: Option<&str>, after: Option<&str>, limit: i64| ScheduleListing {
+        contains: contains.map(str::to_string),
+        after: after.map(str::to_string),
+        limit,
+        recent: 3,
+    };
+    let names_of = |views: &[ScheduleView]| views.iter().map(|v| v.schedule.name.clone()).collect::<Vec<_>>();
+    let first = engine.list_schedules(&listing(None, None, 2)).await.expect("page");
+    assert_eq!(names_of(&first), ["alpha", "beta.sweep"]);
+    assert_eq!(first[0].recent_runs.len(), 3);
+    assert_eq!(first[0].recent_runs[0].fired_by, "op-11");
+    let second = engine
+        .list_schedules(&listing(None, Some("beta.sweep"), 2))
+        .await
+        .expect("page");
+    assert_eq!(names_of(&second), ["gamma", "zeta"]);
+    assert!(
+        engine
+            .list_schedules(&listing(None, Some("zeta"), 2))
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    // Searched in names and workflows, ignoring case, as text (`_` is no wildcard).
+    let found = engine
+        .list_schedules(&listing(Some("BETA."), None, 10))
+        .await
+        .expect("search");
+    assert_eq!(names_of(&found), ["beta.sweep"]);
+    let found = engine
+        .list_schedules(&listing(Some("SCRIPT"), Some("beta.sweep"), 10))
+        .await
+        .expect("search");
+    assert_eq!(names_of(&found), ["gamma", "zeta"], "by workflow");
+    assert!(
+        engine
+            .list_schedules(&listing(Some("_"), None, 10))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+    assert!(
+        engine
+            .list_schedules(&listing(None, None, 0))
+            .await
+            .expect("empty")
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@
   function refresh() {
     if (busy) { pending = true; return; }
     busy = true;
-    var open = openDetails();
     fetch(window.location.href, { credentials: "same-origin" })
       .then(function (response) {
         if (response.redirected || !response.ok) { throw new Error("HTTP " + response.status); }
@@ -37,6 +36,8 @@
       })
       .then(function (html) {
         var fresh = new DOMParser().parseFromString(html, "text/html");
+        // Read now, not when the fetch started: a confirmation opened meanwhile stays open.
+        var open = openDetails();
         document.querySelectorAll("[data-live][id]").forEach(function (region) {
           var next = fresh.getElementById(region.id);
           if (next) { region.replaceWith(document.adoptNode(next)); }

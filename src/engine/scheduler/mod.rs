@@ -23,6 +23,7 @@ pub mod plan;
 pub mod runner;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -36,7 +37,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use expr::{CronExpr, ExprError};
 pub use plan::CatchUpRules;
 pub use runner::{SchedulerConfig, SchedulerHandle};
-pub use store::{FireRow, ScheduleRow};
+pub use store::{FireRow, NamedFireRow, ScheduleRow};
 
 /// Upcoming fire times shown per schedule.
 pub const UPCOMING: usize = 5;
@@ -462,13 +463,25 @@ impl Engine {
     }
 
     /// Every schedule, by name, each with its description, next fire times and latest runs.
+    /// Two statements however many schedules there are (see [`Engine::list_schedules`]).
     pub async fn schedules(&self) -> Result<Vec<ScheduleView>, ScheduleError> {
         let rows = store::list(&self.inner.pool).await?;
-        let mut views = Vec::with_capacity(rows.len());
-        for row in rows {
-            views.push(self.view(row, None).await?);
-        }
-        Ok(views)
+        Ok(self.views(rows, RECENT_RUNS).await?)
+    }
+
+    /// One page of schedules by name, each with its description, next fire times and up to
+    /// `recent` latest runs: what an operator's list shows. Two statements however long the
+    /// page (the schedules, then the latest runs of all of them together), so a list of
+    /// hundreds of schedules costs no query per schedule.
+    pub async fn list_schedules(&self, listing: &ScheduleListing) -> Result<Vec<ScheduleView>, ScheduleError> {
+        let rows = store::list_page(
+            &self.inner.pool,
+            listing.contains.as_deref(),
+            listing.after.as_deref(),
+            listing.limit,
+        )
+        .await?;
+        Ok(self.views(rows, listing.recent).await?)
     }
 
     /// The latest runs a schedule started, newest first (at most `limit`).
@@ -477,32 +490,81 @@ impl Engine {
     }
 
     async fn view(&self, row: ScheduleRow, cron: Option<&CronExpr>) -> Result<ScheduleView, sqlx::Error> {
-        let compiled = match cron {
-            Some(cron) => Ok(cron.clone()),
-            None => row.compile(),
-        };
-        let (description, upcoming) = match &compiled {
-            Ok(cron) => {
-                let upcoming = match row.next_fire_at {
-                    // The stored next tick first: it may be due and not fired yet.
-                    Some(next) if row.enabled => {
-                        let mut ticks = vec![next];
-                        ticks.extend(cron.upcoming(next, UPCOMING - 1));
-                        ticks
-                    }
-                    _ => Vec::new(),
-                };
-                (describe::describe(cron), upcoming)
-            }
-            Err(e) => (format!("{} (not understood: {e})", row.expression), Vec::new()),
-        };
         let recent_runs = store::recent_fires(&self.inner.pool, &row.name, RECENT_RUNS as i64).await?;
-        Ok(ScheduleView {
-            schedule: row,
-            description,
-            upcoming,
-            recent_runs,
-        })
+        Ok(view_of(row, cron, recent_runs))
+    }
+
+    /// Views of many schedules, their latest runs read in one statement.
+    async fn views(&self, rows: Vec<ScheduleRow>, recent: usize) -> Result<Vec<ScheduleView>, sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = rows.iter().map(|row| row.name.clone()).collect();
+        let mut fires: HashMap<String, Vec<FireRow>> = HashMap::with_capacity(rows.len());
+        for named in store::recent_fires_of(&self.inner.pool, &names, recent as i64).await? {
+            fires.entry(named.schedule).or_default().push(named.fire);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let recent_runs = fires.remove(&row.name).unwrap_or_default();
+                view_of(row, None, recent_runs)
+            })
+            .collect())
+    }
+}
+
+/// Which schedules [`Engine::list_schedules`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleListing {
+    /// Only schedules whose name or workflow contains this text (case-insensitive).
+    pub contains: Option<String>,
+    /// Only schedules named after this (the last name of the previous page).
+    pub after: Option<String>,
+    /// At most this many schedules.
+    pub limit: i64,
+    /// At most this many latest runs per schedule.
+    pub recent: usize,
+}
+
+impl Default for ScheduleListing {
+    fn default() -> Self {
+        Self {
+            contains: None,
+            after: None,
+            limit: 50,
+            recent: RECENT_RUNS,
+        }
+    }
+}
+
+/// A schedule's view from its row and latest runs (pure: the expression is compiled here
+/// unless the caller has it already).
+fn view_of(row: ScheduleRow, cron: Option<&CronExpr>, recent_runs: Vec<FireRow>) -> ScheduleView {
+    let compiled = match cron {
+        Some(cron) => Ok(cron.clone()),
+        None => row.compile(),
+    };
+    let (description, upcoming) = match &compiled {
+        Ok(cron) => {
+            let upcoming = match row.next_fire_at {
+                // The stored next tick first: it may be due and not fired yet.
+                Some(next) if row.enabled => {
+                    let mut ticks = vec![next];
+                    ticks.extend(cron.upcoming(next, UPCOMING - 1));
+                    ticks
+                }
+                _ => Vec::new(),
+            };
+            (describe::describe(cron), upcoming)
+        }
+        Err(e) => (format!("{} (not understood: {e})", row.expression), Vec::new()),
+    };
+    ScheduleView {
+        schedule: row,
+        description,
+        upcoming,
+        recent_runs,
     }
 }
 

@@ -100,6 +100,32 @@ pub async fn list(pool: &PgPool) -> Result<Vec<ScheduleRow>, sqlx::Error> {
     .await
 }
 
+/// One page of schedules by name: those after `after` (a keyset cursor: the last name of the
+/// previous page), whose name or workflow contains `contains` (case-insensitive), at most
+/// `limit`. Walks the primary key in order, so a page costs the same on the last page as on
+/// the first.
+pub async fn list_page(
+    pool: &PgPool,
+    contains: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ScheduleRow>, sqlx::Error> {
+    // strpos rather than LIKE: what operators type is text, not a pattern (`_` and `%` are
+    // common in names).
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM schedules
+         WHERE ($1::text IS NULL OR strpos(lower(name), lower($1)) > 0 OR strpos(lower(workflow), lower($1)) > 0)
+           AND ($2::text IS NULL OR name > $2)
+         ORDER BY name
+         LIMIT $3"
+    )))
+    .bind(contains)
+    .bind(after)
+    .bind(limit.max(0))
+    .fetch_all(pool)
+    .await
+}
+
 /// How [`save`] treats an existing schedule of the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnConflict {
@@ -287,5 +313,38 @@ pub async fn recent_fires<'e>(db: impl PgExecutor<'e>, name: &str, limit: i64) -
     .bind(name)
     .bind(limit)
     .fetch_all(db)
+    .await
+}
+
+/// A run a schedule started, with the schedule's name: a row of [`recent_fires_of`].
+#[derive(Debug, Clone, FromRow)]
+pub struct NamedFireRow {
+    /// The schedule.
+    pub schedule: String,
+    /// The run it started.
+    #[sqlx(flatten)]
+    pub fire: FireRow,
+}
+
+/// The latest runs of each of these schedules (at most `limit` each), with their status now,
+/// grouped by schedule in the order of `names`, newest first within each. One statement
+/// however many schedules are listed: per name, a scan of `schedule_fires_recent` that stops
+/// after `limit` rows.
+pub async fn recent_fires_of(pool: &PgPool, names: &[String], limit: i64) -> Result<Vec<NamedFireRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n.name AS schedule, f.tick, f.manual, f.fired_by, f.fired_at, f.run_id, f.status, f.finished_at
+         FROM unnest($1::text[]) WITH ORDINALITY AS n(name, position)
+         CROSS JOIN LATERAL (
+             SELECT f.id, f.tick, f.manual, f.fired_by, f.fired_at, f.run_id, r.status, r.finished_at
+             FROM schedule_fires f JOIN runs r ON r.id = f.run_id
+             WHERE f.schedule = n.name
+             ORDER BY f.tick DESC, f.id DESC
+             LIMIT $2
+         ) f
+         ORDER BY n.position, f.tick DESC, f.id DESC",
+    )
+    .bind(names)
+    .bind(limit.max(0))
+    .fetch_all(pool)
     .await
 }

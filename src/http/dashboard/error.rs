@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 
 use crate::engine::EngineError;
+use crate::engine::scheduler::ScheduleError;
 use crate::http::error::ApiError;
 
 /// Why a dashboard request was not served.
@@ -37,6 +38,12 @@ pub enum PageError {
 
 impl From<EngineError> for PageError {
     fn from(error: EngineError) -> Self {
+        Self::Api(error.into())
+    }
+}
+
+impl From<ScheduleError> for PageError {
+    fn from(error: ScheduleError) -> Self {
         Self::Api(error.into())
     }
 }

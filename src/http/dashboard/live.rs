@@ -1,11 +1,14 @@
-//! Live updates: one LISTEN on [`changes::CHANNEL`] per process, fanned out to every open
-//! page as server-sent events.
+//! Live updates: one connection per process LISTENing on [`changes::CHANNEL`] (runs) and
+//! [`schedules::CHANNEL`] (schedule definitions), fanned out to every open page as
+//! server-sent events.
 //!
-//! The engine announces changed run ids at most every 100 ms (see `engine::changes`); the hub
-//! holds one dedicated connection (not from the pool) that listens, and a broadcast channel
-//! hands each announcement to the pages' event streams. Each stream says `ready` once the
-//! listener is up, then `changed` with the ids (or `*`: refresh everything; also sent when the
-//! listener reconnects or a slow page missed announcements). Pages refetch themselves.
+//! The engine announces changed run ids at most every 100 ms (see `engine::changes`), and
+//! every change of a schedule (create, replace, enable, disable, delete) in its transaction;
+//! the hub holds one dedicated connection (not from the pool) that listens, and a broadcast
+//! channel hands each announcement to the pages' event streams. Each stream says `ready` once
+//! the listener is up, then `changed` with the ids (or `schedules`, or `*`: refresh
+//! everything; also sent when the listener reconnects or a slow page missed announcements).
+//! Pages refetch themselves.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +29,8 @@ use super::Dashboard;
 use super::error::PageError;
 use super::session::Operator;
 use crate::engine::changes;
+use crate::engine::scheduler::store as schedules;
+use crate::http::error::ApiError;
 use crate::http::extract::Params;
 
 /// What changed.
@@ -33,8 +38,23 @@ use crate::http::extract::Params;
 pub enum Change {
     /// These runs.
     Runs(Arc<[Uuid]>),
+    /// A schedule's definition or state (its payload, the name, is not needed: the schedules
+    /// page shows them all).
+    Schedules,
     /// Possibly anything: refresh everything shown.
     All,
+}
+
+/// What a page shows, hence which changes it hears about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watcher {
+    /// The runs list: any run.
+    Runs,
+    /// A run's page: that run.
+    Run(Uuid),
+    /// The schedules page: schedules, and any run (a tick or a fire-now starts one, and the
+    /// latest runs' statuses are shown).
+    Schedules,
 }
 
 impl Change {
@@ -48,18 +68,29 @@ impl Change {
         }
     }
 
-    /// Whether a page showing `run` (or every run, for `None`) must refresh.
-    pub fn concerns(&self, run: Option<Uuid>) -> bool {
-        match (self, run) {
-            (Self::All, _) | (Self::Runs(_), None) => true,
-            (Self::Runs(ids), Some(run)) => ids.contains(&run),
+    /// A notification on `channel`; schedules' payloads are names, read as "schedules".
+    pub fn from_notification(channel: &str, payload: &str) -> Self {
+        if channel == schedules::CHANNEL {
+            Self::Schedules
+        } else {
+            Self::parse(payload)
         }
     }
 
-    /// The event's data: the ids, or `*`.
+    /// Whether a page showing what `watcher` watches must refresh.
+    pub fn concerns(&self, watcher: Watcher) -> bool {
+        match (self, watcher) {
+            (Self::All, _) | (Self::Runs(_), Watcher::Runs | Watcher::Schedules) => true,
+            (Self::Runs(ids), Watcher::Run(run)) => ids.contains(&run),
+            (Self::Schedules, watcher) => watcher == Watcher::Schedules,
+        }
+    }
+
+    /// The event's data: the ids, `schedules`, or `*`.
     fn data(&self) -> String {
         match self {
             Self::All => "*".into(),
+            Self::Schedules => "schedules".into(),
             Self::Runs(ids) => ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","),
         }
     }
@@ -115,7 +146,7 @@ async fn listen(pool: PgPool, changes: broadcast::Sender<Change>, up: watch::Sen
     loop {
         let connected = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(changes::CHANNEL).await?;
+            listener.listen_all([changes::CHANNEL, schedules::CHANNEL]).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let failure = match tokio::select! { _ = stop.cancelled() => return, c = connected => c } {
@@ -129,7 +160,8 @@ async fn listen(pool: PgPool, changes: broadcast::Sender<Change>, up: watch::Sen
                     };
                     match next {
                         Ok(Some(notification)) => {
-                            let _ = changes.send(Change::parse(notification.payload()));
+                            let change = Change::from_notification(notification.channel(), notification.payload());
+                            let _ = changes.send(change);
                         }
                         // The connection was lost; the next call reconnects and listens again,
                         // but announcements in between are gone.
@@ -151,19 +183,21 @@ async fn listen(pool: PgPool, changes: broadcast::Sender<Change>, up: watch::Sen
     }
 }
 
-/// `GET /live/changes[?run=ID]`: server-sent events for a page (a run's page passes its id and
-/// hears only about that run).
+/// `GET /live/changes[?run=ID | ?view=schedules]`: server-sent events for a page (a run's page
+/// passes its id and hears only about that run; the schedules page hears about schedules too).
 pub async fn changes(
     _: Operator,
     State(dashboard): State<Arc<Dashboard>>,
     params: Params,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError> {
-    let run = match params.text("run", 100)? {
-        None => None,
-        Some(id) => Some(
-            Uuid::parse_str(&id)
-                .map_err(|_| crate::http::error::ApiError::invalid("run", "must be a run id (a UUID)"))?,
-        ),
+    let watcher = match (params.text("run", 100)?, params.text("view", 20)?.as_deref()) {
+        (None, None) => Watcher::Runs,
+        (None, Some("schedules")) => Watcher::Schedules,
+        (None, Some(_)) => return Err(ApiError::invalid("view", "must be `schedules` (or absent: the runs)").into()),
+        (Some(id), None) => {
+            Watcher::Run(Uuid::parse_str(&id).map_err(|_| ApiError::invalid("run", "must be a run id (a UUID)"))?)
+        }
+        (Some(_), Some(_)) => return Err(ApiError::invalid("view", "cannot be given with `run`").into()),
     };
     let receiver = dashboard.hub.subscribe().await;
     let ready = futures::stream::once(async { Ok(Event::default().event("ready").data("listening")) });
@@ -174,10 +208,10 @@ pub async fn changes(
                 Err(broadcast::error::RecvError::Lagged(_)) => Change::All,
                 Err(broadcast::error::RecvError::Closed) => return None,
             };
-            if change.concerns(run) {
+            if change.concerns(watcher) {
                 // A run's page hears its own id only, not the runs announced with it.
-                let data = match (run, &change) {
-                    (Some(run), Change::Runs(_)) => run.to_string(),
+                let data = match (watcher, &change) {
+                    (Watcher::Run(run), Change::Runs(_)) => run.to_string(),
                     _ => change.data(),
                 };
                 let event = Event::default().event("changed").data(data);
@@ -207,11 +241,24 @@ mod tests {
     fn pages_hear_about_their_runs() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let change = Change::Runs(vec![a].into());
-        assert!(change.concerns(None));
-        assert!(change.concerns(Some(a)));
-        assert!(!change.concerns(Some(b)));
-        assert!(Change::All.concerns(Some(b)));
+        assert!(change.concerns(Watcher::Runs));
+        assert!(change.concerns(Watcher::Run(a)));
+        assert!(!change.concerns(Watcher::Run(b)));
+        assert!(change.concerns(Watcher::Schedules), "a schedule's run may have changed");
+        assert!(Change::All.concerns(Watcher::Run(b)));
         assert_eq!(change.data(), a.to_string());
         assert_eq!(Change::All.data(), "*");
+    }
+
+    #[test]
+    fn schedule_changes_reach_the_schedules_page_only() {
+        let change = Change::from_notification(schedules::CHANNEL, "nightly");
+        assert_eq!(change, Change::Schedules);
+        assert!(change.concerns(Watcher::Schedules));
+        assert!(!change.concerns(Watcher::Runs));
+        assert!(!change.concerns(Watcher::Run(Uuid::now_v7())));
+        assert_eq!(change.data(), "schedules");
+        // The runs channel is read as before, whatever the payload.
+        assert_eq!(Change::from_notification(changes::CHANNEL, "nightly"), Change::All);
     }
 }

@@ -5,6 +5,7 @@
 //! - [`login`]: the login form and logout.
 //! - [`runs`]: the runs list with its filters, counts and overview charts.
 //! - [`run`]: a run's page, and the Retry and Cancel actions.
+//! - [`schedules`]: the schedules page, and the Enable, Disable and Fire now actions.
 //! - [`timeline`] and [`charts`]: SVG geometry computed from runs and their logs (pure).
 //! - [`live`]: one LISTEN per process fanned out to pages as server-sent events.
 //! - [`assets`]: the stylesheet and script, embedded in the binary.
@@ -22,6 +23,7 @@ pub mod live;
 pub mod login;
 pub mod run;
 pub mod runs;
+pub mod schedules;
 pub mod session;
 pub mod timeline;
 
@@ -67,6 +69,10 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/runs/{id}", get(run::page))
         .route("/runs/{id}/retry", post(run::retry))
         .route("/runs/{id}/cancel", post(run::cancel))
+        .route("/schedules", get(schedules::page))
+        .route("/schedules/{name}/enable", post(schedules::enable))
+        .route("/schedules/{name}/disable", post(schedules::disable))
+        .route("/schedules/{name}/fire", post(schedules::fire))
         .route("/live/changes", get(live::changes))
         .route("/static/{*file}", get(assets::serve))
         .layer(axum::middleware::map_response(security_headers))

@@ -437,7 +437,9 @@ pub struct ActionForm {
     pub csrf: Option<String>,
 }
 
-fn checked(operator: &Operator, form: Result<Form<ActionForm>, FormRejection>) -> Result<(), PageError> {
+/// Refuses an action whose form does not carry this session's CSRF token (a form that is not
+/// even a form, too): nothing is done.
+pub(super) fn checked(operator: &Operator, form: Result<Form<ActionForm>, FormRejection>) -> Result<(), PageError> {
     let token = form.ok().and_then(|Form(f)| f.csrf);
     operator.check_csrf(token.as_deref())
 }
