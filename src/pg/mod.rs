@@ -45,11 +45,9 @@ pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", config.idle_in_transaction_timeout.as_millis()),
             ),
-            // Our statements are prepared once per connection and shaped to use their indexes
-            // whatever the parameters; PostgreSQL's default re-plans each of them with the
-            // values for the first executions and keeps checking, which the profile showed as
-            // a quarter of the per-step statement's time (README, Performance).
-            ("plan_cache_mode", "force_generic_plan".to_string()),
+            // Not plan_cache_mode = force_generic_plan: it took a quarter off the per-step
+            // statement's planning, but made range-filtered queries (the dashboard's counts)
+            // sequential scans, 1.8 s at a million runs. See the README's Performance section.
         ])
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
