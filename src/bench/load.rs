@@ -44,6 +44,8 @@ pub struct Recovery {
     pub runs_in_flight: usize,
     /// From the restart until every run was terminal.
     pub recovery_s: f64,
+    /// From the restart until the last of the killed server's runs was taken over.
+    pub takeover_s: f64,
     /// Of which: until the restarted server listened.
     pub restart_s: f64,
 }
@@ -312,6 +314,16 @@ pub async fn fill_and_kill(
         let _ = task.await;
     }
     Ok(sagaflow::check::unfinished_runs(pool).await?.len())
+}
+
+/// Seconds from `since` to the last lease takeover logged after it.
+pub async fn last_takeover_after(pool: &PgPool, since: chrono::DateTime<chrono::Utc>) -> Result<Option<f64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(at) - $1)::float8 FROM run_events WHERE kind = 'lease_taken_over' AND at > $1",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Waits until every run is terminal.

@@ -211,12 +211,15 @@ async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<lo
     let mut server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
     let in_flight = load::fill_and_kill(pool, &server.base(), "r", 5000, 64, &mut server.child).await?;
     let restarted = Instant::now();
+    let restarted_at = chrono::Utc::now();
     let server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
     let ready = restarted.elapsed();
     load::all_terminal(pool, Duration::from_secs(120)).await?;
+    let recovery_s = restarted.elapsed().as_secs_f64();
     let recovery = load::Recovery {
         runs_in_flight: in_flight,
-        recovery_s: restarted.elapsed().as_secs_f64(),
+        recovery_s,
+        takeover_s: load::last_takeover_after(pool, restarted_at).await?.unwrap_or(f64::NAN),
         restart_s: ready.as_secs_f64(),
     };
     drop(server);

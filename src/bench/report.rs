@@ -189,8 +189,8 @@ impl Report {
             line(
                 "recovery_s (restart -> all terminal)",
                 format!(
-                    "{:.2} ({} runs in flight; listening after {:.2} s)",
-                    r.recovery_s, r.runs_in_flight, r.restart_s
+                    "{:.2} ({} runs unfinished; listening after {:.2} s, all taken over after {:.2} s)",
+                    r.recovery_s, r.runs_in_flight, r.restart_s, r.takeover_s
                 ),
             );
         }

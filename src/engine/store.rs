@@ -820,7 +820,9 @@ pub async fn count_by_status_capped(
     let mut sql: QueryBuilder<Postgres> =
         QueryBuilder::new("SELECT s.status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = s.status");
     push_filter(&mut sql, &without_status);
-    sql.push(" LIMIT ")
+    // In index order, so each count reads at most `cap` index entries even when the filter
+    // matches most of the table (the planner would otherwise scan it whole).
+    sql.push(" ORDER BY created_at DESC LIMIT ")
         .push_bind(cap)
         .push(") capped) FROM unnest(")
         .push_bind(RunStatus::ALL.to_vec())
