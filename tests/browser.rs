@@ -22,17 +22,40 @@ use futures::StreamExt;
 const WIDTH: u32 = 1360;
 const HEIGHT: u32 = 900;
 
-fn chromium() -> PathBuf {
-    let path = std::env::var_os("SAGAFLOW_CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    assert!(
-        path.exists(),
-        "Chromium not found at {} (Debian: apt-get install chromium; or set SAGAFLOW_CHROMIUM); \
-         the browser test does not skip",
-        path.display()
-    );
-    path
+/// Chromium, if this machine has it. `SAGAFLOW_CHROMIUM` names it explicitly. Without it, the
+/// test fails when `SAGAFLOW_REQUIRE_BROWSER=1` (as `.ci/run` sets, after installing Chromium)
+/// and otherwise says loudly that it did not run, so that `cargo test` stays true on a
+/// machine with only Rust and PostgreSQL.
+fn chromium() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("SAGAFLOW_CHROMIUM").map(PathBuf::from) {
+        assert!(
+            path.exists(),
+            "SAGAFLOW_CHROMIUM names {}, which does not exist",
+            path.display()
+        );
+        return Some(path);
+    }
+    let found = [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        let required = std::env::var("SAGAFLOW_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "Chromium not found (Debian: apt-get install chromium; or set SAGAFLOW_CHROMIUM) and \
+             SAGAFLOW_REQUIRE_BROWSER=1"
+        );
+        eprintln!(
+            "\n*** WARNING: the dashboard's browser test did NOT run: no Chromium on this machine \
+             (apt-get install chromium, or set SAGAFLOW_CHROMIUM). .ci/run installs it and requires it. ***\n"
+        );
+    }
+    found
 }
 
 fn screenshots_dir() -> PathBuf {
@@ -171,13 +194,14 @@ impl Drop for Profile {
 async fn an_operator_finds_a_failed_registration_and_retries_it() {
     // set-auth-app-metadata fails its three attempts once: the first registration is
     // compensated, and its retry later succeeds.
+    let Some(chromium) = chromium() else { return };
     let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
     let failed = seed(&server).await;
 
     let profile = Profile(std::env::temp_dir().join(format!("sagaflow-chromium-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&profile.0);
     let config = BrowserConfig::builder()
-        .chrome_executable(chromium())
+        .chrome_executable(chromium)
         .no_sandbox()
         .user_data_dir(&profile.0)
         .window_size(WIDTH, HEIGHT)
