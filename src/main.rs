@@ -12,6 +12,7 @@ use sagaflow::engine::EngineConfig;
 use sagaflow::pg::PoolConfig;
 use sagaflow::server::{self, Database, ScheduleSettings, ServerConfig};
 use sagaflow::telemetry::{self, LogFormat};
+use sagaflow::workflows::retention::{self, Retention};
 
 /// A durable saga orchestrator on PostgreSQL.
 #[derive(Parser, Debug)]
@@ -114,6 +115,9 @@ struct ServeArgs {
     /// How long finished runs are kept before the daily retention sweep deletes them.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
     retention: Duration,
+    /// The shortest `older_than` any retention sweep accepts (at least 1m).
+    #[arg(long, env = "SAGAFLOW_RETENTION_FLOOR", default_value = "1d", value_parser = parse_retention)]
+    retention_floor: Duration,
 }
 
 #[tokio::main]
@@ -214,7 +218,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token: admin_token.value.clone(),
         schedules: ScheduleSettings {
             file: args.schedules,
-            retention_period: args.retention,
+            retention: Retention {
+                default_period: args.retention,
+                floor: args.retention_floor,
+            },
             ..ScheduleSettings::default()
         },
     };
@@ -231,9 +238,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A retention period: a duration of at least a minute (`30d`, `12h`).
+/// A retention period or floor: a duration such as `30d` or `12h` (its bounds are checked at
+/// start, against each other).
 fn parse_retention(text: &str) -> Result<Duration, String> {
-    sagaflow::workflows::retention::parse_period(text).map_err(|e| e.message)
+    retention::parse_duration("retention", text).map_err(|e| e.message)
 }
 
 /// A token from the configuration, or generated when unset.

@@ -52,9 +52,9 @@ pub struct ServerConfig {
 pub struct ScheduleSettings {
     /// A JSON file of schedules (`{"schedules": [...]}`) upserted at every start.
     pub file: Option<PathBuf>,
-    /// How long finished runs are kept: what `retention-sweep` deletes when its input does not
-    /// say otherwise.
-    pub retention_period: Duration,
+    /// How long finished runs are kept (what `retention-sweep` deletes when its input does not
+    /// say otherwise), and the shortest period any sweep may use.
+    pub retention: retention::Retention,
     /// The scheduler's catch-up bounds and sleeps.
     pub scheduler: SchedulerConfig,
     /// The wall clock schedules run by (tests move a manual one).
@@ -65,7 +65,7 @@ impl Default for ScheduleSettings {
     fn default() -> Self {
         Self {
             file: None,
-            retention_period: retention::DEFAULT_PERIOD,
+            retention: retention::Retention::default(),
             scheduler: SchedulerConfig::default(),
             clock: Arc::new(SystemClock),
         }
@@ -108,6 +108,14 @@ pub enum ServeError {
         addr: SocketAddr,
         /// Why.
         source: std::io::Error,
+    },
+    /// A setting is out of its range.
+    #[error("--{setting}: {message}")]
+    Config {
+        /// The setting, as its command-line flag is spelled.
+        setting: String,
+        /// What is wrong.
+        message: String,
     },
     /// A blocking task failed.
     #[error("internal: {0}")]
@@ -189,8 +197,12 @@ pub fn build_engine(
         .config(config)
         .faults(faults)
         .clock(Arc::clone(&schedules.clock));
+    schedules.retention.validate().map_err(|e| ServeError::Config {
+        setting: e.field,
+        message: e.message,
+    })?;
     let builtins = Builtins {
-        retention_period: schedules.retention_period,
+        retention: schedules.retention,
     };
     let engine = workflows::register_builtins(builder, &builtins)
         .build()

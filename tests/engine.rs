@@ -9,8 +9,8 @@ use common::scripted::{self, gate};
 use common::{eventually, fast_config, test_db};
 use sagaflow::engine::store::{self, LeaseWrite, Persist, Persisted};
 use sagaflow::engine::{
-    Engine, EngineError, EventKind as K, Handler, Retried, RunState, RunStatus, Step, StepContext, StepError,
-    StepStatus, TriggerOptions, WorkerHandle, Workflow,
+    Engine, EngineError, EventKind as K, Handler, Retried, RunStatus, Step, StepContext, StepError, StepStatus,
+    TriggerOptions, WorkerHandle, Workflow,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -924,7 +924,6 @@ async fn the_log_is_append_only() {
         .execute(&db.pool)
         .await;
     assert!(rewrite.is_err_and(|e| e.to_string().contains("append-only")));
-    let _ = RunState::new(0);
 }
 
 #[tokio::test]

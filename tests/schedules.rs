@@ -40,7 +40,10 @@ fn engine_at(pool: &PgPool, node: &str, clock: Option<Arc<ManualClock>>) -> Engi
     let mut builder = Engine::builder(pool.clone())
         .config(fast_config(node))
         .register(scripted::workflow())
-        .register(retention::workflow(Duration::from_secs(7 * 24 * 3600)));
+        .register(retention::workflow(retention::Retention {
+            default_period: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }));
     if let Some(clock) = clock {
         builder = builder.clock(clock);
     }

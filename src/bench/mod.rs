@@ -61,7 +61,7 @@ impl Target {
             return Ok(Self {
                 cluster: None,
                 admin_url: url.clone(),
-                url_of: Box::new(move |db| replace_database(&base, db)),
+                url_of: Box::new(move |db| sagaflow::pg::with_database(&base, db)),
                 temp_dir: None,
             });
         }
@@ -79,11 +79,11 @@ impl Target {
         })
         .await??;
         let admin_url = cluster.url("postgres");
-        let template = cluster.url("DBNAME");
+        let admin = cluster.url("postgres");
         Ok(Self {
             cluster: Some(cluster),
             admin_url,
-            url_of: Box::new(move |db| template.replace("/DBNAME?", &format!("/{db}?"))),
+            url_of: Box::new(move |db| sagaflow::pg::with_database(&admin, db)),
             temp_dir: Some(dir),
         })
     }
@@ -120,21 +120,6 @@ impl Target {
         if let Some(dir) = self.temp_dir.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-}
-
-fn replace_database(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let base = match head.rfind('/') {
-        Some(i) if i > "postgres://".len() => &head[..i],
-        _ => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
     }
 }
 

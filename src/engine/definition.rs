@@ -552,10 +552,23 @@ pub trait FinishHook: Send + Sync + 'static {
     async fn on_finish(&self, db: &mut PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError>;
 }
 
+/// Who may start runs of a workflow. The engine does not authenticate anyone; it records the
+/// workflow's level so that every front end (the API, the dashboard) refuses the same callers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Any caller that may trigger runs (backends with the API token).
+    #[default]
+    Api,
+    /// Operators only: maintenance that can destroy history, such as `retention-sweep`.
+    Admin,
+}
+
 /// A named, versioned, ordered plan of steps.
 #[derive(Clone)]
 pub struct Workflow {
     pub(crate) name: String,
+    pub(crate) access: Access,
     pub(crate) version: i32,
     pub(crate) description: String,
     pub(crate) steps: Vec<StepDef>,
@@ -571,6 +584,7 @@ impl Workflow {
         WorkflowBuilder {
             workflow: Workflow {
                 name: name.into(),
+                access: Access::Api,
                 version,
                 description: String::new(),
                 steps: Vec::new(),
@@ -595,6 +609,11 @@ impl Workflow {
     /// What the workflow is for.
     pub fn description(&self) -> &str {
         &self.description
+    }
+
+    /// Who may start its runs.
+    pub fn access(&self) -> Access {
+        self.access
     }
 
     /// The step plan, in order.
@@ -677,6 +696,12 @@ impl WorkflowBuilder {
     /// Describes what the workflow is for (shown in the API and dashboard).
     pub fn description(mut self, text: impl Into<String>) -> Self {
         self.workflow.description = text.into();
+        self
+    }
+
+    /// Who may start runs (default [`Access::Api`]).
+    pub fn access(mut self, access: Access) -> Self {
+        self.workflow.access = access;
         self
     }
 

@@ -32,7 +32,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use definition::{
-    Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
+    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
     StepDef, StepError, ValidateInput, Workflow, WorkflowBuilder,
 };
 pub use faults::Faults;
@@ -88,6 +88,26 @@ pub enum EngineError {
         /// The run it belongs to.
         run: Uuid,
     },
+    /// The key belongs to runs of another kind of trigger: a backend cannot pre-claim a
+    /// schedule's tick, and a tick never adopts a run it did not start.
+    #[error(
+        "idempotency key `{key}` belongs to run {run}, started by {}, not by {}",
+        trigger_label(*owner),
+        trigger_label(*requested)
+    )]
+    IdempotencyKeyTaken {
+        /// The key.
+        key: String,
+        /// The run holding it.
+        run: Uuid,
+        /// What started that run.
+        owner: Trigger,
+        /// What asked for the key now.
+        requested: Trigger,
+    },
+    /// Keys starting with [`RESERVED_KEY_PREFIX`] are the scheduler's.
+    #[error("idempotency keys starting with `{RESERVED_KEY_PREFIX}` are reserved for schedules")]
+    ReservedIdempotencyKey,
     /// No run with that id.
     #[error("run {0} not found")]
     RunNotFound(Uuid),
@@ -332,6 +352,10 @@ impl FinishedRuns {
     }
 }
 
+/// The prefix of the idempotency keys the scheduler gives its runs
+/// (`schedule:<name>:<tick>`): only schedule triggers may use it.
+pub const RESERVED_KEY_PREFIX: &str = "schedule:";
+
 /// Options of a trigger.
 #[derive(Debug, Clone, Default)]
 pub struct TriggerOptions {
@@ -431,16 +455,19 @@ impl Engine {
             .latest(workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(workflow.to_string()))?;
         wf.check_input(&input).map_err(EngineError::InvalidInput)?;
+        let trigger = options.trigger.unwrap_or(Trigger::Api);
         let key = options.idempotency_key.as_deref();
         if let Some(key) = key {
             if key.is_empty() || key.chars().count() > 255 {
                 return Err(EngineError::InvalidIdempotencyKey);
             }
+            if key.starts_with(RESERVED_KEY_PREFIX) && trigger != Trigger::Schedule {
+                return Err(EngineError::ReservedIdempotencyKey);
+            }
             if let Some(existing) = store::run_by_key(&self.inner.pool, &wf.name, key).await? {
-                return replay(existing, key, &input);
+                return replay(existing, key, &input, trigger);
             }
         }
-        let trigger = options.trigger.unwrap_or(Trigger::Api);
         let mut conn = self.inner.pool.acquire().await?;
         let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}));
         if self.insert_prepared(&mut conn, &prepared).await? {
@@ -453,7 +480,7 @@ impl Engine {
         // Lost a race for the idempotency key.
         let key = key.unwrap_or_default();
         match store::run_by_key(&mut *conn, &wf.name, key).await? {
-            Some(existing) => replay(existing, key, &input),
+            Some(existing) => replay(existing, key, &input, trigger),
             None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
         }
     }
@@ -805,8 +832,17 @@ struct PreparedRun {
     local: Option<(Arc<WorkerShared>, tokio::sync::OwnedSemaphorePermit)>,
 }
 
-fn replay(existing: store::RunRow, key: &str, input: &Value) -> Result<Triggered, EngineError> {
-    if &existing.input == input {
+/// The answer to a trigger whose key is taken: the same run for the same kind of trigger and
+/// the same input; otherwise a refusal saying which.
+fn replay(existing: store::RunRow, key: &str, input: &Value, trigger: Trigger) -> Result<Triggered, EngineError> {
+    if existing.trigger != trigger {
+        Err(EngineError::IdempotencyKeyTaken {
+            key: key.to_string(),
+            run: existing.id,
+            owner: existing.trigger,
+            requested: trigger,
+        })
+    } else if &existing.input == input {
         Ok(Triggered {
             run_id: existing.id,
             created: false,

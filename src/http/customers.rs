@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::ApiAccess;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, Params};
+use super::extract::{JsonBody, Params, PathText};
 use crate::domain::store as domain;
 use crate::domain::{AuthIdentity, Customer, OutboxEvent};
 
@@ -63,7 +63,7 @@ pub async fn create_identity(
 pub async fn get_identity(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<AuthIdentity>, ApiError> {
     domain::identity(&state.pool, &id)
         .await?
@@ -110,7 +110,7 @@ pub async fn list_customers(
 pub async fn get_customer(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<Customer>, ApiError> {
     let mut conn = state.pool.acquire().await?;
     domain::customer(&mut conn, &id)

@@ -188,10 +188,11 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidIdempotencyKey => {
                 Self::invalid("Idempotency-Key", "must be between 1 and 255 characters")
             }
-            e @ EngineError::IdempotencyConflict { .. } => Self::Conflict {
+            e @ (EngineError::IdempotencyConflict { .. } | EngineError::IdempotencyKeyTaken { .. }) => Self::Conflict {
                 code: "idempotency_conflict",
                 message: e.to_string(),
             },
+            e @ EngineError::ReservedIdempotencyKey => Self::invalid("Idempotency-Key", e.to_string()),
             EngineError::RunNotFound(id) => Self::NotFound {
                 what: "run",
                 id: id.to_string(),

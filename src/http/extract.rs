@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -78,6 +78,24 @@ fn reject_nul(value: &Value, path: &str) -> Result<(), ApiError> {
             reject_nul(item, &child(key))
         }),
         _ => Ok(()),
+    }
+}
+
+/// One path parameter as text. A parameter that is not valid UTF-8 once percent-decoded, or
+/// that holds NUL (which PostgreSQL text cannot store), names nothing that can exist: a 404 in
+/// the JSON error shape, never axum's plain-text 400 nor a database error.
+pub struct PathText(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let unusable = |id: String| ApiError::NotFound { what: "path", id };
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(text)) if text.contains('\0') => Err(unusable(text.replace('\0', "\\0"))),
+            Ok(Path(text)) => Ok(Self(text)),
+            Err(_) => Err(unusable(parts.uri.path().to_string())),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -16,12 +16,12 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
-use super::auth::{AdminAccess, ApiAccess};
+use super::auth::{AdminAccess, ApiAccess, Role};
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, Params};
+use super::extract::{JsonBody, Params, PathText};
 use crate::engine::store::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 use crate::engine::{
-    EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions, Workflow,
+    Access, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions, Workflow,
 };
 
 /// A run, as the API shows it (DESIGN.md §5).
@@ -229,6 +229,8 @@ pub struct WorkflowBody {
     pub version: i32,
     /// What it is for.
     pub description: String,
+    /// Who may trigger it: `api` (the API token) or `admin` (maintenance, the admin token).
+    pub access: Access,
     /// Its steps, in order.
     pub steps: Vec<StepPlanBody>,
 }
@@ -291,6 +293,7 @@ impl From<&Workflow> for WorkflowBody {
             name: w.name().to_string(),
             version: w.version(),
             description: w.description().to_string(),
+            access: w.access(),
             steps: w
                 .steps()
                 .iter()
@@ -378,24 +381,28 @@ fn with_location(status: StatusCode, body: RunBody) -> Response {
         (status = 200, description = "Finished within wait_ms, or replayed", body = RunBody),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 403, description = "An admin-only workflow (e.g. retention-sweep) with the API token", body = ErrorBody),
         (status = 404, description = "Unknown workflow", body = ErrorBody),
         (status = 409, description = "Idempotency key used with another body", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 422, description = "Input fails the workflow's schema", body = ErrorBody),
     ))]
 pub async fn trigger(
-    _: ApiAccess,
+    ApiAccess(role): ApiAccess,
     State(state): State<Arc<AppState>>,
-    Path(workflow): Path<String>,
+    PathText(workflow): PathText,
     params: Params,
     headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    if state.engine.workflow(&workflow).is_none() {
+    let Some(definition) = state.engine.workflow(&workflow) else {
         return Err(ApiError::NotFound {
             what: "workflow",
             id: workflow,
         });
+    };
+    if definition.access() == Access::Admin && role != Role::Admin {
+        return Err(ApiError::Forbidden);
     }
     let wait_ms = params.integer("wait_ms", 0, 30_000, 0)?;
     let idempotency_key = match headers.get("idempotency-key") {
@@ -529,7 +536,7 @@ pub async fn list_runs(
 pub async fn get_run(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<RunBody>, ApiError> {
     Ok(Json(run_body(&state, parse_run_id(&id)?).await?))
 }
@@ -546,7 +553,7 @@ pub async fn get_run(
 pub async fn run_events(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Json<EventList>, ApiError> {
     let run = parse_run_id(&id)?;
     let events = state
@@ -581,7 +588,7 @@ pub async fn run_events(
 pub async fn retry_run(
     admin: AdminAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let run = parse_run_id(&id)?;
     Ok(match state.engine.retry(run, &admin.operator).await? {
@@ -609,7 +616,7 @@ pub async fn retry_run(
 pub async fn cancel_run(
     admin: AdminAccess,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<Response, ApiError> {
     let run = parse_run_id(&id)?;
     state.engine.cancel(run, &admin.operator).await?;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{AdminAccess, ApiAccess};
 use super::error::{ApiError, ErrorBody};
-use super::extract::JsonBody;
+use super::extract::{JsonBody, PathText};
 use super::runs::RunBody;
 use crate::engine::RunStatus;
 use crate::engine::scheduler::{CatchUp, FireRow, Origin, Overlap, ScheduleSpec, ScheduleView, is_valid_name};
@@ -135,7 +135,7 @@ fn not_found(name: String) -> ApiError {
 
 /// The name in the path; one no schedule can have is simply not found (and never reaches the
 /// database, which could not even store some of them).
-fn path_name(Path(name): Path<String>) -> Result<String, ApiError> {
+fn path_name(PathText(name): PathText) -> Result<String, ApiError> {
     if is_valid_name(&name) {
         Ok(name)
     } else {
@@ -204,7 +204,7 @@ pub async fn create_schedule(
 pub async fn get_schedule(
     _: ApiAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
     let view = state.engine.schedule(&name).await?.ok_or_else(|| not_found(name))?;
@@ -230,7 +230,7 @@ pub async fn get_schedule(
 pub async fn replace_schedule(
     _: AdminAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
     body: JsonBody,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
@@ -251,7 +251,7 @@ pub async fn replace_schedule(
 pub async fn delete_schedule(
     _: AdminAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
 ) -> Result<StatusCode, ApiError> {
     let name = path_name(path)?;
     state.engine.delete_schedule(&name).await?;
@@ -273,7 +273,7 @@ pub async fn delete_schedule(
 pub async fn enable_schedule(
     _: AdminAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
     Ok(Json(state.engine.set_schedule_enabled(&name, true).await?.into()))
@@ -293,7 +293,7 @@ pub async fn enable_schedule(
 pub async fn disable_schedule(
     _: AdminAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
     Ok(Json(state.engine.set_schedule_enabled(&name, false).await?.into()))
@@ -319,7 +319,7 @@ pub async fn disable_schedule(
 pub async fn fire_schedule(
     admin: AdminAccess,
     State(state): State<Arc<AppState>>,
-    path: Path<String>,
+    path: PathText,
 ) -> Result<Response, ApiError> {
     let name = path_name(path)?;
     let triggered = state.engine.fire_schedule(&name, &admin.operator).await?;

@@ -23,7 +23,6 @@ use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use nix::unistd::{Uid, User};
 
@@ -618,18 +617,6 @@ fn percent_encode(text: &str) -> String {
         }
     }
     out
-}
-
-/// Waits until `probe` says the cluster answers, for callers that just restarted it.
-pub fn wait_until(mut probe: impl FnMut() -> bool, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if probe() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[cfg(test)]

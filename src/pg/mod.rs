@@ -76,6 +76,23 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// The URL of database `database` on the server of `url` (query parameters such as the
+/// socket `host` are kept).
+pub fn with_database(url: &str, database: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let base = match head.rfind('/') {
+        Some(i) if i > head.find("://").map_or(0, |s| s + 2) => &head[..i],
+        _ => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
 /// Creates database `name` on the server of `admin_url` unless it exists.
 pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     use sqlx::Connection;
@@ -89,4 +106,19 @@ pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
     }
     conn.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn another_database_on_the_same_server() {
+        assert_eq!(
+            with_database("postgres://u@localhost:5432/postgres?host=%2Ftmp%2Fx", "t_1"),
+            "postgres://u@localhost:5432/t_1?host=%2Ftmp%2Fx"
+        );
+        assert_eq!(with_database("postgres://u:p@db/app", "t_2"), "postgres://u:p@db/t_2");
+        assert_eq!(with_database("postgres://u@db", "t_3"), "postgres://u@db/t_3");
+    }
 }

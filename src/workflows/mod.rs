@@ -7,28 +7,18 @@
 pub mod customer_account;
 pub mod retention;
 
-use std::time::Duration;
-
 use crate::engine::EngineBuilder;
 
 /// Settings of the built-in workflows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Builtins {
-    /// How long `retention-sweep` keeps finished runs when its input does not say.
-    pub retention_period: Duration,
-}
-
-impl Default for Builtins {
-    fn default() -> Self {
-        Self {
-            retention_period: retention::DEFAULT_PERIOD,
-        }
-    }
+    /// How long `retention-sweep` keeps finished runs, and the shortest period it accepts.
+    pub retention: retention::Retention,
 }
 
 /// Registers every built-in workflow.
 pub fn register_builtins(builder: EngineBuilder, settings: &Builtins) -> EngineBuilder {
     builder
         .register(customer_account::workflow())
-        .register(retention::workflow(settings.retention_period))
+        .register(retention::workflow(settings.retention))
 }

@@ -36,16 +36,16 @@ fn server() -> &'static Server {
             let base = url.clone();
             return Server {
                 admin_url: url,
-                url_of: Box::new(move |db| replace_database(&base, db)),
+                url_of: Box::new(move |db| sagaflow::pg::with_database(&base, db)),
                 cluster: None,
             };
         }
         let cluster = EmbeddedPostgres::start_ephemeral().expect("start a PostgreSQL cluster for the tests");
         let admin_url = cluster.url("postgres");
-        let template = cluster.url("DBNAME");
+        let admin = cluster.url("postgres");
         Server {
             admin_url,
-            url_of: Box::new(move |db| template.replace("/DBNAME?", &format!("/{db}?"))),
+            url_of: Box::new(move |db| sagaflow::pg::with_database(&admin, db)),
             cluster: Some(cluster),
         }
     })
@@ -54,21 +54,6 @@ fn server() -> &'static Server {
 /// The cluster the tests started (None when DATABASE_URL was given).
 pub fn cluster() -> Option<&'static EmbeddedPostgres> {
     server().cluster.as_ref()
-}
-
-fn replace_database(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let base = match head.rfind('/') {
-        Some(i) if i > "postgres://".len() => &head[..i],
-        _ => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
 }
 
 async fn template_ready() {

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::definition::{InputError, parse_input};
-use super::{Engine, EngineError, Trigger, TriggerOptions, Triggered};
+use super::{Engine, EngineError, RESERVED_KEY_PREFIX, Trigger, TriggerOptions, Triggered};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use expr::{CronExpr, ExprError};
 pub use plan::CatchUpRules;
@@ -214,13 +214,16 @@ pub enum ScheduleError {
 
 /// The idempotency key of a tick's run: `schedule:<name>:<tick in RFC 3339, UTC>`.
 pub fn tick_key(name: &str, tick: DateTime<Utc>) -> String {
-    format!("schedule:{name}:{}", tick.to_rfc3339_opts(SecondsFormat::Secs, true))
+    format!(
+        "{RESERVED_KEY_PREFIX}{name}:{}",
+        tick.to_rfc3339_opts(SecondsFormat::Secs, true)
+    )
 }
 
 /// The idempotency key of an operator's fire-now (not a tick: it never collides with one).
 fn manual_key(name: &str, at: DateTime<Utc>) -> String {
     format!(
-        "schedule:{name}:manual:{}",
+        "{RESERVED_KEY_PREFIX}{name}:manual:{}",
         at.to_rfc3339_opts(SecondsFormat::Micros, true)
     )
 }

@@ -246,6 +246,8 @@ async fn fire_tick(
         Ok(t) => TickOutcome::AlreadyStarted(t.run_id),
         // The tick fired before with the input the schedule had then.
         Err(EngineError::IdempotencyConflict { run, .. }) => TickOutcome::AlreadyStarted(run),
+        // A run the scheduler did not start holds the tick's key: never adopt it as the
+        // tick's run; say so on the schedule (`IdempotencyKeyTaken` lands in `Refused`).
         Err(EngineError::Database(e)) => return Err(e.into()),
         Err(e) => TickOutcome::Refused(e.to_string()),
     };

@@ -2,13 +2,13 @@
 //! (debug builds too, so tests serve exactly what a release serves). No login needed: they
 //! hold nothing secret and the login page uses them.
 
-use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rust_embed::Embed;
 
 use super::error::PageError;
 use crate::http::error::ApiError;
+use crate::http::extract::PathText;
 
 #[derive(Embed)]
 #[folder = "dashboard/static/"]
@@ -26,7 +26,8 @@ fn content_type(file: &str) -> &'static str {
 }
 
 /// `GET /static/{file}`: the file, with an ETag so browsers revalidate cheaply.
-pub async fn serve(Path(file): Path<String>, headers: HeaderMap) -> Result<Response, PageError> {
+pub async fn serve(path: Result<PathText, ApiError>, headers: HeaderMap) -> Result<Response, PageError> {
+    let PathText(file) = path?;
     let asset = Static::get(&file).ok_or_else(|| ApiError::NotFound {
         what: "file",
         id: file.clone(),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::Form;
+use axum::extract::State;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, State};
 use axum::response::{Html, Redirect};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -24,7 +24,7 @@ use super::timeline::{self, Chart};
 use crate::engine::store::{EventRow, RunRow, StepRow};
 use crate::engine::{Retried, RetryAction, RunStatus, StepStatus};
 use crate::http::error::ApiError;
-use crate::http::extract::Params;
+use crate::http::extract::{Params, PathText};
 
 /// No page may be larger than this.
 pub const PAGE_LIMIT: usize = 200 * 1024;
@@ -231,9 +231,10 @@ fn not_found(id: Uuid) -> ApiError {
 pub async fn page(
     viewer: Viewer,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(id): Path<String>,
+    path: Result<PathText, ApiError>,
     params: Params,
 ) -> Result<Html<String>, PageError> {
+    let PathText(id) = path?;
     let id = parse_id(&id)?;
     let engine = &dashboard.app.engine;
     let detail = engine.run(id).await?.ok_or_else(|| not_found(id))?;
@@ -449,10 +450,11 @@ pub(super) fn checked(operator: &Operator, form: Result<Form<ActionForm>, FormRe
 pub async fn retry(
     operator: Operator,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(id): Path<String>,
+    path: Result<PathText, ApiError>,
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Redirect, PageError> {
     checked(&operator, form)?;
+    let PathText(id) = path?;
     let id = parse_id(&id)?;
     let by = &operator.session.operator;
     Ok(match dashboard.app.engine.retry(id, by).await? {
@@ -471,10 +473,11 @@ pub async fn retry(
 pub async fn cancel(
     operator: Operator,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(id): Path<String>,
+    path: Result<PathText, ApiError>,
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Redirect, PageError> {
     checked(&operator, form)?;
+    let PathText(id) = path?;
     let id = parse_id(&id)?;
     dashboard.app.engine.cancel(id, &operator.session.operator).await?;
     tracing::info!(run_id = %id, operator = %operator.session.operator, "dashboard: cancel requested");

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::Form;
+use axum::extract::State;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, State};
 use axum::response::{Html, Redirect};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -30,7 +30,7 @@ use crate::engine::scheduler::{
     CatchUp, FireRow, Origin, Overlap, RECENT_RUNS, ScheduleError, ScheduleListing, ScheduleView, is_valid_name,
 };
 use crate::http::error::ApiError;
-use crate::http::extract::Params;
+use crate::http::extract::{Params, PathText};
 
 /// The longest search text.
 pub const MAX_QUERY_CHARS: usize = 100;
@@ -500,10 +500,11 @@ fn schedule_name(name: String) -> Result<String, ApiError> {
 pub async fn enable(
     operator: Operator,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(name): Path<String>,
+    path: Result<PathText, ApiError>,
     params: Params,
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Redirect, PageError> {
+    let PathText(name) = path?;
     set_enabled(operator, &dashboard, name, params, form, true).await
 }
 
@@ -511,10 +512,11 @@ pub async fn enable(
 pub async fn disable(
     operator: Operator,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(name): Path<String>,
+    path: Result<PathText, ApiError>,
     params: Params,
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Redirect, PageError> {
+    let PathText(name) = path?;
     set_enabled(operator, &dashboard, name, params, form, false).await
 }
 
@@ -542,11 +544,12 @@ async fn set_enabled(
 pub async fn fire(
     operator: Operator,
     State(dashboard): State<Arc<Dashboard>>,
-    Path(name): Path<String>,
+    path: Result<PathText, ApiError>,
     params: Params,
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Redirect, PageError> {
     checked(&operator, form)?;
+    let PathText(name) = path?;
     let name = schedule_name(name)?;
     let list = ListParams::read(&params)?;
     let by = &operator.session.operator;

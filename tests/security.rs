@@ -1,0 +1,351 @@
+//! The holes an attacker with the API token, a slow client or a stalled step could open
+//! (security probe 2), each reproduced as the probe did it, against a real server on real
+//! sockets and a real PostgreSQL, asserting the fixed behaviour and that nothing was written.
+
+mod common;
+
+use std::time::Duration;
+
+use common::eventually;
+use common::server::{self, TestServer, read};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Every table a refused request must leave alone, as a fingerprint: row counts plus digests
+/// of the rows that an update (not only an insert or delete) would change.
+async fn fingerprint(server: &TestServer) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = server
+        .row_counts()
+        .await
+        .into_iter()
+        .map(|(table, n)| (table, n.to_string()))
+        .collect();
+    for (name, sql) in [
+        (
+            "runs",
+            "SELECT coalesce(md5(string_agg(id::text || status::text || cancel_requested::text || \
+             coalesce(idempotency_key, ''), ',' ORDER BY id)), '') FROM runs",
+        ),
+        (
+            "schedules",
+            "SELECT coalesce(md5(string_agg(name || expression || enabled::text || input::text || \
+             coalesce(last_error, ''), ',' ORDER BY name)), '') FROM schedules",
+        ),
+        ("schedule_fires", "SELECT count(*)::text FROM schedule_fires"),
+        (
+            "auth_identities",
+            "SELECT coalesce(md5(string_agg(id || app_metadata::text, ',' ORDER BY id)), '') FROM auth_identities",
+        ),
+    ] {
+        let digest: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(server.pool())
+            .await
+            .expect("fingerprint");
+        all.push((name.to_string(), digest));
+    }
+    all
+}
+
+/// `n` completed registrations, backdated `days` into the past.
+async fn old_runs(server: &TestServer, n: usize, days: i32) {
+    for i in 0..n {
+        let email = format!("old-{days}-{i}@example.com");
+        let identity = server.identity(&email).await;
+        let run = server.register(&identity, &email).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    sqlx::query(
+        "UPDATE runs SET created_at = now() - make_interval(days => $1),
+                         finished_at = now() - make_interval(days => $1)",
+    )
+    .bind(days)
+    .execute(server.pool())
+    .await
+    .expect("backdate");
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+#[tokio::test]
+async fn the_api_token_cannot_erase_the_run_history() {
+    let server = server::start().await;
+    old_runs(&server, 3, 2).await;
+    let before = fingerprint(&server).await;
+
+    // F1 as the probe did it: the API token starts the sweep with a minute's retention.
+    let (status, body) = read(
+        server
+            .api(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=5000")
+            .json(&json!({"older_than": "1m"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    // Even without input: the workflow itself is admin-only.
+    let (status, body) = read(
+        server
+            .api(Method::POST, "/v1/workflows/retention-sweep/runs")
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    // The admin token is held to the floor (a day by default) and to a sane maximum (the
+    // probe's F7 input that panicked on every attempt).
+    for (older_than, says) in [
+        ("1m", "at least 1day"),
+        ("23h 59m", "at least 1day"),
+        ("99999999999d", "at most 100 years"),
+    ] {
+        let (status, body) = read(
+            server
+                .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=5000")
+                .json(&json!({"older_than": older_than}))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+        assert_eq!(body["error"]["field"], "older_than", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{older_than}: {message}");
+        // The same inputs are refused for a schedule, before it could fire them.
+        let (status, body) = read(
+            server
+                .admin(Method::POST, "/v1/schedules")
+                .json(&json!({"name": "sweeper", "expression": "0 3 * * *",
+                              "workflow": "retention-sweep", "input": {"older_than": older_than}}))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+        assert_eq!(body["error"]["field"], "input.older_than", "{body}");
+    }
+    assert_eq!(fingerprint(&server).await, before, "refused requests wrote nothing");
+
+    // The plan says who may trigger what.
+    let (_, workflows) = read(server.api(Method::GET, "/v1/workflows").send().await.expect("request")).await;
+    let access = |name: &str| {
+        workflows["workflows"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["name"] == name))
+            .map(|w| w["access"].clone())
+    };
+    assert_eq!(access("retention-sweep"), Some(json!("admin")));
+    assert_eq!(access("create-customer-account"), Some(json!("api")));
+
+    // At the floor, the admin's sweep runs and deletes the two-day-old runs.
+    let (status, body) = read(
+        server
+            .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=20000")
+            .json(&json!({"older_than": "1d"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "completed", "{body}");
+    assert_eq!(body["output"]["deleted"], 3, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
+    let server = server::start().await;
+    let (status, schedule) = read(
+        server
+            .admin(Method::POST, "/v1/schedules")
+            .json(&json!({"name": "hijack-me", "expression": "*/2 * * * * *",
+                          "workflow": "retention-sweep", "input": {"older_than": "3650d"},
+                          "overlap": "allow", "catch_up": "none"}))
+            .send()
+            .await
+            .expect("create"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    let before = fingerprint(&server).await;
+
+    // F2 as the probe did it: the API token pre-creates runs under the next ticks' keys, of
+    // the sweep and of an ordinary workflow alike. Both are refused, whatever the workflow.
+    let upcoming: Vec<String> = schedule["upcoming"]
+        .as_array()
+        .expect("upcoming")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    for tick in &upcoming[..2] {
+        for (workflow, body) in [
+            ("retention-sweep", json!({"older_than": "3650d"})),
+            (
+                "create-customer-account",
+                server::registration("authid_x", "squatter@example.com"),
+            ),
+        ] {
+            for key in [format!("schedule:hijack-me:{tick}"), "schedule:anything".to_string()] {
+                let (status, body) = read(
+                    server
+                        .admin(Method::POST, &format!("/v1/workflows/{workflow}/runs"))
+                        .header("idempotency-key", &key)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("request"),
+                )
+                .await;
+                assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+                assert_eq!(body["error"]["field"], "Idempotency-Key", "{body}");
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("reserved for schedules")),
+                    "{body}"
+                );
+            }
+        }
+    }
+    assert_eq!(fingerprint(&server).await, before, "refused triggers wrote nothing");
+
+    // A foreign run that holds a tick's key anyway (left by a version before this fix): the
+    // tick records an error on the schedule and never adopts the run as its own.
+    server
+        .admin(Method::PUT, "/v1/schedules/hijack-me")
+        .json(
+            &json!({"name": "hijack-me", "expression": "*/2 * * * * *", "enabled": false,
+                      "workflow": "retention-sweep", "input": {"older_than": "3650d"},
+                      "overlap": "allow", "catch_up": "none"}),
+        )
+        .send()
+        .await
+        .expect("disable");
+    let (_, foreign) = read(
+        server
+            .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=20000")
+            .header("idempotency-key", "squatter")
+            .json(&json!({"older_than": "3650d"}))
+            .send()
+            .await
+            .expect("foreign run"),
+    )
+    .await;
+    let foreign_id = foreign["id"].as_str().expect("id").to_string();
+    let (_, enabled) = read(
+        server
+            .admin(Method::POST, "/v1/schedules/hijack-me/enable")
+            .send()
+            .await
+            .expect("enable"),
+    )
+    .await;
+    // Two ticks ahead, so the scheduler cannot reach it before the key is planted.
+    let next_tick = enabled["upcoming"][2].as_str().expect("a tick ahead").to_string();
+    sqlx::query("UPDATE runs SET idempotency_key = $1 WHERE id = $2::uuid")
+        .bind(format!("schedule:hijack-me:{next_tick}"))
+        .bind(&foreign_id)
+        .execute(server.pool())
+        .await
+        .expect("plant the foreign key");
+    let schedule = eventually(Duration::from_secs(20), "the tick to meet the foreign run", || async {
+        let (_, body) = read(
+            server
+                .api(Method::GET, "/v1/schedules/hijack-me")
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        body["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&foreign_id))
+            .then_some(body)
+    })
+    .await;
+    let error = schedule["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("started by api, not by schedule"), "{error}");
+    let adopted = schedule["recent_runs"]
+        .as_array()
+        .expect("recent runs")
+        .iter()
+        .any(|r| r["run_id"] == foreign_id.as_str());
+    assert!(!adopted, "the foreign run is not the tick's: {schedule}");
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_fires WHERE run_id = $1::uuid")
+        .bind(&foreign_id)
+        .fetch_one(server.pool())
+        .await
+        .expect("fires");
+    assert_eq!(fires, 0);
+    // The schedule goes on firing its own runs at the next ticks.
+    eventually(Duration::from_secs(20), "a tick of the schedule's own", || async {
+        let (_, body) = read(
+            server
+                .api(Method::GET, "/v1/schedules/hijack-me")
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        body["recent_runs"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+            .then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn path_parameters_that_name_nothing_get_the_json_error_shape() {
+    let server = server::start().await;
+    let before = fingerprint(&server).await;
+    // F5 and F8: a NUL, and bytes that are not UTF-8, in every route's path parameter.
+    for bad in ["a%00b", "%FF", "%C3%28"] {
+        let routes = [
+            (Method::GET, format!("/v1/runs/{bad}")),
+            (Method::GET, format!("/v1/runs/{bad}/events")),
+            (Method::POST, format!("/v1/runs/{bad}/retry")),
+            (Method::POST, format!("/v1/runs/{bad}/cancel")),
+            (Method::GET, format!("/v1/auth-identities/{bad}")),
+            (Method::GET, format!("/v1/customers/{bad}")),
+            (Method::GET, format!("/v1/schedules/{bad}")),
+            (Method::PUT, format!("/v1/schedules/{bad}")),
+            (Method::DELETE, format!("/v1/schedules/{bad}")),
+            (Method::POST, format!("/v1/schedules/{bad}/enable")),
+            (Method::POST, format!("/v1/schedules/{bad}/disable")),
+            (Method::POST, format!("/v1/schedules/{bad}/fire")),
+            (Method::POST, format!("/v1/workflows/{bad}/runs")),
+        ];
+        for (method, path) in routes {
+            let request = server.admin(method.clone(), &path);
+            let request = if method == Method::GET || method == Method::DELETE {
+                request
+            } else {
+                request.json(&json!({}))
+            };
+            let response = request.send().await.expect("request");
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let (status, body) = read(response).await;
+            assert_eq!(content_type, "application/json", "{method} {path}: {body}");
+            assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+        }
+    }
+    assert_eq!(fingerprint(&server).await, before, "nothing was written");
+    server.stop().await;
+}
