@@ -91,9 +91,20 @@ struct ServeArgs {
     /// Runs this instance drives at once.
     #[arg(long, env = "SAGAFLOW_MAX_CONCURRENT_RUNS", default_value_t = 64)]
     max_concurrent_runs: usize,
-    /// Database connections at most.
+    /// Database connections at most, the API's share and the worker's together.
     #[arg(long, env = "SAGAFLOW_POOL_SIZE", default_value_t = 32)]
     pool_size: u32,
+    /// Of those, how many are kept for the API and dashboard (at least 2, at most half):
+    /// stalled steps never take them.
+    #[arg(long, env = "SAGAFLOW_API_POOL_SIZE", default_value_t = 8)]
+    api_pool_size: u32,
+    /// A step's statement waiting this long for a lock fails, retryably, and gives its
+    /// connection back [default: half the lease, at most 5s].
+    #[arg(long, env = "SAGAFLOW_STEP_LOCK_TIMEOUT", value_parser = humantime::parse_duration)]
+    step_lock_timeout: Option<Duration>,
+    /// A worker statement running this long is cancelled [default: the lease].
+    #[arg(long, env = "SAGAFLOW_STEP_STATEMENT_TIMEOUT", value_parser = humantime::parse_duration)]
+    step_statement_timeout: Option<Duration>,
     /// How long shutdown waits for attempts in flight.
     #[arg(long, env = "SAGAFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -148,7 +159,7 @@ async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
         .await
         .context("opening the database")?;
     let engine = server::build_engine(
-        database.pool.clone(),
+        database.pools(),
         EngineConfig::default(),
         Default::default(),
         &Default::default(),
@@ -209,6 +220,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         pool: PoolConfig {
             max_connections: args.pool_size.max(4),
+            api_connections: args.api_pool_size,
+            lock_timeout: Some(
+                args.step_lock_timeout
+                    .unwrap_or_else(|| (args.lease_ttl / 2).min(Duration::from_secs(5))),
+            ),
+            statement_timeout: Some(args.step_statement_timeout.unwrap_or(args.lease_ttl)),
             idle_in_transaction_timeout: args.lease_ttl,
             ..PoolConfig::default()
         },

@@ -124,8 +124,10 @@ pub enum ServeError {
 
 /// The database the server uses, and the embedded cluster behind it if there is one.
 pub struct Database {
-    /// The pool the engine and API use.
+    /// The pool requests (API, dashboard) use.
     pub pool: PgPool,
+    /// The worker's pool: steps, claims, leases, schedules.
+    pub worker_pool: PgPool,
     /// The URL it connects to.
     pub url: String,
     embedded: Option<EmbeddedPostgres>,
@@ -154,14 +156,28 @@ impl Database {
                 (cluster.url(pg::embedded::DATABASE_NAME), Some(cluster))
             }
         };
-        let pool = pg::pool(&url, pool)?;
-        pg::migrate(&pool).await?;
-        Ok(Self { pool, url, embedded })
+        let pools = pg::Pools::split(&url, pool)?;
+        pg::migrate(&pools.api).await?;
+        Ok(Self {
+            pool: pools.api,
+            worker_pool: pools.worker,
+            url,
+            embedded,
+        })
     }
 
-    /// Closes the pool and stops the embedded cluster, if any.
+    /// Both pools.
+    pub fn pools(&self) -> pg::Pools {
+        pg::Pools {
+            api: self.pool.clone(),
+            worker: self.worker_pool.clone(),
+        }
+    }
+
+    /// Closes the pools and stops the embedded cluster, if any.
     pub async fn close(self) {
         self.pool.close().await;
+        self.worker_pool.close().await;
         if let Some(mut cluster) = self.embedded {
             let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
             match stopped {
@@ -186,14 +202,16 @@ pub struct RunningServer {
     stop_http: CancellationToken,
 }
 
-/// Builds the engine with every built-in workflow.
+/// Builds the engine with every built-in workflow, on `pools` (the API's and the worker's).
 pub fn build_engine(
-    pool: PgPool,
+    pools: impl Into<pg::Pools>,
     config: EngineConfig,
     faults: Faults,
     schedules: &ScheduleSettings,
 ) -> Result<Engine, ServeError> {
-    let builder = Engine::builder(pool)
+    let pools = pools.into();
+    let builder = Engine::builder(pools.api)
+        .worker_pool(pools.worker)
         .config(config)
         .faults(faults)
         .clock(Arc::clone(&schedules.clock));
@@ -257,7 +275,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     // Installed before anything records, so no early sample is lost.
     let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
-    let engine = build_engine(database.pool.clone(), config.engine.clone(), faults, &config.schedules)?;
+    let engine = build_engine(database.pools(), config.engine.clone(), faults, &config.schedules)?;
     declare_schedules(&engine, &config.schedules).await?;
     let (worker, scheduler) = if config.run_worker {
         let worker = engine.start_worker().await?;

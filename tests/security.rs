@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::eventually;
 use common::server::{self, TestServer, read};
 use reqwest::{Method, StatusCode};
+use sagaflow::pg::PoolConfig;
 use serde_json::{Value, json};
 
 /// Every table a refused request must leave alone, as a fingerprint: row counts plus digests
@@ -347,5 +348,103 @@ async fn path_parameters_that_name_nothing_get_the_json_error_shape() {
         }
     }
     assert_eq!(fingerprint(&server).await, before, "nothing was written");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_step_never_takes_the_apis_connections() {
+    let server = server::start_with(|config| {
+        config.engine.max_concurrent_runs = 64;
+        config.engine.claim_batch = 32;
+        config.pool = PoolConfig {
+            max_connections: 16,
+            api_connections: 4,
+            lock_timeout: Some(Duration::from_millis(500)),
+            statement_timeout: Some(Duration::from_secs(5)),
+            acquire_timeout: Duration::from_secs(2),
+            ..PoolConfig::default()
+        };
+    })
+    .await;
+    let mut identities = Vec::new();
+    for i in 0..100 {
+        identities.push(server.identity(&format!("stall-{i}@example.com")).await);
+    }
+    // F4 as the probe did it: a lock on a table a step needs (set-auth-app-metadata updates
+    // the identity), held well past the pool's acquire timeout.
+    let mut holder = server.pool().begin().await.expect("tx");
+    sqlx::query("LOCK TABLE auth_identities IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let triggers: Vec<_> = identities
+        .iter()
+        .enumerate()
+        .map(|(i, identity)| {
+            let request = server
+                .api(Method::POST, "/v1/workflows/create-customer-account/runs?wait_ms=30000")
+                .header("idempotency-key", format!("stall-{i}"))
+                .json(&server::registration(identity, &format!("stall-{i}@example.com")));
+            tokio::spawn(async move {
+                let response = request.send().await.expect("trigger");
+                (i, read(response).await)
+            })
+        })
+        .collect();
+    // While every step is stalled: health and reads answer at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stalled_until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut checks = 0;
+    while tokio::time::Instant::now() < stalled_until {
+        let started = tokio::time::Instant::now();
+        let response = server.client.get(server.url("/healthz")).send().await.expect("healthz");
+        assert_eq!(response.status(), StatusCode::OK, "healthz during the stall");
+        let (status, _) = read(server.api(Method::GET, "/v1/runs?limit=5").send().await.expect("list")).await;
+        assert_eq!(status, StatusCode::OK, "a read during the stall");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "answered in {:?}",
+            started.elapsed()
+        );
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(checks >= 5, "checked {checks} times");
+    holder.rollback().await.expect("unlock");
+
+    // No trigger whose run committed answered an error: a 5xx (the API's own connections
+    // exhausted before the insert) is allowed only where no run holds its key.
+    let mut answered = 0;
+    for trigger in triggers {
+        let (i, (status, body)) = trigger.await.expect("task");
+        let key = format!("stall-{i}");
+        let stored: Option<String> = sqlx::query_scalar("SELECT id::text FROM runs WHERE idempotency_key = $1")
+            .bind(&key)
+            .fetch_optional(server.pool())
+            .await
+            .expect("run by key");
+        if status.is_server_error() {
+            assert_eq!(stored, None, "{key} answered {status} but its run exists: {body}");
+        } else {
+            assert!(
+                status == StatusCode::OK || status == StatusCode::CREATED,
+                "{key}: {status} {body}"
+            );
+            assert_eq!(body["id"].as_str(), stored.as_deref(), "{key}");
+            answered += 1;
+        }
+    }
+    assert!(answered >= 90, "only {answered} of 100 triggers were accepted");
+    // And every accepted run finishes once the lock is gone.
+    eventually(Duration::from_secs(60), "every run to finish", || async {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status NOT IN ('completed', 'compensated', 'failed', 'cancelled')",
+        )
+        .fetch_one(server.pool())
+        .await
+        .expect("count");
+        (unfinished == 0).then_some(())
+    })
+    .await;
     server.stop().await;
 }

@@ -103,7 +103,7 @@ impl RunTask {
         let span = info_span!("step", step = name, attempt, phase = phase.as_str());
         let faults = Arc::clone(&self.engine.inner.faults);
         let started = std::time::Instant::now();
-        let mut tx = StepTransaction::new(self.engine.inner.pool.clone());
+        let mut tx = StepTransaction::new(self.engine.inner.worker_pool.clone());
 
         let outcome: Result<Option<Value>, StepError> = async {
             if phase == Phase::Invoke {
@@ -216,7 +216,7 @@ impl RunTask {
                     None => self
                         .engine
                         .inner
-                        .pool
+                        .worker_pool
                         .begin()
                         .await
                         .map_err(|e| Stop::Database(e.to_string()))?,
@@ -246,7 +246,7 @@ impl RunTask {
                 let mut conn = self
                     .engine
                     .inner
-                    .pool
+                    .worker_pool
                     .acquire()
                     .await
                     .map_err(|e| Stop::Database(e.to_string()))?;
@@ -307,7 +307,7 @@ impl RunTask {
     }
 
     async fn reload(&mut self, error: &str) -> Result<bool, sqlx::Error> {
-        let mut tx = self.engine.inner.pool.begin().await?;
+        let mut tx = self.engine.inner.worker_pool.begin().await?;
         let Some(run) = store::run_for_update(&mut tx, self.run_id).await? else {
             return Ok(false);
         };

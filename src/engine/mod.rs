@@ -175,6 +175,7 @@ impl Default for EngineConfig {
 /// Builds an [`Engine`]: register workflows and hook handlers, then build.
 pub struct EngineBuilder {
     pool: PgPool,
+    worker_pool: Option<PgPool>,
     config: EngineConfig,
     faults: Faults,
     workflows: Vec<Workflow>,
@@ -186,6 +187,13 @@ impl EngineBuilder {
     /// Sets the configuration.
     pub fn config(mut self, config: EngineConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Gives the worker (steps, claims, leases, schedules) a pool of its own, so that stalled
+    /// steps never take the connections requests need (default: the one pool for all).
+    pub fn worker_pool(mut self, pool: PgPool) -> Self {
+        self.worker_pool = Some(pool);
         self
     }
 
@@ -250,6 +258,7 @@ impl EngineBuilder {
         kinds.sort();
         Ok(Engine {
             inner: Arc::new(Inner {
+                worker_pool: self.worker_pool.unwrap_or_else(|| self.pool.clone()),
                 pool: self.pool,
                 config: self.config,
                 faults: Arc::new(self.faults),
@@ -271,7 +280,10 @@ pub struct Engine {
 }
 
 pub(crate) struct Inner {
+    /// Requests: triggers, reads, operator actions.
     pub(crate) pool: PgPool,
+    /// The worker's: step transactions, claims, heartbeats, recovery, schedules.
+    pub(crate) worker_pool: PgPool,
     pub(crate) config: EngineConfig,
     pub(crate) faults: Arc<Faults>,
     /// Registered workflows by name, versions ascending.
@@ -366,12 +378,15 @@ pub struct TriggerOptions {
 }
 
 /// The result of a trigger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Triggered {
     /// The run.
     pub run_id: Uuid,
     /// False when an earlier run with the same idempotency key and input was returned.
     pub created: bool,
+    /// The run as it was committed (or, for a replay, as it was read): what a caller can
+    /// answer with when reading it again fails, since the run exists whatever happens next.
+    pub accepted: store::RunRow,
 }
 
 /// A run with its steps and the plan's step names, as the API shows it.
@@ -397,6 +412,7 @@ impl Engine {
     pub fn builder(pool: PgPool) -> EngineBuilder {
         EngineBuilder {
             pool,
+            worker_pool: None,
             config: EngineConfig::default(),
             faults: Faults::none(),
             workflows: Vec::new(),
@@ -405,9 +421,14 @@ impl Engine {
         }
     }
 
-    /// The connection pool.
+    /// The connection pool requests use.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// The worker's connection pool.
+    pub(crate) fn worker_pool(&self) -> &PgPool {
+        &self.inner.worker_pool
     }
 
     /// The configuration.
@@ -470,12 +491,17 @@ impl Engine {
         }
         let mut conn = self.inner.pool.acquire().await?;
         let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}));
-        if self.insert_prepared(&mut conn, &prepared).await? {
+        if let Some(created_at) = self.insert_prepared(&mut conn, &prepared).await? {
             drop(conn);
             let run_id = prepared.id;
+            let accepted = prepared.accepted(created_at);
             self.inner.changes.touch(run_id);
             self.start_prepared(prepared);
-            return Ok(Triggered { run_id, created: true });
+            return Ok(Triggered {
+                run_id,
+                created: true,
+                accepted,
+            });
         }
         // Lost a race for the idempotency key.
         let key = key.unwrap_or_default();
@@ -553,7 +579,12 @@ impl Engine {
         }
     }
 
-    async fn insert_prepared(&self, conn: &mut sqlx::PgConnection, p: &PreparedRun) -> Result<bool, sqlx::Error> {
+    /// Inserts a prepared run; its `created_at` when inserted, `None` when its key was taken.
+    async fn insert_prepared(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        p: &PreparedRun,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         let inserted = store::insert_run(
             conn,
             &store::NewRun {
@@ -574,7 +605,7 @@ impl Engine {
             },
         )
         .await?;
-        if inserted {
+        if inserted.is_some() {
             metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => trigger_label(p.trigger)).increment(1);
         }
         Ok(inserted)
@@ -665,7 +696,7 @@ impl Engine {
     /// steps and execution log, and returns how many. One short statement that skips runs
     /// locked by anyone else: call it repeatedly to sweep a backlog without long locks.
     pub async fn delete_finished_runs(&self, cutoff: DateTime<Utc>, batch: i64) -> Result<u64, EngineError> {
-        let deleted = store::delete_finished_before(&self.inner.pool, cutoff, batch).await?;
+        let deleted = store::delete_finished_before(&self.inner.worker_pool, cutoff, batch).await?;
         metrics::counter!(metrics_names::RUNS_DELETED).increment(deleted);
         Ok(deleted)
     }
@@ -795,7 +826,7 @@ impl Engine {
                     Some(run_id),
                     json!({"by": operator}),
                 );
-                if !self.insert_prepared(&mut tx, &prepared).await? {
+                if self.insert_prepared(&mut tx, &prepared).await?.is_none() {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
                 }
                 let new_id = prepared.id;
@@ -832,6 +863,34 @@ struct PreparedRun {
     local: Option<(Arc<WorkerShared>, tokio::sync::OwnedSemaphorePermit)>,
 }
 
+impl PreparedRun {
+    /// The run as its insert committed it.
+    fn accepted(&self, created_at: DateTime<Utc>) -> store::RunRow {
+        store::RunRow {
+            id: self.id,
+            workflow: self.workflow.name.clone(),
+            workflow_version: self.workflow.version,
+            status: self.state.status,
+            input: self.input.clone(),
+            output: None,
+            error: None,
+            subject: self.subject.clone(),
+            idempotency_key: self.key.clone(),
+            trigger: self.trigger,
+            retry_of: self.retry_of,
+            retried_by: None,
+            cancel_requested: false,
+            ready_at: self.local.is_none().then_some(created_at),
+            lease_owner: self.local.as_ref().map(|(w, _)| w.id),
+            lease_epoch: i64::from(self.local.is_some()),
+            lease_expires_at: None,
+            created_at,
+            updated_at: created_at,
+            finished_at: None,
+        }
+    }
+}
+
 /// The answer to a trigger whose key is taken: the same run for the same kind of trigger and
 /// the same input; otherwise a refusal saying which.
 fn replay(existing: store::RunRow, key: &str, input: &Value, trigger: Trigger) -> Result<Triggered, EngineError> {
@@ -846,6 +905,7 @@ fn replay(existing: store::RunRow, key: &str, input: &Value, trigger: Trigger) -
         Ok(Triggered {
             run_id: existing.id,
             created: false,
+            accepted: existing,
         })
     } else {
         Err(EngineError::IdempotencyConflict {

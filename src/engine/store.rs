@@ -328,11 +328,12 @@ pub struct NewRun<'a> {
     pub lease_ms: i64,
 }
 
-/// Inserts a run unless its idempotency key is taken. Returns whether it was inserted.
-pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<bool, sqlx::Error> {
+/// Inserts a run unless its idempotency key is taken. Returns its `created_at` when it was
+/// inserted, `None` when the key was taken.
+pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let steps = StepArrays::from_state(run.state, run.marks, (0..run.state.steps.len()).collect());
     let events = EventArrays::from(run.events);
-    let inserted: Option<Uuid> = sqlx::query_scalar(
+    let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
         "WITH run AS (
              INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
                                retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq)
@@ -342,7 +343,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<boo
                      CASE WHEN $10::int4 IS NOT NULL THEN now() + $11 * interval '1 millisecond' END,
                      cardinality($17::event_kind[]))
              ON CONFLICT (workflow, idempotency_key) DO NOTHING
-             RETURNING id
+             RETURNING id, created_at
          ), steps AS (
              INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at)
              SELECT run.id, c.idx, c.name, c.status, c.attempts,
@@ -355,7 +356,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<boo
              FROM run, unnest($17::event_kind[], $18::text[], $19::int4[], $20::jsonb[])
                        WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
          )
-         SELECT id FROM run",
+         SELECT created_at FROM run",
     )
     .bind(run.id)
     .bind(run.workflow)
@@ -379,7 +380,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<boo
     .bind(&events.detail)
     .fetch_optional(conn)
     .await?;
-    Ok(inserted.is_some())
+    Ok(inserted)
 }
 
 /// A run this worker just claimed, with the state to decide on.

@@ -144,7 +144,7 @@ impl WorkerHandle {
             self.shared.abort.cancel();
             self.shared.tasks.wait().await;
         }
-        let pool = &self.engine.inner.pool;
+        let pool = &self.engine.inner.worker_pool;
         match store::release_all(pool, self.shared.id, "the worker shut down before the attempt finished").await {
             Ok(0) => {}
             Ok(n) => info!(runs = n, "leases given back"),
@@ -167,7 +167,7 @@ impl WorkerHandle {
 pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
     let inner = &engine.inner;
     let config = &inner.config;
-    let id = store::register_worker(&inner.pool, &config.node_id).await?;
+    let id = store::register_worker(&inner.worker_pool, &config.node_id).await?;
     let name = store::describe_worker(&config.node_id, id);
     let mut lock = connect_locked(&engine, id).await?;
     let shared = Arc::new(WorkerShared {
@@ -184,7 +184,7 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
     // Runs of this node's previous incarnation (and of any worker already gone) need no wait.
     recover(&engine, id).await;
 
-    let mut listener = PgListener::connect_with(&inner.pool).await?;
+    let mut listener = PgListener::connect_with(&inner.worker_pool).await?;
     listener.listen(READY_CHANNEL).await?;
 
     let stop_claiming = CancellationToken::new();
@@ -211,7 +211,13 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
         tokio::spawn({
             let engine = engine.clone();
             let stop = stop_upkeep.clone();
-            async move { engine.inner.changes.publish(engine.inner.pool.clone(), stop).await }
+            async move {
+                engine
+                    .inner
+                    .changes
+                    .publish(engine.inner.worker_pool.clone(), stop)
+                    .await
+            }
         }),
     ];
     inner.attach_worker(Arc::clone(&shared));
@@ -229,7 +235,7 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
 
 /// A dedicated session holding the worker's liveness lock.
 async fn connect_locked(engine: &Engine, id: i32) -> Result<PgConnection, EngineError> {
-    let options = engine.inner.pool.connect_options();
+    let options = engine.inner.worker_pool.connect_options();
     let mut conn = options.connect().await?;
     if !store::lock_worker(&mut conn, id).await? {
         return Err(EngineError::Internal(format!(
@@ -240,7 +246,7 @@ async fn connect_locked(engine: &Engine, id: i32) -> Result<PgConnection, Engine
 }
 
 async fn recover(engine: &Engine, me: i32) -> usize {
-    match store::expire_lost_leases(&engine.inner.pool, me).await {
+    match store::expire_lost_leases(&engine.inner.worker_pool, me).await {
         Ok(expired) if !expired.is_empty() => {
             info!(runs = expired.len(), "runs of lost owners made claimable");
             metrics::counter!(m::RECOVERIES).increment(expired.len() as u64);
@@ -298,7 +304,7 @@ async fn dispatch_loop(engine: Engine, shared: Arc<WorkerShared>, stop: Cancella
 /// the poll interval. NOTIFY wakes it earlier.
 async fn next_wake(engine: &Engine, claimed_any: bool) -> Duration {
     let poll = engine.inner.config.poll_interval;
-    match store::next_due(&engine.inner.pool).await {
+    match store::next_due(&engine.inner.worker_pool).await {
         Ok(Some(due)) => {
             let until = (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
             // Due runs we did not get are locked by another worker's claim right now: look
@@ -321,7 +327,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         return Ok(0);
     };
     let mut permits = Some(permits);
-    let mut tx = inner.pool.begin().await?;
+    let mut tx = inner.worker_pool.begin().await?;
     let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
     let mut tasks = Vec::with_capacity(claimed.len());
     for c in claimed {
@@ -414,7 +420,7 @@ async fn heartbeat_loop(engine: &Engine, shared: &WorkerShared, lock: &mut PgCon
             }
         }
         let (runs, epochs) = shared.active_leases();
-        match store::heartbeat(&engine.inner.pool, shared.id, &runs, &epochs, engine.lease_ms()).await {
+        match store::heartbeat(&engine.inner.worker_pool, shared.id, &runs, &epochs, engine.lease_ms()).await {
             Ok(renewed) => debug!(renewed, "heartbeat"),
             Err(e) => warn!(error = %e, "heartbeat failed"),
         }

@@ -367,7 +367,9 @@ fn with_location(status: StatusCode, body: RunBody) -> Response {
 ///
 /// With `Idempotency-Key`, the same key and body return the same run; the same key with
 /// another body is refused. With `wait_ms`, the answer waits up to that long for the run to
-/// finish. 201: created and not finished; 200: finished, or an idempotent replay.
+/// finish. 201: created and not finished; 200: finished, or an idempotent replay. Once the
+/// run is committed the answer is never an error: should reading it back fail, the answer is
+/// the run as it was accepted (without `steps`).
 #[utoipa::path(post, path = "/v1/workflows/{workflow}/runs", tag = "runs",
     security(("bearer" = [])),
     params(
@@ -427,13 +429,25 @@ pub async fn trigger(
             },
         )
         .await?;
-    if wait_ms > 0 && triggered.created {
-        state
+    // From here on the run exists: whatever happens to the wait or the read, the answer names
+    // it (201 or 200 with its id and Location), never an error a client would retry as if
+    // nothing had been written.
+    if wait_ms > 0
+        && triggered.created
+        && let Err(e) = state
             .engine
             .wait_for_terminal(triggered.run_id, Duration::from_millis(wait_ms as u64))
-            .await?;
+            .await
+    {
+        tracing::warn!(run_id = %triggered.run_id, error = %e, "waiting for a triggered run failed; answering with the run as accepted");
     }
-    let run = run_body(&state, triggered.run_id).await?;
+    let run = match run_body(&state, triggered.run_id).await {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::warn!(run_id = %triggered.run_id, error = %e, "reading a triggered run failed; answering with the run as accepted");
+            RunBody::new(triggered.accepted, None)
+        }
+    };
     let status = if !triggered.created || run.status.is_terminal() {
         StatusCode::OK
     } else {

@@ -12,11 +12,21 @@ use sqlx::{ConnectOptions, PgPool};
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// How the engine's connection pool is set up.
+/// How a connection pool is set up.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Connections at most.
     pub max_connections: u32,
+    /// Of those, how many the server keeps for its API and dashboard ([`Pools::split`]): the
+    /// worker's steps never take them, so health checks, reads and triggers are answered
+    /// while every step is stalled.
+    pub api_connections: u32,
+    /// A statement waiting this long for a lock fails (`lock_timeout`); `None`: it waits.
+    /// Set on the worker's pool, so a step blocked on a lock gives its connection back and
+    /// fails retryably instead of holding the connection for as long as the lock is held.
+    pub lock_timeout: Option<Duration>,
+    /// A statement running this long is cancelled (`statement_timeout`); `None`: no limit.
+    pub statement_timeout: Option<Duration>,
     /// A transaction left idle this long is ended by the server. Engine transactions are
     /// short; this frees the row locks of a process paused (SIGSTOP) inside one, so its runs
     /// can be taken over once its lease expires.
@@ -29,6 +39,9 @@ impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             max_connections: 32,
+            api_connections: 8,
+            lock_timeout: None,
+            statement_timeout: None,
             idle_in_transaction_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
         }
@@ -38,17 +51,24 @@ impl Default for PoolConfig {
 /// Connects a pool to `url` (no connection is made until one is needed, so a database that
 /// is still starting or restarting is waited for, not fatal).
 pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
+    let millis = |d: Duration| format!("{}ms", d.as_millis().max(1));
+    let mut settings = vec![(
+        "idle_in_transaction_session_timeout",
+        millis(config.idle_in_transaction_timeout),
+    )];
+    // Set once per connection, so they cost no statement on the hot path.
+    if let Some(timeout) = config.lock_timeout {
+        settings.push(("lock_timeout", millis(timeout)));
+    }
+    if let Some(timeout) = config.statement_timeout {
+        settings.push(("statement_timeout", millis(timeout)));
+    }
+    // Not plan_cache_mode = force_generic_plan: it took a quarter off the per-step statement's
+    // planning, but made range-filtered queries (the dashboard's counts) sequential scans,
+    // 1.8 s at a million runs. See the README's Performance section.
     let options = PgConnectOptions::from_str(url)?
         .application_name("sagaflow")
-        .options([
-            (
-                "idle_in_transaction_session_timeout",
-                format!("{}ms", config.idle_in_transaction_timeout.as_millis()),
-            ),
-            // Not plan_cache_mode = force_generic_plan: it took a quarter off the per-step
-            // statement's planning, but made range-filtered queries (the dashboard's counts)
-            // sequential scans, 1.8 s at a million runs. See the README's Performance section.
-        ])
+        .options(settings)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     Ok(PgPoolOptions::new()
@@ -68,6 +88,54 @@ pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
             })
         })
         .connect_lazy_with(options))
+}
+
+/// The server's two pools over one database: one for the API and dashboard, one for the
+/// worker (steps, claims, leases, schedules).
+#[derive(Debug, Clone)]
+pub struct Pools {
+    /// Requests: health, reads, triggers, operator actions.
+    pub api: PgPool,
+    /// Background work, with the lock and statement timeouts of `config`.
+    pub worker: PgPool,
+}
+
+impl Pools {
+    /// Splits `config.max_connections` into the API's share (`api_connections`, at least 2
+    /// and at most half) and the worker's (the rest, with `lock_timeout` and
+    /// `statement_timeout`; the API's connections have neither, as reads must not fail
+    /// because a step is slow).
+    pub fn split(url: &str, config: &PoolConfig) -> Result<Self, sqlx::Error> {
+        let total = config.max_connections.max(4);
+        let api_share = config.api_connections.clamp(2, total / 2);
+        let api = pool(
+            url,
+            &PoolConfig {
+                max_connections: api_share,
+                lock_timeout: None,
+                statement_timeout: None,
+                ..config.clone()
+            },
+        )?;
+        let worker = pool(
+            url,
+            &PoolConfig {
+                max_connections: total - api_share,
+                ..config.clone()
+            },
+        )?;
+        Ok(Self { api, worker })
+    }
+}
+
+impl From<PgPool> for Pools {
+    /// One pool for everything (tools and tests that have no requests to protect).
+    fn from(pool: PgPool) -> Self {
+        Self {
+            api: pool.clone(),
+            worker: pool,
+        }
+    }
 }
 
 /// Runs the migrations that have not run yet (several instances starting at once are

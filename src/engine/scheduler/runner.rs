@@ -73,7 +73,7 @@ impl SchedulerHandle {
 }
 
 pub(crate) async fn start(engine: Engine, config: SchedulerConfig) -> Result<SchedulerHandle, EngineError> {
-    let mut listener = PgListener::connect_with(engine.pool()).await?;
+    let mut listener = PgListener::connect_with(engine.worker_pool()).await?;
     listener.listen(CHANNEL).await?;
     let wake = Arc::new(Notify::new());
     let stop = CancellationToken::new();
@@ -99,7 +99,7 @@ async fn run_loop(engine: Engine, config: SchedulerConfig, wake: Arc<Notify>, st
     let clock = Arc::clone(engine.clock());
     loop {
         let sleep = match fire_due(&engine, &config, clock.now(), &stop).await {
-            Ok(()) => match store::next_due(engine.pool()).await {
+            Ok(()) => match store::next_due(engine.worker_pool()).await {
                 Ok(next) => next_sleep(next, clock.now(), &config),
                 Err(e) => {
                     warn!(error = %e, "reading the next tick failed");
@@ -162,7 +162,7 @@ pub(crate) async fn fire_due(
     stop: &CancellationToken,
 ) -> Result<(), ScheduleError> {
     while !stop.is_cancelled() {
-        let mut tx = engine.pool().begin().await?;
+        let mut tx = engine.worker_pool().begin().await?;
         let Some(row) = store::claim_due(&mut tx, now).await? else {
             return Ok(());
         };
