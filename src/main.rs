@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sagaflow::engine::EngineConfig;
+use sagaflow::http::serve::HttpLimits;
 use sagaflow::pg::PoolConfig;
 use sagaflow::server::{self, Database, ScheduleSettings, ServerConfig};
 use sagaflow::telemetry::{self, LogFormat};
@@ -126,6 +127,19 @@ struct ServeArgs {
     /// How long finished runs are kept before the daily retention sweep deletes them.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
     retention: Duration,
+    /// How long a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "SAGAFLOW_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// How long a client has to send a request's body.
+    #[arg(long, env = "SAGAFLOW_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// How long a request may take to be answered (a trigger's `wait_ms` is at most 30s).
+    #[arg(long, env = "SAGAFLOW_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// HTTP connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "SAGAFLOW_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// The shortest `older_than` any retention sweep accepts (at least 1m).
     #[arg(long, env = "SAGAFLOW_RETENTION_FLOOR", default_value = "1d", value_parser = parse_retention)]
     retention_floor: Duration,
@@ -233,6 +247,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         run_worker: !args.no_worker,
         api_token: api_token.value.clone(),
         admin_token: admin_token.value.clone(),
+        http: HttpLimits {
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            request_timeout: args.request_timeout,
+            max_connections: args.max_connections,
+        },
         schedules: ScheduleSettings {
             file: args.schedules,
             retention: Retention {

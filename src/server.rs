@@ -17,6 +17,7 @@ use crate::engine::scheduler::{
 };
 use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
 use crate::http::auth::Tokens;
+use crate::http::serve::HttpLimits;
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub run_worker: bool,
     /// Schedules and the retention sweep.
     pub schedules: ScheduleSettings,
+    /// What slow or numerous clients get: connection cap, header, body and answer deadlines.
+    pub http: HttpLimits,
 }
 
 /// Schedules and the retention sweep.
@@ -198,7 +201,7 @@ pub struct RunningServer {
     database: Database,
     worker: Option<WorkerHandle>,
     scheduler: Option<SchedulerHandle>,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: tokio::task::JoinHandle<()>,
     stop_http: CancellationToken,
 }
 
@@ -303,12 +306,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         shutdown: stop_http.clone(),
     };
     let app = http::app(Arc::new(state));
-    let stop = stop_http.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let http = tokio::spawn(http::serve::serve(listener, app, config.http, stop_http.clone()));
     info!(%addr, node_id = %config.engine.node_id, "sagaflow listening");
     Ok(RunningServer {
         addr,
@@ -327,8 +325,7 @@ impl RunningServer {
     pub async fn shutdown(self) {
         self.stop_http.cancel();
         match tokio::time::timeout(Duration::from_secs(10), self.http).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server stopped with an error"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
             Err(_) => warn!("HTTP server did not stop in time"),
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::eventually;
 use common::server::{self, TestServer, read};
 use reqwest::{Method, StatusCode};
+use sagaflow::http::serve::HttpLimits;
 use sagaflow::pg::PoolConfig;
 use serde_json::{Value, json};
 
@@ -446,5 +447,176 @@ async fn a_stalled_step_never_takes_the_apis_connections() {
         (unfinished == 0).then_some(())
     })
     .await;
+    server.stop().await;
+}
+
+/// Waits until the server closes `stream` (end of file or an error); returns what it sent
+/// before, or None if it was still open after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&received).into_owned()),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+fn slow_limits(max_connections: usize) -> HttpLimits {
+    HttpLimits {
+        header_timeout: Duration::from_secs(1),
+        body_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(60),
+        max_connections,
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_are_timed_out_while_health_keeps_answering() {
+    use tokio::io::AsyncWriteExt;
+    let server = server::start_with(|config| config.http = slow_limits(256)).await;
+    let before = fingerprint(&server).await;
+    let opened = tokio::time::Instant::now();
+
+    // F6 as the probe did it: sockets that trickle header lines, ...
+    let mut trickling = Vec::new();
+    for _ in 0..50 {
+        let stream = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        tokio::spawn(async move {
+            if writer.write_all(b"GET /v1/runs HTTP/1.1\r\nHost: x\r\n").await.is_err() {
+                return;
+            }
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if writer.write_all(b"X-a: b\r\n").await.is_err() {
+                    return;
+                }
+            }
+        });
+        trickling.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buffer = [0u8; 1024];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match tokio::time::timeout_at(deadline, reader.read(&mut buffer)).await {
+                    Err(_) => return false,
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }));
+    }
+    // ... one that promises 50 bytes of body and sends 11, ...
+    let mut short_body = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    short_body
+        .write_all(
+            format!(
+                "POST /v1/auth-identities HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{{\"provider\"",
+                server::API_TOKEN
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    // ... one that sends nothing, and a keep-alive connection left idle after an answer.
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+
+    // Meanwhile the server answers as usual.
+    for _ in 0..5 {
+        let started = tokio::time::Instant::now();
+        let response = server.client.get(server.url("/healthz")).send().await.expect("healthz");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let answer = closed_within(&mut short_body, Duration::from_secs(5))
+        .await
+        .expect("the short body's connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await.is_some(),
+        "a silent connection is closed"
+    );
+    let answer = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for socket in trickling {
+        assert!(socket.await.expect("task"), "a trickling connection is closed");
+    }
+    // Closed at the deadline, not before: a second at least (and well under the trickle's 10).
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(fingerprint(&server).await, before, "nothing was written");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let server = server::start_with(|config| config.http = slow_limits(4)).await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every slot is taken: a fifth client is not served...
+    let refused = server
+        .client
+        .get(server.url("/healthz"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(refused.is_err(), "served past the cap: {refused:?}");
+    // ... until the silent ones are closed at the header deadline.
+    let response = server
+        .client
+        .get(server.url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(response.status(), StatusCode::OK);
+    for mut stream in silent {
+        assert!(closed_within(&mut stream, Duration::from_secs(3)).await.is_some());
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_the_error_shape() {
+    let server = server::start().await;
+    let before = fingerprint(&server).await;
+    let mut many = server.api(Method::GET, "/v1/runs");
+    for i in 0..150 {
+        many = many.header(format!("x-junk-{i}"), "a");
+    }
+    let big = server
+        .api(Method::GET, "/v1/runs")
+        .header("x-junk", "a".repeat(100_000));
+    for request in [many, big] {
+        let (status, body) = read(request.send().await.expect("request")).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+        );
+    }
+    assert_eq!(fingerprint(&server).await, before);
     server.stop().await;
 }

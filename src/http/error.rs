@@ -51,6 +51,26 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// 408: the client did not send its body in time.
+    #[error("the request body did not arrive within {}", humantime::format_duration(*.after))]
+    SlowBody {
+        /// The deadline.
+        after: std::time::Duration,
+    },
+    /// 431: more header fields or bytes than a request may carry.
+    #[error("request headers over the limit of {fields} fields or {bytes} bytes")]
+    HeadersTooLarge {
+        /// The most fields.
+        fields: usize,
+        /// The most bytes.
+        bytes: usize,
+    },
+    /// 429: too many failed authentications from this client address; try again later.
+    #[error("too many failed attempts from this address; try again in {retry_after_s} s")]
+    Throttled {
+        /// Seconds until the address may try again (`Retry-After`).
+        retry_after_s: u64,
+    },
     /// 422: valid JSON (or parameters) failing the schema; names the field.
     #[error("{field}: {message}")]
     Invalid {
@@ -62,6 +82,12 @@ pub enum ApiError {
     /// 503: the database is unreachable.
     #[error("the database is unavailable")]
     Unavailable,
+    /// 503: the answer was not ready within the request deadline.
+    #[error("no answer within {}; the request may still take effect", humantime::format_duration(*.after))]
+    AnswerTimeout {
+        /// The deadline.
+        after: std::time::Duration,
+    },
     /// 500: anything else; the detail goes to the log only.
     #[error("internal error")]
     Internal(String),
@@ -79,8 +105,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Machine-readable: `malformed_json`, `unauthorized`, `forbidden`, `not_found`,
     /// `method_not_allowed`, `idempotency_conflict`, `not_allowed`, `already_retried`,
-    /// `duplicate`, `in_flight`, `payload_too_large`, `invalid_input`, `unavailable`,
-    /// `internal`.
+    /// `duplicate`, `in_flight`, `payload_too_large`, `invalid_input`, `request_timeout`,
+    /// `headers_too_large`, `throttled`, `unavailable`, `timeout`, `internal`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -109,7 +135,10 @@ impl ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SlowBody { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable | Self::AnswerTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,7 +153,11 @@ impl ApiError {
             Self::Conflict { code, .. } => code,
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::Invalid { .. } => "invalid_input",
+            Self::SlowBody { .. } => "request_timeout",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::Throttled { .. } => "throttled",
             Self::Unavailable => "unavailable",
+            Self::AnswerTimeout { .. } => "timeout",
             Self::Internal(_) => "internal",
         }
     }
@@ -160,6 +193,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::Throttled { retry_after_s } = self
+            && let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }

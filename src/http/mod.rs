@@ -6,6 +6,7 @@
 //! - [`dashboard`]: the operator dashboard (HTML pages, login, live updates).
 //! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
 //!   place errors become responses; [`metrics`]: the Prometheus endpoint.
+//! - [`serve`]: the accept loop, with connection, header, body and answer limits.
 //!
 //! The OpenAPI document (`/openapi.json`) is generated from the handlers' annotations.
 
@@ -17,6 +18,7 @@ pub mod extract;
 pub mod metrics;
 pub mod runs;
 pub mod schedules;
+pub mod serve;
 
 use std::sync::Arc;
 

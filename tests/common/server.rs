@@ -44,6 +44,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         api_token: API_TOKEN.into(),
         admin_token: ADMIN_TOKEN.into(),
         schedules: Default::default(),
+        http: Default::default(),
     };
     tweak(&mut config);
     let running = server::start(config).await.expect("server starts");
