@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sagaflow::engine::EngineConfig;
 use sagaflow::http::serve::HttpLimits;
+use sagaflow::http::throttle::ThrottleConfig;
 use sagaflow::pg::PoolConfig;
 use sagaflow::server::{self, Database, ScheduleSettings, ServerConfig};
 use sagaflow::telemetry::{self, LogFormat};
@@ -140,6 +141,13 @@ struct ServeArgs {
     /// HTTP connections open at once; more wait in the listen backlog.
     #[arg(long, env = "SAGAFLOW_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Failed authentications (wrong bearer tokens, failed dashboard logins) an address may
+    /// make within --auth-failure-window before it is refused (429) for that long.
+    #[arg(long, env = "SAGAFLOW_AUTH_MAX_FAILURES", default_value_t = 10)]
+    auth_max_failures: u32,
+    /// How long failed authentications are counted, and how long a blocked address waits.
+    #[arg(long, env = "SAGAFLOW_AUTH_FAILURE_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    auth_failure_window: Duration,
     /// The shortest `older_than` any retention sweep accepts (at least 1m).
     #[arg(long, env = "SAGAFLOW_RETENTION_FLOOR", default_value = "1d", value_parser = parse_retention)]
     retention_floor: Duration,
@@ -252,6 +260,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             body_timeout: args.body_timeout,
             request_timeout: args.request_timeout,
             max_connections: args.max_connections,
+        },
+        auth_throttle: ThrottleConfig {
+            max_failures: args.auth_max_failures.max(1),
+            window: args.auth_failure_window,
         },
         schedules: ScheduleSettings {
             file: args.schedules,

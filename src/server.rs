@@ -18,6 +18,7 @@ use crate::engine::scheduler::{
 use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
 use crate::http::auth::Tokens;
 use crate::http::serve::HttpLimits;
+use crate::http::throttle::{AuthThrottle, ThrottleConfig};
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub schedules: ScheduleSettings,
     /// What slow or numerous clients get: connection cap, header, body and answer deadlines.
     pub http: HttpLimits,
+    /// How many failed authentications an address may make before it is refused for a while.
+    pub auth_throttle: ThrottleConfig,
 }
 
 /// Schedules and the retention sweep.
@@ -275,6 +278,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         }
         None => Faults::none(),
     };
+    let tokens = Tokens::configured(&config.api_token, &config.admin_token).map_err(|e| ServeError::Config {
+        setting: "api-token/--admin-token".into(),
+        message: e.to_string(),
+    })?;
     // Installed before anything records, so no early sample is lost.
     let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
@@ -302,7 +309,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let state = AppState {
         engine: engine.clone(),
         pool: database.pool.clone(),
-        tokens: Tokens::new(&config.api_token, &config.admin_token),
+        tokens,
+        throttle: AuthThrottle::new(config.auth_throttle),
+        dashboard_secret: http::dashboard::store::secret(&database.pool).await?,
         shutdown: stop_http.clone(),
     };
     let app = http::app(Arc::new(state));

@@ -335,8 +335,12 @@ async fn logging_in_checks_the_token_the_form_and_the_name() {
             "Operator name",
         ),
     ];
-    for (token, operator, csrf, cookie, status, message) in cases {
-        let page = attempt(token, operator, csrf, cookie).await;
+    for (token, operator, case_csrf, case_cookie, status, message) in cases {
+        // Each attempt on a form of its own: a form can be submitted once.
+        let (fresh_nonce, fresh_csrf) = login_form(&server, &client).await;
+        let case_csrf = if case_csrf == csrf { fresh_csrf } else { case_csrf };
+        let case_cookie = if case_cookie == nonce { fresh_nonce } else { case_cookie };
+        let page = attempt(token, operator, case_csrf, case_cookie).await;
         assert_eq!(page.status, status, "{token}: {}", page.body);
         assert!(page.body.contains(message), "{token}: {}", page.body);
         assert!(page.set_cookie("sagaflow_session").is_none(), "{token}: no session");
@@ -358,7 +362,19 @@ async fn logging_in_checks_the_token_the_form_and_the_name() {
     assert!(page.body.contains("expected the login form"), "{}", page.body);
     assert!(page.set_cookie("sagaflow_session").is_none());
 
+    // A form already submitted (here, with a wrong token) is stale, even with the right one.
+    let page = attempt("not-the-token", "ada".into(), csrf.clone(), nonce.clone()).await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{}", page.body);
+    let page = attempt(ADMIN_TOKEN, "ada".into(), csrf.clone(), nonce.clone()).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
+    assert!(page.body.contains("stale"), "{}", page.body);
+    assert!(
+        page.set_cookie("sagaflow_session").is_none(),
+        "a replayed form opens no session"
+    );
+
     // The admin token: a session cookie that scripts cannot read and other sites cannot send.
+    let (nonce, csrf) = login_form(&server, &client).await;
     let page = attempt(ADMIN_TOKEN, " grace ".into(), csrf.clone(), nonce.clone()).await;
     assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
     assert_eq!(page.location(), "/runs/x");
@@ -436,20 +452,40 @@ async fn logging_in_checks_the_token_the_form_and_the_name() {
 async fn forged_expired_and_foreign_sessions_are_refused() {
     let server = server::start().await;
     let client = client();
-    let now = chrono::Utc::now();
-    let ours = Keys::new(&Tokens::new(API_TOKEN, ADMIN_TOKEN));
-    let theirs = Keys::new(&Tokens::new(API_TOKEN, "another-admin-token"));
+    let secret: Vec<u8> = sqlx::query_scalar("SELECT secret FROM dashboard_secret")
+        .fetch_one(server.pool())
+        .await
+        .expect("the stored secret");
+    let secret: [u8; 32] = secret.try_into().expect("32 bytes");
+    let ours = Keys::new(&Tokens::new(API_TOKEN, ADMIN_TOKEN), &secret);
+    let theirs = Keys::new(&Tokens::new(API_TOKEN, "another-admin-token"), &secret);
+    let id_of = |session: &Session| {
+        let (_, value) = session.cookie.split_once('=').expect("name=value");
+        value.split_once('.').expect("id.signature").0.to_string()
+    };
+    let genuine = login(&server, "ops").await;
+    let genuine_id = id_of(&genuine);
+    let expired = login(&server, "ops").await;
+    sqlx::query("UPDATE dashboard_sessions SET expires_at = now() - interval '1 second' WHERE id_hash = sha256($1)")
+        .bind(id_of(&expired).as_bytes())
+        .execute(server.pool())
+        .await
+        .expect("expire one session");
+    assert_eq!(expired.get(&server, "/").await.status, StatusCode::SEE_OTHER);
     let cookies = [
-        ours.seal(&ours.issue("ops", now - chrono::Duration::hours(9))),
-        theirs.seal(&theirs.issue("ops", now)),
-        "garbage".to_string(),
-        format!("{}x", ours.seal(&ours.issue("ops", now))),
+        // Signed with the right key, even, but naming no session the server opened.
+        format!("sagaflow_session={}", ours.seal("never-opened")),
+        // An open session's id signed under another admin token.
+        format!("sagaflow_session={}", theirs.seal(&genuine_id)),
+        "sagaflow_session=garbage".to_string(),
+        format!("{}x", genuine.cookie),
+        expired.cookie.clone(),
     ];
     for cookie in cookies {
         let page = Page::of(
             client
                 .get(server.url("/"))
-                .header("cookie", format!("sagaflow_session={cookie}"))
+                .header("cookie", &cookie)
                 .send()
                 .await
                 .expect("get"),
@@ -458,19 +494,8 @@ async fn forged_expired_and_foreign_sessions_are_refused() {
         assert_eq!(page.status, StatusCode::SEE_OTHER, "{cookie}");
         assert!(page.location().starts_with("/login"), "{cookie}");
     }
-    // A genuine one works, on any instance with the same admin token.
-    let page = Page::of(
-        client
-            .get(server.url("/"))
-            .header(
-                "cookie",
-                format!("sagaflow_session={}", ours.seal(&ours.issue("ops", now))),
-            )
-            .send()
-            .await
-            .expect("get"),
-    )
-    .await;
+    // A genuine open one works.
+    let page = genuine.get(&server, "/").await;
     assert_eq!(page.status, StatusCode::OK);
     server.stop().await;
 }
@@ -482,6 +507,7 @@ async fn logging_out_needs_the_form_token_and_ends_the_session() {
     let page = session.post(&server, "/logout", &[("csrf", "forged")]).await;
     assert_eq!(page.status, StatusCode::FORBIDDEN);
     assert!(page.set_cookie("sagaflow_session").is_none());
+    let other = login(&server, "ops").await;
     let page = session.post(&server, "/logout", &[("csrf", &session.csrf)]).await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
     assert_eq!(page.location(), "/login");
@@ -490,6 +516,12 @@ async fn logging_out_needs_the_form_token_and_ends_the_session() {
             .expect("cleared")
             .contains("Max-Age=0")
     );
+    // Ended on the server: a copy of the cookie kept from before opens nothing, on this
+    // instance or any other; another session is not affected.
+    let page = session.get(&server, "/").await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert!(page.location().starts_with("/login"));
+    assert_eq!(other.get(&server, "/").await.status, StatusCode::OK);
     server.stop().await;
 }
 

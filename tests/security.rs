@@ -10,6 +10,7 @@ use common::eventually;
 use common::server::{self, TestServer, read};
 use reqwest::{Method, StatusCode};
 use sagaflow::http::serve::HttpLimits;
+use sagaflow::http::throttle::ThrottleConfig;
 use sagaflow::pg::PoolConfig;
 use serde_json::{Value, json};
 
@@ -305,6 +306,25 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
             .then_some(())
     })
     .await;
+    // Its ticks are counted by workflow, not by schedule name: a metric series per schedule
+    // ever created would grow without bound.
+    let metrics = server
+        .admin(Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let ticks: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("sagaflow_schedule_ticks_total{"))
+        .collect();
+    assert!(
+        ticks.iter().any(|l| l.contains("workflow=\"retention-sweep\"")),
+        "{ticks:?}"
+    );
+    assert!(!ticks.iter().any(|l| l.contains("schedule=")), "{ticks:?}");
     server.stop().await;
 }
 
@@ -618,5 +638,318 @@ async fn oversized_headers_get_the_error_shape() {
         );
     }
     assert_eq!(fingerprint(&server).await, before);
+    server.stop().await;
+}
+
+/// The login form's nonce cookie and CSRF token, as an unauthenticated visitor gets them.
+async fn login_form(client: &reqwest::Client, base: &str) -> (String, String) {
+    let response = client.get(format!("{base}/login")).send().await.expect("login form");
+    assert_eq!(response.status(), StatusCode::OK);
+    let nonce = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("sagaflow_login="))
+        .and_then(|c| c.split(';').next())
+        .expect("nonce cookie")
+        .to_string();
+    let body = response.text().await.expect("body");
+    let csrf = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("csrf field")
+        .to_string();
+    (nonce, csrf)
+}
+
+/// Logs in with `token`; the session cookie (`name=value`) when it worked, and the status.
+async fn log_in(client: &reqwest::Client, base: &str, token: &str) -> (StatusCode, Option<String>) {
+    let (nonce, csrf) = login_form(client, base).await;
+    let response = client
+        .post(format!("{base}/login"))
+        .header("cookie", format!("sagaflow_login={nonce}"))
+        .form(&[("token", token), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("login");
+    let cookie = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("sagaflow_session=") && !c.contains("Max-Age=0"))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_string);
+    (response.status(), cookie)
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[tokio::test]
+async fn the_login_form_gives_no_offline_oracle_for_the_admin_token() {
+    use base64::Engine as _;
+    use sha2::Digest;
+    let server = server::start().await;
+    let (nonce, csrf) = login_form(&no_redirects(), &server.url("")).await;
+    let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    // F3 as the probe did it: knowing the admin token (here: the right guess), recompute the
+    // form's token from the token alone. At 2b67f91 this matched, so guesses could be tested
+    // offline at hash speed.
+    let from_token_only = {
+        let key = hmac(
+            &sha2::Sha256::digest(server::ADMIN_TOKEN.as_bytes()),
+            &[b"sagaflow dashboard session v1"],
+        );
+        b64(hmac(&key, &[b"login\0", nonce.as_bytes()]))
+    };
+    assert_ne!(
+        csrf, from_token_only,
+        "the form's token is derived from the admin token alone"
+    );
+    // It takes the stored random secret, which no visitor sees.
+    let secret: Vec<u8> = sqlx::query_scalar("SELECT secret FROM dashboard_secret")
+        .fetch_one(server.pool())
+        .await
+        .expect("secret");
+    let key = hmac(
+        &secret,
+        &[
+            &sha2::Sha256::digest(server::ADMIN_TOKEN.as_bytes()),
+            b"sagaflow dashboard session v2",
+        ],
+    );
+    assert_eq!(csrf, b64(hmac(&key, &[b"login\0", nonce.as_bytes()])));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn weak_configured_tokens_are_refused_at_start() {
+    let db = common::test_db().await;
+    for (api, admin, says) in [
+        (server::API_TOKEN, "dev-admin", "SAGAFLOW_ADMIN_TOKEN is 9 characters"),
+        ("dev-api", server::ADMIN_TOKEN, "SAGAFLOW_API_TOKEN is 7 characters"),
+        (server::ADMIN_TOKEN, server::ADMIN_TOKEN, "must differ"),
+    ] {
+        let mut config = server::config_for(&db.url);
+        config.api_token = api.into();
+        config.admin_token = admin.into();
+        let refused = sagaflow::server::start(config).await;
+        let message = match refused {
+            Ok(_) => panic!("{api} / {admin} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains(says), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn logging_out_ends_sessions_on_every_instance() {
+    let a = server::start().await;
+    // A second instance on the same database.
+    let mut config = server::config_for(&a.db.url);
+    config.engine.node_id = "second".into();
+    config.run_worker = false;
+    let b = sagaflow::server::start(config).await.expect("second instance");
+    let b_url = format!("http://{}", b.addr);
+    let client = no_redirects();
+    let page = |base: String, cookie: String| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("{base}/"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .expect("get");
+            let status = response.status();
+            let csrf = response
+                .text()
+                .await
+                .expect("body")
+                .split("name=\"csrf\" value=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .map(str::to_string);
+            (status, csrf)
+        }
+    };
+    let (_, first) = log_in(&client, &a.url(""), server::ADMIN_TOKEN).await;
+    let (_, second) = log_in(&client, &b_url, server::ADMIN_TOKEN).await;
+    let (first, second) = (first.expect("session"), second.expect("session"));
+    // Either instance accepts either session (one secret, in the database).
+    for (base, cookie) in [(a.url(""), &first), (b_url.clone(), &first), (a.url(""), &second)] {
+        assert_eq!(page(base, cookie.clone()).await.0, StatusCode::OK);
+    }
+    // Logging out on A ends that session on B as well; the other one stays.
+    let (_, csrf) = page(a.url(""), first.clone()).await;
+    let response = client
+        .post(a.url("/logout"))
+        .header("cookie", &first)
+        .form(&[("csrf", csrf.expect("csrf").as_str())])
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(page(b_url.clone(), first.clone()).await.0, StatusCode::SEE_OTHER);
+    assert_eq!(page(a.url(""), first.clone()).await.0, StatusCode::SEE_OTHER);
+    assert_eq!(page(b_url.clone(), second.clone()).await.0, StatusCode::OK);
+
+    // "Log out everywhere" on B ends every session, A's included; it needs the form token.
+    let (_, third) = log_in(&client, &a.url(""), server::ADMIN_TOKEN).await;
+    let third = third.expect("session");
+    let refused = client
+        .post(format!("{b_url}/logout-everywhere"))
+        .header("cookie", &second)
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(page(a.url(""), third.clone()).await.0, StatusCode::OK);
+    let (_, csrf) = page(b_url.clone(), second.clone()).await;
+    let response = client
+        .post(format!("{b_url}/logout-everywhere"))
+        .header("cookie", &second)
+        .form(&[("csrf", csrf.expect("csrf").as_str())])
+        .send()
+        .await
+        .expect("logout everywhere");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    for (base, cookie) in [(a.url(""), &second), (b_url.clone(), &second), (a.url(""), &third)] {
+        assert_eq!(page(base, cookie.clone()).await.0, StatusCode::SEE_OTHER);
+    }
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM dashboard_sessions")
+        .fetch_one(a.pool())
+        .await
+        .expect("count");
+    assert_eq!(open, 0);
+    b.shutdown().await;
+    a.stop().await;
+}
+
+/// A client whose connections come from `address` (any of 127.0.0.0/8 reaches the server).
+fn client_from(address: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().ok())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn metric(server: &TestServer, name: &str, kind: &str) -> f64 {
+    let text = server
+        .admin(Method::GET, "/metrics")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("kind=\"{kind}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_per_address() {
+    let server = server::start_with(|config| {
+        config.auth_throttle = ThrottleConfig {
+            max_failures: 5,
+            window: Duration::from_secs(60),
+        };
+    })
+    .await;
+    let attacker = client_from("127.0.0.2");
+    let bystander = client_from("127.0.0.3");
+    let runs = server.url("/v1/runs");
+
+    // Bearer guesses: five wrong tokens are 401s, then the address is refused, the right
+    // token included, with Retry-After.
+    for i in 0..5 {
+        let response = attacker
+            .get(&runs)
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await
+            .expect("guess");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    for token in ["guess-6", server::API_TOKEN] {
+        let response = attacker.get(&runs).bearer_auth(token).send().await.expect("blocked");
+        let retry_after: u64 = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        let (status, body) = read(response).await;
+        assert_error(status, &body, StatusCode::TOO_MANY_REQUESTS, "throttled");
+    }
+    // Another address is not affected, and a request with no token at all is no guess.
+    let response = bystander
+        .get(&runs)
+        .bearer_auth(server::API_TOKEN)
+        .send()
+        .await
+        .expect("ok");
+    assert_eq!(response.status(), StatusCode::OK);
+    for _ in 0..10 {
+        let response = bystander.get(&runs).send().await.expect("no token");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let response = bystander
+        .get(&runs)
+        .bearer_auth(server::API_TOKEN)
+        .send()
+        .await
+        .expect("ok");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // Dashboard logins from a third address: five wrong tokens, then 429 even for the right one.
+    let guesser = client_from("127.0.0.4");
+    let base = server.url("");
+    for _ in 0..5 {
+        let (status, cookie) = log_in(&guesser, &base, "not-the-admin-token").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(cookie.is_none());
+    }
+    let (nonce, csrf) = login_form(&guesser, &base).await;
+    let response = guesser
+        .post(format!("{base}/login"))
+        .header("cookie", format!("sagaflow_login={nonce}"))
+        .form(&[("token", server::ADMIN_TOKEN), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    assert!(response.text().await.expect("page").contains("Too many failed logins"));
+    // The bystander logs in as usual.
+    let (status, cookie) = log_in(&bystander, &base, server::ADMIN_TOKEN).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(cookie.is_some());
+
+    // Counted in /metrics.
+    assert!(metric(&server, "sagaflow_auth_failures_total", "bearer").await >= 5.0);
+    assert!(metric(&server, "sagaflow_auth_failures_total", "login").await >= 5.0);
+    assert!(metric(&server, "sagaflow_auth_throttled_total", "bearer").await >= 2.0);
+    assert!(metric(&server, "sagaflow_auth_throttled_total", "login").await >= 1.0);
     server.stop().await;
 }

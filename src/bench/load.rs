@@ -15,7 +15,9 @@ use sqlx::PgPool;
 use super::report::{Latency, cpu_seconds};
 
 /// The token the bench's server children accept.
-pub const TOKEN: &str = "bench-token";
+pub const TOKEN: &str = "bench-token-0123456789abcdef0123456789";
+/// The admin token of the server under test (the load needs none; it must differ).
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123";
 const WORKFLOW: &str = "create-customer-account";
 /// Steps of `create-customer-account`.
 const STEPS: f64 = 5.0;

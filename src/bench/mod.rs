@@ -226,7 +226,7 @@ impl ServerChild {
             .args(["--pool-size", &pool_size.to_string()])
             .env("DATABASE_URL", url)
             .env("SAGAFLOW_API_TOKEN", load::TOKEN)
-            .env("SAGAFLOW_ADMIN_TOKEN", load::TOKEN)
+            .env("SAGAFLOW_ADMIN_TOKEN", load::ADMIN_TOKEN)
             .env("RUST_LOG", "warn")
             .env_remove("SAGAFLOW_FAULTS")
             .stdout(Stdio::null())

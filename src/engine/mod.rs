@@ -62,7 +62,8 @@ pub mod metrics_names {
     pub const LEASE_TAKEOVERS: &str = "sagaflow_lease_takeovers_total";
     /// Writes refused because the lease had been taken over (fencing at work).
     pub const FENCED_WRITES: &str = "sagaflow_fenced_writes_total";
-    /// Schedule ticks handled, by schedule and outcome.
+    /// Schedule ticks handled, by workflow and outcome (not by schedule: schedules come and
+    /// go, and a series per name ever created would grow without bound).
     pub const SCHEDULE_TICKS: &str = "sagaflow_schedule_ticks_total";
     /// Finished runs deleted by the retention sweep.
     pub const RUNS_DELETED: &str = "sagaflow_runs_deleted_total";

@@ -12,6 +12,8 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
+use super::serve::peer_of;
+use super::throttle::AuthKind;
 
 /// The header naming the operator behind an admin request (recorded in the run's log).
 pub const OPERATOR_HEADER: &str = "x-sagaflow-operator";
@@ -32,8 +34,57 @@ pub enum Role {
     Admin,
 }
 
+/// The fewest characters a configured token may have: 32 hex digits are 128 bits, the least
+/// that makes guessing hopeless (`openssl rand -hex 32` gives 64).
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// Why configured tokens were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Too short to resist guessing.
+    #[error(
+        "{setting} is {chars} characters; use at least {MIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 32`), \
+         or leave it unset to have one generated"
+    )]
+    TooShort {
+        /// The setting.
+        setting: &'static str,
+        /// Its length.
+        chars: usize,
+    },
+    /// White space or control characters cannot be sent reliably in a header.
+    #[error("{setting} must be printable ASCII without spaces")]
+    NotPrintable {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// One token for both roles would give every backend the operator's powers.
+    #[error("SAGAFLOW_API_TOKEN and SAGAFLOW_ADMIN_TOKEN must differ")]
+    Same,
+}
+
 impl Tokens {
-    /// Tokens from their clear text.
+    /// Checks configured tokens: each at least [`MIN_TOKEN_CHARS`] printable ASCII characters,
+    /// and the two different.
+    pub fn configured(api: &str, admin: &str) -> Result<Self, TokenError> {
+        for (setting, token) in [("SAGAFLOW_API_TOKEN", api), ("SAGAFLOW_ADMIN_TOKEN", admin)] {
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(TokenError::NotPrintable { setting });
+            }
+            if token.len() < MIN_TOKEN_CHARS {
+                return Err(TokenError::TooShort {
+                    setting,
+                    chars: token.len(),
+                });
+            }
+        }
+        if api == admin {
+            return Err(TokenError::Same);
+        }
+        Ok(Self::new(api, admin))
+    }
+
+    /// Tokens from their clear text, unchecked (see [`Tokens::configured`]).
     pub fn new(api: &str, admin: &str) -> Self {
         Self {
             api: digest(api),
@@ -58,11 +109,13 @@ impl Tokens {
 }
 
 impl Tokens {
-    /// A key for `purpose` derived from the admin token (HMAC-SHA-256 keyed by its digest):
-    /// what the dashboard signs its session cookies with. Every instance given the same admin
-    /// token derives the same key, and changing the token invalidates everything signed.
-    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
-        let mut mac = hmac_sha256(&self.admin);
+    /// A key for `purpose`: HMAC-SHA-256 keyed by a random `secret` over the admin token's
+    /// digest and the purpose. Every instance sharing the secret and the admin token derives
+    /// the same key; changing either invalidates everything signed; and without the secret,
+    /// something signed with the key tells nothing about the admin token.
+    pub fn derive_key(&self, secret: &[u8; 32], purpose: &str) -> [u8; 32] {
+        let mut mac = hmac_sha256(secret);
+        hmac::Mac::update(&mut mac, &self.admin);
         hmac::Mac::update(&mut mac, purpose.as_bytes());
         hmac::Mac::finalize(mac).into_bytes().into()
     }
@@ -109,8 +162,24 @@ impl FromRequestParts<Arc<AppState>> for ApiAccess {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let address = peer_of(&parts.extensions).map(|a| a.ip());
+        if let Some(address) = address {
+            state
+                .throttle
+                .check(address, AuthKind::Bearer)
+                .map_err(|retry_after_s| ApiError::Throttled { retry_after_s })?;
+        }
+        // No token at all is not a guess: only wrong tokens count against the address.
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
-        state.tokens.role_of(token).map(ApiAccess).ok_or(ApiError::Unauthorized)
+        match state.tokens.role_of(token) {
+            Some(role) => Ok(ApiAccess(role)),
+            None => {
+                if let Some(address) = address {
+                    state.throttle.failed(address, AuthKind::Bearer);
+                }
+                Err(ApiError::Unauthorized)
+            }
+        }
     }
 }
 
@@ -159,16 +228,24 @@ mod tests {
     }
 
     #[test]
-    fn derived_keys_follow_the_admin_token_and_the_purpose() {
+    fn derived_keys_follow_the_secret_the_admin_token_and_the_purpose() {
         use hmac::Mac;
+        let secret = [7u8; 32];
         let tokens = Tokens::new("api-token", "admin-token");
-        let key = tokens.derive_key("sessions");
-        assert_eq!(key, Tokens::new("other-api", "admin-token").derive_key("sessions"));
-        assert_ne!(key, Tokens::new("api-token", "admin-token2").derive_key("sessions"));
-        assert_ne!(key, tokens.derive_key("other purpose"));
+        let key = tokens.derive_key(&secret, "sessions");
+        assert_eq!(
+            key,
+            Tokens::new("other-api", "admin-token").derive_key(&secret, "sessions")
+        );
+        assert_ne!(
+            key,
+            Tokens::new("api-token", "admin-token2").derive_key(&secret, "sessions")
+        );
+        assert_ne!(key, tokens.derive_key(&[8u8; 32], "sessions"));
+        assert_ne!(key, tokens.derive_key(&secret, "other purpose"));
         // The padded key gives standard HMAC (the same as keying with the 32 bytes).
-        let standard = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&digest("admin-token")).expect("any length");
-        let mut standard = standard;
+        let mut standard = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&secret).expect("any length");
+        standard.update(&digest("admin-token"));
         standard.update(b"sessions");
         assert_eq!(key, <[u8; 32]>::from(standard.finalize().into_bytes()));
     }
@@ -178,5 +255,34 @@ mod tests {
         let (a, b) = (generate_token(), generate_token());
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
+        assert!(Tokens::configured(&a, &b).is_ok());
+    }
+
+    #[test]
+    fn weak_configured_tokens_are_refused() {
+        let strong = "0123456789abcdef0123456789abcdef";
+        let other = "fedcba9876543210fedcba9876543210";
+        assert!(Tokens::configured(strong, other).is_ok());
+        assert_eq!(
+            Tokens::configured("dev-api", other).err(),
+            Some(TokenError::TooShort {
+                setting: "SAGAFLOW_API_TOKEN",
+                chars: 7
+            })
+        );
+        assert!(matches!(
+            Tokens::configured(strong, "dev-admin"),
+            Err(TokenError::TooShort {
+                setting: "SAGAFLOW_ADMIN_TOKEN",
+                ..
+            })
+        ));
+        assert_eq!(
+            Tokens::configured(strong, &format!("{other} x")).err(),
+            Some(TokenError::NotPrintable {
+                setting: "SAGAFLOW_ADMIN_TOKEN"
+            })
+        );
+        assert_eq!(Tokens::configured(strong, strong).err(), Some(TokenError::Same));
     }
 }

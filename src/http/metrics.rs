@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use super::throttle;
 use crate::engine::metrics_names as m;
 
 /// Buckets of the duration histograms, in seconds.
@@ -63,12 +64,25 @@ fn describe() {
     metrics::describe_counter!(m::FENCED_WRITES, "Writes refused because the lease had been taken over");
     metrics::describe_counter!(
         m::SCHEDULE_TICKS,
-        "Schedule ticks handled, by schedule and outcome (started, already_started, skipped_overlap, skipped_missed, refused)"
+        "Schedule ticks handled, by workflow and outcome (started, already_started, skipped_overlap, skipped_missed, refused)"
+    );
+    metrics::describe_counter!(
+        throttle::AUTH_FAILURES,
+        "Failed authentications (wrong bearer tokens, failed dashboard logins), by kind"
+    );
+    metrics::describe_counter!(
+        throttle::AUTH_THROTTLED,
+        "Requests refused (429) because their address had too many failed authentications, by kind"
     );
     metrics::describe_counter!(m::RUNS_DELETED, "Finished runs deleted by the retention sweep");
     // Counters of rare events are exported from the start, at zero, so alerts can rely on them.
     for name in [m::RECOVERIES, m::LEASE_TAKEOVERS, m::FENCED_WRITES] {
         metrics::counter!(name).increment(0);
+    }
+    for name in [throttle::AUTH_FAILURES, throttle::AUTH_THROTTLED] {
+        for kind in ["bearer", "login"] {
+            metrics::counter!(name, "kind" => kind).increment(0);
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! - [`dashboard`]: the operator dashboard (HTML pages, login, live updates).
 //! - [`auth`]: bearer tokens; [`extract`]: reading bodies and parameters; [`error`]: the one
 //!   place errors become responses; [`metrics`]: the Prometheus endpoint.
-//! - [`serve`]: the accept loop, with connection, header, body and answer limits.
+//! - [`serve`]: the accept loop, with connection, header, body and answer limits;
+//!   [`throttle`]: failed authentications counted per client address.
 //!
 //! The OpenAPI document (`/openapi.json`) is generated from the handlers' annotations.
 
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod runs;
 pub mod schedules;
 pub mod serve;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -48,6 +50,11 @@ pub struct AppState {
     pub pool: PgPool,
     /// The API and admin tokens.
     pub tokens: Tokens,
+    /// Failed authentications per client address.
+    pub throttle: throttle::AuthThrottle,
+    /// The random secret the dashboard's signatures are keyed with (with the admin token),
+    /// shared by every instance through the database.
+    pub dashboard_secret: [u8; 32],
     /// Cancelled when the server stops, so that responses that never end by themselves (the
     /// dashboard's live updates) end and graceful shutdown does not wait for them.
     pub shutdown: CancellationToken,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use sagaflow::http::throttle::ThrottleConfig;
 use sagaflow::pg::PoolConfig;
 use sagaflow::server::{self, RunningServer, ServerConfig};
 use serde_json::{Value, json};
@@ -12,8 +13,8 @@ use sqlx::PgPool;
 
 use super::{TestDb, fast_config, test_db};
 
-pub const API_TOKEN: &str = "test-api-token";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const API_TOKEN: &str = "test-api-token-0123456789abcdef0123";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef012";
 
 pub struct TestServer {
     pub db: TestDb,
@@ -27,12 +28,11 @@ pub async fn start() -> TestServer {
     start_with(|_| {}).await
 }
 
-/// Starts a server on a fresh database, after `tweak` adjusted its configuration.
-pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
-    let db = test_db().await;
-    let mut config = ServerConfig {
+/// The configuration of a test server on the database at `database_url`.
+pub fn config_for(database_url: &str) -> ServerConfig {
+    ServerConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        database_url: Some(db.url.clone()),
+        database_url: Some(database_url.to_string()),
         data_dir: std::env::temp_dir(),
         engine: fast_config("api-test"),
         pool: PoolConfig {
@@ -45,7 +45,18 @@ pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         admin_token: ADMIN_TOKEN.into(),
         schedules: Default::default(),
         http: Default::default(),
-    };
+        // Tests send many wrong tokens on purpose; the throttle's own test lowers this.
+        auth_throttle: ThrottleConfig {
+            max_failures: 10_000,
+            ..ThrottleConfig::default()
+        },
+    }
+}
+
+/// Starts a server on a fresh database, after `tweak` adjusted its configuration.
+pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let db = test_db().await;
+    let mut config = config_for(&db.url);
     tweak(&mut config);
     let running = server::start(config).await.expect("server starts");
     let client = reqwest::Client::builder()

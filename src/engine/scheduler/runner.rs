@@ -195,14 +195,14 @@ async fn handle(
     let plan = plan::plan(&cron, due_from, now, row.catch_up, rules);
     if let Some((first, last)) = plan.skipped {
         info!(schedule = %row.name, %first, %last, policy = ?row.catch_up, "missed ticks not fired (catch-up policy)");
-        metrics::counter!(m::SCHEDULE_TICKS, "schedule" => row.name.clone(), "outcome" => "skipped_missed")
+        metrics::counter!(m::SCHEDULE_TICKS, "workflow" => row.workflow.clone(), "outcome" => "skipped_missed")
             .increment(1);
     }
     let mut last_fire = None;
     let mut last_error = None;
     for tick in plan.fire {
         let outcome = fire_tick(engine, tx, &row, tick).await?;
-        metrics::counter!(m::SCHEDULE_TICKS, "schedule" => row.name.clone(), "outcome" => outcome.as_str())
+        metrics::counter!(m::SCHEDULE_TICKS, "workflow" => row.workflow.clone(), "outcome" => outcome.as_str())
             .increment(1);
         match outcome {
             TickOutcome::Started(run) => {

@@ -12,14 +12,16 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::Dashboard;
 use super::error::PageError;
 use super::session::{
     self, LOGIN_COOKIE, LOGIN_FORM_TTL, Operator, SESSION_COOKIE, SESSION_TTL, clear_cookie, set_cookie,
 };
+use super::{Dashboard, store};
 use crate::http::auth::Role;
 use crate::http::error::ApiError;
 use crate::http::extract::Params;
+use crate::http::serve::peer_of;
+use crate::http::throttle::AuthKind;
 
 /// The login form.
 #[derive(Template, WebTemplate)]
@@ -59,24 +61,20 @@ pub struct Browser {
     pub login_nonce: Option<String>,
     /// Whether it came over HTTPS (so cookies get `Secure`).
     pub https: bool,
-}
-
-impl Browser {
-    fn of(parts: &Parts, dashboard: &Dashboard) -> Self {
-        let session = session::cookie(parts, SESSION_COOKIE).and_then(|c| dashboard.keys.open(c, Utc::now()).ok());
-        Self {
-            session,
-            login_nonce: session::cookie(parts, LOGIN_COOKIE).map(str::to_string),
-            https: session::is_https(parts),
-        }
-    }
+    /// Its address, for throttling failed logins (none without a socket).
+    pub address: Option<std::net::IpAddr>,
 }
 
 impl FromRequestParts<Arc<Dashboard>> for Browser {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, dashboard: &Arc<Dashboard>) -> Result<Self, Self::Rejection> {
-        Ok(Self::of(parts, dashboard))
+        Ok(Self {
+            session: session::session_of(parts, dashboard).await.ok(),
+            login_nonce: session::cookie(parts, LOGIN_COOKIE).map(str::to_string),
+            https: session::is_https(parts),
+            address: peer_of(&parts.extensions).map(|a| a.ip()),
+        })
     }
 }
 
@@ -146,11 +144,38 @@ pub async fn submit(
             browser.https,
         )
     };
-    let csrf_ok = match (&browser.login_nonce, &form.csrf) {
+    if let Some(address) = browser.address
+        && let Err(retry_after_s) = dashboard.app.throttle.check(address, AuthKind::Login)
+    {
+        let mut page = again(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("Too many failed logins from your address. Try again in {retry_after_s} s."),
+        );
+        if let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string()) {
+            page.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return page;
+    }
+    let failed = || {
+        if let Some(address) = browser.address {
+            dashboard.app.throttle.failed(address, AuthKind::Login);
+        }
+    };
+    let form_expires = match (&browser.login_nonce, &form.csrf) {
         (Some(nonce), Some(token)) => dashboard.keys.check_login(nonce, token, Utc::now()),
+        _ => None,
+    };
+    let fresh = match (form_expires, &browser.login_nonce) {
+        // Each form is good for one attempt: a second post of it (a replay, or guesses
+        // sent with one form) is stale.
+        (Some(expires), Some(nonce)) => match store::use_login_nonce(&dashboard.app.pool, nonce, expires).await {
+            Ok(first_use) => first_use,
+            Err(e) => return PageError::from(e).into_response(),
+        },
         _ => false,
     };
-    if !csrf_ok {
+    if !fresh {
+        failed();
         return again(
             StatusCode::FORBIDDEN,
             "This login form was stale or not sent from this dashboard. Please try again.",
@@ -172,19 +197,21 @@ pub async fn submit(
                 "That is the API token; the dashboard needs the admin token.",
             );
         }
-        None => return again(StatusCode::UNAUTHORIZED, "That is not the admin token."),
+        None => {
+            failed();
+            tracing::info!(address = ?browser.address, "dashboard login with a wrong token");
+            return again(StatusCode::UNAUTHORIZED, "That is not the admin token.");
+        }
     }
-    let session = dashboard.keys.issue(&operator, Utc::now());
+    let (session, cookie) = match session::start(&dashboard, &operator).await {
+        Ok(started) => started,
+        Err(e) => return PageError::from(e).into_response(),
+    };
     tracing::info!(operator = %session.operator, "operator logged in to the dashboard");
     let mut response = Redirect::to(&next).into_response();
     let headers = response.headers_mut();
     for cookie in [
-        set_cookie(
-            SESSION_COOKIE,
-            &dashboard.keys.seal(&session),
-            SESSION_TTL,
-            browser.https,
-        ),
+        set_cookie(SESSION_COOKIE, &cookie, SESSION_TTL, browser.https),
         clear_cookie(LOGIN_COOKIE),
     ] {
         if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -201,8 +228,9 @@ pub struct LogoutForm {
     pub csrf: Option<String>,
 }
 
-/// `POST /logout`: ends the session in this browser.
+/// `POST /logout`: ends this session, on the server: a copy of the cookie is worthless after.
 pub async fn logout(
+    State(dashboard): State<Arc<Dashboard>>,
     operator: Operator,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -210,6 +238,35 @@ pub async fn logout(
     if let Err(e) = operator.check_csrf(token.as_deref()) {
         return e.into_response();
     }
+    if let Err(e) = store::close_session(&dashboard.app.pool, &operator.session.id).await {
+        return PageError::from(e).into_response();
+    }
+    tracing::info!(operator = %operator.session.operator, "operator logged out of the dashboard");
+    logged_out()
+}
+
+/// `POST /logout-everywhere`: ends every session of the dashboard, on every instance (for a
+/// lost laptop, or after a token leak, before the admin token is changed).
+pub async fn logout_everywhere(
+    State(dashboard): State<Arc<Dashboard>>,
+    operator: Operator,
+    form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let token = form.ok().and_then(|Form(f)| f.csrf);
+    if let Err(e) = operator.check_csrf(token.as_deref()) {
+        return e.into_response();
+    }
+    match store::close_all_sessions(&dashboard.app.pool).await {
+        Ok(closed) => {
+            tracing::warn!(operator = %operator.session.operator, closed, "every dashboard session was ended");
+            logged_out()
+        }
+        Err(e) => PageError::from(e).into_response(),
+    }
+}
+
+/// To the login form, the session cookie deleted.
+fn logged_out() -> Response {
     let mut response = Redirect::to("/login").into_response();
     if let Ok(value) = HeaderValue::from_str(&clear_cookie(SESSION_COOKIE)) {
         response.headers_mut().append(header::SET_COOKIE, value);

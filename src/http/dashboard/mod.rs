@@ -1,7 +1,7 @@
 //! The operator dashboard: server-rendered HTML on the same axum server as the API.
 //!
-//! - [`session`]: login sessions (signed cookies) and CSRF tokens; the extractors that
-//!   require a login.
+//! - [`session`]: login sessions (kept on the server, named by signed cookies) and CSRF
+//!   tokens; the extractors that require a login. [`store`]: their SQL.
 //! - [`login`]: the login form and logout.
 //! - [`runs`]: the runs list with its filters, counts and overview charts.
 //! - [`run`]: a run's page, and the Retry and Cancel actions.
@@ -25,6 +25,7 @@ pub mod run;
 pub mod runs;
 pub mod schedules;
 pub mod session;
+pub mod store;
 pub mod timeline;
 
 use std::collections::HashMap;
@@ -56,7 +57,7 @@ pub struct Dashboard {
 /// The dashboard's routes, ready to be merged into [`crate::http::app`].
 pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
     let dashboard = Arc::new(Dashboard {
-        keys: session::Keys::new(&app.tokens),
+        keys: session::Keys::new(&app.tokens, &app.dashboard_secret),
         hub: live::Hub::new(app.pool.clone(), app.shutdown.clone()),
         counts: TtlCache::new(runs::COUNT_CACHE, 64),
         overview: TtlCache::new(charts::OVERVIEW_CACHE, 1),
@@ -66,6 +67,7 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/", get(runs::page))
         .route("/login", get(login::form).post(login::submit))
         .route("/logout", post(login::logout))
+        .route("/logout-everywhere", post(login::logout_everywhere))
         .route("/runs/{id}", get(run::page))
         .route("/runs/{id}/retry", post(run::retry))
         .route("/runs/{id}/cancel", post(run::cancel))

@@ -1,16 +1,19 @@
-//! Operator sessions and CSRF tokens, without server-side state.
+//! Operator sessions and CSRF tokens.
 //!
-//! A session is a cookie holding its expiry, a random id and the operator's name, signed with
-//! HMAC-SHA-256 under a key derived from the admin token. Any instance configured with the
-//! same admin token accepts it (several instances may serve one database), and changing the
-//! admin token ends every session at once. Logging out deletes the cookie in the browser; a
-//! copy taken before stays valid until it expires ([`SESSION_TTL`]), which is why the
-//! lifetime is a working day rather than weeks.
+//! A session lives on the server ([`super::store`]): the cookie holds only its random id,
+//! signed, and every request looks the id up. Logging out deletes it, and "log out
+//! everywhere" deletes every session, so a copied cookie stops working on every instance at
+//! once. Sessions last [`SESSION_TTL`] at most, whatever a cookie says.
+//!
+//! Signatures are HMAC-SHA-256 under a key derived from a random secret stored in the
+//! database, mixed with the admin token: nothing an unauthenticated visitor sees (the login
+//! form's nonce and token) can be used to test guesses of the admin token offline, and
+//! changing the admin token still ends every session.
 //!
 //! Every form carries a CSRF token: for a session, an HMAC of the session id; for the login
-//! form (no session yet), an HMAC of a random nonce also set in a short-lived cookie
-//! (double submit). The cookies are `SameSite=Strict` as well, so a cross-site request
-//! carries neither.
+//! form (no session yet), an HMAC of a random nonce also set in a short-lived cookie (double
+//! submit). A login form can be submitted once: its nonce is recorded as used. The cookies are
+//! `SameSite=Strict` as well, so a cross-site request carries neither.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +28,9 @@ use hmac::Mac;
 
 use super::Dashboard;
 use super::error::PageError;
+use super::store;
 use crate::http::auth::{Tokens, hmac_sha256};
+use crate::http::error::ApiError;
 
 /// The session cookie.
 pub const SESSION_COOKIE: &str = "sagaflow_session";
@@ -49,36 +54,40 @@ pub enum SessionError {
     /// The cookie is not one this dashboard issues.
     #[error("malformed session cookie")]
     Malformed,
-    /// The signature does not match (another admin token, or a forged cookie).
+    /// The signature does not match (another secret or admin token, or a forged cookie).
     #[error("session cookie signature mismatch")]
     BadSignature,
-    /// The session is over.
-    #[error("session expired")]
-    Expired,
+    /// The session was logged out, or is over.
+    #[error("session ended")]
+    Ended,
+    /// The sessions could not be read.
+    #[error("the sessions could not be read: {0}")]
+    Unavailable(String),
 }
 
 /// A logged-in operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    /// Random, so that each login has its own CSRF token.
+    /// Random: what the cookie carries and the server looks up, and what the CSRF token of
+    /// the session's forms is derived from.
     pub id: String,
     /// Who is acting: recorded as `by` in the run log on retry and cancel.
     pub operator: String,
-    /// When the session ends (Unix seconds).
-    pub expires_at: i64,
+    /// When the session ends.
+    pub expires_at: DateTime<Utc>,
 }
 
-/// The signing key, derived from the admin token.
+/// The signing key: the dashboard's stored secret mixed with the admin token.
 #[derive(Clone)]
 pub struct Keys {
     key: [u8; 32],
 }
 
 impl Keys {
-    /// The keys of a dashboard served with these tokens.
-    pub fn new(tokens: &Tokens) -> Self {
+    /// The keys of a dashboard with this stored secret, served with these tokens.
+    pub fn new(tokens: &Tokens, secret: &[u8; 32]) -> Self {
         Self {
-            key: tokens.derive_key("sagaflow dashboard session v1"),
+            key: tokens.derive_key(secret, "sagaflow dashboard session v2"),
         }
     }
 
@@ -104,46 +113,22 @@ impl Keys {
         }
     }
 
-    /// A new session for `operator`, starting `now`.
-    pub fn issue(&self, operator: &str, now: DateTime<Utc>) -> Session {
-        Session {
-            id: random_id(),
-            operator: operator.to_string(),
-            expires_at: now.timestamp() + SESSION_TTL.as_secs() as i64,
+    /// The cookie value carrying a session's id.
+    pub fn seal(&self, id: &str) -> String {
+        format!("{id}.{}", self.sign("session", id.as_bytes()))
+    }
+
+    /// The session id a cookie value carries, if this dashboard signed it. Whether that
+    /// session is still open is the store's to say.
+    pub fn unseal<'a>(&self, cookie: &'a str) -> Result<&'a str, SessionError> {
+        let (id, signature) = cookie.split_once('.').ok_or(SessionError::Malformed)?;
+        if id.is_empty() || id.len() > 64 {
+            return Err(SessionError::Malformed);
         }
-    }
-
-    /// The cookie value carrying a session.
-    pub fn seal(&self, session: &Session) -> String {
-        let payload = format!("{}|{}|{}", session.expires_at, session.id, session.operator);
-        format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(&payload),
-            self.sign("session", payload.as_bytes())
-        )
-    }
-
-    /// The session a cookie value carries, if it is genuine and not expired at `now`.
-    pub fn open(&self, cookie: &str, now: DateTime<Utc>) -> Result<Session, SessionError> {
-        let (payload, signature) = cookie.split_once('.').ok_or(SessionError::Malformed)?;
-        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| SessionError::Malformed)?;
-        if !self.verify("session", &payload, signature) {
+        if !self.verify("session", id.as_bytes(), signature) {
             return Err(SessionError::BadSignature);
         }
-        let payload = String::from_utf8(payload).map_err(|_| SessionError::Malformed)?;
-        let mut parts = payload.splitn(3, '|');
-        let (Some(expires), Some(id), Some(operator)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(SessionError::Malformed);
-        };
-        let expires_at: i64 = expires.parse().map_err(|_| SessionError::Malformed)?;
-        if expires_at <= now.timestamp() {
-            return Err(SessionError::Expired);
-        }
-        Ok(Session {
-            id: id.to_string(),
-            operator: operator.to_string(),
-            expires_at,
-        })
+        Ok(id)
     }
 
     /// The CSRF token every form of this session carries.
@@ -163,15 +148,44 @@ impl Keys {
         (nonce, token)
     }
 
-    /// Whether a login form's token matches the nonce cookie and the form is still fresh.
-    pub fn check_login(&self, nonce: &str, token: &str, now: DateTime<Utc>) -> bool {
-        let fresh = nonce
+    /// When a login form expires, if its token matches the nonce cookie and it is still
+    /// fresh at `now`. Whether it was already submitted is the store's to say.
+    pub fn check_login(&self, nonce: &str, token: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let expires = nonce
             .split_once('.')
             .and_then(|(expires, _)| expires.parse::<i64>().ok())
-            .is_some_and(|expires| expires > now.timestamp());
+            .and_then(|expires| DateTime::from_timestamp(expires, 0))
+            .filter(|expires| *expires > now);
         // Both checks always run.
         let genuine = self.verify("login", nonce.as_bytes(), token);
-        fresh && genuine
+        expires.filter(|_| genuine)
+    }
+}
+
+/// Starts a session for `operator` on the server; returns it and its cookie value.
+pub async fn start(dashboard: &Dashboard, operator: &str) -> Result<(Session, String), sqlx::Error> {
+    let session = Session {
+        id: random_id(),
+        operator: operator.to_string(),
+        expires_at: Utc::now() + chrono::Duration::from_std(SESSION_TTL).unwrap_or(chrono::Duration::hours(8)),
+    };
+    store::open_session(&dashboard.app.pool, &session.id, &session.operator, session.expires_at).await?;
+    let cookie = dashboard.keys.seal(&session.id);
+    Ok((session, cookie))
+}
+
+/// The open session a request's cookie names.
+pub async fn session_of(parts: &Parts, dashboard: &Dashboard) -> Result<Session, SessionError> {
+    let value = cookie(parts, SESSION_COOKIE).ok_or(SessionError::Missing)?;
+    let id = dashboard.keys.unseal(value)?;
+    match store::session(&dashboard.app.pool, id).await {
+        Ok(Some((operator, expires_at))) => Ok(Session {
+            id: id.to_string(),
+            operator,
+            expires_at,
+        }),
+        Ok(None) => Err(SessionError::Ended),
+        Err(e) => Err(SessionError::Unavailable(e.to_string())),
     }
 }
 
@@ -230,12 +244,6 @@ pub fn is_https(parts: &Parts) -> bool {
         || parts.uri.scheme_str() == Some("https")
 }
 
-/// The session of a request, if any.
-fn session_of(parts: &Parts, dashboard: &Dashboard) -> Result<Session, SessionError> {
-    let value = cookie(parts, SESSION_COOKIE).ok_or(SessionError::Missing)?;
-    dashboard.keys.open(value, Utc::now())
-}
-
 /// A logged-in operator viewing a page; without a session, the browser is sent to the login
 /// form, which brings it back here.
 pub struct Viewer {
@@ -249,11 +257,15 @@ impl FromRequestParts<Arc<Dashboard>> for Viewer {
     type Rejection = PageError;
 
     async fn from_request_parts(parts: &mut Parts, dashboard: &Arc<Dashboard>) -> Result<Self, PageError> {
-        match session_of(parts, dashboard) {
+        match session_of(parts, dashboard).await {
             Ok(session) => Ok(Self {
                 csrf: dashboard.keys.csrf_token(&session),
                 session,
             }),
+            Err(SessionError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "reading the dashboard's sessions failed");
+                Err(PageError::Api(ApiError::Unavailable))
+            }
             Err(_) => Err(PageError::LoginRequired {
                 next: parts
                     .uri
@@ -287,7 +299,13 @@ impl FromRequestParts<Arc<Dashboard>> for Operator {
     type Rejection = PageError;
 
     async fn from_request_parts(parts: &mut Parts, dashboard: &Arc<Dashboard>) -> Result<Self, PageError> {
-        let session = session_of(parts, dashboard).map_err(|_| PageError::Unauthenticated)?;
+        let session = session_of(parts, dashboard).await.map_err(|e| match e {
+            SessionError::Unavailable(e) => {
+                tracing::warn!(error = %e, "reading the dashboard's sessions failed");
+                PageError::Api(ApiError::Unavailable)
+            }
+            _ => PageError::Unauthenticated,
+        })?;
         Ok(Self {
             session,
             keys: dashboard.keys.clone(),
@@ -299,55 +317,52 @@ impl FromRequestParts<Arc<Dashboard>> for Operator {
 mod tests {
     use super::*;
 
-    fn keys_of(admin: &str) -> Keys {
-        Keys::new(&Tokens::new("api", admin))
+    fn keys_of(admin: &str, secret: u8) -> Keys {
+        Keys::new(&Tokens::new("api", admin), &[secret; 32])
     }
 
     #[test]
-    fn sessions_round_trip_and_expire() {
-        let keys = keys_of("admin");
-        let now = Utc::now();
-        let session = keys.issue("grace|hopper", now);
-        let cookie = keys.seal(&session);
-        assert_eq!(keys.open(&cookie, now), Ok(session.clone()));
-        assert_eq!(
-            keys.open(&cookie, now + chrono::Duration::hours(9)),
-            Err(SessionError::Expired)
-        );
-        // Another admin token: every session ends.
-        assert_eq!(keys_of("admin2").open(&cookie, now), Err(SessionError::BadSignature));
+    fn cookies_carry_a_signed_id_and_follow_the_secret_and_the_token() {
+        let keys = keys_of("admin", 1);
+        let cookie = keys.seal("abc");
+        assert_eq!(keys.unseal(&cookie), Ok("abc"));
+        // Another admin token, or another stored secret: every cookie is refused.
+        assert_eq!(keys_of("admin2", 1).unseal(&cookie), Err(SessionError::BadSignature));
+        assert_eq!(keys_of("admin", 2).unseal(&cookie), Err(SessionError::BadSignature));
     }
 
     #[test]
     fn tampered_cookies_are_refused() {
-        let keys = keys_of("admin");
-        let now = Utc::now();
-        let cookie = keys.seal(&keys.issue("ops", now));
-        let (payload, signature) = cookie.split_once('.').expect("two parts");
-        // A longer expiry with the old signature.
-        let forged = URL_SAFE_NO_PAD.encode(format!("{}|x|ops", now.timestamp() + 999_999));
+        let keys = keys_of("admin", 1);
+        let cookie = keys.seal("abc");
+        let (_, signature) = cookie.split_once('.').expect("two parts");
         assert_eq!(
-            keys.open(&format!("{forged}.{signature}"), now),
+            keys.unseal(&format!("abd.{signature}")),
             Err(SessionError::BadSignature)
         );
-        assert_eq!(keys.open(payload, now), Err(SessionError::Malformed));
-        assert_eq!(keys.open("", now), Err(SessionError::Malformed));
-        assert_eq!(
-            keys.open(&format!("{payload}.!!"), now),
-            Err(SessionError::BadSignature)
-        );
-        // Signed, but not a session (the signature of a CSRF token is for another purpose).
-        let session = keys.open(&cookie, now).expect("genuine");
+        assert_eq!(keys.unseal("abc"), Err(SessionError::Malformed));
+        assert_eq!(keys.unseal(""), Err(SessionError::Malformed));
+        assert_eq!(keys.unseal(&format!(".{signature}")), Err(SessionError::Malformed));
+        assert_eq!(keys.unseal("abc.!!"), Err(SessionError::BadSignature));
+        // Signed, but not as a session (a CSRF token's signature is for another purpose).
+        let session = Session {
+            id: "abc".into(),
+            operator: "ops".into(),
+            expires_at: Utc::now(),
+        };
         let csrf = keys.csrf_token(&session);
-        let as_session = format!("{}.{csrf}", URL_SAFE_NO_PAD.encode(&session.id));
-        assert_eq!(keys.open(&as_session, now), Err(SessionError::BadSignature));
+        assert_eq!(keys.unseal(&format!("abc.{csrf}")), Err(SessionError::BadSignature));
     }
 
     #[test]
     fn csrf_tokens_belong_to_one_session() {
-        let keys = keys_of("admin");
-        let now = Utc::now();
-        let (a, b) = (keys.issue("ops", now), keys.issue("ops", now));
+        let keys = keys_of("admin", 1);
+        let session = |id: &str| Session {
+            id: id.into(),
+            operator: "ops".into(),
+            expires_at: Utc::now(),
+        };
+        let (a, b) = (session("a"), session("b"));
         let token = keys.csrf_token(&a);
         assert!(keys.check_csrf(&a, &token));
         assert!(!keys.check_csrf(&b, &token));
@@ -357,14 +372,16 @@ mod tests {
 
     #[test]
     fn login_forms_need_their_cookie_and_expire() {
-        let keys = keys_of("admin");
+        let keys = keys_of("admin", 1);
         let now = Utc::now();
         let (nonce, token) = keys.login_nonce(now);
-        assert!(keys.check_login(&nonce, &token, now));
-        assert!(!keys.check_login(&nonce, &token, now + chrono::Duration::hours(2)));
+        assert!(keys.check_login(&nonce, &token, now).is_some_and(|at| at > now));
+        assert_eq!(keys.check_login(&nonce, &token, now + chrono::Duration::hours(2)), None);
         let (other, _) = keys.login_nonce(now);
-        assert!(!keys.check_login(&other, &token, now));
-        assert!(!keys.check_login("garbage", &token, now));
+        assert_eq!(keys.check_login(&other, &token, now), None);
+        assert_eq!(keys.check_login("garbage", &token, now), None);
+        // A form from a dashboard with another secret is not this one's.
+        assert_eq!(keys_of("admin", 2).check_login(&nonce, &token, now), None);
     }
 
     #[test]
