@@ -803,14 +803,7 @@ async fn health_metrics_and_the_openapi_document() {
     server.register(&identity, "metrics@example.com").await;
     let (status, _) = read(server.client.get(server.url("/metrics")).send().await.expect("metrics")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let text = server
-        .api(Method::GET, "/metrics")
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = server.metrics().await;
     for needle in [
         "sagaflow_runs_started_total{",
         "sagaflow_runs_finished_total{",

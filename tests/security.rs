@@ -67,6 +67,11 @@ async fn old_runs(server: &TestServer, n: usize, days: i32) {
     .expect("backdate");
 }
 
+/// Sends a request; its status and JSON body.
+async fn call(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    read(request.send().await.expect("request")).await
+}
+
 fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
     assert_eq!(status, want, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
@@ -80,24 +85,18 @@ async fn the_api_token_cannot_erase_the_run_history() {
     let before = fingerprint(&server).await;
 
     // F1 as the probe did it: the API token starts the sweep with a minute's retention.
-    let (status, body) = read(
+    let (status, body) = call(
         server
             .api(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=5000")
-            .json(&json!({"older_than": "1m"}))
-            .send()
-            .await
-            .expect("request"),
+            .json(&json!({"older_than": "1m"})),
     )
     .await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     // Even without input: the workflow itself is admin-only.
-    let (status, body) = read(
+    let (status, body) = call(
         server
             .api(Method::POST, "/v1/workflows/retention-sweep/runs")
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("request"),
+            .json(&json!({})),
     )
     .await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
@@ -109,13 +108,10 @@ async fn the_api_token_cannot_erase_the_run_history() {
         ("23h 59m", "at least 1day"),
         ("99999999999d", "at most 100 years"),
     ] {
-        let (status, body) = read(
+        let (status, body) = call(
             server
                 .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=5000")
-                .json(&json!({"older_than": older_than}))
-                .send()
-                .await
-                .expect("request"),
+                .json(&json!({"older_than": older_than})),
         )
         .await;
         assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
@@ -150,13 +146,10 @@ async fn the_api_token_cannot_erase_the_run_history() {
     assert_eq!(access("create-customer-account"), Some(json!("api")));
 
     // At the floor, the admin's sweep runs and deletes the two-day-old runs.
-    let (status, body) = read(
+    let (status, body) = call(
         server
             .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=20000")
-            .json(&json!({"older_than": "1d"}))
-            .send()
-            .await
-            .expect("request"),
+            .json(&json!({"older_than": "1d"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -199,14 +192,11 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
             ),
         ] {
             for key in [format!("schedule:hijack-me:{tick}"), "schedule:anything".to_string()] {
-                let (status, body) = read(
+                let (status, body) = call(
                     server
                         .admin(Method::POST, &format!("/v1/workflows/{workflow}/runs"))
                         .header("idempotency-key", &key)
-                        .json(&body)
-                        .send()
-                        .await
-                        .expect("request"),
+                        .json(&body),
                 )
                 .await;
                 assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
@@ -234,25 +224,15 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
         .send()
         .await
         .expect("disable");
-    let (_, foreign) = read(
+    let (_, foreign) = call(
         server
             .admin(Method::POST, "/v1/workflows/retention-sweep/runs?wait_ms=20000")
             .header("idempotency-key", "squatter")
-            .json(&json!({"older_than": "3650d"}))
-            .send()
-            .await
-            .expect("foreign run"),
+            .json(&json!({"older_than": "3650d"})),
     )
     .await;
     let foreign_id = foreign["id"].as_str().expect("id").to_string();
-    let (_, enabled) = read(
-        server
-            .admin(Method::POST, "/v1/schedules/hijack-me/enable")
-            .send()
-            .await
-            .expect("enable"),
-    )
-    .await;
+    let (_, enabled) = call(server.admin(Method::POST, "/v1/schedules/hijack-me/enable")).await;
     // Two ticks ahead, so the scheduler cannot reach it before the key is planted.
     let next_tick = enabled["upcoming"][2].as_str().expect("a tick ahead").to_string();
     sqlx::query("UPDATE runs SET idempotency_key = $1 WHERE id = $2::uuid")
@@ -262,14 +242,7 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
         .await
         .expect("plant the foreign key");
     let schedule = eventually(Duration::from_secs(20), "the tick to meet the foreign run", || async {
-        let (_, body) = read(
-            server
-                .api(Method::GET, "/v1/schedules/hijack-me")
-                .send()
-                .await
-                .expect("get"),
-        )
-        .await;
+        let (_, body) = call(server.api(Method::GET, "/v1/schedules/hijack-me")).await;
         body["last_error"]
             .as_str()
             .is_some_and(|e| e.contains(&foreign_id))
@@ -292,14 +265,7 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
     assert_eq!(fires, 0);
     // The schedule goes on firing its own runs at the next ticks.
     eventually(Duration::from_secs(20), "a tick of the schedule's own", || async {
-        let (_, body) = read(
-            server
-                .api(Method::GET, "/v1/schedules/hijack-me")
-                .send()
-                .await
-                .expect("get"),
-        )
-        .await;
+        let (_, body) = call(server.api(Method::GET, "/v1/schedules/hijack-me")).await;
         body["recent_runs"]
             .as_array()
             .is_some_and(|r| !r.is_empty())
@@ -308,14 +274,7 @@ async fn a_schedules_ticks_cannot_be_claimed_or_adopted() {
     .await;
     // Its ticks are counted by workflow, not by schedule name: a metric series per schedule
     // ever created would grow without bound.
-    let metrics = server
-        .admin(Method::GET, "/metrics")
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.metrics().await;
     let ticks: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("sagaflow_schedule_ticks_total{"))
@@ -853,15 +812,10 @@ fn client_from(address: &str) -> reqwest::Client {
 }
 
 async fn metric(server: &TestServer, name: &str, kind: &str) -> f64 {
-    let text = server
-        .admin(Method::GET, "/metrics")
-        .send()
+    server
+        .metrics()
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(name) && l.contains(&format!("kind=\"{kind}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -90,6 +90,17 @@ impl TestServer {
         self.client.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.api(Method::GET, "/metrics")
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// Creates an auth identity for `email`; returns its id.
     pub async fn identity(&self, email: &str) -> String {
         let response = self

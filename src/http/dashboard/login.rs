@@ -234,15 +234,7 @@ pub async fn logout(
     operator: Operator,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let token = form.ok().and_then(|Form(f)| f.csrf);
-    if let Err(e) = operator.check_csrf(token.as_deref()) {
-        return e.into_response();
-    }
-    if let Err(e) = store::close_session(&dashboard.app.pool, &operator.session.id).await {
-        return PageError::from(e).into_response();
-    }
-    tracing::info!(operator = %operator.session.operator, "operator logged out of the dashboard");
-    logged_out()
+    end_sessions(&dashboard, operator, form, false).await
 }
 
 /// `POST /logout-everywhere`: ends every session of the dashboard, on every instance (for a
@@ -252,15 +244,33 @@ pub async fn logout_everywhere(
     operator: Operator,
     form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    end_sessions(&dashboard, operator, form, true).await
+}
+
+/// Ends the operator's session, or with `everywhere` every session, once the form's CSRF
+/// token is checked.
+async fn end_sessions(
+    dashboard: &Dashboard,
+    operator: Operator,
+    form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
+    everywhere: bool,
+) -> Response {
     let token = form.ok().and_then(|Form(f)| f.csrf);
     if let Err(e) = operator.check_csrf(token.as_deref()) {
         return e.into_response();
     }
-    match store::close_all_sessions(&dashboard.app.pool).await {
-        Ok(closed) => {
-            tracing::warn!(operator = %operator.session.operator, closed, "every dashboard session was ended");
-            logged_out()
-        }
+    let who = &operator.session.operator;
+    let ended = if everywhere {
+        store::close_all_sessions(&dashboard.app.pool).await.map(|closed| {
+            tracing::warn!(operator = %who, closed, "every dashboard session was ended");
+        })
+    } else {
+        store::close_session(&dashboard.app.pool, &operator.session.id)
+            .await
+            .map(|()| tracing::info!(operator = %who, "operator logged out of the dashboard"))
+    };
+    match ended {
+        Ok(()) => logged_out(),
         Err(e) => PageError::from(e).into_response(),
     }
 }
