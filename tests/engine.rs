@@ -1094,3 +1094,127 @@ async fn a_lease_without_an_executor_expires_even_while_its_worker_lives() {
     worker_b.shutdown().await;
     live_worker.shutdown().await;
 }
+
+/// Records every call of the workflow's finish hook as an effect (`finish`, the status), in
+/// the hook's transaction: a call that did not commit leaves no row.
+struct CountingFinish;
+
+#[async_trait::async_trait]
+impl sagaflow::engine::FinishHook for CountingFinish {
+    async fn on_finish(&self, db: &mut sqlx::PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError> {
+        sqlx::query("INSERT INTO test_effects (run_id, step, phase, attempt) VALUES ($1, 'finish', $2, 0)")
+            .bind(run_id)
+            .bind(status.as_str())
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+}
+
+const HOOKED: &str = "hooked";
+const ALL_SKIPPED: &str = "all-skipped";
+
+/// The scripted steps `a` and `b`, plus a finish hook; and a plan whose every step `when`
+/// skips, with the same hook.
+fn hooked_engine(pool: &PgPool, node: &str) -> Engine {
+    let hooked = Workflow::builder(HOOKED, 1)
+        .step(sagaflow::engine::StepDef::new("a", scripted::Scripted).retry(scripted::fast_retry(3)))
+        .step(
+            sagaflow::engine::StepDef::compensable("b", scripted::Scripted)
+                .retry(scripted::fast_retry(3))
+                .compensation_retry(scripted::fast_retry(3)),
+        )
+        .on_finish(CountingFinish)
+        .build()
+        .expect("workflow");
+    let skipped = Workflow::builder(ALL_SKIPPED, 1)
+        .step(sagaflow::engine::StepDef::new("a", scripted::Scripted).when(|_| false))
+        .step(sagaflow::engine::StepDef::new("b", scripted::Scripted).when(|_| false))
+        .on_finish(CountingFinish)
+        .build()
+        .expect("a plan whose every step can be skipped is legal");
+    Engine::builder(pool.clone())
+        .config(fast_config(node))
+        .register(hooked)
+        .register(skipped)
+        .build()
+        .expect("engine")
+}
+
+async fn finish_calls(pool: &PgPool, run: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT phase FROM test_effects WHERE run_id = $1 AND step = 'finish' ORDER BY at")
+        .bind(run)
+        .fetch_all(pool)
+        .await
+        .expect("finish calls")
+}
+
+#[tokio::test]
+async fn the_finish_hook_runs_once_on_every_path_to_a_terminal_status() {
+    let db = test_db().await;
+    let engine = hooked_engine(&db.pool, "n1");
+    let start = |workflow: &'static str, input: Value| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .trigger(workflow, input, TriggerOptions::default())
+                .await
+                .expect("trigger")
+                .run_id
+        }
+    };
+    // Runs that end while being claimed, before any worker drives them:
+    // an operator cancelled it while pending,
+    let cancelled = start(HOOKED, json!({})).await;
+    engine.cancel(cancelled, "ops").await.expect("cancel");
+    // its attempts were lost with their workers once too often (a step crashing every
+    // worker) and there is nothing to undo,
+    let crashing = start(HOOKED, json!({})).await;
+    sqlx::query(
+        "UPDATE run_steps SET status = 'running', attempts = 6, lost_attempts = 5 WHERE run_id = $1 AND idx = 0",
+    )
+    .bind(crashing)
+    .execute(&db.pool)
+    .await
+    .expect("a step crashing its workers");
+    sqlx::query("UPDATE runs SET status = 'running' WHERE id = $1")
+        .bind(crashing)
+        .execute(&db.pool)
+        .await
+        .expect("running");
+    // and every step of its plan is skipped.
+    let skipped_at_claim = start(ALL_SKIPPED, json!({})).await;
+    let worker = engine.start_worker().await.expect("worker");
+    // Runs the worker drives: completed, compensated, and all skipped with a free local slot
+    // (at 2b67f91 a CHECK violation: inserted completed and leased).
+    let completed = start(HOOKED, json!({})).await;
+    let compensated = start(HOOKED, json!({"permanent": {"b": true}})).await;
+    let skipped_locally = start(ALL_SKIPPED, json!({})).await;
+
+    for (run, status) in [
+        (cancelled, RunStatus::Cancelled),
+        (crashing, RunStatus::Compensated),
+        (skipped_at_claim, RunStatus::Completed),
+        (completed, RunStatus::Completed),
+        (compensated, RunStatus::Compensated),
+        (skipped_locally, RunStatus::Completed),
+    ] {
+        assert_eq!(finish(&engine, run).await, status, "run {run}");
+        assert_eq!(finish_calls(&db.pool, run).await, [status.as_str()], "run {run}");
+    }
+    assert_eq!(
+        log(&engine, skipped_locally).await,
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunClaimed),
+            ev(K::StepSkipped, Some("a"), None),
+            ev(K::StepSkipped, Some("b"), None),
+            run_level(K::RunCompleted),
+        ]
+    );
+    assert_eq!(
+        step_statuses(&engine, skipped_locally).await,
+        [StepStatus::Skipped, StepStatus::Skipped]
+    );
+    worker.shutdown().await;
+}

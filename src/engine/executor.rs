@@ -20,10 +20,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
+use super::apply::{self, Applied, ApplyError, Change};
 use super::definition::{Completed, Phase, RunView, StepContext, StepError, StepTransaction, Workflow};
 use super::faults::FaultPoint;
 use super::machine::{Conditions, Event, Machine, Next, RunState, Transition};
-use super::store::{self, LeaseWrite, Persist, Persisted};
+use super::store;
 use super::worker::WorkerShared;
 use super::{Engine, metrics_names as m};
 
@@ -64,11 +65,9 @@ impl RunTask {
                         break;
                     }
                     Next::Finish => {
+                        // Waiters were woken and the finish counted when it committed
+                        // (`apply::AfterCommit`), whichever path finished the run.
                         info!(status = %self.state.status, "run finished");
-                        metrics::counter!(m::RUNS_FINISHED, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).increment(1);
-                        let took = (Utc::now() - self.created_at).to_std().unwrap_or_default();
-                        metrics::histogram!(m::RUN_SECONDS, "workflow" => self.workflow.name.clone(), "status" => self.state.status.as_str()).record(took.as_secs_f64());
-                        self.engine.inner.finished.notify(self.run_id, self.state.status);
                         break;
                     }
                 };
@@ -203,14 +202,22 @@ impl RunTask {
         Ok(())
     }
 
-    /// Decides what follows `event` and persists it (with the step's own writes, if any).
+    /// Decides what follows `event` and applies it (with the step's own writes, if any).
     async fn record(&mut self, event: Event, mut step_tx: Option<Transaction<'static, Postgres>>) -> Result<(), Stop> {
         loop {
             let mut new_state = self.state.clone();
             let transition = self.decide(&mut new_state, event.clone());
-            let finishing = transition.next == Next::Finish;
-            let needs_tx = step_tx.is_some() || (finishing && self.workflow.on_finish.is_some());
-            let result = if needs_tx {
+            let change = Change {
+                run_id: self.run_id,
+                epoch: self.epoch,
+                workflow: &self.workflow,
+                old: &self.state,
+                new: &new_state,
+                transition: &transition,
+                lease: None,
+                created_at: self.created_at,
+            };
+            let applied = if step_tx.is_some() || apply::needs_transaction(&self.workflow, &transition) {
                 let mut tx = match step_tx.take() {
                     Some(tx) => tx,
                     None => self
@@ -221,25 +228,23 @@ impl RunTask {
                         .await
                         .map_err(|e| Stop::Database(e.to_string()))?,
                 };
-                let persisted = self.persist(&mut tx, &new_state, &transition).await;
-                match persisted {
-                    Ok(Persisted::Applied) => {
-                        if finishing && let Some(hook) = &self.workflow.on_finish {
-                            hook.on_finish(&mut tx, self.run_id, new_state.status)
-                                .await
-                                .map_err(|e| Stop::Database(format!("finishing the run failed: {e}")))?;
-                        }
+                match apply::apply(&mut tx, change).await {
+                    Ok(Applied::Written(after)) => {
                         tx.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
-                        Ok(Persisted::Applied)
+                        Applied::Written(after)
                     }
-                    Ok(Persisted::CancelRequested) => {
+                    Ok(Applied::CancelRequested) => {
                         // Same transaction: the step's writes stay, the decision is redone.
                         step_tx = Some(tx);
-                        Ok(Persisted::CancelRequested)
+                        Applied::CancelRequested
                     }
-                    other => {
+                    Ok(Applied::Fenced) => {
                         let _ = tx.rollback().await;
-                        other
+                        Applied::Fenced
+                    }
+                    Err(e) => {
+                        let _ = tx.rollback().await;
+                        return Err(Stop::Database(e.to_string()));
                     }
                 }
             } else {
@@ -250,20 +255,22 @@ impl RunTask {
                     .acquire()
                     .await
                     .map_err(|e| Stop::Database(e.to_string()))?;
-                self.persist(&mut conn, &new_state, &transition).await
+                apply::apply(&mut conn, change)
+                    .await
+                    .map_err(|e| Stop::Database(e.to_string()))?
             };
-            match result.map_err(|e| Stop::Database(e.to_string()))? {
-                Persisted::Applied => {
+            match applied {
+                Applied::Written(after) => {
                     self.state = new_state;
                     self.next = transition.next;
-                    self.engine.inner.changes.touch(self.run_id);
+                    after.publish(&self.engine.inner);
                     return Ok(());
                 }
-                Persisted::CancelRequested => {
+                Applied::CancelRequested => {
                     debug!("an operator asked to cancel while the attempt ran; deciding again");
                     self.state.cancel_requested = true;
                 }
-                Persisted::Fenced => return Err(Stop::Fenced),
+                Applied::Fenced => return Err(Stop::Fenced),
             }
         }
     }
@@ -275,15 +282,6 @@ impl RunTask {
             now: Utc::now(),
         };
         Machine::new(&self.workflow, &self.input).handle(state, event, &conditions)
-    }
-
-    async fn persist(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        new_state: &RunState,
-        transition: &Transition,
-    ) -> Result<Persisted, sqlx::Error> {
-        persist_transition(conn, self.run_id, self.epoch, &self.state, new_state, transition).await
     }
 
     /// After a failed write, reloads the run (still under this lease) and goes on from what
@@ -319,50 +317,31 @@ impl RunTask {
         let mut new_state = self.state.clone();
         let reason = format!("the database failed while its outcome was being recorded ({error})");
         let transition = self.decide(&mut new_state, Event::Resumed { reason });
-        match self.persist(&mut tx, &new_state, &transition).await? {
-            Persisted::Applied => {}
-            _ => return Ok(false),
-        }
+        let change = Change {
+            run_id: self.run_id,
+            epoch: self.epoch,
+            workflow: &self.workflow,
+            old: &self.state,
+            new: &new_state,
+            transition: &transition,
+            lease: None,
+            created_at: self.created_at,
+        };
+        let after = match apply::apply(&mut tx, change).await {
+            Ok(Applied::Written(after)) => after,
+            Ok(_) => return Ok(false),
+            Err(ApplyError::Database(e)) => return Err(e),
+            Err(e @ ApplyError::FinishHook(_)) => {
+                warn!(error = %e, "finishing the run failed after a reload; leaving it to recovery");
+                return Ok(false);
+            }
+        };
         tx.commit().await?;
         self.state = new_state;
         self.next = transition.next;
-        self.engine.inner.changes.touch(self.run_id);
+        after.publish(&self.engine.inner);
         Ok(true)
     }
-}
-
-/// Persists `transition` (which turned `old` into `new`) under lease `epoch`.
-pub(crate) async fn persist_transition(
-    conn: &mut sqlx::PgConnection,
-    run_id: Uuid,
-    epoch: i64,
-    old: &RunState,
-    new: &RunState,
-    transition: &Transition,
-) -> Result<Persisted, sqlx::Error> {
-    let mut changed: Vec<usize> = (0..new.steps.len())
-        .filter(|&i| old.steps.get(i) != new.steps.get(i) || transition.marks.contains_key(&i))
-        .collect();
-    changed.dedup();
-    let lease = match transition.next {
-        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
-        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
-        Next::Finish => LeaseWrite::Finish,
-    };
-    store::persist(
-        conn,
-        &Persist {
-            run_id,
-            epoch,
-            cancel_requested: old.cancel_requested,
-            state: new,
-            changed,
-            marks: &transition.marks,
-            events: &transition.events,
-            lease,
-        },
-    )
-    .await
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -348,7 +348,7 @@ impl<'a> Machine<'a> {
         s.status = StepStatus::Failed;
         s.error = Some(error.clone());
         let attempt = s.attempts;
-        let charged = s.attempts - s.lost_attempts;
+        let charged = s.attempts.saturating_sub(s.lost_attempts);
         t.marks.insert(step, TimeMark::Finished);
         let mut detail = json!({"error": error.message, "retryable": error.retryable});
         if failure == Failure::Lost {
@@ -408,7 +408,7 @@ impl<'a> Machine<'a> {
         s.status = StepStatus::CompensationFailed;
         s.error = Some(error.clone());
         let attempt = s.compensation_attempts;
-        let charged = s.compensation_attempts - s.lost_compensation_attempts;
+        let charged = s.compensation_attempts.saturating_sub(s.lost_compensation_attempts);
         let mut detail = json!({"error": error.message, "retryable": error.retryable});
         if failure == Failure::Lost {
             detail["lost"] = json!(true);
@@ -646,7 +646,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::engine::definition::{Compensate, Completed, Step, StepContext, StepDef};
+    use crate::engine::definition::{Compensate, Completed, Phase, Step, StepContext, StepDef};
     use crate::engine::retry::RetryPolicy;
     use EventKind as K;
 
@@ -718,6 +718,50 @@ mod tests {
 
     fn statuses(state: &RunState) -> Vec<StepStatus> {
         state.steps.iter().map(|s| s.status).collect()
+    }
+
+    #[test]
+    fn attempt_counters_that_disagree_never_underflow() {
+        // A row whose lost count exceeds its started count (hand-edited, or decoded from a
+        // NULL): the charged count is zero, not a panic (debug) or four billion (release).
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (state, _) = claimed(&wf, &input);
+        for phase in [Phase::Invoke, Phase::Compensate] {
+            let mut state = state.clone();
+            let (event, s) = match phase {
+                Phase::Invoke => {
+                    state.steps[1].status = StepStatus::Running;
+                    state.steps[1].attempts = 0;
+                    state.steps[1].lost_attempts = 3;
+                    (
+                        Event::StepFailed {
+                            step: 1,
+                            error: StepError::retryable("boom"),
+                        },
+                        1,
+                    )
+                }
+                Phase::Compensate => {
+                    state.status = RunStatus::Compensating;
+                    state.steps[1].status = StepStatus::Compensating;
+                    state.steps[1].compensation_attempts = 0;
+                    state.steps[1].lost_compensation_attempts = 3;
+                    (
+                        Event::CompensationFailed {
+                            step: 1,
+                            error: StepError::retryable("boom"),
+                        },
+                        1,
+                    )
+                }
+            };
+            let t = m.handle(&mut state, event, &cond());
+            // Charged nothing, so the policy allows another attempt after its first delay.
+            assert!(matches!(t.next, Next::Release { .. }), "{phase:?}: {:?}", t.next);
+            assert!(state.steps[s].error.is_some());
+        }
     }
 
     #[test]

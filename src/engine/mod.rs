@@ -3,6 +3,8 @@
 //! - [`definition`]: workflows, steps, hooks, typed inputs and outputs.
 //! - [`machine`]: the pure state machine deciding every transition of a run.
 //! - [`executor`]: drives one claimed run, one transaction per step.
+//! - `apply`: the one place a decided transition becomes SQL, with the workflow's finish
+//!   hook whenever a run ends, whichever path ends it.
 //! - [`worker`]: claims runs, renews leases, recovers runs of lost workers, shuts down.
 //! - [`store`]: all SQL of the engine.
 //! - [`scheduler`]: cron schedules firing runs exactly once across instances.
@@ -11,6 +13,7 @@
 //! [`Engine`] is the entry point: register workflows, start a worker, trigger and inspect
 //! runs, and act on them as an operator.
 
+pub(crate) mod apply;
 pub mod changes;
 pub mod definition;
 pub(crate) mod executor;
@@ -546,23 +549,34 @@ impl Engine {
         });
         let mut marks = Default::default();
         let mut next = None;
+        let mut local = local;
         if let Some((worker, _)) = &local {
             let conditions = Conditions {
                 draining: false,
                 jitter: rand::random::<f64>(),
                 now: Utc::now(),
             };
+            let mut claimed = state.clone();
             let t = Machine::new(wf, input).handle(
-                &mut state,
+                &mut claimed,
                 Event::Claimed {
                     by: worker.name.clone(),
                     taken_over_from: None,
                 },
                 &conditions,
             );
-            events.extend(t.events);
-            marks = t.marks;
-            next = Some(t.next);
+            if t.next == Next::Finish {
+                // Finished before a single attempt (every step skipped by `when`): an insert
+                // cannot also be a finish (output, finish time, the workflow's finish hook),
+                // so the run goes in unleased and due, and a claim finishes it through
+                // `apply` like any other run.
+                local = None;
+            } else {
+                state = claimed;
+                events.extend(t.events);
+                marks = t.marks;
+                next = Some(t.next);
+            }
         }
         PreparedRun {
             id,
@@ -752,27 +766,20 @@ impl Engine {
         if transition.events.is_empty() {
             return Ok(());
         }
-        let persisted = store::persist(
-            &mut tx,
-            &store::Persist {
-                run_id,
-                epoch: run.lease_epoch,
-                cancel_requested: old.cancel_requested,
-                state: &state,
-                changed: Vec::new(),
-                marks: &transition.marks,
-                events: &transition.events,
-                lease: store::LeaseWrite::Wake,
-            },
-        )
-        .await?;
-        if persisted != store::Persisted::Applied {
-            return Err(EngineError::Internal(format!(
-                "cancel of run {run_id} was not applied: {persisted:?}"
-            )));
-        }
+        let change = apply::Change {
+            run_id,
+            epoch: run.lease_epoch,
+            workflow: &wf,
+            old: &old,
+            new: &state,
+            transition: &transition,
+            // The operator holds no lease: leave the owner's alone, make an unleased run due.
+            lease: Some(store::LeaseWrite::Wake),
+            created_at: run.created_at,
+        };
+        let after = applied_by_operator(apply::apply(&mut tx, change).await, "cancel", run_id)?;
         tx.commit().await?;
-        self.inner.changes.touch(run_id);
+        after.publish(&self.inner);
         Ok(())
     }
 
@@ -800,15 +807,19 @@ impl Engine {
                         action: "retry",
                         status: e.0,
                     })?;
-                let persisted =
-                    executor::persist_transition(&mut tx, run_id, run.lease_epoch, &old, &state, &transition).await?;
-                if persisted != store::Persisted::Applied {
-                    return Err(EngineError::Internal(format!(
-                        "retry of run {run_id} was not applied: {persisted:?}"
-                    )));
-                }
+                let change = apply::Change {
+                    run_id,
+                    epoch: run.lease_epoch,
+                    workflow: &wf,
+                    old: &old,
+                    new: &state,
+                    transition: &transition,
+                    lease: None,
+                    created_at: run.created_at,
+                };
+                let after = applied_by_operator(apply::apply(&mut tx, change).await, "retry", run_id)?;
                 tx.commit().await?;
-                self.inner.changes.touch(run_id);
+                after.publish(&self.inner);
                 Ok(Retried::Resumed(run_id))
             }
             RetryAction::NewRun => {
@@ -845,6 +856,23 @@ impl Engine {
         self.inner
             .workflow(&run.workflow, run.workflow_version)
             .ok_or_else(|| EngineError::UnknownWorkflow(format!("{}@{}", run.workflow, run.workflow_version)))
+    }
+}
+
+/// An operator's change, applied on the run's row locked `FOR UPDATE`: nothing can have moved
+/// it since it was read, so anything but written is a broken invariant.
+fn applied_by_operator(
+    applied: Result<apply::Applied, apply::ApplyError>,
+    action: &str,
+    run_id: Uuid,
+) -> Result<apply::AfterCommit, EngineError> {
+    match applied {
+        Ok(apply::Applied::Written(after)) => Ok(after),
+        Ok(other) => Err(EngineError::Internal(format!(
+            "{action} of run {run_id} was not applied: {other:?}"
+        ))),
+        Err(apply::ApplyError::Database(e)) => Err(e.into()),
+        Err(e @ apply::ApplyError::FinishHook(_)) => Err(EngineError::Internal(e.to_string())),
     }
 }
 

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::apply::{self, Applied, ApplyError, Change};
 use super::executor::RunTask;
 use super::machine::{Conditions, Event, Machine};
 use super::store::{self, READY_CHANNEL};
@@ -330,6 +331,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     let mut tx = inner.worker_pool.begin().await?;
     let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
     let mut tasks = Vec::with_capacity(claimed.len());
+    let mut after_commit = Vec::with_capacity(claimed.len());
     for c in claimed {
         let Some(workflow) = inner.workflow(&c.run.workflow, c.run.workflow_version) else {
             continue;
@@ -360,7 +362,45 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             },
             &conditions,
         );
-        super::executor::persist_transition(&mut tx, c.run.id, c.run.lease_epoch, &old, &state, &transition).await?;
+        let change = Change {
+            run_id: c.run.id,
+            epoch: c.run.lease_epoch,
+            workflow: &workflow,
+            old: &old,
+            new: &state,
+            transition: &transition,
+            lease: None,
+            created_at: c.run.created_at,
+        };
+        // A run the claim itself finishes runs its workflow's finish hook here; should the hook
+        // fail, a savepoint keeps the failure to this run, not the whole batch.
+        let applied = if apply::needs_transaction(&workflow, &transition) {
+            let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+            match apply::apply(&mut savepoint, change).await {
+                Ok(applied) => {
+                    savepoint.commit().await?;
+                    applied
+                }
+                Err(ApplyError::Database(e)) => return Err(e.into()),
+                Err(e @ ApplyError::FinishHook(_)) => {
+                    savepoint.rollback().await?;
+                    error!(run_id = %c.run.id, error = %e, "finishing a claimed run failed; it stays leased until its lease expires");
+                    continue;
+                }
+            }
+        } else {
+            match apply::apply(&mut tx, change).await {
+                Ok(applied) => applied,
+                Err(ApplyError::Database(e)) => return Err(e.into()),
+                Err(e @ ApplyError::FinishHook(_)) => return Err(EngineError::Internal(e.to_string())),
+            }
+        };
+        let Applied::Written(after) = applied else {
+            // The claim holds the row and has just set the epoch: nobody can have moved it.
+            error!(run_id = %c.run.id, ?applied, "a claimed run's first transition was not written");
+            continue;
+        };
+        after_commit.push(after);
         let Some(permit) = permits.as_mut().and_then(|p| p.split(1)) else {
             break;
         };
@@ -378,9 +418,11 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         });
     }
     tx.commit().await?;
+    for after in after_commit {
+        after.publish(inner);
+    }
     let n = tasks.len();
     for task in tasks {
-        inner.changes.touch(task.run_id);
         shared.spawn(task);
     }
     Ok(n)

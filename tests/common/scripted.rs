@@ -52,7 +52,7 @@ pub fn workflow() -> Workflow {
         .expect("valid workflow")
 }
 
-struct Scripted;
+pub struct Scripted;
 
 fn count(input: &Value, key: &str, step: &str) -> u32 {
     input[key][step].as_u64().unwrap_or(0) as u32

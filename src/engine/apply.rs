@@ -1,0 +1,148 @@
+//! The one place a decided transition becomes SQL.
+//!
+//! Every path that changes a run (an executor recording an attempt's outcome, a claim, a
+//! reload after a lost connection, an operator's cancel or resume) hands the machine's
+//! [`Transition`] to [`apply`], inside the caller's transaction. It writes the transition
+//! fenced by the lease epoch and the cancel flag the decision saw, and, whenever the run
+//! becomes terminal, whatever path got it there, runs the workflow's [`FinishHook`] in the
+//! same transaction. What must happen once the transaction commits (waking waiters,
+//! announcing the change, counting the finish) is returned as an [`AfterCommit`], never done
+//! here: nothing is announced that might still roll back.
+//!
+//! The inputs are plain data per run, so a caller can apply the transitions of several
+//! steps of one run, or of several runs, in one transaction by calling [`apply`] for each.
+//!
+//! [`FinishHook`]: super::definition::FinishHook
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::definition::{StepError, Workflow};
+use super::machine::{Next, RunState, Transition};
+use super::status::RunStatus;
+use super::store::{self, LeaseWrite, Persist, Persisted};
+use super::{Inner, metrics_names as m};
+
+/// A transition of one run, ready to write.
+pub(crate) struct Change<'a> {
+    /// The run.
+    pub(crate) run_id: Uuid,
+    /// The lease epoch the writer holds (or read, for an operator).
+    pub(crate) epoch: i64,
+    /// The run's workflow version (its finish hook).
+    pub(crate) workflow: &'a Workflow,
+    /// The state the decision started from.
+    pub(crate) old: &'a RunState,
+    /// The state it decided on.
+    pub(crate) new: &'a RunState,
+    /// The decision.
+    pub(crate) transition: &'a Transition,
+    /// `None`: what the transition's next action implies for the owner's lease. An operator,
+    /// who holds no lease, passes [`LeaseWrite::Wake`].
+    pub(crate) lease: Option<LeaseWrite>,
+    /// When the run was accepted (the database's time), for the run-duration metric.
+    pub(crate) created_at: DateTime<Utc>,
+}
+
+/// What [`apply`] did.
+#[derive(Debug)]
+pub(crate) enum Applied {
+    /// Written (and the finish hook run, if the run finished); do this after commit.
+    Written(AfterCommit),
+    /// The lease was taken over: the writer must stop touching this run.
+    Fenced,
+    /// An operator asked to cancel since the decision: decide again (the transaction is
+    /// intact, the step's own writes included).
+    CancelRequested,
+}
+
+/// Why [`apply`] failed. Either way the caller's transaction must not commit.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The workflow's finish hook refused the run's final status.
+    #[error("the workflow's finish hook failed: {}", .0.message)]
+    FinishHook(StepError),
+}
+
+/// What to do once the transaction that applied a change has committed.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use = "the change must be announced after commit"]
+pub(crate) struct AfterCommit {
+    /// The run.
+    pub(crate) run_id: Uuid,
+    /// The terminal status it reached, if it finished: waiters are woken, the finish counted.
+    pub(crate) finished: Option<RunStatus>,
+    workflow: String,
+    created_at: DateTime<Utc>,
+}
+
+impl AfterCommit {
+    /// Announces the committed change: the change feed always; for a finished run, the
+    /// finish metrics and the callers waiting for it.
+    pub(crate) fn publish(self, inner: &Inner) {
+        inner.changes.touch(self.run_id);
+        if let Some(status) = self.finished {
+            metrics::counter!(m::RUNS_FINISHED, "workflow" => self.workflow.clone(), "status" => status.as_str())
+                .increment(1);
+            let took = (Utc::now() - self.created_at).to_std().unwrap_or_default();
+            metrics::histogram!(m::RUN_SECONDS, "workflow" => self.workflow, "status" => status.as_str())
+                .record(took.as_secs_f64());
+            inner.finished.notify(self.run_id, status);
+        }
+    }
+}
+
+/// Whether applying `transition` runs code that must share a transaction with it (the finish
+/// hook): a caller that would otherwise write on a bare connection must open one.
+pub(crate) fn needs_transaction(workflow: &Workflow, transition: &Transition) -> bool {
+    transition.next == Next::Finish && workflow.on_finish.is_some()
+}
+
+/// Writes `change` on `conn` (inside a transaction whenever [`needs_transaction`] says so)
+/// and, if the run finished, runs the workflow's finish hook there too.
+pub(crate) async fn apply(conn: &mut PgConnection, change: Change<'_>) -> Result<Applied, ApplyError> {
+    let finished =
+        (change.transition.next == Next::Finish && change.new.status.is_terminal()).then_some(change.new.status);
+    let changed: Vec<usize> = (0..change.new.steps.len())
+        .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || change.transition.marks.contains_key(&i))
+        .collect();
+    let lease = change.lease.unwrap_or(match change.transition.next {
+        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
+        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
+        Next::Finish => LeaseWrite::Finish,
+    });
+    let persisted = store::persist(
+        conn,
+        &Persist {
+            run_id: change.run_id,
+            epoch: change.epoch,
+            cancel_requested: change.old.cancel_requested,
+            state: change.new,
+            changed,
+            marks: &change.transition.marks,
+            events: &change.transition.events,
+            lease,
+        },
+    )
+    .await?;
+    match persisted {
+        Persisted::Fenced => return Ok(Applied::Fenced),
+        Persisted::CancelRequested => return Ok(Applied::CancelRequested),
+        Persisted::Applied => {}
+    }
+    if let (Some(status), Some(hook)) = (finished, &change.workflow.on_finish) {
+        hook.on_finish(conn, change.run_id, status)
+            .await
+            .map_err(ApplyError::FinishHook)?;
+    }
+    Ok(Applied::Written(AfterCommit {
+        run_id: change.run_id,
+        finished,
+        workflow: change.workflow.name.clone(),
+        created_at: change.created_at,
+    }))
+}
