@@ -1218,3 +1218,118 @@ async fn the_finish_hook_runs_once_on_every_path_to_a_terminal_status() {
     );
     worker.shutdown().await;
 }
+
+/// A finish hook that refuses some final statuses, permanently, and records the others.
+struct Refusing(&'static [RunStatus]);
+
+#[async_trait::async_trait]
+impl sagaflow::engine::FinishHook for Refusing {
+    async fn on_finish(&self, db: &mut sqlx::PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError> {
+        if self.0.contains(&status) {
+            return Err(StepError::permanent(format!("no {status} here")));
+        }
+        CountingFinish.on_finish(db, run_id, status).await
+    }
+}
+
+fn refusing_engine(pool: &PgPool, refuse: &'static [RunStatus]) -> Engine {
+    let workflow = Workflow::builder("picky", 1)
+        .step(sagaflow::engine::StepDef::new("a", scripted::Scripted).retry(scripted::fast_retry(3)))
+        .step(sagaflow::engine::StepDef::new("b", scripted::Scripted).retry(scripted::fast_retry(3)))
+        .on_finish(Refusing(refuse))
+        .build()
+        .expect("workflow");
+    Engine::builder(pool.clone())
+        .config(fast_config("n1"))
+        .register(workflow)
+        .build()
+        .expect("engine")
+}
+
+#[tokio::test]
+async fn a_finish_hook_that_refuses_is_an_outcome_of_the_run_not_a_lost_attempt() {
+    let db = test_db().await;
+    // The hook refuses `completed`: the last step's outcome becomes a failed attempt (its
+    // writes rolled back, not re-run as lost), and the run compensates.
+    let engine = refusing_engine(&db.pool, &[RunStatus::Completed]);
+    let worker = engine.start_worker().await.expect("worker");
+    let run = engine
+        .trigger("picky", json!({}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    assert_eq!(
+        log(&engine, run).await,
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "a", 1),
+            at(K::StepSucceeded, "a", 1),
+            at(K::StepStarted, "b", 1),
+            at(K::StepFailed, "b", 1),
+            run_level(K::CompensationStarted),
+            run_level(K::RunCompensated),
+        ]
+    );
+    assert_eq!(
+        effects(&db.pool, run).await,
+        [effect("a", "invoke", 1), effect("finish", "compensated", 0)],
+        "b's writes rolled back with the refused end"
+    );
+    assert_eq!(finish_calls(&db.pool, run).await, ["compensated"]);
+    let detail = engine.run(run).await.expect("run").expect("exists");
+    let error = detail.run.error.expect("error");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("finish hook refused")),
+        "{error}"
+    );
+    worker.shutdown().await;
+
+    // A hook that refuses every end: the run ends `failed` (needs an operator), with the
+    // hook's message, and the hook is not asked a third time.
+    let db = test_db().await;
+    let engine = refusing_engine(&db.pool, &RunStatus::ALL);
+    // One run ends at its claim (cancelled while pending), one in the executor.
+    let at_claim = engine
+        .trigger("picky", json!({}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    engine.cancel(at_claim, "ops").await.expect("cancel");
+    let worker = engine.start_worker().await.expect("worker");
+    let driven = engine
+        .trigger("picky", json!({}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    for run in [at_claim, driven] {
+        assert_eq!(finish(&engine, run).await, RunStatus::Failed, "run {run}");
+        assert!(finish_calls(&db.pool, run).await.is_empty());
+        let events = log(&engine, run).await;
+        assert_eq!(events.last(), Some(&run_level(K::RunFailed)), "{events:?}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e.0, K::RunCompleted | K::RunCompensated | K::RunCancelled)),
+            "{events:?}"
+        );
+        let detail = engine.run(run).await.expect("run").expect("exists");
+        let message = detail.run.error.expect("error")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains("finish hook refused the run's final status"),
+            "{message}"
+        );
+        assert!(
+            detail.steps.iter().all(|s| s.attempts <= 1),
+            "no step re-run as if its attempt were lost: {:?}",
+            detail.steps
+        );
+    }
+    worker.shutdown().await;
+}

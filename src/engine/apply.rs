@@ -43,6 +43,9 @@ pub(crate) struct Change<'a> {
     pub(crate) lease: Option<LeaseWrite>,
     /// When the run was accepted (the database's time), for the run-duration metric.
     pub(crate) created_at: DateTime<Utc>,
+    /// Run the workflow's finish hook if the run finishes (false only once the hook has
+    /// refused this run's end: see `Machine::refuse_finish`).
+    pub(crate) finish_hook: bool,
 }
 
 /// What [`apply`] did.
@@ -134,7 +137,7 @@ pub(crate) async fn apply(conn: &mut PgConnection, change: Change<'_>) -> Result
         Persisted::CancelRequested => return Ok(Applied::CancelRequested),
         Persisted::Applied => {}
     }
-    if let (Some(status), Some(hook)) = (finished, &change.workflow.on_finish) {
+    if let (Some(status), Some(hook), true) = (finished, &change.workflow.on_finish, change.finish_hook) {
         hook.on_finish(conn, change.run_id, status)
             .await
             .map_err(ApplyError::FinishHook)?;

@@ -203,10 +203,30 @@ impl RunTask {
     }
 
     /// Decides what follows `event` and applies it (with the step's own writes, if any).
-    async fn record(&mut self, event: Event, mut step_tx: Option<Transaction<'static, Postgres>>) -> Result<(), Stop> {
+    ///
+    /// Should the workflow's finish hook refuse the status the run would end in, nothing of
+    /// that commits (the step's writes included): the outcome is recorded instead as a failed
+    /// attempt with the hook's error, so the machine retries or compensates as for any
+    /// failure; if the run ends again and the hook refuses again, the run ends `failed` without
+    /// it. Never a retry of the step as if the database had failed.
+    async fn record(
+        &mut self,
+        mut event: Event,
+        mut step_tx: Option<Transaction<'static, Postgres>>,
+    ) -> Result<(), Stop> {
+        // Set once the hook refused an end its last chance: the run then ends without it.
+        let mut refusal: Option<StepError> = None;
+        let mut substituted = false;
         loop {
             let mut new_state = self.state.clone();
-            let transition = self.decide(&mut new_state, event.clone());
+            let mut transition = self.decide(&mut new_state, event.clone());
+            let mut finish_hook = true;
+            if let Some(error) = &refusal
+                && transition.next == Next::Finish
+            {
+                transition = Machine::new(&self.workflow, &self.input).refuse_finish(&mut new_state, transition, error);
+                finish_hook = false;
+            }
             let change = Change {
                 run_id: self.run_id,
                 epoch: self.epoch,
@@ -216,6 +236,7 @@ impl RunTask {
                 transition: &transition,
                 lease: None,
                 created_at: self.created_at,
+                finish_hook,
             };
             let applied = if step_tx.is_some() || apply::needs_transaction(&self.workflow, &transition) {
                 let mut tx = match step_tx.take() {
@@ -241,6 +262,27 @@ impl RunTask {
                     Ok(Applied::Fenced) => {
                         let _ = tx.rollback().await;
                         Applied::Fenced
+                    }
+                    Err(ApplyError::FinishHook(error)) => {
+                        let _ = tx.rollback().await;
+                        warn!(error = %error.message, retryable = error.retryable, "the workflow's finish hook refused the run's end");
+                        event = match event {
+                            Event::StepSucceeded { step, .. } if !substituted => Event::StepFailed {
+                                step,
+                                error: hook_refusal(&error),
+                            },
+                            Event::CompensationSucceeded { step } if !substituted => Event::CompensationFailed {
+                                step,
+                                error: hook_refusal(&error),
+                            },
+                            other => {
+                                // Nothing left to turn into a failure: end without the hook.
+                                refusal = Some(error);
+                                other
+                            }
+                        };
+                        substituted = true;
+                        continue;
                     }
                     Err(e) => {
                         let _ = tx.rollback().await;
@@ -326,6 +368,7 @@ impl RunTask {
             transition: &transition,
             lease: None,
             created_at: self.created_at,
+            finish_hook: true,
         };
         let after = match apply::apply(&mut tx, change).await {
             Ok(Applied::Written(after)) => after,
@@ -341,6 +384,15 @@ impl RunTask {
         self.next = transition.next;
         after.publish(&self.engine.inner);
         Ok(true)
+    }
+}
+
+/// The attempt error recorded when the finish hook refused the end its outcome led to.
+fn hook_refusal(error: &StepError) -> StepError {
+    StepError {
+        message: format!("the workflow's finish hook refused the run's end: {}", error.message),
+        retryable: error.retryable,
+        partial: None,
     }
 }
 

@@ -568,6 +568,40 @@ impl<'a> Machine<'a> {
         Next::Compensate(step)
     }
 
+    /// The workflow's finish hook refused the status `refused` was about to end the run in:
+    /// the run ends `failed` instead, needing an operator, and the hook is not asked again.
+    /// The refused transition's own log entries stay (what happened to the steps is true),
+    /// except the terminal entry it would have ended with.
+    pub fn refuse_finish(&self, state: &mut RunState, mut refused: Transition, error: &StepError) -> Transition {
+        let message = format!(
+            "the workflow's finish hook refused the run's final status: {}",
+            error.message
+        );
+        if refused.events.last().is_some_and(|e| {
+            matches!(
+                e.kind,
+                EventKind::RunCompleted | EventKind::RunCompensated | EventKind::RunCancelled | EventKind::RunFailed
+            )
+        }) {
+            refused.events.pop();
+        }
+        state.status = RunStatus::Failed;
+        state.output = None;
+        state.error = Some(RunError {
+            step: None,
+            message: message.clone(),
+            retryable: error.retryable,
+        });
+        refused.log(
+            EventKind::RunFailed,
+            None,
+            None,
+            json!({"error": message, "finish_hook": true}),
+        );
+        refused.next = Next::Finish;
+        refused
+    }
+
     /// An operator resumes a `failed` run: the compensation that gave up gets a fresh budget
     /// of attempts, and the run is due at once.
     pub fn operator_retry(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {

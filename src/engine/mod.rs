@@ -776,6 +776,7 @@ impl Engine {
             // The operator holds no lease: leave the owner's alone, make an unleased run due.
             lease: Some(store::LeaseWrite::Wake),
             created_at: run.created_at,
+            finish_hook: true,
         };
         let after = applied_by_operator(apply::apply(&mut tx, change).await, "cancel", run_id)?;
         tx.commit().await?;
@@ -816,6 +817,7 @@ impl Engine {
                     transition: &transition,
                     lease: None,
                     created_at: run.created_at,
+                    finish_hook: true,
                 };
                 let after = applied_by_operator(apply::apply(&mut tx, change).await, "retry", run_id)?;
                 tx.commit().await?;

@@ -26,8 +26,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Applied, ApplyError, Change};
+use super::definition::Workflow;
 use super::executor::RunTask;
-use super::machine::{Conditions, Event, Machine};
+use super::machine::{Conditions, Event, Machine, RunState, Transition};
 use super::store::{self, READY_CHANNEL};
 use super::{Engine, EngineError, metrics_names as m};
 
@@ -362,38 +363,43 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             },
             &conditions,
         );
-        let change = Change {
-            run_id: c.run.id,
-            epoch: c.run.lease_epoch,
-            workflow: &workflow,
-            old: &old,
-            new: &state,
-            transition: &transition,
-            lease: None,
-            created_at: c.run.created_at,
-        };
-        // A run the claim itself finishes runs its workflow's finish hook here; should the hook
-        // fail, a savepoint keeps the failure to this run, not the whole batch.
-        let applied = if apply::needs_transaction(&workflow, &transition) {
+        // A run the claim itself finishes runs its workflow's finish hook here, in a savepoint:
+        // should the hook refuse, the run ends `failed` without it, and the rest of the batch
+        // is not touched.
+        let (applied, transition) = if apply::needs_transaction(&workflow, &transition) {
             let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-            match apply::apply(&mut savepoint, change).await {
+            let first = apply::apply(
+                &mut savepoint,
+                claim_change(&c.run, &workflow, &old, &state, &transition, true),
+            )
+            .await;
+            match first {
                 Ok(applied) => {
                     savepoint.commit().await?;
-                    applied
+                    (applied, transition)
                 }
                 Err(ApplyError::Database(e)) => return Err(e.into()),
-                Err(e @ ApplyError::FinishHook(_)) => {
+                Err(ApplyError::FinishHook(refusal)) => {
                     savepoint.rollback().await?;
-                    error!(run_id = %c.run.id, error = %e, "finishing a claimed run failed; it stays leased until its lease expires");
-                    continue;
+                    warn!(run_id = %c.run.id, error = %refusal.message, "the finish hook refused a claimed run's end; it ends failed");
+                    let refused = Machine::new(&workflow, &c.run.input).refuse_finish(&mut state, transition, &refusal);
+                    let applied = apply::apply(&mut tx, claim_change(&c.run, &workflow, &old, &state, &refused, false))
+                        .await
+                        .map_err(|e| EngineError::Internal(e.to_string()))?;
+                    (applied, refused)
                 }
             }
         } else {
-            match apply::apply(&mut tx, change).await {
-                Ok(applied) => applied,
-                Err(ApplyError::Database(e)) => return Err(e.into()),
-                Err(e @ ApplyError::FinishHook(_)) => return Err(EngineError::Internal(e.to_string())),
-            }
+            let applied = apply::apply(
+                &mut tx,
+                claim_change(&c.run, &workflow, &old, &state, &transition, true),
+            )
+            .await
+            .map_err(|e| match e {
+                ApplyError::Database(e) => EngineError::Database(e),
+                other => EngineError::Internal(other.to_string()),
+            })?;
+            (applied, transition)
         };
         let Applied::Written(after) = applied else {
             // The claim holds the row and has just set the epoch: nobody can have moved it.
@@ -426,6 +432,28 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         shared.spawn(task);
     }
     Ok(n)
+}
+
+/// The change a claim applies to `run`.
+fn claim_change<'a>(
+    run: &store::RunRow,
+    workflow: &'a Workflow,
+    old: &'a RunState,
+    new: &'a RunState,
+    transition: &'a Transition,
+    finish_hook: bool,
+) -> Change<'a> {
+    Change {
+        run_id: run.id,
+        epoch: run.lease_epoch,
+        workflow,
+        old,
+        new,
+        transition,
+        lease: None,
+        created_at: run.created_at,
+        finish_hook,
+    }
 }
 
 async fn listen_loop(mut listener: PgListener, shared: Arc<WorkerShared>, stop: CancellationToken) {
