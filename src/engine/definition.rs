@@ -54,8 +54,18 @@ impl StepError {
     }
 
     /// Records work done before the failure, which the step's compensation will receive.
+    ///
+    /// Partial work that cannot be serialized is not dropped (which would skip the
+    /// compensation): the compensation still runs, receiving `{"unrecorded": why}`, and the
+    /// error says so, so an operator sees that the undo may be incomplete.
     pub fn with_partial(mut self, partial: impl Serialize) -> Self {
-        self.partial = serde_json::to_value(partial).ok();
+        match serde_json::to_value(partial) {
+            Ok(value) => self.partial = Some(value),
+            Err(e) => {
+                self.message = format!("{} (its partial work could not be recorded: {e})", self.message);
+                self.partial = Some(serde_json::json!({"unrecorded": e.to_string()}));
+            }
+        }
         self
     }
 }
@@ -779,6 +789,24 @@ impl WorkflowBuilder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn partial_work_that_cannot_be_serialized_is_never_dropped() {
+        // JSON object keys must be strings: this map cannot be serialized.
+        let unserializable: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
+        let error = StepError::permanent("charge failed").with_partial(unserializable);
+        let partial = error.partial.expect("the compensation still gets something to act on");
+        assert!(partial["unrecorded"].is_string(), "{partial}");
+        assert!(error.message.starts_with("charge failed"), "{}", error.message);
+        assert!(
+            error.message.contains("partial work could not be recorded"),
+            "{}",
+            error.message
+        );
+        let fine = StepError::permanent("charge failed").with_partial(serde_json::json!({"charged": 5}));
+        assert_eq!(fine.partial, Some(serde_json::json!({"charged": 5})));
+        assert_eq!(fine.message, "charge failed");
+    }
+
     use super::*;
     use serde_json::json;
 

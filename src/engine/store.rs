@@ -108,11 +108,46 @@ impl StepRow {
             lost_attempts: u32::try_from(self.lost_attempts).unwrap_or(0),
             lost_compensation_attempts: u32::try_from(self.lost_compensation_attempts).unwrap_or(0),
             output: self.output.clone(),
-            error: self
-                .error
-                .clone()
-                .and_then(|e| serde_json::from_value::<StepError>(e).ok()),
+            error: self.step_error(),
             partial: self.partial.clone(),
+        }
+    }
+
+    /// Its last error, decoded; see [`decode_stored`].
+    pub fn step_error(&self) -> Option<StepError> {
+        self.error.as_ref().map(|stored| {
+            decode_stored(stored, |message| StepError {
+                message,
+                retryable: false,
+                partial: None,
+            })
+        })
+    }
+}
+
+impl RunRow {
+    /// Why the run did not complete, decoded; see [`decode_stored`].
+    pub fn run_error(&self) -> Option<RunError> {
+        self.error.as_ref().map(|stored| {
+            decode_stored(stored, |message| RunError {
+                step: None,
+                message,
+                retryable: false,
+            })
+        })
+    }
+}
+
+/// The one decoder of the errors stored as JSON. A stored error that no longer decodes (its
+/// shape changed, or a hand edit) is never dropped as "no error": that would write NULL back
+/// at the next transition and hide why the run stopped. It becomes an error saying so, with
+/// the stored text, and a warning in the log.
+fn decode_stored<T: serde::de::DeserializeOwned>(stored: &Value, unreadable: impl FnOnce(String) -> T) -> T {
+    match serde_json::from_value::<T>(stored.clone()) {
+        Ok(error) => error,
+        Err(e) => {
+            tracing::warn!(error = %e, %stored, "a stored error could not be decoded");
+            unreadable(format!("a stored error could not be decoded ({e}): {stored}"))
         }
     }
 }
@@ -139,10 +174,7 @@ pub fn run_state(run: &RunRow, steps: &[StepRow]) -> RunState {
     RunState {
         status: run.status,
         steps: steps.iter().map(StepRow::state).collect(),
-        error: run
-            .error
-            .clone()
-            .and_then(|e| serde_json::from_value::<RunError>(e).ok()),
+        error: run.run_error(),
         output: run.output.clone(),
         cancel_requested: run.cancel_requested,
     }
@@ -1016,4 +1048,34 @@ pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit:
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn stored_errors_decode_and_unreadable_ones_are_never_dropped() {
+        let readable: StepError = decode_stored(&json!({"message": "boom", "retryable": true}), |_| {
+            StepError::permanent("unexpected")
+        });
+        assert_eq!(readable, StepError::retryable("boom"));
+        for stored in [json!({"msg": "boom"}), json!("boom"), json!(null)] {
+            let step: StepError = decode_stored(&stored, |message| StepError {
+                message,
+                retryable: false,
+                partial: None,
+            });
+            assert!(step.message.contains("could not be decoded"), "{}", step.message);
+            assert!(step.message.contains(&stored.to_string()), "{}", step.message);
+            let run: RunError = decode_stored(&stored, |message| RunError {
+                step: None,
+                message,
+                retryable: false,
+            });
+            assert!(run.message.contains("could not be decoded"), "{}", run.message);
+        }
+    }
 }

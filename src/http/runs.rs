@@ -115,12 +115,10 @@ pub struct StepErrorBody {
 impl RunBody {
     /// The API view of a run, with its steps when given.
     pub fn new(run: RunRow, steps: Option<Vec<StepRow>>) -> Self {
-        let error = run.error.and_then(|e| {
-            Some(RunErrorBody {
-                step: e.get("step").and_then(Value::as_str).map(str::to_string),
-                message: e.get("message")?.as_str()?.to_string(),
-                retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
-            })
+        let error = run.run_error().map(|e| RunErrorBody {
+            step: e.step,
+            message: e.message,
+            retryable: e.retryable,
         });
         Self {
             id: run.id,
@@ -152,11 +150,9 @@ impl From<RunDetail> for RunBody {
 
 impl From<StepRow> for StepBody {
     fn from(step: StepRow) -> Self {
-        let error = step.error.and_then(|e| {
-            Some(StepErrorBody {
-                message: e.get("message")?.as_str()?.to_string(),
-                retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
-            })
+        let error = step.step_error().map(|e| StepErrorBody {
+            message: e.message,
+            retryable: e.retryable,
         });
         Self {
             index: step.idx,

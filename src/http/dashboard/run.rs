@@ -292,12 +292,10 @@ pub fn build(
         _ => None,
     };
     let link = |id: Option<Uuid>| id.map(|id| (id.to_string(), format::short_id(id)));
-    let error = run.error.as_ref().and_then(|e| {
-        Some(ErrorLine {
-            step: e.get("step").and_then(Value::as_str).unwrap_or_default().to_string(),
-            message: format::clip(e.get("message")?.as_str()?, budget.text),
-            retryable: e.get("retryable").and_then(Value::as_bool).unwrap_or(false),
-        })
+    let error = run.run_error().map(|e| ErrorLine {
+        step: e.step.unwrap_or_default(),
+        message: format::clip(&e.message, budget.text),
+        retryable: e.retryable,
     });
     let mut duration = format::between(run.created_at, end);
     if !over {
@@ -383,11 +381,8 @@ fn step_line(
         started: step.started_at.map(format::time).unwrap_or_default(),
         took,
         error: step
-            .error
-            .as_ref()
-            .and_then(|e| e.get("message"))
-            .and_then(Value::as_str)
-            .map(|m| format::clip(m, budget.text))
+            .step_error()
+            .map(|e| format::clip(&e.message, budget.text))
             .unwrap_or_default(),
         output,
     }
