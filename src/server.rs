@@ -286,6 +286,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
     let engine = build_engine(database.pools(), config.engine.clone(), faults, &config.schedules)?;
+    // Every instance, API-only ones too: a changed plan under an old version is refused
+    // before any run of it is accepted.
+    engine.record_plans().await?;
     declare_schedules(&engine, &config.schedules).await?;
     let (worker, scheduler) = if config.run_worker {
         let worker = engine.start_worker().await?;

@@ -1333,3 +1333,116 @@ async fn a_finish_hook_that_refuses_is_an_outcome_of_the_run_not_a_lost_attempt(
     }
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_run_whose_steps_do_not_match_its_plan_is_parked_not_claimed_forever() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let run = trigger(&engine, json!({})).await;
+    // Its recorded steps no longer match the plan of its version (edited in place).
+    sqlx::query("UPDATE run_steps SET name = 'renamed' WHERE run_id = $1 AND idx = 3")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .expect("tamper");
+    let parked_entries = |engine: Engine| async move {
+        log(&engine, run)
+            .await
+            .into_iter()
+            .filter(|e| e.0 == K::RunParked)
+            .count()
+    };
+    let worker = engine.start_worker().await.expect("worker");
+    let row = eventually(WAIT, "the run to be parked", || async {
+        let detail = engine.run(run).await.expect("run").expect("exists");
+        detail.run.parked_reason.is_some().then_some(detail.run)
+    })
+    .await;
+    let reason = row.parked_reason.clone().unwrap_or_default();
+    assert!(reason.contains("renamed") && reason.contains("scripted@1"), "{reason}");
+    assert_eq!(
+        (row.lease_owner, row.ready_at, row.status),
+        (None, None, RunStatus::Pending)
+    );
+    // Not claimed again every lease period: still parked, logged once, after several
+    // recovery passes and longer than a lease.
+    tokio::time::sleep(fast_config("n1").lease_ttl + Duration::from_millis(500)).await;
+    assert_eq!(parked_entries(engine.clone()).await, 1);
+    assert!(
+        engine
+            .run(run)
+            .await
+            .expect("run")
+            .expect("exists")
+            .run
+            .parked_reason
+            .is_some()
+    );
+    worker.shutdown().await;
+
+    // An instance starting with the plan it needs (the rows repaired here) makes it due, and
+    // it completes.
+    sqlx::query("UPDATE run_steps SET name = 'd' WHERE run_id = $1 AND idx = 3")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .expect("repair");
+    let (engine, worker) = started(&db.pool, "n2").await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    assert_eq!(parked_entries(engine.clone()).await, 1);
+    assert_eq!(
+        engine.run(run).await.expect("run").expect("exists").run.parked_reason,
+        None
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_changed_plan_under_a_stored_version_is_refused() {
+    let db = test_db().await;
+    let (_, worker) = started(&db.pool, "n1").await;
+    worker.shutdown().await;
+    // The same name and version with a step removed.
+    let changed = Workflow::builder(scripted::NAME, 1)
+        .step(sagaflow::engine::StepDef::new("a", scripted::Scripted))
+        .step(sagaflow::engine::StepDef::new("c", scripted::Scripted))
+        .build()
+        .expect("workflow");
+    let engine = Engine::builder(db.pool.clone())
+        .config(fast_config("n2"))
+        .register(changed)
+        .build()
+        .expect("engine");
+    for refused in [engine.record_plans().await, engine.start_worker().await.map(|_| ())] {
+        match refused {
+            Err(EngineError::PlanChanged {
+                workflow,
+                version,
+                stored,
+                registered,
+            }) => {
+                assert_eq!((workflow.as_str(), version), (scripted::NAME, 1));
+                assert_eq!(stored, ["a", "b", "c", "d"]);
+                assert_eq!(registered, ["a", "c"]);
+            }
+            other => panic!("a changed plan was accepted: {other:?}"),
+        }
+    }
+    let plans: i64 = sqlx::query_scalar("SELECT count(*) FROM workflow_plans")
+        .fetch_one(&db.pool)
+        .await
+        .expect("plans");
+    assert_eq!(plans, 1, "the stored plan is kept");
+    // Registered as version 2, it is accepted beside version 1.
+    let v2 = Workflow::builder(scripted::NAME, 2)
+        .step(sagaflow::engine::StepDef::new("a", scripted::Scripted))
+        .build()
+        .expect("workflow");
+    let engine = Engine::builder(db.pool.clone())
+        .config(fast_config("n3"))
+        .register(scripted::workflow())
+        .register(v2)
+        .build()
+        .expect("engine");
+    engine.record_plans().await.expect("a new version is a new plan");
+}

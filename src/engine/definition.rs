@@ -626,6 +626,19 @@ impl Workflow {
         self.access
     }
 
+    /// A digest of the plan's shape (each step's name, whether it compensates, whether it is
+    /// a hook point, in order): what runs of this version were created with.
+    pub fn plan_hash(&self) -> String {
+        use sha2::Digest;
+        let shape: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|s| serde_json::json!([s.name, s.has_compensation(), s.is_hook()]))
+            .collect();
+        let digest = sha2::Sha256::digest(Value::Array(shape).to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The step plan, in order.
     pub fn steps(&self) -> &[StepDef] {
         &self.steps

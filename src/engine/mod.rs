@@ -70,6 +70,8 @@ pub mod metrics_names {
     pub const SCHEDULE_TICKS: &str = "sagaflow_schedule_ticks_total";
     /// Finished runs deleted by the retention sweep.
     pub const RUNS_DELETED: &str = "sagaflow_runs_deleted_total";
+    /// Runs set aside because their steps did not match their plan (they need an operator).
+    pub const RUNS_PARKED: &str = "sagaflow_runs_parked_total";
 }
 
 /// Everything that can go wrong in an engine call.
@@ -130,6 +132,22 @@ pub enum EngineError {
         run: Uuid,
         /// Its retry.
         by: Uuid,
+    },
+    /// The database holds another plan for this workflow version: runs of it were created
+    /// with those steps, so a changed plan needs a new version.
+    #[error(
+        "workflow `{workflow}` version {version} is stored with the steps {stored:?}, not {registered:?}; \
+         register the changed plan as a new version"
+    )]
+    PlanChanged {
+        /// The workflow.
+        workflow: String,
+        /// Its version.
+        version: i32,
+        /// The steps stored.
+        stored: Vec<String>,
+        /// The steps this instance registers.
+        registered: Vec<String>,
     },
     /// A definition was refused.
     #[error(transparent)]
@@ -444,9 +462,36 @@ impl Engine {
         i64::try_from(self.inner.config.lease_ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Starts this instance's worker: it claims and drives runs until shut down.
+    /// Starts this instance's worker: it claims and drives runs until shut down. The plans
+    /// of the registered workflows are checked against the stored ones first
+    /// ([`Engine::record_plans`]).
     pub async fn start_worker(&self) -> Result<WorkerHandle, EngineError> {
+        self.record_plans().await?;
         worker::start(self.clone()).await
+    }
+
+    /// Stores the plan of every registered workflow version not stored yet, and refuses
+    /// ([`EngineError::PlanChanged`]) a version whose stored plan has other steps. Runs parked
+    /// because their steps did not match their plan are made due again: the plan they need
+    /// may be back.
+    pub async fn record_plans(&self) -> Result<(), EngineError> {
+        for wf in self.inner.workflows.values().flatten() {
+            let steps: Vec<&str> = wf.steps.iter().map(|s| s.name.as_str()).collect();
+            let stored = store::record_plan(&self.inner.pool, &wf.name, wf.version, &wf.plan_hash(), &steps).await?;
+            if let Some((_, stored)) = stored {
+                return Err(EngineError::PlanChanged {
+                    workflow: wf.name.clone(),
+                    version: wf.version,
+                    stored,
+                    registered: steps.iter().map(|s| s.to_string()).collect(),
+                });
+            }
+            let unparked = store::unpark_runs(&self.inner.pool, &wf.name, wf.version).await?;
+            if unparked > 0 {
+                tracing::info!(workflow = %wf.name, version = wf.version, unparked, "parked runs made due again");
+            }
+        }
+        Ok(())
     }
 
     /// Every registered workflow version, by name then version.
@@ -918,6 +963,7 @@ impl PreparedRun {
             created_at,
             updated_at: created_at,
             finished_at: None,
+            parked_reason: None,
         }
     }
 }

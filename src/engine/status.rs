@@ -195,6 +195,9 @@ pub enum EventKind {
     CancelRequested,
     /// An operator retried the run.
     OperatorRetry,
+    /// The run's recorded steps do not match its workflow version's plan here: it was set
+    /// aside, neither leased nor due, with the reason in the detail.
+    RunParked,
 }
 
 impl EventKind {
@@ -220,6 +223,7 @@ impl EventKind {
             Self::RunCancelled => "run_cancelled",
             Self::CancelRequested => "cancel_requested",
             Self::OperatorRetry => "operator_retry",
+            Self::RunParked => "run_parked",
         }
     }
 }

@@ -61,11 +61,13 @@ pub struct RunRow {
     pub updated_at: DateTime<Utc>,
     /// When it reached a terminal status.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why it was set aside, neither leased nor due (its steps do not match its plan).
+    pub parked_reason: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output, error, subject, idempotency_key, \
      trigger, retry_of, retried_by, cancel_requested, ready_at, lease_owner, lease_epoch, lease_expires_at, \
-     created_at, updated_at, finished_at";
+     created_at, updated_at, finished_at, parked_reason";
 
 /// A step of a run as stored.
 #[derive(Debug, Clone, FromRow)]
@@ -415,6 +417,71 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     Ok(inserted)
 }
 
+/// Sets aside a run this worker claimed (lease `epoch`) whose steps do not match its plan: no
+/// lease, not due, the reason recorded and logged. False if the lease moved on meanwhile.
+pub async fn park_run(conn: &mut PgConnection, run_id: Uuid, epoch: i64, reason: &str) -> Result<bool, sqlx::Error> {
+    let parked = sqlx::query(
+        "WITH parked AS (
+             UPDATE runs SET parked_reason = $3, lease_owner = NULL, lease_expires_at = NULL, ready_at = NULL,
+                             log_seq = log_seq + 1, updated_at = now()
+             WHERE id = $1 AND lease_epoch = $2
+             RETURNING id, log_seq
+         )
+         INSERT INTO run_events (run_id, seq, kind, detail)
+         SELECT id, log_seq, 'run_parked', jsonb_build_object('reason', $3::text) FROM parked",
+    )
+    .bind(run_id)
+    .bind(epoch)
+    .bind(reason)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(parked == 1)
+}
+
+/// Makes the parked runs of `workflow@version` due again (a deploy may have brought their
+/// plan back); returns how many.
+pub async fn unpark_runs<'e>(db: impl PgExecutor<'e>, workflow: &str, version: i32) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE runs SET parked_reason = NULL, ready_at = now(), updated_at = now()
+         WHERE workflow = $1 AND workflow_version = $2 AND parked_reason IS NOT NULL",
+    )
+    .bind(workflow)
+    .bind(version)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Records the plan of `workflow@version` unless one is stored; returns the stored plan's
+/// hash and steps when it differs from `plan_hash`.
+pub async fn record_plan<'e>(
+    db: impl PgExecutor<'e>,
+    workflow: &str,
+    version: i32,
+    plan_hash: &str,
+    steps: &[&str],
+) -> Result<Option<(String, Vec<String>)>, sqlx::Error> {
+    let stored: (String, Vec<String>) = sqlx::query_as(
+        "WITH created AS (
+             INSERT INTO workflow_plans (workflow, version, plan_hash, steps) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workflow, version) DO NOTHING
+             RETURNING plan_hash, steps
+         )
+         SELECT plan_hash, steps FROM created
+         UNION ALL
+         SELECT plan_hash, steps FROM workflow_plans WHERE workflow = $1 AND version = $2
+         LIMIT 1",
+    )
+    .bind(workflow)
+    .bind(version)
+    .bind(plan_hash)
+    .bind(steps)
+    .fetch_one(db)
+    .await?;
+    Ok((stored.0 != plan_hash).then_some(stored))
+}
+
 /// A run this worker just claimed, with the state to decide on.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -454,7 +521,8 @@ pub async fn claim(
          FROM candidates c WHERE r.id = c.id
          RETURNING r.id, r.workflow, r.workflow_version, r.status, r.input, r.output, r.error, r.subject,
              r.idempotency_key, r.trigger, r.retry_of, r.retried_by, r.cancel_requested, r.ready_at, r.lease_owner,
-             r.lease_epoch, r.lease_expires_at, r.created_at, r.updated_at, r.finished_at, c.previous_owner",
+             r.lease_epoch, r.lease_expires_at, r.created_at, r.updated_at, r.finished_at, r.parked_reason,
+             c.previous_owner",
     )
     .bind(worker)
     .bind(limit)

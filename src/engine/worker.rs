@@ -333,13 +333,26 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
     let mut tasks = Vec::with_capacity(claimed.len());
     let mut after_commit = Vec::with_capacity(claimed.len());
+    let mut parked = Vec::new();
     for c in claimed {
         let Some(workflow) = inner.workflow(&c.run.workflow, c.run.workflow_version) else {
             continue;
         };
         let old = store::run_state(&c.run, &c.steps);
-        if old.steps.len() != workflow.steps.len() {
-            error!(run_id = %c.run.id, "the run's steps do not match its workflow version's plan; leaving it alone");
+        let recorded: Vec<&str> = c.steps.iter().map(|s| s.name.as_str()).collect();
+        let planned: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
+        if recorded != planned {
+            // Claimed and dropped, it would be claimed again every lease period, forever: set
+            // it aside where operators see it instead.
+            let reason = format!(
+                "its recorded steps {recorded:?} do not match the steps {planned:?} of {}@{} on node {}",
+                workflow.name, workflow.version, engine.inner.config.node_id
+            );
+            error!(run_id = %c.run.id, %reason, "run parked");
+            if store::park_run(&mut tx, c.run.id, c.run.lease_epoch, &reason).await? {
+                metrics::counter!(m::RUNS_PARKED, "workflow" => workflow.name.clone()).increment(1);
+                parked.push(c.run.id);
+            }
             continue;
         }
         let taken_over_from = match c.previous_owner {
@@ -426,6 +439,9 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     tx.commit().await?;
     for after in after_commit {
         after.publish(inner);
+    }
+    for run in parked {
+        inner.changes.touch(run);
     }
     let n = tasks.len();
     for task in tasks {

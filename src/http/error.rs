@@ -244,7 +244,9 @@ impl From<EngineError> for ApiError {
                 message: e.to_string(),
             },
             EngineError::Database(e) => e.into(),
-            e @ (EngineError::Definition(_) | EngineError::Internal(_)) => Self::Internal(e.to_string()),
+            e @ (EngineError::Definition(_) | EngineError::PlanChanged { .. } | EngineError::Internal(_)) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }

@@ -75,8 +75,12 @@ fn describe() {
         "Requests refused (429) because their address had too many failed authentications, by kind"
     );
     metrics::describe_counter!(m::RUNS_DELETED, "Finished runs deleted by the retention sweep");
+    metrics::describe_counter!(
+        m::RUNS_PARKED,
+        "Runs set aside because their recorded steps do not match their plan (they need an operator)"
+    );
     // Counters of rare events are exported from the start, at zero, so alerts can rely on them.
-    for name in [m::RECOVERIES, m::LEASE_TAKEOVERS, m::FENCED_WRITES] {
+    for name in [m::RECOVERIES, m::LEASE_TAKEOVERS, m::FENCED_WRITES, m::RUNS_PARKED] {
         metrics::counter!(name).increment(0);
     }
     for name in [throttle::AUTH_FAILURES, throttle::AUTH_THROTTLED] {

@@ -55,6 +55,9 @@ pub struct RunBody {
     pub trigger: Trigger,
     /// An operator asked to cancel it.
     pub cancel_requested: bool,
+    /// Why it is set aside, neither leased nor due: its recorded steps do not match its
+    /// workflow version's plan on the instance that claimed it. Null for every other run.
+    pub parked_reason: Option<String>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
@@ -134,6 +137,7 @@ impl RunBody {
             retried_by: run.retried_by,
             trigger: run.trigger,
             cancel_requested: run.cancel_requested,
+            parked_reason: run.parked_reason,
             created_at: run.created_at,
             updated_at: run.updated_at,
             finished_at: run.finished_at,

@@ -143,6 +143,8 @@ pub struct Summary {
     pub duration: String,
     /// Why it did not complete.
     pub error: Option<ErrorLine>,
+    /// Why it is set aside (its steps do not match its plan), if it is.
+    pub parked: Option<String>,
     /// The run it retries: id and short id.
     pub retry_of: Option<(String, String)>,
     /// The run that retried it.
@@ -316,6 +318,7 @@ pub fn build(
         finished: run.finished_at.map(format::time).unwrap_or_default(),
         duration,
         error,
+        parked: run.parked_reason.as_deref().map(|r| format::clip(r, budget.text)),
         retry_of: link(run.retry_of),
         retried_by: link(run.retried_by),
     };

@@ -408,6 +408,7 @@ mod tests {
             created_at: now - chrono::Duration::milliseconds(1500),
             updated_at: now,
             finished_at: status.is_terminal().then_some(now),
+            parked_reason: None,
         }
     }
 
