@@ -1,5 +1,5 @@
 //! The invariant checker: SQL over the whole database that reports every violation of
-//! DESIGN.md §6, each with the run it concerns. The crash tests end with it; operators can
+//! docs/contract.md §6, each with the run it concerns. The crash tests end with it; operators can
 //! run it on a live database with `sagaflow check`.
 //!
 //! It reads engine tables and the customer domain's tables together, so its SQL lives here,

@@ -14,7 +14,7 @@
 //! - [`http`]: the axum application: JSON API, OpenAPI, health, metrics, and the operator
 //!   dashboard (`http::dashboard`, with its templates and static files in `dashboard/`).
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
-//! - [`check`]: the invariant checker (DESIGN.md §6) behind `sagaflow check` and the crash tests.
+//! - [`check`]: the invariant checker (docs/contract.md §6) behind `sagaflow check` and the crash tests.
 //! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command.
 //! - [`telemetry`]: logging setup (human-readable or JSON).
 //!

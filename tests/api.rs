@@ -1,5 +1,5 @@
 //! The HTTP API v1 over a real listener and a real PostgreSQL: the registration end to end,
-//! every route, every status code of DESIGN.md §5, and the races.
+//! every route, every status code of docs/contract.md §5, and the races.
 
 mod common;
 

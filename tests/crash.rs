@@ -1,6 +1,6 @@
 //! Crash recovery against the real binary and a real PostgreSQL: abort at every point of
 //! every step, SIGKILL at random under load, several instances, a paused owner, a database
-//! restart, SIGTERM. Every test ends with the invariant checker (DESIGN.md §6).
+//! restart, SIGTERM. Every test ends with the invariant checker (docs/contract.md §6).
 //!
 //! `SAGAFLOW_CHAOS=1` turns on the long chaos mode (thousands of runs, dozens of kills,
 //! several instances); `SAGAFLOW_CHAOS_SEED` replays a seed.
@@ -102,7 +102,7 @@ async fn all_terminal(pool: &PgPool, timeout: Duration) {
     }
 }
 
-/// Every invariant of DESIGN.md §6 holds.
+/// Every invariant of docs/contract.md §6 holds.
 async fn assert_invariants(pool: &PgPool) {
     let engine = sagaflow::server::build_engine(pool.clone(), Default::default(), Faults::none(), &Default::default())
         .expect("engine");

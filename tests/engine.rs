@@ -1,4 +1,4 @@
-//! The engine against a real PostgreSQL: every scenario of DESIGN.md §3, each checked
+//! The engine against a real PostgreSQL: every scenario of docs/contract.md §3, each checked
 //! event by event in the execution log, and the effects the steps wrote counted exactly.
 
 mod common;

@@ -1,5 +1,5 @@
 //! `sagaflow bench`: throughput, latency and recovery measured against PostgreSQL's own
-//! ceiling, in one run on one machine (DESIGN.md §7).
+//! ceiling, in one run on one machine (docs/contract.md §7).
 //!
 //! Phases, each on the same database server:
 //! 1. **ceiling**: single-row INSERT + COMMIT at the same concurrency and pool size;

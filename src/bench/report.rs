@@ -1,4 +1,4 @@
-//! The benchmark's report: the JSON object of DESIGN.md §7 and a table for people.
+//! The benchmark's report: the JSON object of docs/contract.md §7 and a table for people.
 
 use std::time::Duration;
 
@@ -113,7 +113,7 @@ impl Report {
         }
     }
 
-    /// The JSON object of DESIGN.md §7 (with more detail beside the required keys).
+    /// The JSON object of docs/contract.md §7 (with more detail beside the required keys).
     pub fn json(&self) -> Value {
         let http = self.http.as_ref();
         let half = self.http_half_load.as_ref();

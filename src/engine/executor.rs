@@ -2,8 +2,10 @@
 //! together with the step's own writes in one transaction, and goes on until the run is
 //! finished or handed back.
 //!
-//! Failure handling, in one place:
-//! - a step error or timeout or panic is an attempt outcome, decided on by the machine;
+//! How failures are classified here (the machine decides what follows each):
+//! - a step error or timeout or panic is an attempt outcome;
+//! - a finish hook refusing the end an outcome led to turns that outcome into a failed
+//!   attempt, and a second refusal ends the run `failed` (`Machine::refuse_finish`);
 //! - losing the lease (another worker took over) stops this executor without writing;
 //! - losing the database while recording leaves the outcome unknown: the executor reloads
 //!   the run under its lease and the machine treats the in-flight attempt as lost.

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where a run is in its life. See DESIGN.md §3.
+/// Where a run is in its life. See docs/contract.md §3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "run_status", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
@@ -152,7 +152,7 @@ pub enum Trigger {
     Retry,
 }
 
-/// The kind of an execution-log entry: one per transition of DESIGN.md §3.7.
+/// The kind of an execution-log entry: one per transition of docs/contract.md §3.7.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[sqlx(type_name = "event_kind", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]

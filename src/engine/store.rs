@@ -1,8 +1,11 @@
 //! All SQL of the engine: runs, steps, the execution log, leases and workers.
 //!
 //! Each write that a run's owner makes is one statement fenced by the lease epoch
-//! ([`persist`]); the step's own writes, when it made any, precede it in the same
-//! transaction. Nothing else in the engine talks to the database.
+//! ([`persist`], reached only through `engine::apply`); the step's own writes, when it made
+//! any, precede it in the same transaction. The rest of the engine opens the connections and
+//! transactions these statements run in; the only statement of the engine outside this module
+//! is the change feed's `pg_notify` (`changes.rs`), and the scheduler keeps its own SQL in
+//! `scheduler/store.rs`.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -1093,8 +1096,9 @@ pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, by: &str)
 // Retention
 // ---------------------------------------------------------------------------------------
 
-/// Deletes up to `limit` terminal runs that finished before `cutoff`, oldest first; their
-/// steps and log go with them (ON DELETE CASCADE), links from their retries are cleared.
+/// Deletes up to `limit` terminal runs that finished before `cutoff`, oldest first, with their
+/// steps and log (deleted by the same statement: there are no foreign keys to cascade), and
+/// clears the links from their retries.
 /// Runs locked by a worker or an operator right now are skipped, not waited for.
 pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(

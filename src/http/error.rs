@@ -1,5 +1,5 @@
 //! The one place where errors become HTTP responses: `{"error": {"code", "message"}}` with
-//! the status of DESIGN.md §5. Internal errors are logged with their detail and answered with
+//! the status of docs/contract.md §5. Internal errors are logged with their detail and answered with
 //! a generic message.
 
 use axum::http::{HeaderValue, StatusCode, header};

@@ -24,7 +24,7 @@ use crate::engine::{
     Access, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions, Workflow,
 };
 
-/// A run, as the API shows it (DESIGN.md §5).
+/// A run, as the API shows it (docs/contract.md §5).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RunBody {
     /// The run's id.

@@ -1,4 +1,4 @@
-//! Cron schedules: list, create, read, replace, delete (DESIGN.md §5), plus enable, disable
+//! Cron schedules: list, create, read, replace, delete (docs/contract.md §5), plus enable, disable
 //! and fire-now for operators. Reads take the API token, changes the admin token.
 
 use std::sync::Arc;

@@ -178,7 +178,45 @@ pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use std::collections::HashMap;
+
+    use super::{MIGRATOR, with_database};
+
+    /// Migrations are released software: sqlx refuses to start on a database that applied a
+    /// migration whose text has changed since. Each migration's checksum on main is recorded in
+    /// `migrations/released.sha384`; editing one fails here, as does adding one without
+    /// recording it.
+    #[test]
+    fn released_migrations_are_never_edited() {
+        let released: HashMap<i64, (&str, &str)> = include_str!("../../migrations/released.sha384")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (file, sum) = l.split_once(' ')?;
+                let version = file.split('_').next()?.parse().ok()?;
+                Some((version, (file, sum.trim())))
+            })
+            .collect();
+        let mut seen = 0;
+        for migration in MIGRATOR.iter() {
+            let sum: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            match released.get(&migration.version) {
+                Some((file, recorded)) => assert_eq!(
+                    *recorded, sum,
+                    "{file} was released and has been edited: restore it and put the change in a new migration"
+                ),
+                None => panic!(
+                    "migration {} ({}) is not recorded: append `{:04}_{}.sql {sum}` to migrations/released.sha384",
+                    migration.version,
+                    migration.description,
+                    migration.version,
+                    migration.description.replace(' ', "_")
+                ),
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, released.len(), "a released migration was deleted");
+    }
 
     #[test]
     fn another_database_on_the_same_server() {

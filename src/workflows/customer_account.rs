@@ -1,5 +1,5 @@
 //! `create-customer-account`: registers a customer for an auth identity, after Medusa's
-//! `createCustomerAccountWorkflow` (DESIGN.md §4), durably.
+//! `createCustomerAccountWorkflow` (docs/contract.md §4), durably.
 //!
 //! Every domain write happens in the step's transaction, so it commits exactly once together
 //! with the step's recorded outcome. The `customer.created` event waits in the outbox and is

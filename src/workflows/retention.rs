@@ -1,5 +1,5 @@
 //! `retention-sweep`: deletes runs that finished longer ago than the retention period, with
-//! their steps and execution log (DESIGN.md §5). Input `{"older_than": "30d"}`, optional: the
+//! their steps and execution log (docs/contract.md §5). Input `{"older_than": "30d"}`, optional: the
 //! configured period (default 30 days) when absent.
 //!
 //! Deleting history is maintenance, not a backend's business: the workflow is admin-only to
