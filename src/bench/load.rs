@@ -19,8 +19,10 @@ pub const TOKEN: &str = "bench-token-0123456789abcdef0123456789";
 /// The admin token of the server under test (the load needs none; it must differ).
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123";
 const WORKFLOW: &str = "create-customer-account";
-/// Steps of `create-customer-account`.
-const STEPS: f64 = 5.0;
+/// Steps of `create-customer-account`, from its plan.
+fn steps() -> f64 {
+    sagaflow::workflows::customer_account::workflow().steps().len() as f64
+}
 
 /// What a closed- or open-loop phase measured.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +35,8 @@ pub struct Phase {
     pub steps_per_s: f64,
     /// Transactions committed (writing ones, all of the cluster) per run.
     pub commits_per_run: f64,
+    /// Steps in a run of the workload's workflow.
+    pub steps_per_run: f64,
     /// Trigger to completion.
     pub latency_ms: Latency,
     /// CPU seconds the server process used (HTTP phases).
@@ -175,7 +179,8 @@ pub async fn http_closed_loop(
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * STEPS / elapsed,
+        steps_per_s: runs as f64 * steps() / elapsed,
+        steps_per_run: steps(),
         commits_per_run: commits / runs as f64,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: cpu,
@@ -219,7 +224,8 @@ pub async fn http_open_loop(
     Ok(Phase {
         runs: count,
         runs_per_s: count as f64 / elapsed,
-        steps_per_s: count as f64 * STEPS / elapsed,
+        steps_per_s: count as f64 * steps() / elapsed,
+        steps_per_run: steps(),
         commits_per_run: f64::NAN,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
@@ -269,7 +275,8 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * STEPS / elapsed,
+        steps_per_s: runs as f64 * steps() / elapsed,
+        steps_per_run: steps(),
         commits_per_run: commits / runs as f64,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,

@@ -163,7 +163,7 @@ impl Report {
             );
             line(
                 "http: commits per run (per step)",
-                format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / 5.0),
+                format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / p.steps_per_run),
             );
             line("http: latency at max p50/p90/p99 ms", fmt_latency(&p.latency_ms));
             if let Some(cpu) = p.server_cpu_s {

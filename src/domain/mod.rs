@@ -24,6 +24,22 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+/// No email in the customer data (Medusa's message: its users match on it).
+pub const EMAIL_REQUIRED: &str = "Email is required to create a customer";
+
+/// The one rule for a customer's email, wherever it is checked (at trigger and in the
+/// registration's first step): present and valid; the message to show otherwise.
+pub fn check_email(email: &str) -> Result<(), String> {
+    let email = email.trim();
+    if email.is_empty() {
+        return Err(EMAIL_REQUIRED.to_string());
+    }
+    if !is_valid_email(email) {
+        return Err(format!("`{email}` is not a valid email address"));
+    }
+    Ok(())
+}
+
 /// Whether `email` is a valid address (after trimming).
 pub fn is_valid_email(email: &str) -> bool {
     let email = email.trim();
@@ -203,18 +219,7 @@ fn check_text(field: &str, value: &Option<String>) -> Result<(), InputError> {
 
 impl ValidateInput for NewCustomer {
     fn validate(&self) -> Result<(), InputError> {
-        if self.email.trim().is_empty() {
-            return Err(InputError::new(
-                "customerData.email",
-                "Email is required to create a customer",
-            ));
-        }
-        if !is_valid_email(&self.email) {
-            return Err(InputError::new(
-                "customerData.email",
-                format!("`{}` is not a valid email address", self.email),
-            ));
-        }
+        check_email(&self.email).map_err(|message| InputError::new("customerData.email", message))?;
         for (field, value) in [
             ("first_name", &self.first_name),
             ("last_name", &self.last_name),

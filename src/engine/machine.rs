@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::definition::{RunView, StepError, Workflow};
+use super::definition::{Phase, RunView, StepError, Workflow};
 use super::status::{EventKind, RunStatus, StepStatus};
 
 /// The persisted state of one step of a run.
@@ -276,7 +276,9 @@ impl<'a> Machine<'a> {
                 );
                 None
             }
-            Event::StepFailed { step, error } => self.step_failed(state, step, error, Failure::Attempt, cond, &mut t),
+            Event::StepFailed { step, error } => {
+                self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, &mut t)
+            }
             Event::CompensationSucceeded { step } => {
                 let s = &mut state.steps[step];
                 s.status = StepStatus::Compensated;
@@ -290,7 +292,7 @@ impl<'a> Machine<'a> {
                 None
             }
             Event::CompensationFailed { step, error } => {
-                self.compensation_failed(state, step, error, Failure::Attempt, cond, &mut t)
+                self.attempt_failed(state, (step, Phase::Compensate), error, Failure::Attempt, cond, &mut t)
             }
         };
         t.next = match stop {
@@ -311,8 +313,12 @@ impl<'a> Machine<'a> {
         for step in 0..state.steps.len() {
             let lost = StepError::retryable(format!("attempt lost: {reason}"));
             let stop = match state.steps[step].status {
-                StepStatus::Running => self.step_failed(state, step, lost, Failure::Lost, &immediate, t),
-                StepStatus::Compensating => self.compensation_failed(state, step, lost, Failure::Lost, &immediate, t),
+                StepStatus::Running => {
+                    self.attempt_failed(state, (step, Phase::Invoke), lost, Failure::Lost, &immediate, t)
+                }
+                StepStatus::Compensating => {
+                    self.attempt_failed(state, (step, Phase::Compensate), lost, Failure::Lost, &immediate, t)
+                }
                 _ => None,
             };
             if stop.is_some() {
@@ -322,123 +328,104 @@ impl<'a> Machine<'a> {
         None
     }
 
-    fn step_failed(
+    /// An attempt of a step's invoke or compensation failed (or was lost with its worker):
+    /// record it, then retry it (after the policy's backoff, or at once when lost), or give up:
+    /// an invoke that gives up starts the compensation, a compensation that gives up fails
+    /// the run.
+    fn attempt_failed(
         &self,
         state: &mut RunState,
-        step: usize,
+        (step, phase): (usize, Phase),
         mut error: StepError,
         failure: Failure,
         cond: &Conditions,
         t: &mut Transition,
     ) -> Option<Next> {
         let name = self.name(step);
+        let def = &self.workflow.steps[step];
         let s = &mut state.steps[step];
-        if let Some(partial) = &error.partial {
-            s.partial = Some(partial.clone());
-        }
+        let (attempts, lost, policy, what) = match phase {
+            Phase::Invoke => (s.attempts, &mut s.lost_attempts, &def.retry, "attempts"),
+            Phase::Compensate => (
+                s.compensation_attempts,
+                &mut s.lost_compensation_attempts,
+                &def.compensation_retry,
+                "compensation attempts",
+            ),
+        };
         if failure == Failure::Lost {
-            s.lost_attempts += 1;
-            if s.lost_attempts > MAX_LOST_ATTEMPTS {
-                error = StepError::permanent(format!(
-                    "{} attempts were lost with their worker; the step may be crashing it",
-                    s.lost_attempts
-                ));
+            *lost += 1;
+            if *lost > MAX_LOST_ATTEMPTS {
+                let suspect = match phase {
+                    Phase::Invoke => "the step may be crashing it",
+                    Phase::Compensate => "it may be crashing it",
+                };
+                error = StepError::permanent(format!("{} {what} were lost with their worker; {suspect}", *lost));
             }
         }
-        s.status = StepStatus::Failed;
-        s.error = Some(error.clone());
-        let attempt = s.attempts;
-        let charged = s.attempts.saturating_sub(s.lost_attempts);
-        t.marks.insert(step, TimeMark::Finished);
+        let charged = attempts.saturating_sub(*lost);
         let mut detail = json!({"error": error.message, "retryable": error.retryable});
         if failure == Failure::Lost {
             detail["lost"] = json!(true);
         }
-        if let Some(partial) = &error.partial {
-            detail["partial"] = partial.clone();
-        }
-        t.log(EventKind::StepFailed, Some(name), Some(attempt), detail);
-        if state.cancel_requested {
+        let kind = match phase {
+            Phase::Invoke => {
+                // Only an invoke records partial work: it is what its compensation undoes.
+                if let Some(partial) = &error.partial {
+                    s.partial = Some(partial.clone());
+                    detail["partial"] = partial.clone();
+                }
+                s.status = StepStatus::Failed;
+                t.marks.insert(step, TimeMark::Finished);
+                EventKind::StepFailed
+            }
+            Phase::Compensate => {
+                s.status = StepStatus::CompensationFailed;
+                EventKind::StepCompensationFailed
+            }
+        };
+        s.error = Some(error.clone());
+        t.log(kind, Some(name), Some(attempts), detail);
+        if phase == Phase::Invoke && state.cancel_requested {
             return None;
         }
-        let policy = &self.workflow.steps[step].retry;
         if error.retryable && (failure == Failure::Lost || policy.allows_another(charged)) {
             if failure == Failure::Attempt {
                 let delay = policy.delay_after(charged, cond.jitter);
                 if !delay.is_zero() {
-                    return Some(schedule_retry(name, attempt + 1, "invoke", delay, cond, t));
+                    return Some(schedule_retry(name, attempts + 1, phase.as_str(), delay, cond, t));
                 }
             }
             return None;
         }
-        state.error = Some(RunError {
+        let run_error = RunError {
             step: Some(name.to_string()),
             message: error.message.clone(),
             retryable: error.retryable,
-        });
-        let why = if error.retryable {
-            "ran out of attempts"
-        } else {
-            "failed permanently"
         };
-        self.begin_compensation(state, format!("step `{name}` {why}: {}", error.message), t);
-        None
-    }
-
-    fn compensation_failed(
-        &self,
-        state: &mut RunState,
-        step: usize,
-        mut error: StepError,
-        failure: Failure,
-        cond: &Conditions,
-        t: &mut Transition,
-    ) -> Option<Next> {
-        let name = self.name(step);
-        let s = &mut state.steps[step];
-        if failure == Failure::Lost {
-            s.lost_compensation_attempts += 1;
-            if s.lost_compensation_attempts > MAX_LOST_ATTEMPTS {
-                error = StepError::permanent(format!(
-                    "{} compensation attempts were lost with their worker; it may be crashing it",
-                    s.lost_compensation_attempts
-                ));
+        match phase {
+            Phase::Invoke => {
+                state.error = Some(run_error);
+                let why = if error.retryable {
+                    "ran out of attempts"
+                } else {
+                    "failed permanently"
+                };
+                self.begin_compensation(state, format!("step `{name}` {why}: {}", error.message), t);
+                None
+            }
+            Phase::Compensate => {
+                state.status = RunStatus::Failed;
+                state.error.get_or_insert(run_error);
+                t.log(
+                    EventKind::RunFailed,
+                    None,
+                    None,
+                    json!({"step": name, "error": format!("compensation of `{name}` gave up: {}", error.message)}),
+                );
+                Some(Next::Finish)
             }
         }
-        s.status = StepStatus::CompensationFailed;
-        s.error = Some(error.clone());
-        let attempt = s.compensation_attempts;
-        let charged = s.compensation_attempts.saturating_sub(s.lost_compensation_attempts);
-        let mut detail = json!({"error": error.message, "retryable": error.retryable});
-        if failure == Failure::Lost {
-            detail["lost"] = json!(true);
-        }
-        t.log(EventKind::StepCompensationFailed, Some(name), Some(attempt), detail);
-        let policy = &self.workflow.steps[step].compensation_retry;
-        if error.retryable && (failure == Failure::Lost || policy.allows_another(charged)) {
-            if failure == Failure::Attempt {
-                let delay = policy.delay_after(charged, cond.jitter);
-                if !delay.is_zero() {
-                    return Some(schedule_retry(name, attempt + 1, "compensate", delay, cond, t));
-                }
-            }
-            return None;
-        }
-        state.status = RunStatus::Failed;
-        if state.error.is_none() {
-            state.error = Some(RunError {
-                step: Some(name.to_string()),
-                message: error.message.clone(),
-                retryable: error.retryable,
-            });
-        }
-        t.log(
-            EventKind::RunFailed,
-            None,
-            None,
-            json!({"step": name, "error": format!("compensation of `{name}` gave up: {}", error.message)}),
-        );
-        Some(Next::Finish)
     }
 
     fn begin_compensation(&self, state: &mut RunState, reason: String, t: &mut Transition) {
@@ -680,7 +667,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::engine::definition::{Compensate, Completed, Phase, Step, StepContext, StepDef};
+    use crate::engine::definition::{Compensate, Completed, Step, StepContext, StepDef};
     use crate::engine::retry::RetryPolicy;
     use EventKind as K;
 

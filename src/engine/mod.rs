@@ -83,8 +83,9 @@ pub enum EngineError {
     /// The input does not fit the workflow's input type.
     #[error("invalid input: {0}")]
     InvalidInput(InputError),
-    /// An idempotency key longer than 255 characters or empty.
-    #[error("invalid idempotency key: it must be 1 to 255 characters")]
+    /// An idempotency key that is empty, longer than 255 characters, or holds control
+    /// characters: the one rule for keys, whoever passes them.
+    #[error("invalid idempotency key: it must be 1 to 255 printable characters")]
     InvalidIdempotencyKey,
     /// The idempotency key was used before with a different input.
     #[error("idempotency key `{key}` was already used with a different input (run {run})")]
@@ -528,7 +529,7 @@ impl Engine {
         let trigger = options.trigger.unwrap_or(Trigger::Api);
         let key = options.idempotency_key.as_deref();
         if let Some(key) = key {
-            if key.is_empty() || key.chars().count() > 255 {
+            if key.is_empty() || key.chars().count() > 255 || key.chars().any(char::is_control) {
                 return Err(EngineError::InvalidIdempotencyKey);
             }
             if key.starts_with(RESERVED_KEY_PREFIX) && trigger != Trigger::Schedule {

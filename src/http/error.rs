@@ -224,7 +224,7 @@ impl From<EngineError> for ApiError {
                 message: e.message,
             },
             EngineError::InvalidIdempotencyKey => {
-                Self::invalid("Idempotency-Key", "must be between 1 and 255 characters")
+                Self::invalid("Idempotency-Key", "must be 1 to 255 printable characters")
             }
             e @ (EngineError::IdempotencyConflict { .. } | EngineError::IdempotencyKeyTaken { .. }) => Self::Conflict {
                 code: "idempotency_conflict",

@@ -21,7 +21,8 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, Params, PathText};
 use crate::engine::store::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 use crate::engine::{
-    Access, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions, Workflow,
+    Access, EngineError, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions,
+    Workflow,
 };
 
 /// A run, as the API shows it (docs/contract.md §5).
@@ -407,17 +408,16 @@ pub async fn trigger(
         return Err(ApiError::Forbidden);
     }
     let wait_ms = params.integer("wait_ms", 0, 30_000, 0)?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => Some(
+    // The engine holds the rule for keys; a header that is not even text breaks it too.
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|value| {
             value
                 .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.chars().count() <= 255 && !k.contains('\0'))
-                .ok_or_else(|| ApiError::invalid("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?
-                .to_string(),
-        ),
-    };
+                .map(str::to_string)
+                .map_err(|_| ApiError::from(EngineError::InvalidIdempotencyKey))
+        })
+        .transpose()?;
     let triggered = state
         .engine
         .trigger(

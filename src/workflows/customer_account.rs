@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::domain::store::{self as domain, Link, ONE_ACCOUNT_PER_EMAIL, violates};
-use crate::domain::{Customer, NewCustomer, is_valid_email};
+use crate::domain::{Customer, NewCustomer, check_email};
 use crate::engine::definition::parse_input;
 use crate::engine::{
     Compensate, Completed, FinishHook, InputError, RetryPolicy, RunStatus, Step, StepContext, StepDef, StepError,
@@ -42,7 +42,7 @@ pub const CUSTOMER_ID_KEY: &str = "customer_id";
 /// Error messages, as Medusa's (its users match on them).
 pub mod messages {
     /// No email in the customer data.
-    pub const EMAIL_REQUIRED: &str = "Email is required to create a customer";
+    pub const EMAIL_REQUIRED: &str = crate::domain::EMAIL_REQUIRED;
     /// An account already uses the email.
     pub const DUPLICATE_ACCOUNT: &str = "Customer with this email already has an account";
     /// The identity is already linked to a customer.
@@ -134,12 +134,7 @@ impl Step for ValidateCustomerAccountCreation {
     async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<(), StepError> {
         let input = input(ctx)?;
         let email = input.customer_data.email.trim();
-        if email.is_empty() {
-            return Err(StepError::permanent(messages::EMAIL_REQUIRED));
-        }
-        if !is_valid_email(email) {
-            return Err(StepError::permanent(format!("`{email}` is not a valid email address")));
-        }
+        check_email(email).map_err(StepError::permanent)?;
         let db = ctx.db().await?;
         let (app_metadata, account_exists) = domain::registration_check(db, &input.auth_identity_id, email)
             .await?

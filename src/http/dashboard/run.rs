@@ -248,15 +248,31 @@ pub async fn page(
         _ => None,
     };
     let now = Utc::now();
-    let mut budget = Budget::FULL;
+    render_within_limit(&format!("run {id}"), Budget::FULL, Budget::halved, |budget| {
+        build(&viewer, &detail.run, &detail.steps, &events, notice, now, budget).render()
+    })
+}
+
+/// Renders a page with `budget`, and again with halved budgets while it is over
+/// [`PAGE_LIMIT`] and the budget can still shrink: what keeps every page under the limit
+/// whatever the data holds. `what` names the page in the log should even the smallest
+/// budget be over.
+pub(super) fn render_within_limit<B: Copy + PartialEq>(
+    what: &str,
+    mut budget: B,
+    halved: impl Fn(B) -> B,
+    mut render: impl FnMut(B) -> Result<String, askama::Error>,
+) -> Result<Html<String>, PageError> {
     loop {
-        let html = build(&viewer, &detail.run, &detail.steps, &events, notice, now, budget)
-            .render()
-            .map_err(|e| ApiError::Internal(format!("rendering run {id}: {e}")))?;
-        let smaller = budget.halved();
+        let html = render(budget).map_err(|e| ApiError::Internal(format!("rendering {what}: {e}")))?;
+        let smaller = halved(budget);
         if html.len() <= PAGE_LIMIT || smaller == budget {
             if html.len() > PAGE_LIMIT {
-                tracing::warn!(run_id = %id, bytes = html.len(), "run page over the size limit at the smallest budget");
+                tracing::warn!(
+                    page = what,
+                    bytes = html.len(),
+                    "page over the size limit at the smallest budget"
+                );
             }
             return Ok(Html(html));
         }

@@ -5,7 +5,7 @@
 //! name, then the latest runs of all of them together: [`Engine::list_schedules`]) and pure
 //! formatting, so hundreds of schedules stay fast and refreshing the page live costs little.
 //! Size: like a run's page, it is rendered with [`Budget::FULL`] and again with halved budgets
-//! (fewer schedules, fewer runs each, shorter texts) while over [`PAGE_LIMIT`].
+//! (fewer schedules, fewer runs each, shorter texts) while over [`PAGE_LIMIT`](super::run::PAGE_LIMIT).
 //!
 //! [`Engine::list_schedules`]: crate::engine::Engine::list_schedules
 
@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::Dashboard;
 use super::error::{PageError, encode_query_value};
 use super::format;
-use super::run::{ActionForm, PAGE_LIMIT, checked};
+use super::run::{ActionForm, checked, render_within_limit};
 use super::session::{Operator, Viewer};
 use crate::engine::scheduler::expr::parse_time_zone;
 use crate::engine::scheduler::{
@@ -36,7 +36,7 @@ use crate::http::extract::{Params, PathText};
 pub const MAX_QUERY_CHARS: usize = 100;
 
 /// How much a page shows. The page is rendered with [`Budget::FULL`] and, while it is over
-/// [`PAGE_LIMIT`], again with halved budgets: the limit holds whatever the schedules hold
+/// [`PAGE_LIMIT`](super::run::PAGE_LIMIT), again with halved budgets: the limit holds whatever the schedules hold
 /// (last errors and operator names can be long, and grow up to six times when escaped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
@@ -330,23 +330,9 @@ pub async fn page(
     };
     let views = engine.list_schedules(&listing).await?;
     let now = engine.clock().now();
-    let mut budget = Budget::FULL;
-    loop {
-        let html = build(&viewer, &views, &list, notice.clone(), now, budget)
-            .render()
-            .map_err(|e| ApiError::Internal(format!("rendering the schedules: {e}")))?;
-        let smaller = budget.halved();
-        if html.len() <= PAGE_LIMIT || smaller == budget {
-            if html.len() > PAGE_LIMIT {
-                tracing::warn!(
-                    bytes = html.len(),
-                    "schedules page over the size limit at the smallest budget"
-                );
-            }
-            return Ok(Html(html));
-        }
-        budget = smaller;
-    }
+    render_within_limit("the schedules page", Budget::FULL, Budget::halved, |budget| {
+        build(&viewer, &views, &list, notice.clone(), now, budget).render()
+    })
 }
 
 /// Lays out the page (pure: the handler only loads). `views` may hold more schedules than the
