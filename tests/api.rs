@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::server::{self, ADMIN_TOKEN, API_TOKEN, TestServer, read, registration};
+use common::server::{self, ADMIN_TOKEN, TestServer, read, registration};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -852,7 +852,6 @@ async fn health_metrics_and_the_openapi_document() {
     }
     assert!(spec["components"]["schemas"].get("ErrorBody").is_some());
     assert!(spec["components"]["securitySchemes"].get("bearer").is_some());
-    let _ = API_TOKEN;
     server.stop().await;
 }
 

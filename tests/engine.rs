@@ -290,6 +290,22 @@ async fn a_failing_step_that_recorded_partial_work_is_compensated_with_it() {
     );
     let c = &engine.run(run).await.expect("run").expect("exists").steps[2];
     assert_eq!(c.partial, Some(json!({"half": "c"})));
+    // What each compensation was handed: the failing step its partial work, the step that
+    // succeeded its own output.
+    let received: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT step, received FROM test_effects WHERE run_id = $1 AND phase = 'compensate' ORDER BY at",
+    )
+    .bind(run)
+    .fetch_all(&db.pool)
+    .await
+    .expect("received");
+    assert_eq!(
+        received,
+        [
+            ("c".to_string(), json!({"partial": {"half": "c"}})),
+            ("b".to_string(), json!({"output": {"step": "b", "attempt": 1}})),
+        ]
+    );
     worker.shutdown().await;
 }
 

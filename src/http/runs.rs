@@ -458,7 +458,11 @@ pub async fn trigger(
 
 /// The cursor of the page after `run` (opaque to clients).
 pub fn encode_cursor(run: &RunRow) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}|{}", run.created_at.timestamp_micros(), run.id))
+    cursor_after(run.created_at, run.id)
+}
+
+fn cursor_after(created_at: DateTime<Utc>, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}|{}", created_at.timestamp_micros(), id))
 }
 
 /// Reads a cursor [`encode_cursor`] made; anything else is a 422 naming `cursor`.
@@ -645,7 +649,7 @@ mod tests {
     fn cursors_round_trip_and_garbage_is_refused() {
         let created_at = DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("time");
         let id = Uuid::now_v7();
-        let text = URL_SAFE_NO_PAD.encode(format!("{}|{}", created_at.timestamp_micros(), id));
+        let text = cursor_after(created_at, id);
         assert_eq!(decode_cursor(&text).ok(), Some(Cursor { created_at, id }));
         for bad in ["", "!!", "bm90IGEgY3Vyc29y", &URL_SAFE_NO_PAD.encode("x|y")] {
             assert!(matches!(decode_cursor(bad), Err(ApiError::Invalid { .. })), "{bad}");

@@ -79,7 +79,7 @@ async fn template_ready() {
             pg::MIGRATOR.run(&mut conn).await.expect("migrate template");
             sqlx::raw_sql(
                 "CREATE TABLE test_effects (
-                     run_id uuid NOT NULL, step text NOT NULL, phase text NOT NULL, attempt int NOT NULL,
+                     run_id uuid NOT NULL, step text NOT NULL, phase text NOT NULL, attempt int NOT NULL, received jsonb,
                      at timestamptz NOT NULL DEFAULT clock_timestamp());
                  CREATE TABLE test_switches (name text PRIMARY KEY);",
             )
