@@ -261,6 +261,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             request_timeout: args.request_timeout,
             max_connections: args.max_connections,
         },
+        application: Default::default(),
         auth_throttle: ThrottleConfig {
             max_failures: args.auth_max_failures.max(1),
             window: args.auth_failure_window,

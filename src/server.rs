@@ -15,7 +15,7 @@ use crate::engine::faults::FaultsParseError;
 use crate::engine::scheduler::{
     Clock, DeclaredSchedules, ScheduleError, SchedulerConfig, SchedulerHandle, SystemClock,
 };
-use crate::engine::{Engine, EngineConfig, EngineError, Faults, WorkerHandle};
+use crate::engine::{Engine, EngineConfig, EngineError, Faults, Handler, WorkerHandle, Workflow};
 use crate::http::auth::Tokens;
 use crate::http::serve::HttpLimits;
 use crate::http::throttle::{AuthThrottle, ThrottleConfig};
@@ -51,6 +51,109 @@ pub struct ServerConfig {
     pub http: HttpLimits,
     /// How many failed authentications an address may make before it is refused for a while.
     pub auth_throttle: ThrottleConfig,
+    /// The embedding application's own workflows and hook handlers, served beside the
+    /// built-in ones (see [`Server::builder`]).
+    pub application: Application,
+}
+
+/// What an embedding Rust application adds to the server: its workflows and its handlers
+/// for hook points (of its workflows or of the built-in ones).
+#[derive(Clone, Default)]
+pub struct Application {
+    /// Workflows to register beside the built-in ones.
+    pub workflows: Vec<Workflow>,
+    /// `(workflow, hook step, handler)` for hook points.
+    pub hooks: Vec<(String, String, Handler)>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hooks: Vec<(&str, &str)> = self.hooks.iter().map(|(w, s, _)| (w.as_str(), s.as_str())).collect();
+        f.debug_struct("Application")
+            .field("workflows", &self.workflows)
+            .field("hooks", &hooks)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// The defaults of `sagaflow serve`: `127.0.0.1:3000`, the embedded PostgreSQL in
+    /// `.sagaflow/`, a worker, and the given tokens (at least 32 characters each).
+    pub fn new(api_token: impl Into<String>, admin_token: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            database_url: None,
+            data_dir: PathBuf::from(".sagaflow"),
+            engine: EngineConfig::default(),
+            pool: PoolConfig::default(),
+            faults: None,
+            api_token: api_token.into(),
+            admin_token: admin_token.into(),
+            run_worker: true,
+            schedules: ScheduleSettings::default(),
+            http: HttpLimits::default(),
+            auth_throttle: ThrottleConfig::default(),
+            application: Application::default(),
+        }
+    }
+}
+
+/// Everything `sagaflow serve` has (API, dashboard, schedules, worker, the embedded
+/// PostgreSQL), serving an embedding application's own workflows too:
+///
+/// ```no_run
+/// # async fn serve(workflow: sagaflow::engine::Workflow) -> Result<(), sagaflow::server::ServeError> {
+/// let config = sagaflow::server::ServerConfig::new(
+///     std::env::var("SAGAFLOW_API_TOKEN").unwrap_or_default(),
+///     std::env::var("SAGAFLOW_ADMIN_TOKEN").unwrap_or_default(),
+/// );
+/// sagaflow::server::Server::builder(config).workflow(workflow).run().await
+/// # }
+/// ```
+pub struct Server;
+
+impl Server {
+    /// Starts describing a server with this configuration.
+    pub fn builder(config: ServerConfig) -> ServerBuilder {
+        ServerBuilder { config }
+    }
+}
+
+/// Builds a [`Server`]: add workflows and hook handlers, then start or run it.
+pub struct ServerBuilder {
+    config: ServerConfig,
+}
+
+impl ServerBuilder {
+    /// Serves this workflow beside the built-in ones.
+    pub fn workflow(mut self, workflow: Workflow) -> Self {
+        self.config.application.workflows.push(workflow);
+        self
+    }
+
+    /// Registers the handler of a hook point (`create-customer-account`'s
+    /// `customers-created`, or one of the application's own workflows).
+    pub fn hook(mut self, workflow: &str, step: &str, handler: Handler) -> Self {
+        self.config
+            .application
+            .hooks
+            .push((workflow.to_string(), step.to_string(), handler));
+        self
+    }
+
+    /// Starts it; the caller stops it with [`RunningServer::shutdown`].
+    pub async fn start(self) -> Result<RunningServer, ServeError> {
+        start(self.config).await
+    }
+
+    /// Starts it and serves until SIGTERM or Ctrl-C, then shuts down in order.
+    pub async fn run(self) -> Result<(), ServeError> {
+        let running = self.start().await?;
+        info!(addr = %running.addr, "serving until SIGTERM or Ctrl-C");
+        shutdown_signal().await;
+        running.shutdown().await;
+        Ok(())
+    }
 }
 
 /// Schedules and the retention sweep.
@@ -215,12 +318,26 @@ pub fn build_engine(
     faults: Faults,
     schedules: &ScheduleSettings,
 ) -> Result<Engine, ServeError> {
+    build_engine_with(pools, config, faults, schedules, &Application::default())
+}
+
+/// [`build_engine`], with the embedding application's workflows and hook handlers.
+pub fn build_engine_with(
+    pools: impl Into<pg::Pools>,
+    config: EngineConfig,
+    faults: Faults,
+    schedules: &ScheduleSettings,
+    application: &Application,
+) -> Result<Engine, ServeError> {
     let pools = pools.into();
-    let builder = Engine::builder(pools.api)
+    let mut builder = Engine::builder(pools.api)
         .worker_pool(pools.worker)
         .config(config)
         .faults(faults)
         .clock(Arc::clone(&schedules.clock));
+    for workflow in &application.workflows {
+        builder = builder.register(workflow.clone());
+    }
     schedules.retention.validate().map_err(|e| ServeError::Config {
         setting: e.field,
         message: e.message,
@@ -228,7 +345,11 @@ pub fn build_engine(
     let builtins = Builtins {
         retention: schedules.retention,
     };
-    let engine = workflows::register_builtins(builder, &builtins)
+    let mut builder = workflows::register_builtins(builder, &builtins);
+    for (workflow, step, handler) in &application.hooks {
+        builder = builder.hook(workflow, step, handler.clone());
+    }
+    let engine = builder
         .build()
         .map_err(|e| ServeError::Engine(EngineError::Definition(e)))?;
     Ok(engine)
@@ -285,7 +406,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     // Installed before anything records, so no early sample is lost.
     let _ = http::metrics::handle();
     let database = Database::open(config.database_url.as_deref(), &config.data_dir, &config.pool).await?;
-    let engine = build_engine(database.pools(), config.engine.clone(), faults, &config.schedules)?;
+    let engine = build_engine_with(
+        database.pools(),
+        config.engine.clone(),
+        faults,
+        &config.schedules,
+        &config.application,
+    )?;
     // Every instance, API-only ones too: a changed plan under an old version is refused
     // before any run of it is accepted.
     engine.record_plans().await?;

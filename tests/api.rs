@@ -978,3 +978,99 @@ async fn assert_outbox_matches_completed_runs(server: &TestServer) {
     .expect("check");
     assert_eq!(mismatched, 0);
 }
+
+/// Counts its calls: the embedding application's handler for a hook point.
+struct CountCalls(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl sagaflow::engine::Step for CountCalls {
+    type Output = Value;
+
+    async fn invoke(&self, ctx: &mut sagaflow::engine::StepContext<'_>) -> Result<Value, sagaflow::engine::StepError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(json!({"greeted": ctx.view().input_value()["name"]}))
+    }
+}
+
+#[tokio::test]
+async fn an_embedding_application_serves_its_own_workflows_and_hooks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = common::test_db().await;
+    let (own, hooked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let greet = sagaflow::engine::Workflow::builder("greet", 1)
+        .description("an application's own workflow")
+        .step(sagaflow::engine::StepDef::new(
+            "say-hello",
+            CountCalls(Arc::clone(&own)),
+        ))
+        .build()
+        .expect("workflow");
+    let running = sagaflow::server::Server::builder(server::config_for(&db.url))
+        .workflow(greet)
+        .hook(
+            "create-customer-account",
+            "customers-created",
+            sagaflow::engine::Handler::new(CountCalls(Arc::clone(&hooked))),
+        )
+        .start()
+        .await
+        .expect("server");
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let api = |method: Method, path: &str| {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(server::API_TOKEN)
+    };
+    // Listed beside the built-in workflows, and run over the same API.
+    let (_, list) = read(api(Method::GET, "/v1/workflows").send().await.expect("list")).await;
+    let names: Vec<&str> = list["workflows"]
+        .as_array()
+        .expect("workflows")
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"greet") && names.contains(&"create-customer-account"),
+        "{names:?}"
+    );
+    let (status, run) = read(
+        api(Method::POST, "/v1/workflows/greet/runs?wait_ms=10000")
+            .json(&json!({"name": "Ada"}))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(
+        (status, run["status"].as_str()),
+        (StatusCode::OK, Some("completed")),
+        "{run}"
+    );
+    assert_eq!(run["output"], json!({"greeted": "Ada"}));
+    assert_eq!(own.load(Ordering::SeqCst), 1);
+    // The application's hook handler runs inside the built-in registration.
+    let (_, identity) = read(
+        api(Method::POST, "/v1/auth-identities")
+            .json(&json!({"provider": "emailpass", "entity_id": "hooked@example.com"}))
+            .send()
+            .await
+            .expect("identity"),
+    )
+    .await;
+    let (_, registered) = read(
+        api(Method::POST, "/v1/workflows/create-customer-account/runs?wait_ms=10000")
+            .json(&registration(
+                identity["id"].as_str().expect("id"),
+                "hooked@example.com",
+            ))
+            .send()
+            .await
+            .expect("register"),
+    )
+    .await;
+    assert_eq!(registered["status"], "completed", "{registered}");
+    assert_eq!(hooked.load(Ordering::SeqCst), 1);
+    running.shutdown().await;
+}

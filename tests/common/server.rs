@@ -50,6 +50,7 @@ pub fn config_for(database_url: &str) -> ServerConfig {
             max_failures: 10_000,
             ..ThrottleConfig::default()
         },
+        application: Default::default(),
     }
 }
 
