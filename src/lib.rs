@@ -3,10 +3,12 @@
 //! # Layout
 //!
 //! - [`engine`]: the domain-agnostic durable saga engine. Workflow definitions, the pure state
-//!   machine deciding every transition, the executor (one transaction per step), the worker
-//!   (claims, leases, heartbeats, recovery, shutdown), `engine::store`, the only module of the
-//!   engine that speaks SQL about runs, and `engine::scheduler`, cron schedules firing each
-//!   tick once across instances (with its own `store`).
+//!   machine deciding every transition, `engine::apply` (the one place a transition is
+//!   written, with the workflow's finish hook whenever a run ends), the executor (one
+//!   transaction per step), the worker (claims, leases, heartbeats, recovery, parking,
+//!   shutdown), `engine::store` (crate-private: the engine's SQL about runs), and
+//!   `engine::scheduler`, cron schedules firing each tick once across instances (with its own
+//!   `store`).
 //! - [`domain`]: the customer domain (customers, addresses, auth identities, the outbox) and
 //!   its SQL.
 //! - [`workflows`]: workflows built on the engine and registered by the server;
@@ -15,7 +17,8 @@
 //!   dashboard (`http::dashboard`, with its templates and static files in `dashboard/`).
 //! - [`pg`]: connecting to PostgreSQL, migrations, and the embedded default cluster.
 //! - [`check`]: the invariant checker (docs/contract.md §6) behind `sagaflow check` and the crash tests.
-//! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command.
+//! - [`server`]: assembles database, engine, worker and HTTP into the `serve` command, and
+//!   [`server::Server`] serves an embedding application's own workflows the same way.
 //! - [`telemetry`]: logging setup (human-readable or JSON).
 //!
 //! The engine knows nothing of customers or HTTP; workflows know nothing of HTTP.

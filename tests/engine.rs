@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::scripted::{self, gate};
 use common::{eventually, fast_config, test_db};
-use sagaflow::engine::store::{self, LeaseWrite, Persist, Persisted};
+use sagaflow::engine::testing::{self as store, LeaseWrite, Persist, Persisted};
 use sagaflow::engine::{
     Engine, EngineError, EventKind as K, Handler, Retried, RunStatus, Step, StepContext, StepError, StepStatus,
     TriggerOptions, WorkerHandle, Workflow,
@@ -172,7 +172,7 @@ async fn a_retryable_failure_is_retried_after_a_durable_backoff() {
     );
     // The backoff doubles (20 ms, then 40 ms) and the next attempt waits for it.
     let events = engine.events(run).await.expect("events").expect("exists");
-    let retries: Vec<&store::EventRow> = events.iter().filter(|e| e.kind == K::RetryScheduled).collect();
+    let retries: Vec<&sagaflow::engine::EventRow> = events.iter().filter(|e| e.kind == K::RetryScheduled).collect();
     assert_eq!(retries[0].detail["delay_ms"], json!(20));
     assert_eq!(retries[1].detail["delay_ms"], json!(40));
     for retry in retries {
@@ -1002,7 +1002,7 @@ async fn a_notification_wakes_an_idle_worker_without_polling() {
     worker.shutdown().await;
 }
 
-async fn engine_events(engine: &Engine, run: Uuid) -> Vec<store::EventRow> {
+async fn engine_events(engine: &Engine, run: Uuid) -> Vec<sagaflow::engine::EventRow> {
     engine.events(run).await.expect("events").expect("exists")
 }
 

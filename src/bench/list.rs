@@ -1,11 +1,11 @@
-//! The runs-list query the API and the dashboard use (`engine::store::list_runs`), timed on a
+//! The runs-list query the API and the dashboard use (`Engine::list_runs`), timed on a
 //! table of synthetic finished runs of a realistic mix.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sagaflow::engine::RunStatus;
-use sagaflow::engine::store::{self, Cursor, RunFilter};
+use sagaflow::engine::{Cursor, Engine, EngineError, RunFilter};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -69,14 +69,23 @@ pub async fn measure(pool: &PgPool, sizes: &[usize]) -> Result<Vec<ListTimes>> {
             created_from: Some(chrono::Utc::now() - chrono::Duration::hours(24)),
             ..RunFilter::default()
         };
+        let engine = Engine::builder(pool.clone()).build()?;
+        let list = |filter: &RunFilter, cursor: Option<Cursor>| {
+            let (engine, filter) = (engine.clone(), filter.clone());
+            async move { engine.list_runs(&filter, cursor, PAGE).await }
+        };
         times.push(ListTimes {
             rows,
-            newest_ms: median(|| store::list_runs(pool, &all, None, PAGE)).await?,
-            by_status_ms: median(|| store::list_runs(pool, &failed, None, PAGE)).await?,
-            by_workflow_status_ms: median(|| store::list_runs(pool, &compensated, None, PAGE)).await?,
-            by_email_ms: median(|| store::list_runs(pool, &by_email, None, PAGE)).await?,
-            deep_page_ms: median(|| store::list_runs(pool, &all, Some(cursor), PAGE)).await?,
-            counts_ms: median(|| store::count_by_status_capped(pool, &last_day, 10_000)).await?,
+            newest_ms: median(|| list(&all, None)).await?,
+            by_status_ms: median(|| list(&failed, None)).await?,
+            by_workflow_status_ms: median(|| list(&compensated, None)).await?,
+            by_email_ms: median(|| list(&by_email, None)).await?,
+            deep_page_ms: median(|| list(&all, Some(cursor))).await?,
+            counts_ms: median(|| {
+                let (engine, last_day) = (engine.clone(), last_day.clone());
+                async move { engine.count_runs(&last_day, 10_000).await }
+            })
+            .await?,
         });
     }
     Ok(times)
@@ -116,7 +125,7 @@ async fn fill(pool: &PgPool, from: usize, to: usize) -> Result<()> {
 async fn median<F, Fut, T>(mut query: F) -> Result<f64>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    Fut: std::future::Future<Output = Result<T, EngineError>>,
 {
     for _ in 0..2 {
         query().await?;

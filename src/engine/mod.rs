@@ -2,11 +2,12 @@
 //!
 //! - [`definition`]: workflows, steps, hooks, typed inputs and outputs.
 //! - [`machine`]: the pure state machine deciding every transition of a run.
-//! - [`executor`]: drives one claimed run, one transaction per step.
+//! - `executor`: drives one claimed run, one transaction per step.
 //! - `apply`: the one place a decided transition becomes SQL, with the workflow's finish
 //!   hook whenever a run ends, whichever path ends it.
 //! - [`worker`]: claims runs, renews leases, recovers runs of lost workers, shuts down.
-//! - [`store`]: all SQL of the engine.
+//! - `store`: the engine's SQL (crate-private: its writes are unfenced building blocks that
+//!   only `apply` and the worker combine safely).
 //! - [`scheduler`]: cron schedules firing runs exactly once across instances.
 //! - [`retry`], [`faults`], [`status`]: retry policies, fault injection, status enums.
 //!
@@ -22,7 +23,7 @@ pub mod machine;
 pub mod retry;
 pub mod scheduler;
 pub mod status;
-pub mod store;
+pub(crate) mod store;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -42,7 +43,16 @@ pub use faults::Faults;
 pub use machine::{RunError, RunState};
 pub use retry::RetryPolicy;
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger};
+pub use store::{Cursor, DurationBucket, EventRow, FinishedMinute, RunFilter, RunRow, StepBrief, StepRow};
 pub use worker::WorkerHandle;
+
+/// The engine's SQL internals, for tests that must write past the engine's own checks (an
+/// old epoch's late write, a claim made by hand). Not for applications: every write here can
+/// break an invariant the engine keeps.
+#[doc(hidden)]
+pub mod testing {
+    pub use super::store::{LeaseWrite, Persist, Persisted, claim, persist, register_worker, run_state};
+}
 
 use machine::{Conditions, Event, Machine, NewEvent, Next};
 use worker::WorkerShared;

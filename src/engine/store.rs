@@ -118,7 +118,7 @@ impl StepRow {
         }
     }
 
-    /// Its last error, decoded; see [`decode_stored`].
+    /// Its last error, decoded; never dropped when unreadable (see `decode_stored`).
     pub fn step_error(&self) -> Option<StepError> {
         self.error.as_ref().map(|stored| {
             decode_stored(stored, |message| StepError {
@@ -131,7 +131,7 @@ impl StepRow {
 }
 
 impl RunRow {
-    /// Why the run did not complete, decoded; see [`decode_stored`].
+    /// Why the run did not complete, decoded; never dropped when unreadable (see `decode_stored`).
     pub fn run_error(&self) -> Option<RunError> {
         self.error.as_ref().map(|stored| {
             decode_stored(stored, |message| RunError {

@@ -247,18 +247,17 @@ async fn connect_locked(engine: &Engine, id: i32) -> Result<PgConnection, Engine
     Ok(conn)
 }
 
-async fn recover(engine: &Engine, me: i32) -> usize {
+async fn recover(engine: &Engine, me: i32) {
     match store::expire_lost_leases(&engine.inner.worker_pool, me).await {
         Ok(expired) if !expired.is_empty() => {
             info!(runs = expired.len(), "runs of lost owners made claimable");
+            for run in &expired {
+                debug!(run_id = %run.id, previous_owner = ?run.lease_owner, "run made claimable");
+            }
             metrics::counter!(m::RECOVERIES).increment(expired.len() as u64);
-            expired.len()
         }
-        Ok(_) => 0,
-        Err(e) => {
-            debug!(error = %e, "recovery check failed");
-            0
-        }
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "recovery check failed"),
     }
 }
 

@@ -19,11 +19,11 @@ use super::AppState;
 use super::auth::{AdminAccess, ApiAccess, Role};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, Params, PathText};
-use crate::engine::store::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 use crate::engine::{
     Access, EngineError, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions,
     Workflow,
 };
+use crate::engine::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 
 /// A run, as the API shows it (docs/contract.md §5).
 #[derive(Debug, Serialize, ToSchema)]

@@ -17,7 +17,7 @@ use super::error::PageError;
 use super::format;
 use super::runs::COUNT_CAP;
 use crate::engine::RunStatus;
-use crate::engine::store::{DurationBucket, FinishedMinute, RunFilter};
+use crate::engine::{DurationBucket, FinishedMinute, RunFilter};
 
 /// How long an overview is reused.
 pub const OVERVIEW_CACHE: Duration = Duration::from_secs(10);

@@ -21,7 +21,7 @@ use super::error::PageError;
 use super::format::{self, JsonText};
 use super::session::{Operator, Viewer};
 use super::timeline::{self, Chart};
-use crate::engine::store::{EventRow, RunRow, StepRow};
+use crate::engine::{EventRow, RunRow, StepRow};
 use crate::engine::{Retried, RetryAction, RunStatus, StepStatus};
 use crate::http::error::ApiError;
 use crate::http::extract::{Params, PathText};

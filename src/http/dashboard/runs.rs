@@ -21,7 +21,7 @@ use super::charts::{self, Overview};
 use super::error::{PageError, encode_query_value};
 use super::format;
 use super::session::Viewer;
-use crate::engine::store::{RunFilter, RunRow, StepBrief};
+use crate::engine::{RunFilter, RunRow, StepBrief};
 use crate::engine::{RunStatus, StepStatus};
 use crate::http::error::ApiError;
 use crate::http::extract::Params;

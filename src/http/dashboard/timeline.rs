@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::format;
 use crate::engine::EventKind;
-use crate::engine::store::EventRow;
+use crate::engine::EventRow;
 
 /// Invoke or compensation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
