@@ -1462,3 +1462,49 @@ async fn a_changed_plan_under_a_stored_version_is_refused() {
         .expect("engine");
     engine.record_plans().await.expect("a new version is a new plan");
 }
+
+/// Each enum's names, three ways: `as_str`, serde, and the PostgreSQL enum it is stored as;
+/// and the PostgreSQL enum has no label the Rust enum lacks.
+async fn names_agree<T>(pool: &PgPool, sql_type: &str, all: &[T], as_str: impl Fn(&T) -> &'static str)
+where
+    T: serde::Serialize
+        + Copy
+        + std::fmt::Debug
+        + for<'q> sqlx::Encode<'q, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>,
+{
+    for value in all {
+        let stored: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT $1::{sql_type}::text")))
+            .bind(*value)
+            .fetch_one(pool)
+            .await
+            .expect("cast");
+        assert_eq!(stored, as_str(value), "{value:?} in PostgreSQL");
+        assert_eq!(
+            serde_json::to_value(value).expect("serde"),
+            json!(as_str(value)),
+            "{value:?} in JSON"
+        );
+    }
+    let labels: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT unnest(enum_range(NULL::{sql_type}))::text"
+    )))
+    .fetch_all(pool)
+    .await
+    .expect("labels");
+    let ours: Vec<&str> = all.iter().map(&as_str).collect();
+    assert_eq!(labels, ours, "{sql_type}: the Rust list and the database enum differ");
+}
+
+#[tokio::test]
+async fn every_status_name_is_the_same_in_rust_json_and_postgres() {
+    let db = test_db().await;
+    names_agree(&db.pool, "run_status", &RunStatus::ALL, |s| s.as_str()).await;
+    names_agree(&db.pool, "step_status", &StepStatus::ALL, |s| s.as_str()).await;
+    names_agree(&db.pool, "event_kind", &K::ALL, |s| s.as_str()).await;
+    names_agree(&db.pool, "run_trigger", &sagaflow::engine::Trigger::ALL, |s| s.as_str()).await;
+    names_agree(&db.pool, "outbox_status", &sagaflow::domain::OutboxStatus::ALL, |s| {
+        s.as_str()
+    })
+    .await;
+}

@@ -24,6 +24,39 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+/// Where an outbox event is: held by its run until the run ends, then released (the run
+/// completed; consumers read it) or discarded (it did not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "outbox_status", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    /// Written by a step; its run is not finished.
+    Held,
+    /// Its run completed: consumers read it.
+    Released,
+    /// Its run did not complete: nobody ever reads it.
+    Discarded,
+}
+
+impl OutboxStatus {
+    /// Every status, in the order of the database enum.
+    pub const ALL: [OutboxStatus; 3] = [Self::Held, Self::Released, Self::Discarded];
+
+    /// The name used in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Released => "released",
+            Self::Discarded => "discarded",
+        }
+    }
+
+    /// What the held events of a run become when it ends: released if it completed.
+    pub fn settled(completed: bool) -> Self {
+        if completed { Self::Released } else { Self::Discarded }
+    }
+}
+
 /// No email in the customer data (Medusa's message: its users match on it).
 pub const EMAIL_REQUIRED: &str = "Email is required to create a customer";
 

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{Address, AuthIdentity, Customer, NewCustomer, OutboxEvent, new_id, normalize_email};
+use super::{Address, AuthIdentity, Customer, NewCustomer, OutboxEvent, OutboxStatus, new_id, normalize_email};
 
 /// The unique index allowing one registered customer per email.
 pub const ONE_ACCOUNT_PER_EMAIL: &str = "customers_one_account_per_email";
@@ -378,15 +378,20 @@ pub async fn hold_event(
 /// Releases (the run completed) or discards (it did not) the run's held events. Called in the
 /// transaction of the run's final status change.
 pub async fn settle_events(conn: &mut PgConnection, run_id: Uuid, release: bool) -> Result<u64, sqlx::Error> {
-    let done = if release {
-        sqlx::query(
-            "UPDATE outbox_events SET status = 'released', released_at = now(), released_xid = pg_current_xact_id()
-             WHERE run_id = $1 AND status = 'held'",
-        )
-    } else {
-        sqlx::query("UPDATE outbox_events SET status = 'discarded' WHERE run_id = $1 AND status = 'held'")
-    };
-    Ok(done.bind(run_id).execute(conn).await?.rows_affected())
+    let to = OutboxStatus::settled(release);
+    // `held` stays a literal: it is what the statement is about, and the released-events
+    // index is partial on a literal status.
+    let done = sqlx::query(
+        "UPDATE outbox_events SET status = $2,
+             released_at = CASE WHEN $2 = 'released'::outbox_status THEN now() END,
+             released_xid = CASE WHEN $2 = 'released'::outbox_status THEN pg_current_xact_id() END
+         WHERE run_id = $1 AND status = 'held'",
+    )
+    .bind(run_id)
+    .bind(to)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Released events after the event `after` (exclusive), oldest release first. Only events

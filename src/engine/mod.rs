@@ -109,8 +109,8 @@ pub enum EngineError {
     /// schedule's tick, and a tick never adopts a run it did not start.
     #[error(
         "idempotency key `{key}` belongs to run {run}, started by {}, not by {}",
-        trigger_label(*owner),
-        trigger_label(*requested)
+        owner.as_str(),
+        requested.as_str()
     )]
     IdempotencyKeyTaken {
         /// The key.
@@ -677,7 +677,7 @@ impl Engine {
         )
         .await?;
         if inserted.is_some() {
-            metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => trigger_label(p.trigger)).increment(1);
+            metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => p.trigger.as_str()).increment(1);
         }
         Ok(inserted)
     }
@@ -1000,13 +1000,5 @@ fn replay(existing: store::RunRow, key: &str, input: &Value, trigger: Trigger) -
             key: key.to_string(),
             run: existing.id,
         })
-    }
-}
-
-fn trigger_label(trigger: Trigger) -> &'static str {
-    match trigger {
-        Trigger::Api => "api",
-        Trigger::Schedule => "schedule",
-        Trigger::Retry => "retry",
     }
 }

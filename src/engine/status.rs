@@ -118,6 +118,18 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// Every step status, in the order of the database enum.
+    pub const ALL: [StepStatus; 8] = [
+        Self::Pending,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Skipped,
+        Self::Compensating,
+        Self::Compensated,
+        Self::CompensationFailed,
+    ];
+
     /// The name used in the API and the database.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -150,6 +162,20 @@ pub enum Trigger {
     Schedule,
     /// An operator retried a compensated or cancelled run.
     Retry,
+}
+
+impl Trigger {
+    /// Every trigger, in the order of the database enum.
+    pub const ALL: [Trigger; 3] = [Self::Api, Self::Schedule, Self::Retry];
+
+    /// The name used in the API, the database and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Schedule => "schedule",
+            Self::Retry => "retry",
+        }
+    }
 }
 
 /// The kind of an execution-log entry: one per transition of docs/contract.md §3.7.
@@ -201,6 +227,30 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in the order of the database enum.
+    pub const ALL: [EventKind; 20] = [
+        Self::RunCreated,
+        Self::RunClaimed,
+        Self::LeaseTakenOver,
+        Self::LeaseReleased,
+        Self::StepStarted,
+        Self::StepSucceeded,
+        Self::StepFailed,
+        Self::StepSkipped,
+        Self::RetryScheduled,
+        Self::CompensationStarted,
+        Self::StepCompensationStarted,
+        Self::StepCompensationSucceeded,
+        Self::StepCompensationFailed,
+        Self::RunCompleted,
+        Self::RunCompensated,
+        Self::RunFailed,
+        Self::RunCancelled,
+        Self::CancelRequested,
+        Self::OperatorRetry,
+        Self::RunParked,
+    ];
+
     /// The name used in the API and the database.
     pub fn as_str(self) -> &'static str {
         match self {
