@@ -686,14 +686,31 @@ async fn a_crashed_engine_s_run_is_finished_by_a_new_one_with_each_effect_once()
 
 #[tokio::test]
 async fn a_restarted_node_resumes_its_runs_at_once() {
+    use sqlx::Connection;
     let db = test_db().await;
     let (a, worker_a) = started(&db.pool, "same-node").await;
     let run = trigger(&a, json!({"block": {"b": 1}})).await;
     gate(run).wait_entered().await;
     worker_a.abandon().await;
+    // Its liveness lock looks held (as if its database session outlived it): only the node's
+    // restart can tell the runs are orphaned before the lease expires.
+    let old: i32 = sqlx::query_scalar("SELECT id FROM workers WHERE node_id = 'same-node'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("old incarnation");
+    let mut looks_alive = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    assert!(store::lock_worker(&mut looks_alive, old).await.expect("lock"));
+    let restarted = std::time::Instant::now();
     let (b, worker_b) = started(&db.pool, "same-node").await;
     assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    let lease = fast_config("same-node").lease_ttl;
+    assert!(
+        restarted.elapsed() < lease / 2,
+        "resumed after {:?}: it waited for the lease ({lease:?}) instead of seeing its node restart",
+        restarted.elapsed()
+    );
     worker_b.shutdown().await;
+    looks_alive.close().await.expect("close");
 }
 
 #[tokio::test]
