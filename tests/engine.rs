@@ -765,16 +765,56 @@ async fn shutdown_lets_the_attempt_finish_and_hands_the_run_back() {
 #[tokio::test]
 async fn a_retry_timer_survives_a_restart() {
     let db = test_db().await;
-    let (a, worker_a) = started(&db.pool, "node-a").await;
-    let run = trigger(&a, json!({"fail": {"a": 1}})).await;
-    eventually(WAIT, "the retry to be scheduled", || async {
-        let log = log(&a, run).await;
-        log.iter().any(|e| e.0 == K::RetryScheduled).then_some(())
+    // A delay long enough to tell a kept timer from a lost one (a lost timer would leave the
+    // run due at once, and the next instance would retry early).
+    let delay = Duration::from_secs(2);
+    let slow = Workflow::builder("slow-retry", 1)
+        .step(
+            sagaflow::engine::StepDef::new("a", scripted::Scripted).retry(
+                sagaflow::engine::RetryPolicy::attempts(2)
+                    .initial_delay(delay)
+                    .jitter(0.0),
+            ),
+        )
+        .build()
+        .expect("workflow");
+    let engine_on = |node: &str| {
+        Engine::builder(db.pool.clone())
+            .config(fast_config(node))
+            .register(slow.clone())
+            .build()
+            .expect("engine")
+    };
+    let a = engine_on("node-a");
+    let worker_a = a.start_worker().await.expect("worker");
+    let run = a
+        .trigger("slow-retry", json!({"fail": {"a": 1}}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    let due: chrono::DateTime<chrono::Utc> = eventually(WAIT, "the retry to be scheduled", || async {
+        let events = engine_events(&a, run).await;
+        events
+            .iter()
+            .find(|e| e.kind == K::RetryScheduled)
+            .and_then(|e| serde_json::from_value(e.detail["at"].clone()).ok())
     })
     .await;
     worker_a.shutdown().await;
-    let (b, worker_b) = started(&db.pool, "node-b").await;
+    let b = engine_on("node-b");
+    let worker_b = b.start_worker().await.expect("worker");
     assert_eq!(finish(&b, run).await, RunStatus::Completed);
+    // The second attempt started when the durable timer said, not when B came up.
+    let events = engine_events(&b, run).await;
+    let second = events
+        .iter()
+        .find(|e| e.kind == K::StepStarted && e.attempt == Some(2))
+        .expect("a second attempt");
+    assert!(
+        second.at >= due - chrono::Duration::milliseconds(50),
+        "attempt 2 started at {}, before its retry time {due}",
+        second.at
+    );
     worker_b.shutdown().await;
 }
 
