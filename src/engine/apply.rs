@@ -48,6 +48,30 @@ pub(crate) struct Change<'a> {
     pub(crate) finish_hook: bool,
 }
 
+impl<'a> Change<'a> {
+    /// The change of a run read from its row (a claim's or an operator's): fenced by the
+    /// row's epoch, the lease as the transition implies, the finish hook run if it finishes.
+    pub(crate) fn of_row(
+        run: &store::RunRow,
+        workflow: &'a Workflow,
+        old: &'a RunState,
+        new: &'a RunState,
+        transition: &'a Transition,
+    ) -> Self {
+        Self {
+            run_id: run.id,
+            epoch: run.lease_epoch,
+            workflow,
+            old,
+            new,
+            transition,
+            lease: None,
+            created_at: run.created_at,
+            finish_hook: true,
+        }
+    }
+}
+
 /// What [`apply`] did.
 #[derive(Debug)]
 pub(crate) enum Applied {

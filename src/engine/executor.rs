@@ -229,17 +229,7 @@ impl RunTask {
                 transition = Machine::new(&self.workflow, &self.input).refuse_finish(&mut new_state, transition, error);
                 finish_hook = false;
             }
-            let change = Change {
-                run_id: self.run_id,
-                epoch: self.epoch,
-                workflow: &self.workflow,
-                old: &self.state,
-                new: &new_state,
-                transition: &transition,
-                lease: None,
-                created_at: self.created_at,
-                finish_hook,
-            };
+            let change = self.change(&new_state, &transition, finish_hook);
             let applied = if step_tx.is_some() || apply::needs_transaction(&self.workflow, &transition) {
                 let mut tx = match step_tx.take() {
                     Some(tx) => tx,
@@ -319,6 +309,21 @@ impl RunTask {
         }
     }
 
+    /// The change this executor applies: from its state to `new`, under its lease.
+    fn change<'a>(&'a self, new: &'a RunState, transition: &'a Transition, finish_hook: bool) -> Change<'a> {
+        Change {
+            run_id: self.run_id,
+            epoch: self.epoch,
+            workflow: &self.workflow,
+            old: &self.state,
+            new,
+            transition,
+            lease: None,
+            created_at: self.created_at,
+            finish_hook,
+        }
+    }
+
     fn decide(&self, state: &mut RunState, event: Event) -> Transition {
         let conditions = Conditions {
             draining: self.worker.is_draining(),
@@ -361,17 +366,7 @@ impl RunTask {
         let mut new_state = self.state.clone();
         let reason = format!("the database failed while its outcome was being recorded ({error})");
         let transition = self.decide(&mut new_state, Event::Resumed { reason });
-        let change = Change {
-            run_id: self.run_id,
-            epoch: self.epoch,
-            workflow: &self.workflow,
-            old: &self.state,
-            new: &new_state,
-            transition: &transition,
-            lease: None,
-            created_at: self.created_at,
-            finish_hook: true,
-        };
+        let change = self.change(&new_state, &transition, true);
         let after = match apply::apply(&mut tx, change).await {
             Ok(Applied::Written(after)) => after,
             Ok(_) => return Ok(false),

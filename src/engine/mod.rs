@@ -823,16 +823,9 @@ impl Engine {
             return Ok(());
         }
         let change = apply::Change {
-            run_id,
-            epoch: run.lease_epoch,
-            workflow: &wf,
-            old: &old,
-            new: &state,
-            transition: &transition,
             // The operator holds no lease: leave the owner's alone, make an unleased run due.
             lease: Some(store::LeaseWrite::Wake),
-            created_at: run.created_at,
-            finish_hook: true,
+            ..apply::Change::of_row(&run, &wf, &old, &state, &transition)
         };
         let after = applied_by_operator(apply::apply(&mut tx, change).await, "cancel", run_id)?;
         tx.commit().await?;
@@ -864,17 +857,7 @@ impl Engine {
                         action: "retry",
                         status: e.0,
                     })?;
-                let change = apply::Change {
-                    run_id,
-                    epoch: run.lease_epoch,
-                    workflow: &wf,
-                    old: &old,
-                    new: &state,
-                    transition: &transition,
-                    lease: None,
-                    created_at: run.created_at,
-                    finish_hook: true,
-                };
+                let change = apply::Change::of_row(&run, &wf, &old, &state, &transition);
                 let after = applied_by_operator(apply::apply(&mut tx, change).await, "retry", run_id)?;
                 tx.commit().await?;
                 after.publish(&self.inner);

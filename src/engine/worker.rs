@@ -26,9 +26,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Applied, ApplyError, Change};
-use super::definition::Workflow;
 use super::executor::RunTask;
-use super::machine::{Conditions, Event, Machine, RunState, Transition};
+use super::machine::{Conditions, Event, Machine};
 use super::store::{self, READY_CHANNEL};
 use super::{Engine, EngineError, metrics_names as m};
 
@@ -382,7 +381,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
             let first = apply::apply(
                 &mut savepoint,
-                claim_change(&c.run, &workflow, &old, &state, &transition, true),
+                Change::of_row(&c.run, &workflow, &old, &state, &transition),
             )
             .await;
             match first {
@@ -395,22 +394,25 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
                     savepoint.rollback().await?;
                     warn!(run_id = %c.run.id, error = %refusal.message, "the finish hook refused a claimed run's end; it ends failed");
                     let refused = Machine::new(&workflow, &c.run.input).refuse_finish(&mut state, transition, &refusal);
-                    let applied = apply::apply(&mut tx, claim_change(&c.run, &workflow, &old, &state, &refused, false))
-                        .await
-                        .map_err(|e| EngineError::Internal(e.to_string()))?;
+                    let applied = apply::apply(
+                        &mut tx,
+                        Change {
+                            finish_hook: false,
+                            ..Change::of_row(&c.run, &workflow, &old, &state, &refused)
+                        },
+                    )
+                    .await
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
                     (applied, refused)
                 }
             }
         } else {
-            let applied = apply::apply(
-                &mut tx,
-                claim_change(&c.run, &workflow, &old, &state, &transition, true),
-            )
-            .await
-            .map_err(|e| match e {
-                ApplyError::Database(e) => EngineError::Database(e),
-                other => EngineError::Internal(other.to_string()),
-            })?;
+            let applied = apply::apply(&mut tx, Change::of_row(&c.run, &workflow, &old, &state, &transition))
+                .await
+                .map_err(|e| match e {
+                    ApplyError::Database(e) => EngineError::Database(e),
+                    other => EngineError::Internal(other.to_string()),
+                })?;
             (applied, transition)
         };
         let Applied::Written(after) = applied else {
@@ -447,28 +449,6 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         shared.spawn(task);
     }
     Ok(n)
-}
-
-/// The change a claim applies to `run`.
-fn claim_change<'a>(
-    run: &store::RunRow,
-    workflow: &'a Workflow,
-    old: &'a RunState,
-    new: &'a RunState,
-    transition: &'a Transition,
-    finish_hook: bool,
-) -> Change<'a> {
-    Change {
-        run_id: run.id,
-        epoch: run.lease_epoch,
-        workflow,
-        old,
-        new,
-        transition,
-        lease: None,
-        created_at: run.created_at,
-        finish_hook,
-    }
 }
 
 async fn listen_loop(mut listener: PgListener, shared: Arc<WorkerShared>, stop: CancellationToken) {
