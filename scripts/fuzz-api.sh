@@ -23,6 +23,9 @@ work=$(mktemp -d /tmp/sagaflow-fuzz.XXXXXX)
 chmod 755 "$work"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export SAGAFLOW_API_TOKEN=fuzz-api-token-0123456789abcdef0123 SAGAFLOW_ADMIN_TOKEN=fuzz-admin-token-0123456789abcdef012
+# The fuzzer may send malformed Authorization headers; throttling them (tested on its own in
+# tests/security.rs) would turn the rest of the pass into 429s.
+export SAGAFLOW_AUTH_MAX_FAILURES=1000000
 ./target/debug/sagaflow --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
 server=$!
 cleanup() {
