@@ -413,9 +413,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         &config.schedules,
         &config.application,
     )?;
-    // Every instance, API-only ones too: a changed plan under an old version is refused
-    // before any run of it is accepted.
-    engine.record_plans().await?;
+    // A changed plan under an old version is refused before any run of it is accepted; an
+    // instance with a worker checks when the worker starts (`start_worker`), below.
+    if !config.run_worker {
+        engine.record_plans().await?;
+    }
     declare_schedules(&engine, &config.schedules).await?;
     let (worker, scheduler) = if config.run_worker {
         let worker = engine.start_worker().await?;

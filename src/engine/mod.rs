@@ -556,7 +556,7 @@ impl Engine {
             let run_id = prepared.id;
             let accepted = prepared.accepted(created_at);
             self.inner.changes.touch(run_id);
-            self.start_prepared(prepared);
+            self.start_prepared(prepared, created_at);
             return Ok(Triggered {
                 run_id,
                 created: true,
@@ -683,7 +683,7 @@ impl Engine {
     }
 
     /// Hands a committed run that was leased to our worker to an executor.
-    fn start_prepared(&self, p: PreparedRun) {
+    fn start_prepared(&self, p: PreparedRun, created_at: DateTime<Utc>) {
         let (Some((worker, permit)), Some(next)) = (p.local, p.next) else {
             return;
         };
@@ -694,7 +694,7 @@ impl Engine {
             run_id: p.id,
             input: p.input,
             epoch: 1,
-            created_at: Utc::now(),
+            created_at,
             state: p.state,
             next,
             _permit: permit,
@@ -879,15 +879,15 @@ impl Engine {
                     Some(run_id),
                     json!({"by": operator}),
                 );
-                if self.insert_prepared(&mut tx, &prepared).await?.is_none() {
+                let Some(created_at) = self.insert_prepared(&mut tx, &prepared).await? else {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
-                }
+                };
                 let new_id = prepared.id;
                 store::link_retry(&mut tx, run_id, new_id, operator).await?;
                 tx.commit().await?;
                 self.inner.changes.touch(run_id);
                 self.inner.changes.touch(new_id);
-                self.start_prepared(prepared);
+                self.start_prepared(prepared, created_at);
                 Ok(Retried::NewRun(new_id))
             }
         }

@@ -53,10 +53,9 @@ pub fn safe_next(next: Option<&str>) -> String {
     }
 }
 
-/// What a request tells about the browser, with or without a session.
+/// What a request to the login form tells about the browser (its session, if any, is only
+/// looked up where it matters: [`form`]).
 pub struct Browser {
-    /// Its session, if it has a valid one.
-    pub session: Option<session::Session>,
     /// The login form's nonce cookie.
     pub login_nonce: Option<String>,
     /// Whether it came over HTTPS (so cookies get `Secure`).
@@ -68,9 +67,8 @@ pub struct Browser {
 impl FromRequestParts<Arc<Dashboard>> for Browser {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, dashboard: &Arc<Dashboard>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<Dashboard>) -> Result<Self, Self::Rejection> {
         Ok(Self {
-            session: session::session_of(parts, dashboard).await.ok(),
             login_nonce: session::cookie(parts, LOGIN_COOKIE).map(str::to_string),
             https: session::is_https(parts),
             address: peer_of(&parts.extensions).map(|a| a.ip()),
@@ -102,9 +100,14 @@ fn render_form(
 }
 
 /// `GET /login`: the form (or, already logged in, straight on).
-pub async fn form(State(dashboard): State<Arc<Dashboard>>, browser: Browser, params: Params) -> Response {
+pub async fn form(
+    State(dashboard): State<Arc<Dashboard>>,
+    browser: Browser,
+    viewer: Result<session::Viewer, PageError>,
+    params: Params,
+) -> Response {
     let next = safe_next(params.text("next", 2000).ok().flatten().as_deref());
-    if browser.session.is_some() {
+    if viewer.is_ok() {
         return Redirect::to(&next).into_response();
     }
     render_form(&dashboard, StatusCode::OK, next, String::new(), None, browser.https)
