@@ -126,21 +126,23 @@ impl AfterCommit {
 /// Whether applying `transition` runs code that must share a transaction with it (the finish
 /// hook): a caller that would otherwise write on a bare connection must open one.
 pub(crate) fn needs_transaction(workflow: &Workflow, transition: &Transition) -> bool {
-    transition.next == Next::Finish && workflow.on_finish.is_some()
+    matches!(transition.next, Next::Finish(_)) && workflow.on_finish.is_some()
 }
 
 /// Writes `change` on `conn` (inside a transaction whenever [`needs_transaction`] says so)
 /// and, if the run finished, runs the workflow's finish hook there too.
 pub(crate) async fn apply(conn: &mut PgConnection, change: Change<'_>) -> Result<Applied, ApplyError> {
-    let finished =
-        (change.transition.next == Next::Finish && change.new.status.is_terminal()).then_some(change.new.status);
+    let finished = match change.transition.next {
+        Next::Finish(status) => Some(status),
+        _ => None,
+    };
     let changed: Vec<usize> = (0..change.new.steps.len())
         .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || change.transition.marks.contains_key(&i))
         .collect();
     let lease = change.lease.unwrap_or(match change.transition.next {
         Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
         Next::Release { ready_at } => LeaseWrite::Release(ready_at),
-        Next::Finish => LeaseWrite::Finish,
+        Next::Finish(_) => LeaseWrite::Finish,
     });
     let persisted = store::persist(
         conn,

@@ -32,17 +32,57 @@ use super::{Engine, metrics_names as m};
 
 /// A run this worker holds the lease of, with everything needed to drive it.
 pub(crate) struct RunTask {
-    pub(crate) engine: Engine,
-    pub(crate) worker: Arc<WorkerShared>,
-    pub(crate) workflow: Arc<Workflow>,
+    engine: Engine,
+    worker: Arc<WorkerShared>,
+    workflow: Arc<Workflow>,
     pub(crate) run_id: Uuid,
-    pub(crate) input: Value,
+    input: Value,
     pub(crate) epoch: i64,
     /// When the run was accepted, for the run-duration metric.
+    created_at: chrono::DateTime<Utc>,
+    state: RunState,
+    next: Next,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The lease a worker committed on a run, as an executor starts from it.
+pub(crate) struct Lease {
+    /// The run.
+    pub(crate) run_id: Uuid,
+    /// The epoch the lease was taken under: every write is fenced by it.
+    pub(crate) epoch: i64,
+    /// The run's input.
+    pub(crate) input: Value,
+    /// When the run was accepted (the database's time).
     pub(crate) created_at: chrono::DateTime<Utc>,
+    /// The run's state once the claim's transition was applied.
     pub(crate) state: RunState,
+    /// What the claim's transition said to do.
     pub(crate) next: Next,
-    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+impl RunTask {
+    /// The executor of a run `worker` has just leased (its lease committed), in a slot of it.
+    pub(crate) fn new(
+        engine: Engine,
+        worker: Arc<WorkerShared>,
+        workflow: Arc<Workflow>,
+        lease: Lease,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            engine,
+            worker,
+            workflow,
+            run_id: lease.run_id,
+            input: lease.input,
+            epoch: lease.epoch,
+            created_at: lease.created_at,
+            state: lease.state,
+            next: lease.next,
+            _permit: permit,
+        }
+    }
 }
 
 /// Why an executor stopped driving a run before it finished.
@@ -66,10 +106,10 @@ impl RunTask {
                         debug!(%ready_at, "run handed back");
                         break;
                     }
-                    Next::Finish => {
+                    Next::Finish(status) => {
                         // Waiters were woken and the finish counted when it committed
                         // (`apply::AfterCommit`), whichever path finished the run.
-                        info!(status = %self.state.status, "run finished");
+                        info!(%status, "run finished");
                         break;
                     }
                 };
@@ -224,7 +264,7 @@ impl RunTask {
             let mut transition = self.decide(&mut new_state, event.clone());
             let mut finish_hook = true;
             if let Some(error) = &refusal
-                && transition.next == Next::Finish
+                && matches!(transition.next, Next::Finish(_))
             {
                 transition = Machine::new(&self.workflow, &self.input).refuse_finish(&mut new_state, transition, error);
                 finish_hook = false;

@@ -144,8 +144,11 @@ pub enum Next {
         /// When the run may be claimed again.
         ready_at: DateTime<Utc>,
     },
-    /// The run reached a terminal status: drop the lease.
-    Finish,
+    /// The run reached this terminal status. Its effects, all applied by `apply`: the run row
+    /// becomes terminal and its lease is dropped, the workflow's finish hook runs in the same
+    /// transaction, and after commit the callers waiting for the run are woken and the finish
+    /// is counted.
+    Finish(RunStatus),
 }
 
 /// Which timestamp of a step row the transition sets.
@@ -181,12 +184,20 @@ pub struct Transition {
     pub next: Next,
 }
 
-impl Transition {
-    fn new() -> Self {
-        Self {
-            events: Vec::new(),
-            marks: BTreeMap::new(),
-            next: Next::Finish,
+/// The log entries and step marks of a decision being made; it becomes a [`Transition`]
+/// once the decision names what follows.
+#[derive(Debug, Default)]
+struct Draft {
+    events: Vec<NewEvent>,
+    marks: BTreeMap<usize, TimeMark>,
+}
+
+impl Draft {
+    fn decided(self, next: Next) -> Transition {
+        Transition {
+            events: self.events,
+            marks: self.marks,
+            next,
         }
     }
 
@@ -198,7 +209,9 @@ impl Transition {
             detail,
         });
     }
+}
 
+impl Transition {
     /// The kinds of the log entries, for assertions.
     pub fn kinds(&self) -> Vec<EventKind> {
         self.events.iter().map(|e| e.kind).collect()
@@ -244,7 +257,7 @@ impl<'a> Machine<'a> {
 
     /// Applies `event` to `state` and decides what follows.
     pub fn handle(&self, state: &mut RunState, event: Event, cond: &Conditions) -> Transition {
-        let mut t = Transition::new();
+        let mut t = Draft::default();
         let stop = match event {
             Event::Claimed { by, taken_over_from } => {
                 match taken_over_from {
@@ -295,16 +308,16 @@ impl<'a> Machine<'a> {
                 self.attempt_failed(state, (step, Phase::Compensate), error, Failure::Attempt, cond, &mut t)
             }
         };
-        t.next = match stop {
+        let next = match stop {
             Some(next) => next,
             None => self.advance(state, cond, &mut t),
         };
-        t
+        t.decided(next)
     }
 
     /// Attempts in flight when their worker was lost are recorded as lost and retried at once,
     /// without charging the step's retry budget.
-    fn settle_lost_attempts(&self, state: &mut RunState, reason: &str, t: &mut Transition) -> Option<Next> {
+    fn settle_lost_attempts(&self, state: &mut RunState, reason: &str, t: &mut Draft) -> Option<Next> {
         let immediate = Conditions {
             draining: false,
             jitter: 0.0,
@@ -339,7 +352,7 @@ impl<'a> Machine<'a> {
         mut error: StepError,
         failure: Failure,
         cond: &Conditions,
-        t: &mut Transition,
+        t: &mut Draft,
     ) -> Option<Next> {
         let name = self.name(step);
         let def = &self.workflow.steps[step];
@@ -423,12 +436,12 @@ impl<'a> Machine<'a> {
                     None,
                     json!({"step": name, "error": format!("compensation of `{name}` gave up: {}", error.message)}),
                 );
-                Some(Next::Finish)
+                Some(Next::Finish(RunStatus::Failed))
             }
         }
     }
 
-    fn begin_compensation(&self, state: &mut RunState, reason: String, t: &mut Transition) {
+    fn begin_compensation(&self, state: &mut RunState, reason: String, t: &mut Draft) {
         state.status = RunStatus::Compensating;
         t.log(EventKind::CompensationStarted, None, None, json!({"reason": reason}));
     }
@@ -446,7 +459,7 @@ impl<'a> Machine<'a> {
     }
 
     /// Moves the run forward until there is an attempt to make, a wait, or an end.
-    fn advance(&self, state: &mut RunState, cond: &Conditions, t: &mut Transition) -> Next {
+    fn advance(&self, state: &mut RunState, cond: &Conditions, t: &mut Draft) -> Next {
         loop {
             match state.status {
                 RunStatus::Pending | RunStatus::Running => {
@@ -474,7 +487,7 @@ impl<'a> Machine<'a> {
                         };
                         state.output = Some(self.workflow.output_of(&view));
                         t.log(EventKind::RunCompleted, None, None, json!({}));
-                        return Next::Finish;
+                        return Next::Finish(RunStatus::Completed);
                     };
                     if state.steps[step].status == StepStatus::Pending && !self.condition_holds(state, step) {
                         state.steps[step].status = StepStatus::Skipped;
@@ -500,12 +513,12 @@ impl<'a> Machine<'a> {
                         };
                         state.status = status;
                         t.log(kind, None, None, json!({}));
-                        return Next::Finish;
+                        return Next::Finish(status);
                     };
                     return self.start_compensation(state, step, cond, t);
                 }
-                RunStatus::Completed | RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled => {
-                    return Next::Finish;
+                status @ (RunStatus::Completed | RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled) => {
+                    return Next::Finish(status);
                 }
             }
         }
@@ -525,7 +538,7 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Transition) -> Next {
+    fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Next {
         if cond.draining {
             return release_for_shutdown(cond, t);
         }
@@ -538,7 +551,7 @@ impl<'a> Machine<'a> {
         Next::Invoke(step)
     }
 
-    fn start_compensation(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Transition) -> Next {
+    fn start_compensation(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Next {
         if cond.draining {
             return release_for_shutdown(cond, t);
         }
@@ -579,13 +592,13 @@ impl<'a> Machine<'a> {
             message: message.clone(),
             retryable: error.retryable,
         });
-        refused.log(
-            EventKind::RunFailed,
-            None,
-            None,
-            json!({"error": message, "finish_hook": true}),
-        );
-        refused.next = Next::Finish;
+        refused.events.push(NewEvent {
+            kind: EventKind::RunFailed,
+            step: None,
+            attempt: None,
+            detail: json!({"error": message, "finish_hook": true}),
+        });
+        refused.next = Next::Finish(RunStatus::Failed);
         refused
     }
 
@@ -595,7 +608,7 @@ impl<'a> Machine<'a> {
         if state.status != RunStatus::Failed {
             return Err(NotAllowed(state.status));
         }
-        let mut t = Transition::new();
+        let mut t = Draft::default();
         let mut resumed = Vec::new();
         for (i, s) in state.steps.iter_mut().enumerate() {
             if s.status == StepStatus::CompensationFailed {
@@ -611,8 +624,7 @@ impl<'a> Machine<'a> {
             None,
             json!({"by": by, "action": "resume", "steps": resumed}),
         );
-        t.next = Next::Release { ready_at: now };
-        Ok(t)
+        Ok(t.decided(Next::Release { ready_at: now }))
     }
 
     /// An operator asks to cancel: the run stops after the attempt in flight and compensates.
@@ -621,13 +633,12 @@ impl<'a> Machine<'a> {
         if !state.status.can_cancel() {
             return Err(NotAllowed(state.status));
         }
-        let mut t = Transition::new();
-        t.next = Next::Release { ready_at: now };
+        let mut t = Draft::default();
         if !state.cancel_requested {
             state.cancel_requested = true;
             t.log(EventKind::CancelRequested, None, None, json!({"by": by}));
         }
-        Ok(t)
+        Ok(t.decided(Next::Release { ready_at: now }))
     }
 }
 
@@ -637,7 +648,7 @@ fn schedule_retry(
     phase: &str,
     delay: std::time::Duration,
     cond: &Conditions,
-    t: &mut Transition,
+    t: &mut Draft,
 ) -> Next {
     let ready_at = cond.now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
     t.log(
@@ -649,7 +660,7 @@ fn schedule_retry(
     Next::Release { ready_at }
 }
 
-fn release_for_shutdown(cond: &Conditions, t: &mut Transition) -> Next {
+fn release_for_shutdown(cond: &Conditions, t: &mut Draft) -> Next {
     t.log(
         EventKind::LeaseReleased,
         None,
@@ -803,7 +814,7 @@ mod tests {
         }
         let t = m.handle(&mut state, ok(3), &cond());
         assert_eq!(t.kinds(), [K::StepSucceeded, K::RunCompleted]);
-        assert_eq!(t.next, Next::Finish);
+        assert_eq!(t.next, Next::Finish(RunStatus::Completed));
         assert_eq!(state.status, RunStatus::Completed);
         assert_eq!(
             state.output,
@@ -914,7 +925,7 @@ mod tests {
         assert_eq!(t.next, Next::Compensate(1), "then b; a has no compensation");
         let t = m.handle(&mut state, Event::CompensationSucceeded { step: 1 }, &cond());
         assert_eq!(t.kinds(), [K::StepCompensationSucceeded, K::RunCompensated]);
-        assert_eq!(t.next, Next::Finish);
+        assert_eq!(t.next, Next::Finish(RunStatus::Compensated));
         assert_eq!(state.status, RunStatus::Compensated);
         assert_eq!(
             statuses(&state),
@@ -1019,7 +1030,7 @@ mod tests {
             &cond(),
         );
         assert_eq!(t.kinds(), [K::StepCompensationFailed, K::RunFailed]);
-        assert_eq!(t.next, Next::Finish);
+        assert_eq!(t.next, Next::Finish(RunStatus::Failed));
         assert_eq!(state.status, RunStatus::Failed);
         assert_eq!(
             state.steps[1].status,
@@ -1046,7 +1057,7 @@ mod tests {
         assert_eq!(state.steps[2].compensation_attempts, 1);
         m.handle(&mut state, Event::CompensationSucceeded { step: 2 }, &cond());
         let t = m.handle(&mut state, Event::CompensationSucceeded { step: 1 }, &cond());
-        assert_eq!(t.next, Next::Finish);
+        assert_eq!(t.next, Next::Finish(RunStatus::Compensated));
         assert_eq!(state.status, RunStatus::Compensated);
         assert_eq!(
             m.operator_retry(&mut state, "x", cond().now),
@@ -1082,7 +1093,7 @@ mod tests {
         );
         assert_eq!(state.steps[1].attempts, 0);
         let t = m.handle(&mut state, ok(2), &cond());
-        assert_eq!(t.next, Next::Finish);
+        assert_eq!(t.next, Next::Finish(RunStatus::Completed));
         assert_eq!(state.status, RunStatus::Completed);
     }
 

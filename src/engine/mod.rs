@@ -54,7 +54,7 @@ pub mod testing {
     pub use super::store::{LeaseWrite, Persist, Persisted, claim, lock_worker, persist, register_worker, run_state};
 }
 
-use machine::{Conditions, Event, Machine, NewEvent, Next};
+use machine::{Machine, NewEvent, Next};
 use worker::WorkerShared;
 
 /// Metric names, in one place so the exporter's descriptions and the code agree.
@@ -355,7 +355,7 @@ impl Inner {
     }
 
     fn local_worker(&self) -> Option<Arc<WorkerShared>> {
-        self.worker.read().ok()?.clone().filter(|w| !w.is_draining())
+        self.worker.read().ok()?.clone()
     }
 }
 
@@ -599,39 +599,24 @@ impl Engine {
             detail,
         }];
         // Lease it to our own worker at once when it has room: no claim round trip, no NOTIFY.
-        let local = self.inner.local_worker().and_then(|w| {
-            let permit = Arc::clone(&w.permits).try_acquire_owned().ok()?;
-            Some((w, permit))
-        });
         let mut marks = Default::default();
-        let mut next = None;
-        let mut local = local;
-        if let Some((worker, _)) = &local {
-            let conditions = Conditions {
-                draining: false,
-                jitter: rand::random::<f64>(),
-                now: Utc::now(),
-            };
+        let mut local = None;
+        let slot = self.inner.local_worker().and_then(|w| Some((w.free_slot()?, w)));
+        if let Some((slot, worker)) = slot {
             let mut claimed = state.clone();
-            let t = Machine::new(wf, input).handle(
-                &mut claimed,
-                Event::Claimed {
-                    by: worker.name.clone(),
-                    taken_over_from: None,
-                },
-                &conditions,
-            );
-            if t.next == Next::Finish {
-                // Finished before a single attempt (every step skipped by `when`): an insert
-                // cannot also be a finish (output, finish time, the workflow's finish hook),
-                // so the run goes in unleased and due, and a claim finishes it through
-                // `apply` like any other run.
-                local = None;
-            } else {
+            let t = worker.claim(wf, input, &mut claimed, None);
+            // Finished before a single attempt (every step skipped by `when`), the run goes
+            // in unleased and due: an insert cannot also be a finish (output, finish time, the
+            // workflow's finish hook), so a claim finishes it through `apply` like any other.
+            if !matches!(t.next, Next::Finish(_)) {
                 state = claimed;
                 events.extend(t.events);
                 marks = t.marks;
-                next = Some(t.next);
+                local = Some(LocalStart {
+                    worker,
+                    slot,
+                    next: t.next,
+                });
             }
         }
         PreparedRun {
@@ -645,7 +630,6 @@ impl Engine {
             state,
             marks,
             events,
-            next,
             local,
         }
     }
@@ -671,7 +655,7 @@ impl Engine {
                 step_names: p.workflow.steps.iter().map(|s| s.name.as_str()).collect(),
                 marks: &p.marks,
                 events: &p.events,
-                owner: p.local.as_ref().map(|(w, _)| w.id),
+                owner: p.local.as_ref().map(|l| l.worker.id),
                 lease_ms: self.lease_ms(),
             },
         )
@@ -684,22 +668,18 @@ impl Engine {
 
     /// Hands a committed run that was leased to our worker to an executor.
     fn start_prepared(&self, p: PreparedRun, created_at: DateTime<Utc>) {
-        let (Some((worker, permit)), Some(next)) = (p.local, p.next) else {
+        let Some(local) = p.local else {
             return;
         };
-        let task = executor::RunTask {
-            engine: self.clone(),
-            worker: Arc::clone(&worker),
-            workflow: p.workflow,
+        let lease = executor::Lease {
             run_id: p.id,
-            input: p.input,
             epoch: 1,
+            input: p.input,
             created_at,
             state: p.state,
-            next,
-            _permit: permit,
+            next: local.next,
         };
-        worker.spawn(task);
+        local.worker.start(self, p.workflow, lease, local.slot);
     }
 
     /// Waits up to `timeout` for a run to reach a terminal status; returns its status then.
@@ -929,8 +909,16 @@ struct PreparedRun {
     state: RunState,
     marks: std::collections::BTreeMap<usize, machine::TimeMark>,
     events: Vec<NewEvent>,
-    next: Option<Next>,
-    local: Option<(Arc<WorkerShared>, tokio::sync::OwnedSemaphorePermit)>,
+    /// Set when the run is leased to this instance's worker in its insert.
+    local: Option<LocalStart>,
+}
+
+/// A run leased to this instance's worker in its insert: the slot it will run in and what
+/// the claim decided.
+struct LocalStart {
+    worker: Arc<WorkerShared>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    next: Next,
 }
 
 impl PreparedRun {
@@ -951,7 +939,7 @@ impl PreparedRun {
             retried_by: None,
             cancel_requested: false,
             ready_at: self.local.is_none().then_some(created_at),
-            lease_owner: self.local.as_ref().map(|(w, _)| w.id),
+            lease_owner: self.local.as_ref().map(|l| l.worker.id),
             lease_epoch: i64::from(self.local.is_some()),
             lease_expires_at: None,
             created_at,

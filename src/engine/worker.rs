@@ -17,17 +17,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::{ConnectOptions, Connection, PgConnection};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Applied, ApplyError, Change};
-use super::executor::RunTask;
-use super::machine::{Conditions, Event, Machine};
+use super::definition::Workflow;
+use super::executor::{Lease, RunTask};
+use super::machine::{Conditions, Event, Machine, RunState, Transition};
 use super::store::{self, READY_CHANNEL};
 use super::{Engine, EngineError, metrics_names as m};
 
@@ -76,8 +78,51 @@ impl WorkerShared {
         self.active().iter().map(|(run, epoch)| (*run, *epoch)).unzip()
     }
 
-    /// Starts driving a claimed run.
-    pub(crate) fn spawn(self: &Arc<Self>, task: RunTask) {
+    /// A free slot of this worker, if it has one and is not shutting down: a run leased to
+    /// it in its insert's transaction needs no claim round trip.
+    pub(crate) fn free_slot(self: &Arc<Self>) -> Option<OwnedSemaphorePermit> {
+        if self.is_draining() {
+            return None;
+        }
+        Arc::clone(&self.permits).try_acquire_owned().ok()
+    }
+
+    /// The machine's decision when this worker leases a run (at a claim, or at the insert of
+    /// a run it starts itself): the first transition under the new lease.
+    pub(crate) fn claim(
+        &self,
+        workflow: &Workflow,
+        input: &Value,
+        state: &mut RunState,
+        taken_over_from: Option<String>,
+    ) -> Transition {
+        let conditions = Conditions {
+            draining: false,
+            jitter: rand::random::<f64>(),
+            now: chrono::Utc::now(),
+        };
+        Machine::new(workflow, input).handle(
+            state,
+            Event::Claimed {
+                by: self.name.clone(),
+                taken_over_from,
+            },
+            &conditions,
+        )
+    }
+
+    /// Starts driving a run whose lease (and first transition) committed, in `slot`.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        engine: &Engine,
+        workflow: Arc<Workflow>,
+        lease: Lease,
+        slot: OwnedSemaphorePermit,
+    ) {
+        self.spawn(RunTask::new(engine.clone(), Arc::clone(self), workflow, lease, slot));
+    }
+
+    fn spawn(self: &Arc<Self>, task: RunTask) {
         let abort = self.abort.clone();
         let (run, epoch) = (task.run_id, task.epoch);
         self.active().insert(run, epoch);
@@ -329,7 +374,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     let mut permits = Some(permits);
     let mut tx = inner.worker_pool.begin().await?;
     let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
-    let mut tasks = Vec::with_capacity(claimed.len());
+    let mut leased = Vec::with_capacity(claimed.len());
     let mut after_commit = Vec::with_capacity(claimed.len());
     let mut parked = Vec::new();
     for c in claimed {
@@ -361,19 +406,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             metrics::counter!(m::LEASE_TAKEOVERS).increment(1);
         }
         let mut state = old.clone();
-        let conditions = Conditions {
-            draining: false,
-            jitter: rand::random::<f64>(),
-            now: chrono::Utc::now(),
-        };
-        let transition = Machine::new(&workflow, &c.run.input).handle(
-            &mut state,
-            Event::Claimed {
-                by: shared.name.clone(),
-                taken_over_from,
-            },
-            &conditions,
-        );
+        let transition = shared.claim(&workflow, &c.run.input, &mut state, taken_over_from);
         // A run the claim itself finishes runs its workflow's finish hook here, in a savepoint:
         // should the hook refuse, the run ends `failed` without it, and the rest of the batch
         // is not touched.
@@ -424,18 +457,15 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         let Some(permit) = permits.as_mut().and_then(|p| p.split(1)) else {
             break;
         };
-        tasks.push(RunTask {
-            engine: engine.clone(),
-            worker: Arc::clone(shared),
-            workflow,
+        let lease = Lease {
             run_id: c.run.id,
-            input: c.run.input,
             epoch: c.run.lease_epoch,
+            input: c.run.input,
             created_at: c.run.created_at,
             state,
             next: transition.next,
-            _permit: permit,
-        });
+        };
+        leased.push((workflow, lease, permit));
     }
     tx.commit().await?;
     for after in after_commit {
@@ -444,9 +474,9 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     for run in parked {
         inner.changes.touch(run);
     }
-    let n = tasks.len();
-    for task in tasks {
-        shared.spawn(task);
+    let n = leased.len();
+    for (workflow, lease, slot) in leased {
+        shared.start(engine, workflow, lease, slot);
     }
     Ok(n)
 }
