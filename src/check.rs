@@ -96,7 +96,7 @@ const RULES: &[Rule] = &[
               UNION ALL
               SELECT r.id, format('%s run whose log does not end with its outcome (%s)', r.status, e.kind)
               FROM runs r JOIN run_events e ON e.run_id = r.id AND e.seq = r.log_seq
-              WHERE r.status IN ('completed', 'compensated', 'failed', 'cancelled')
+              WHERE run_status_is_terminal(r.status)
                 AND e.kind::text <> 'run_' || r.status::text AND e.kind <> 'operator_retry'",
     },
     Rule {
@@ -105,7 +105,7 @@ const RULES: &[Rule] = &[
                                   count(*) FILTER (WHERE o.status = 'released'),
                                   count(*) FILTER (WHERE o.status = 'held'))
               FROM runs r LEFT JOIN outbox_events o ON o.run_id = r.id
-              WHERE r.status IN ('completed', 'compensated', 'failed', 'cancelled')
+              WHERE run_status_is_terminal(r.status)
                 AND r.workflow = 'create-customer-account'
               GROUP BY r.id, r.status
               HAVING (r.status = 'completed') <> (count(*) FILTER (WHERE o.status = 'released') = 1)
@@ -188,7 +188,7 @@ async fn uncompensated_steps(pool: &PgPool, engine: &Engine) -> Result<Vec<Viola
 /// Runs that are not terminal (for checks after "every run had time to finish").
 pub async fn unfinished_runs(pool: &PgPool) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, status::text FROM runs WHERE status NOT IN ('completed', 'compensated', 'failed', 'cancelled')
+        "SELECT id, status::text FROM runs WHERE NOT run_status_is_terminal(status)
          ORDER BY created_at",
     )
     .fetch_all(pool)

@@ -23,6 +23,9 @@
 //!
 //! The engine knows nothing of customers or HTTP; workflows know nothing of HTTP.
 
+#[macro_use]
+mod names;
+
 pub mod check;
 pub mod domain;
 pub mod engine;

@@ -1564,4 +1564,16 @@ async fn every_status_name_is_the_same_in_rust_json_and_postgres() {
         s.as_str()
     })
     .await;
+    for status in RunStatus::ALL {
+        let terminal: bool = sqlx::query_scalar("SELECT run_status_is_terminal($1)")
+            .bind(status)
+            .fetch_one(&db.pool)
+            .await
+            .expect("run_status_is_terminal");
+        assert_eq!(
+            terminal,
+            status.is_terminal(),
+            "{status}: Rust and SQL disagree on terminal"
+        );
+    }
 }

@@ -24,33 +24,20 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+db_enum! {
 /// Where an outbox event is: held by its run until the run ends, then released (the run
 /// completed; consumers read it) or discarded (it did not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
-#[sqlx(type_name = "outbox_status", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum OutboxStatus {
+pub enum OutboxStatus in "outbox_status" {
     /// Written by a step; its run is not finished.
-    Held,
+    Held = "held",
     /// Its run completed: consumers read it.
-    Released,
+    Released = "released",
     /// Its run did not complete: nobody ever reads it.
-    Discarded,
+    Discarded = "discarded",
+}
 }
 
 impl OutboxStatus {
-    /// Every status, in the order of the database enum.
-    pub const ALL: [OutboxStatus; 3] = [Self::Held, Self::Released, Self::Discarded];
-
-    /// The name used in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Held => "held",
-            Self::Released => "released",
-            Self::Discarded => "discarded",
-        }
-    }
-
     /// What the held events of a run become when it ends: released if it completed.
     pub fn settled(completed: bool) -> Self {
         if completed { Self::Released } else { Self::Discarded }

@@ -18,8 +18,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::definition::{StepError, Workflow};
-use super::machine::{Next, RunState, Transition};
+use super::definition::Workflow;
+use super::machine::{Next, Transition};
+use super::state::{RunState, StepError};
 use super::status::RunStatus;
 use super::store::{self, LeaseWrite, Persist, Persisted};
 use super::{Inner, metrics_names as m};

@@ -17,90 +17,9 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::machine::StepState;
 use super::retry::RetryPolicy;
+use super::state::{StepError, StepState};
 use super::status::RunStatus;
-
-/// How a step attempt (or a compensation attempt) failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepError {
-    /// What went wrong, for operators.
-    pub message: String,
-    /// Whether another attempt may succeed. Permanent errors skip the remaining attempts.
-    pub retryable: bool,
-    /// Work the attempt did before failing that its compensation must undo (for steps whose
-    /// effects are outside the run's transaction).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial: Option<Value>,
-}
-
-impl StepError {
-    /// An error another attempt may not hit (a timeout, a lost connection, a busy service).
-    pub fn retryable(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-            partial: None,
-        }
-    }
-
-    /// An error no further attempt can fix (invalid input, a business rule).
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-            partial: None,
-        }
-    }
-
-    /// Records work done before the failure, which the step's compensation will receive.
-    ///
-    /// Partial work that cannot be serialized is not dropped (which would skip the
-    /// compensation): the compensation still runs, receiving `{"unrecorded": why}`, and the
-    /// error says so, so an operator sees that the undo may be incomplete.
-    pub fn with_partial(mut self, partial: impl Serialize) -> Self {
-        match serde_json::to_value(partial) {
-            Ok(value) => self.partial = Some(value),
-            Err(e) => {
-                self.message = format!("{} (its partial work could not be recorded: {e})", self.message);
-                self.partial = Some(serde_json::json!({"unrecorded": e.to_string()}));
-            }
-        }
-        self
-    }
-}
-
-impl fmt::Display for StepError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for StepError {}
-
-impl From<sqlx::Error> for StepError {
-    /// Connection trouble, serialization failures and deadlocks are retryable; a violated
-    /// constraint or a malformed statement is not.
-    fn from(error: sqlx::Error) -> Self {
-        let retryable = match &error {
-            sqlx::Error::Database(db) => {
-                matches!(
-                    db.code().as_deref(),
-                    Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
-                ) || db.code().is_some_and(|c| c.starts_with("08"))
-            }
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-                true
-            }
-            _ => false,
-        };
-        Self {
-            message: format!("database error: {error}"),
-            retryable,
-            partial: None,
-        }
-    }
-}
 
 impl From<serde_json::Error> for StepError {
     fn from(error: serde_json::Error) -> Self {

@@ -23,9 +23,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use super::apply::{self, Applied, ApplyError, Change};
-use super::definition::{Completed, Phase, RunView, StepContext, StepError, StepTransaction, Workflow};
+use super::definition::{Completed, Phase, RunView, StepContext, StepTransaction, Workflow};
 use super::faults::FaultPoint;
-use super::machine::{Conditions, Event, Machine, Next, RunState, Transition};
+use super::machine::{Conditions, Event, Machine, Next, Transition};
+use super::state::{RunState, StepError};
 use super::store;
 use super::worker::WorkerShared;
 use super::{Engine, metrics_names as m};

@@ -10,71 +10,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::definition::{Phase, RunView, StepError, Workflow};
+use super::definition::{Phase, RunView, Workflow};
+use super::state::{RunError, RunState, StepError};
 use super::status::{EventKind, RunStatus, StepStatus};
-
-/// The persisted state of one step of a run.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StepState {
-    /// Where the step is.
-    pub status: StepStatus,
-    /// Invoke attempts started so far.
-    pub attempts: u32,
-    /// Compensation attempts started so far (reset by an operator's retry).
-    pub compensation_attempts: u32,
-    /// Invoke attempts lost with their worker: not charged to the retry budget.
-    pub lost_attempts: u32,
-    /// Compensation attempts lost with their worker.
-    pub lost_compensation_attempts: u32,
-    /// The output of the successful attempt.
-    pub output: Option<Value>,
-    /// The last error (of an invoke or a compensation attempt).
-    pub error: Option<StepError>,
-    /// Work a failed attempt recorded, for its compensation.
-    pub partial: Option<Value>,
-}
-
-/// Why a run did not complete: the step that gave up (none for a cancel) and its error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunError {
-    /// The step that gave up, if a step did.
-    pub step: Option<String>,
-    /// What went wrong.
-    pub message: String,
-    /// Whether the error was retryable (and the step ran out of attempts).
-    pub retryable: bool,
-}
-
-/// The persisted state of a run that the machine decides on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunState {
-    /// The run's status.
-    pub status: RunStatus,
-    /// One entry per step of the plan, in order.
-    pub steps: Vec<StepState>,
-    /// Why the run did not complete.
-    pub error: Option<RunError>,
-    /// The workflow's output, once completed.
-    pub output: Option<Value>,
-    /// An operator asked to cancel.
-    pub cancel_requested: bool,
-}
-
-impl RunState {
-    /// The state of a new run of a plan with `steps` steps.
-    pub fn new(steps: usize) -> Self {
-        Self {
-            status: RunStatus::Pending,
-            steps: vec![StepState::default(); steps],
-            error: None,
-            output: None,
-            cancel_requested: false,
-        }
-    }
-}
 
 /// Something that happened to a run.
 #[derive(Debug, Clone, PartialEq)]

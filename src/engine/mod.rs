@@ -22,6 +22,7 @@ pub mod faults;
 pub mod machine;
 pub mod retry;
 pub mod scheduler;
+pub mod state;
 pub mod status;
 pub(crate) mod store;
 pub mod worker;
@@ -37,11 +38,11 @@ use uuid::Uuid;
 
 pub use definition::{
     Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
-    StepDef, StepError, ValidateInput, Workflow, WorkflowBuilder,
+    StepDef, ValidateInput, Workflow, WorkflowBuilder,
 };
 pub use faults::Faults;
-pub use machine::{RunError, RunState};
 pub use retry::RetryPolicy;
+pub use state::{RunError, RunState, StepError, StepState};
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger};
 pub use store::{Cursor, DurationBucket, EventRow, FinishedMinute, RunFilter, RunRow, StepBrief, StepRow};
 pub use worker::WorkerHandle;

@@ -1,65 +1,34 @@
 //! The statuses of runs and steps and the kinds of execution-log entries, each a Rust enum
 //! mirrored by a PostgreSQL enum of the same name (see `migrations/0001_engine.sql`).
 
-use serde::{Deserialize, Serialize};
-
+db_enum! {
 /// Where a run is in its life. See docs/contract.md §3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
-#[sqlx(type_name = "run_status", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
+#[derive(Hash, utoipa::ToSchema)]
+pub enum RunStatus in "run_status" {
     /// Accepted, not yet claimed by a worker.
-    Pending,
+    Pending = "pending",
     /// A worker is executing (or waiting to retry) its steps.
-    Running,
+    Running = "running",
     /// A step gave up or an operator cancelled: compensations are running.
-    Compensating,
+    Compensating = "compensating",
     /// Every step succeeded or was skipped.
-    Completed,
+    Completed = "completed",
     /// A step gave up and every compensation succeeded.
-    Compensated,
+    Compensated = "compensated",
     /// A compensation gave up: an operator must look at it.
-    Failed,
+    Failed = "failed",
     /// An operator cancelled it and every compensation succeeded.
-    Cancelled,
+    Cancelled = "cancelled",
+}
 }
 
 impl RunStatus {
-    /// Every status, in life order (for filters and counts).
-    pub const ALL: [RunStatus; 7] = [
-        RunStatus::Pending,
-        RunStatus::Running,
-        RunStatus::Compensating,
-        RunStatus::Completed,
-        RunStatus::Compensated,
-        RunStatus::Failed,
-        RunStatus::Cancelled,
-    ];
-
     /// Whether the run will not change again by itself.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             Self::Completed | Self::Compensated | Self::Failed | Self::Cancelled
         )
-    }
-
-    /// The name used in the API and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Compensating => "compensating",
-            Self::Completed => "completed",
-            Self::Compensated => "compensated",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    /// Parses the name used in the API.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
     /// What an operator's retry does in this status, if it is allowed.
@@ -77,12 +46,6 @@ impl RunStatus {
     }
 }
 
-impl std::fmt::Display for RunStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
 /// What an operator's retry means for a run, by its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryAction {
@@ -92,197 +55,93 @@ pub enum RetryAction {
     NewRun,
 }
 
+db_enum! {
 /// Where a step of a run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
-#[sqlx(type_name = "step_status", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum StepStatus {
+#[derive(Hash, Default, utoipa::ToSchema)]
+pub enum StepStatus in "step_status" {
     /// Not reached yet.
     #[default]
-    Pending,
+    Pending = "pending",
     /// An attempt is in flight.
-    Running,
+    Running = "running",
     /// An attempt succeeded; its output is recorded.
-    Succeeded,
+    Succeeded = "succeeded",
     /// The last attempt failed (a retry may be scheduled while the run is `running`).
-    Failed,
+    Failed = "failed",
     /// Its `when` condition was false.
-    Skipped,
+    Skipped = "skipped",
     /// A compensation attempt is in flight.
-    Compensating,
+    Compensating = "compensating",
     /// Its compensation succeeded.
-    Compensated,
+    Compensated = "compensated",
     /// The last compensation attempt failed (retried while the run is `compensating`;
     /// given up when the run is `failed`).
-    CompensationFailed,
+    CompensationFailed = "compensation_failed",
+}
 }
 
-impl StepStatus {
-    /// Every step status, in the order of the database enum.
-    pub const ALL: [StepStatus; 8] = [
-        Self::Pending,
-        Self::Running,
-        Self::Succeeded,
-        Self::Failed,
-        Self::Skipped,
-        Self::Compensating,
-        Self::Compensated,
-        Self::CompensationFailed,
-    ];
-
-    /// The name used in the API and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Skipped => "skipped",
-            Self::Compensating => "compensating",
-            Self::Compensated => "compensated",
-            Self::CompensationFailed => "compensation_failed",
-        }
-    }
-}
-
-impl std::fmt::Display for StepStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
+db_enum! {
 /// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
-#[sqlx(type_name = "run_trigger", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
+#[derive(utoipa::ToSchema)]
+pub enum Trigger in "run_trigger" {
     /// A backend called the API (or the library).
-    Api,
+    Api = "api",
     /// A cron schedule fired.
-    Schedule,
+    Schedule = "schedule",
     /// An operator retried a compensated or cancelled run.
-    Retry,
+    Retry = "retry",
+}
 }
 
-impl Trigger {
-    /// Every trigger, in the order of the database enum.
-    pub const ALL: [Trigger; 3] = [Self::Api, Self::Schedule, Self::Retry];
-
-    /// The name used in the API, the database and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Api => "api",
-            Self::Schedule => "schedule",
-            Self::Retry => "retry",
-        }
-    }
-}
-
+db_enum! {
 /// The kind of an execution-log entry: one per transition of docs/contract.md §3.7.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
-#[sqlx(type_name = "event_kind", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
+#[derive(Hash, utoipa::ToSchema)]
+pub enum EventKind in "event_kind" {
     /// The run was accepted (trigger, idempotency key, lineage in the detail).
-    RunCreated,
+    RunCreated = "run_created",
     /// A worker took the run's lease (first claim, or after a retry delay or a release).
-    RunClaimed,
+    RunClaimed = "run_claimed",
     /// A worker took the lease of a worker that was gone or whose lease had expired.
-    LeaseTakenOver,
+    LeaseTakenOver = "lease_taken_over",
     /// The owner gave the lease back without finishing (shutting down).
-    LeaseReleased,
+    LeaseReleased = "lease_released",
     /// A step attempt began.
-    StepStarted,
+    StepStarted = "step_started",
     /// A step attempt succeeded.
-    StepSucceeded,
+    StepSucceeded = "step_succeeded",
     /// A step attempt failed (error in the detail).
-    StepFailed,
+    StepFailed = "step_failed",
     /// A step's `when` condition was false.
-    StepSkipped,
+    StepSkipped = "step_skipped",
     /// A new attempt (of a step or a compensation) is due at the time in the detail.
-    RetryScheduled,
+    RetryScheduled = "retry_scheduled",
     /// The run began compensating (why, in the detail).
-    CompensationStarted,
+    CompensationStarted = "compensation_started",
     /// A compensation attempt began.
-    StepCompensationStarted,
+    StepCompensationStarted = "step_compensation_started",
     /// A compensation attempt succeeded.
-    StepCompensationSucceeded,
+    StepCompensationSucceeded = "step_compensation_succeeded",
     /// A compensation attempt failed (error in the detail).
-    StepCompensationFailed,
+    StepCompensationFailed = "step_compensation_failed",
     /// The run completed.
-    RunCompleted,
+    RunCompleted = "run_completed",
     /// The run finished compensating after a failure.
-    RunCompensated,
+    RunCompensated = "run_compensated",
     /// A compensation gave up; the run needs an operator.
-    RunFailed,
+    RunFailed = "run_failed",
     /// The run finished compensating after an operator's cancel.
-    RunCancelled,
+    RunCancelled = "run_cancelled",
     /// An operator asked to cancel the run.
-    CancelRequested,
+    CancelRequested = "cancel_requested",
     /// An operator retried the run.
-    OperatorRetry,
+    OperatorRetry = "operator_retry",
     /// The run's recorded steps do not match its workflow version's plan here: it was set
     /// aside, neither leased nor due, with the reason in the detail.
-    RunParked,
+    RunParked = "run_parked",
+}
 }
 
-impl EventKind {
-    /// Every kind, in the order of the database enum.
-    pub const ALL: [EventKind; 20] = [
-        Self::RunCreated,
-        Self::RunClaimed,
-        Self::LeaseTakenOver,
-        Self::LeaseReleased,
-        Self::StepStarted,
-        Self::StepSucceeded,
-        Self::StepFailed,
-        Self::StepSkipped,
-        Self::RetryScheduled,
-        Self::CompensationStarted,
-        Self::StepCompensationStarted,
-        Self::StepCompensationSucceeded,
-        Self::StepCompensationFailed,
-        Self::RunCompleted,
-        Self::RunCompensated,
-        Self::RunFailed,
-        Self::RunCancelled,
-        Self::CancelRequested,
-        Self::OperatorRetry,
-        Self::RunParked,
-    ];
-
-    /// The name used in the API and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RunCreated => "run_created",
-            Self::RunClaimed => "run_claimed",
-            Self::LeaseTakenOver => "lease_taken_over",
-            Self::LeaseReleased => "lease_released",
-            Self::StepStarted => "step_started",
-            Self::StepSucceeded => "step_succeeded",
-            Self::StepFailed => "step_failed",
-            Self::StepSkipped => "step_skipped",
-            Self::RetryScheduled => "retry_scheduled",
-            Self::CompensationStarted => "compensation_started",
-            Self::StepCompensationStarted => "step_compensation_started",
-            Self::StepCompensationSucceeded => "step_compensation_succeeded",
-            Self::StepCompensationFailed => "step_compensation_failed",
-            Self::RunCompleted => "run_completed",
-            Self::RunCompensated => "run_compensated",
-            Self::RunFailed => "run_failed",
-            Self::RunCancelled => "run_cancelled",
-            Self::CancelRequested => "cancel_requested",
-            Self::OperatorRetry => "operator_retry",
-            Self::RunParked => "run_parked",
-        }
-    }
-}
-
-impl std::fmt::Display for EventKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
+impl EventKind {}
 
 #[cfg(test)]
 mod tests {

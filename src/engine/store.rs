@@ -12,8 +12,8 @@ use serde_json::Value;
 use sqlx::{FromRow, PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::definition::StepError;
-use super::machine::{NewEvent, RunError, RunState, StepState, TimeMark};
+use super::machine::{NewEvent, TimeMark};
+use super::state::{RunError, RunState, StepError, StepState};
 use super::status::{EventKind, RunStatus, StepStatus, Trigger};
 
 /// The advisory-lock namespace (`classid`) of worker liveness locks.
@@ -660,8 +660,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
                  -- Kept as is while the owner goes on: heartbeats renew it (see runs' fillfactor).
                  lease_expires_at = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_expires_at END,
-                 finished_at = CASE WHEN $4 IN ('completed', 'compensated', 'failed', 'cancelled')
-                                    THEN clock_timestamp() END,
+                 finished_at = CASE WHEN run_status_is_terminal($4) THEN clock_timestamp() END,
                  updated_at = clock_timestamp()
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
              RETURNING id, log_seq - cardinality($18::event_kind[]) AS base
@@ -1104,7 +1103,7 @@ pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit:
     let done = sqlx::query(
         "WITH doomed AS (
              SELECT id FROM runs
-             WHERE finished_at < $1 AND status IN ('completed', 'compensated', 'failed', 'cancelled')
+             WHERE finished_at < $1 AND run_status_is_terminal(status)
              ORDER BY finished_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED

@@ -29,7 +29,8 @@ use tracing::{debug, error, info, warn};
 use super::apply::{self, Applied, ApplyError, Change};
 use super::definition::Workflow;
 use super::executor::{Lease, RunTask};
-use super::machine::{Conditions, Event, Machine, RunState, Transition};
+use super::machine::{Conditions, Event, Machine, Transition};
+use super::state::RunState;
 use super::store::{self, READY_CHANNEL};
 use super::{Engine, EngineError, metrics_names as m};
 
