@@ -12,9 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::engine::faults::FaultsParseError;
-use crate::engine::scheduler::{
-    Clock, DeclaredSchedules, ScheduleError, SchedulerConfig, SchedulerHandle, SystemClock,
-};
+use crate::engine::scheduler::{DeclaredSchedules, ScheduleError, SchedulerConfig, SchedulerHandle};
+use crate::engine::{Clock, SystemClock};
 use crate::engine::{Engine, EngineConfig, EngineError, Faults, Handler, WorkerHandle, Workflow};
 use crate::http::auth::Tokens;
 use crate::http::serve::HttpLimits;

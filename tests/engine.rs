@@ -9,8 +9,8 @@ use common::scripted::{self, gate};
 use common::{eventually, fast_config, test_db};
 use sagaflow::engine::testing::{self as store, LeaseWrite, Persist, Persisted};
 use sagaflow::engine::{
-    Engine, EngineError, EventKind as K, Handler, Retried, RunStatus, Step, StepContext, StepError, StepStatus,
-    TriggerOptions, WorkerHandle, Workflow,
+    Engine, EngineError, EventKind as K, Handler, ManualClock, Retried, RetryPolicy, RunStatus, Step, StepContext,
+    StepDef, StepError, StepStatus, TriggerOptions, WorkerHandle, Workflow,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -191,6 +191,66 @@ async fn a_retryable_failure_is_retried_after_a_durable_backoff() {
     assert_eq!(effects(&db.pool, run).await.iter().filter(|e| e.0 == "b").count(), 1);
     let b = &engine.run(run).await.expect("run").expect("exists").steps[1];
     assert_eq!((b.status, b.attempts), (StepStatus::Succeeded, 3));
+    worker.shutdown().await;
+}
+
+/// The engine's due times are on its clock: an hour's backoff is waited for by moving a
+/// manual clock, not in real time, and the dispatcher wakes when the clock reaches the retry
+/// (its poll interval is a minute, so nothing else could claim the run within the test).
+#[tokio::test]
+async fn a_backoff_is_waited_for_on_the_engine_clock() {
+    let db = test_db().await;
+    let start = chrono::Utc::now();
+    let clock = std::sync::Arc::new(ManualClock::new(start));
+    let hour = Duration::from_secs(3600);
+    let workflow = Workflow::builder("hourly-retry", 1)
+        .step(
+            StepDef::new("a", scripted::Scripted)
+                .retry(RetryPolicy::attempts(2).initial_delay(hour).max_delay(hour).jitter(0.0)),
+        )
+        .build()
+        .expect("workflow");
+    let engine = Engine::builder(db.pool.clone())
+        .config(sagaflow::engine::EngineConfig {
+            poll_interval: Duration::from_secs(60),
+            ..fast_config("n1")
+        })
+        .register(workflow)
+        .clock(clock.clone())
+        .build()
+        .expect("engine");
+    let worker = engine.start_worker().await.expect("worker");
+    let run = engine
+        .trigger("hourly-retry", json!({"fail": {"a": 1}}), TriggerOptions::default())
+        .await
+        .expect("trigger")
+        .run_id;
+    let retry = eventually(WAIT, "the retry to be scheduled", || async {
+        let events = engine.events(run).await.expect("events").expect("run");
+        events.into_iter().find(|e| e.kind == K::RetryScheduled)
+    })
+    .await;
+    let due: chrono::DateTime<chrono::Utc> = serde_json::from_value(retry.detail["at"].clone()).expect("retry time");
+    assert_eq!(
+        due,
+        start + chrono::Duration::from_std(hour).expect("hour"),
+        "stamped with the engine clock"
+    );
+
+    // The clock stands still: the retry is not due, however long we wait in real time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let detail = engine.run(run).await.expect("run").expect("exists");
+    assert_eq!((detail.run.status, detail.steps[0].attempts), (RunStatus::Running, 1));
+    // PostgreSQL keeps microseconds.
+    assert_eq!(
+        detail.run.ready_at.map(|t| t.timestamp_micros()),
+        Some(due.timestamp_micros())
+    );
+
+    clock.advance(hour);
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    let a = &engine.run(run).await.expect("run").expect("exists").steps[0];
+    assert_eq!((a.status, a.attempts), (StepStatus::Succeeded, 2));
     worker.shutdown().await;
 }
 
@@ -589,9 +649,16 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
     let run = trigger(&engine, json!({})).await;
     let worker_id = store::register_worker(&db.pool, "manual").await.expect("worker");
     let mut tx = db.pool.begin().await.expect("tx");
-    let claimed = store::claim(&mut tx, worker_id, 1, 60_000, &["scripted@1".to_string()])
-        .await
-        .expect("claim");
+    let claimed = store::claim(
+        &mut tx,
+        worker_id,
+        1,
+        60_000,
+        &["scripted@1".to_string()],
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("claim");
     tx.commit().await.expect("commit");
     assert_eq!(claimed.len(), 1);
     let old_epoch = claimed[0].run.lease_epoch;
@@ -602,9 +669,16 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
         .await
         .expect("expire");
     let mut tx = db.pool.begin().await.expect("tx");
-    let retaken = store::claim(&mut tx, worker_id, 1, 60_000, &["scripted@1".to_string()])
-        .await
-        .expect("claim");
+    let retaken = store::claim(
+        &mut tx,
+        worker_id,
+        1,
+        60_000,
+        &["scripted@1".to_string()],
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("claim");
     tx.commit().await.expect("commit");
     assert_eq!(retaken[0].run.lease_epoch, old_epoch + 1);
 
@@ -1142,9 +1216,16 @@ async fn a_lease_without_an_executor_expires_even_while_its_worker_lives() {
     let api_only = engine(&db.pool, "api");
     let run = trigger(&api_only, json!({})).await;
     let mut tx = db.pool.begin().await.expect("tx");
-    let claimed = store::claim(&mut tx, live_worker.id(), 1, 600, &["scripted@1".to_string()])
-        .await
-        .expect("claim");
+    let claimed = store::claim(
+        &mut tx,
+        live_worker.id(),
+        1,
+        600,
+        &["scripted@1".to_string()],
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("claim");
     tx.commit().await.expect("commit");
     assert_eq!(claimed.len(), 1);
 

@@ -15,10 +15,10 @@ use common::server::{self, TestServer, read};
 use common::{eventually, fast_config, test_db};
 use reqwest::{Method, StatusCode};
 use sagaflow::engine::scheduler::{
-    CatchUp, CatchUpRules, ManualClock, Origin, Overlap, ScheduleError, ScheduleListing, ScheduleSpec, ScheduleView,
+    CatchUp, CatchUpRules, Origin, Overlap, ScheduleError, ScheduleListing, ScheduleSpec, ScheduleView,
     SchedulerConfig, tick_key,
 };
-use sagaflow::engine::{Engine, EngineError, Faults, RunStatus, Trigger, TriggerOptions};
+use sagaflow::engine::{Engine, EngineError, Faults, ManualClock, RunStatus, Trigger, TriggerOptions};
 use sagaflow::server::{ScheduleSettings, ServeError, build_engine, declare_schedules};
 use sagaflow::workflows::retention;
 use serde_json::{Value, json};

@@ -40,7 +40,7 @@ pub(crate) struct Change<'a> {
     /// The decision.
     pub(crate) transition: &'a Transition,
     /// `None`: what the transition's next action implies for the owner's lease. An operator,
-    /// who holds no lease, passes [`LeaseWrite::Wake`].
+    /// who holds no lease, passes [`LeaseWrite::Wake`] with the engine clock's time.
     pub(crate) lease: Option<LeaseWrite>,
     /// When the run was accepted (the database's time), for the run-duration metric.
     pub(crate) created_at: DateTime<Utc>,

@@ -369,7 +369,7 @@ impl RunTask {
         let conditions = Conditions {
             draining: self.worker.is_draining(),
             jitter: rand::random::<f64>(),
-            now: Utc::now(),
+            now: self.engine.now(),
         };
         Machine::new(&self.workflow, &self.input).handle(state, event, &conditions)
     }

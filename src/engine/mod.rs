@@ -16,6 +16,7 @@
 
 pub(crate) mod apply;
 pub mod changes;
+pub mod clock;
 pub mod definition;
 pub(crate) mod executor;
 pub mod faults;
@@ -36,6 +37,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use definition::{
     Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
     StepDef, ValidateInput, Workflow, WorkflowBuilder,
@@ -214,7 +216,7 @@ pub struct EngineBuilder {
     faults: Faults,
     workflows: Vec<Workflow>,
     hooks: Vec<(String, String, Handler)>,
-    clock: Arc<dyn scheduler::Clock>,
+    clock: Arc<dyn Clock>,
 }
 
 impl EngineBuilder {
@@ -237,8 +239,9 @@ impl EngineBuilder {
         self
     }
 
-    /// Sets the wall clock schedules run by (tests move a [`scheduler::ManualClock`]).
-    pub fn clock(mut self, clock: Arc<dyn scheduler::Clock>) -> Self {
+    /// Sets the wall clock due times and schedules are read from (tests move a
+    /// [`ManualClock`]; see [`clock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
@@ -331,7 +334,7 @@ pub(crate) struct Inner {
     /// Runs changed by this instance, published for live views.
     pub(crate) changes: changes::ChangeFeed,
     /// The wall clock schedules run by.
-    pub(crate) clock: Arc<dyn scheduler::Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 impl Inner {
@@ -451,7 +454,7 @@ impl Engine {
             faults: Faults::none(),
             workflows: Vec::new(),
             hooks: Vec::new(),
-            clock: Arc::new(scheduler::SystemClock),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -468,6 +471,11 @@ impl Engine {
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The engine clock's time: what due times are stamped with and compared to.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
     }
 
     pub(crate) fn lease_ms(&self) -> i64 {
@@ -498,7 +506,7 @@ impl Engine {
                     registered: steps.iter().map(|s| s.to_string()).collect(),
                 });
             }
-            let unparked = store::unpark_runs(&self.inner.pool, &wf.name, wf.version).await?;
+            let unparked = store::unpark_runs(&self.inner.pool, &wf.name, wf.version, self.now()).await?;
             if unparked > 0 {
                 tracing::info!(workflow = %wf.name, version = wf.version, unparked, "parked runs made due again");
             }
@@ -605,7 +613,7 @@ impl Engine {
         let slot = self.inner.local_worker().and_then(|w| Some((w.free_slot()?, w)));
         if let Some((slot, worker)) = slot {
             let mut claimed = state.clone();
-            let t = worker.claim(wf, input, &mut claimed, None);
+            let t = worker.claim(wf, input, &mut claimed, None, self.now());
             // Finished before a single attempt (every step skipped by `when`), the run goes
             // in unleased and due: an insert cannot also be a finish (output, finish time, the
             // workflow's finish hook), so a claim finishes it through `apply` like any other.
@@ -658,6 +666,7 @@ impl Engine {
                 events: &p.events,
                 owner: p.local.as_ref().map(|l| l.worker.id),
                 lease_ms: self.lease_ms(),
+                now: self.now(),
             },
         )
         .await?;
@@ -795,7 +804,7 @@ impl Engine {
         let old = store::run_state(&run, &steps);
         let mut state = old.clone();
         let transition = Machine::new(&wf, &run.input)
-            .request_cancel(&mut state, operator, Utc::now())
+            .request_cancel(&mut state, operator, self.now())
             .map_err(|e| EngineError::NotAllowed {
                 action: "cancel",
                 status: e.0,
@@ -805,7 +814,7 @@ impl Engine {
         }
         let change = apply::Change {
             // The operator holds no lease: leave the owner's alone, make an unleased run due.
-            lease: Some(store::LeaseWrite::Wake),
+            lease: Some(store::LeaseWrite::Wake(self.now())),
             ..apply::Change::of_row(&run, &wf, &old, &state, &transition)
         };
         let after = applied_by_operator(apply::apply(&mut tx, change).await, "cancel", run_id)?;
@@ -833,7 +842,7 @@ impl Engine {
                 let old = store::run_state(&run, &steps);
                 let mut state = old.clone();
                 let transition = Machine::new(&wf, &run.input)
-                    .operator_retry(&mut state, operator, Utc::now())
+                    .operator_retry(&mut state, operator, self.now())
                     .map_err(|e| EngineError::NotAllowed {
                         action: "retry",
                         status: e.0,

@@ -258,7 +258,7 @@ pub struct Expired {
 
 /// Makes claimable the runs whose owner is gone (its liveness lock is free, or it stopped)
 /// or whose lease expired. `me` is never judged gone: this worker knows it is alive.
-pub async fn expire_lost_leases(pool: &PgPool, me: i32) -> Result<Vec<Expired>, sqlx::Error> {
+pub async fn expire_lost_leases(pool: &PgPool, me: i32, now: DateTime<Utc>) -> Result<Vec<Expired>, sqlx::Error> {
     sqlx::query_as(
         "WITH owners AS (
              SELECT DISTINCT lease_owner AS id FROM runs
@@ -276,22 +276,23 @@ pub async fn expire_lost_leases(pool: &PgPool, me: i32) -> Result<Vec<Expired>, 
                AND (lease_expires_at <= now() OR lease_owner IN (SELECT id FROM gone))
              FOR UPDATE SKIP LOCKED
          )
-         UPDATE runs r SET ready_at = now() FROM due WHERE r.id = due.id
+         UPDATE runs r SET ready_at = $3 FROM due WHERE r.id = due.id
          RETURNING r.id, r.lease_owner",
     )
     .bind(me)
     .bind(WORKER_LOCK_CLASS)
+    .bind(now)
     .fetch_all(pool)
     .await
 }
 
 /// Gives back every lease `worker` still holds (its attempts were abandoned at shutdown),
 /// bumping the epoch so nothing it still had in flight can commit, and logs why.
-pub async fn release_all(pool: &PgPool, worker: i32, reason: &str) -> Result<u64, sqlx::Error> {
+pub async fn release_all(pool: &PgPool, worker: i32, reason: &str, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "WITH released AS (
              UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, lease_epoch = lease_epoch + 1,
-                 ready_at = now(), log_seq = log_seq + 1, updated_at = now()
+                 ready_at = $3, log_seq = log_seq + 1, updated_at = now()
              WHERE lease_owner = $1 AND ready_at IS NULL
                AND status IN ('pending', 'running', 'compensating')
              RETURNING id, log_seq
@@ -301,6 +302,7 @@ pub async fn release_all(pool: &PgPool, worker: i32, reason: &str) -> Result<u64
     )
     .bind(worker)
     .bind(reason)
+    .bind(now)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
@@ -359,8 +361,11 @@ pub struct NewRun<'a> {
     pub marks: &'a std::collections::BTreeMap<usize, TimeMark>,
     /// The log entries, `run_created` first.
     pub events: &'a [NewEvent],
-    /// `Some(worker)`: the run is leased to this worker at once (epoch 1); `None`: it is due now.
+    /// `Some(worker)`: the run is leased to this worker at once (epoch 1); `None`: it is due
+    /// at `now`.
     pub owner: Option<i32>,
+    /// The engine clock's time: when an unleased run is due.
+    pub now: DateTime<Utc>,
     /// The lease duration.
     pub lease_ms: i64,
 }
@@ -375,7 +380,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
              INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
                                retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                     CASE WHEN $10::int4 IS NULL THEN now() END, $10,
+                     CASE WHEN $10::int4 IS NULL THEN $21::timestamptz END, $10,
                      CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
                      CASE WHEN $10::int4 IS NOT NULL THEN now() + $11 * interval '1 millisecond' END,
                      cardinality($17::event_kind[]))
@@ -415,6 +420,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .bind(&events.step)
     .bind(&events.attempt)
     .bind(&events.detail)
+    .bind(run.now)
     .fetch_optional(conn)
     .await?;
     Ok(inserted)
@@ -444,13 +450,19 @@ pub async fn park_run(conn: &mut PgConnection, run_id: Uuid, epoch: i64, reason:
 
 /// Makes the parked runs of `workflow@version` due again (a deploy may have brought their
 /// plan back); returns how many.
-pub async fn unpark_runs<'e>(db: impl PgExecutor<'e>, workflow: &str, version: i32) -> Result<u64, sqlx::Error> {
+pub async fn unpark_runs<'e>(
+    db: impl PgExecutor<'e>,
+    workflow: &str,
+    version: i32,
+    now: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE runs SET parked_reason = NULL, ready_at = now(), updated_at = now()
+        "UPDATE runs SET parked_reason = NULL, ready_at = $3, updated_at = now()
          WHERE workflow = $1 AND workflow_version = $2 AND parked_reason IS NOT NULL",
     )
     .bind(workflow)
     .bind(version)
+    .bind(now)
     .execute(db)
     .await?
     .rows_affected())
@@ -504,6 +516,7 @@ pub async fn claim(
     limit: i64,
     lease_ms: i64,
     kinds: &[String],
+    now: DateTime<Utc>,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     #[derive(FromRow)]
     struct Row {
@@ -514,7 +527,7 @@ pub async fn claim(
     let rows: Vec<Row> = sqlx::query_as(
         "WITH candidates AS (
              SELECT id, lease_owner AS previous_owner FROM runs
-             WHERE ready_at <= now() AND (workflow || '@' || workflow_version) = ANY($3)
+             WHERE ready_at <= $5 AND (workflow || '@' || workflow_version) = ANY($3)
              ORDER BY ready_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -531,6 +544,7 @@ pub async fn claim(
     .bind(limit)
     .bind(kinds)
     .bind(lease_ms)
+    .bind(now)
     .fetch_all(&mut *conn)
     .await?;
     if rows.is_empty() {
@@ -591,8 +605,8 @@ pub enum LeaseWrite {
     /// The run is finished: no lease, nothing due.
     Finish,
     /// Not the owner writing (an operator): leave the lease alone, and make an unleased run
-    /// due now so a worker acts on the change.
-    Wake,
+    /// due by this time (the engine clock's now) so a worker acts on the change.
+    Wake(DateTime<Utc>),
 }
 
 /// A transition to persist, fenced by the lease epoch and the cancel flag the decision saw.
@@ -636,7 +650,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         LeaseWrite::Keep => ("keep", None),
         LeaseWrite::Release(at) => ("release", Some(at)),
         LeaseWrite::Finish => ("finish", None),
-        LeaseWrite::Wake => ("wake", None),
+        LeaseWrite::Wake(now) => ("wake", Some(now)),
     };
     let error = p
         .state
@@ -654,7 +668,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  cancel_requested = $7,
                  log_seq = log_seq + cardinality($18::event_kind[]),
                  ready_at = CASE $8::text WHEN 'release' THEN $9
-                                          WHEN 'wake' THEN CASE WHEN lease_owner IS NULL THEN least(ready_at, now())
+                                          WHEN 'wake' THEN CASE WHEN lease_owner IS NULL THEN least(ready_at, $9)
                                                                 ELSE ready_at END
                                           ELSE NULL END,
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,

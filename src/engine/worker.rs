@@ -96,11 +96,12 @@ impl WorkerShared {
         input: &Value,
         state: &mut RunState,
         taken_over_from: Option<String>,
+        now: chrono::DateTime<chrono::Utc>,
     ) -> Transition {
         let conditions = Conditions {
             draining: false,
             jitter: rand::random::<f64>(),
-            now: chrono::Utc::now(),
+            now,
         };
         Machine::new(workflow, input).handle(
             state,
@@ -192,7 +193,14 @@ impl WorkerHandle {
             self.shared.tasks.wait().await;
         }
         let pool = &self.engine.inner.worker_pool;
-        match store::release_all(pool, self.shared.id, "the worker shut down before the attempt finished").await {
+        match store::release_all(
+            pool,
+            self.shared.id,
+            "the worker shut down before the attempt finished",
+            self.engine.now(),
+        )
+        .await
+        {
             Ok(0) => {}
             Ok(n) => info!(runs = n, "leases given back"),
             Err(e) => error!(error = %e, "could not give leases back; they will expire"),
@@ -293,7 +301,7 @@ async fn connect_locked(engine: &Engine, id: i32) -> Result<PgConnection, Engine
 }
 
 async fn recover(engine: &Engine, me: i32) {
-    match store::expire_lost_leases(&engine.inner.worker_pool, me).await {
+    match store::expire_lost_leases(&engine.inner.worker_pool, me, engine.now()).await {
         Ok(expired) if !expired.is_empty() => {
             info!(runs = expired.len(), "runs of lost owners made claimable");
             for run in &expired {
@@ -308,13 +316,18 @@ async fn recover(engine: &Engine, me: i32) {
 
 async fn dispatch_loop(engine: Engine, shared: Arc<WorkerShared>, stop: CancellationToken) {
     let config = &engine.inner.config;
-    let mut sleep_for = Duration::ZERO;
+    let mut wake = Wake::after(Duration::ZERO);
     loop {
+        let due: futures::future::BoxFuture<'static, ()> = match wake.due {
+            Some(due) => engine.inner.clock.sleep_until(due),
+            None => Box::pin(std::future::pending()),
+        };
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
             _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = tokio::time::sleep(wake.after) => {}
+            _ = due => {}
         }
         let mut claimed_any = false;
         let mut failed = false;
@@ -338,21 +351,34 @@ async fn dispatch_loop(engine: Engine, shared: Arc<WorkerShared>, stop: Cancella
                 }
             }
         }
-        sleep_for = if failed {
-            Duration::from_secs(1)
+        wake = if failed {
+            Wake::after(Duration::from_secs(1))
         } else {
             next_wake(&engine, claimed_any).await
         };
     }
 }
 
-/// How long the dispatcher may sleep: until the next known due time (a retry timer), at most
-/// the poll interval. NOTIFY wakes it earlier.
-async fn next_wake(engine: &Engine, claimed_any: bool) -> Duration {
+/// When the dispatcher looks for work again (NOTIFY wakes it earlier).
+struct Wake {
+    /// At the latest after this long (the poll interval, or a short floor).
+    after: Duration,
+    /// At this due time on the engine clock (a retry timer), if one is known.
+    due: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Wake {
+    fn after(after: Duration) -> Self {
+        Self { after, due: None }
+    }
+}
+
+/// How long the dispatcher may sleep: until the next known due time (a retry timer) on the
+/// engine clock, at most the poll interval.
+async fn next_wake(engine: &Engine, claimed_any: bool) -> Wake {
     let poll = engine.inner.config.poll_interval;
     match store::next_due(&engine.inner.worker_pool).await {
         Ok(Some(due)) => {
-            let until = (due - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
             // Due runs we did not get are locked by another worker's claim right now: look
             // again shortly rather than spin.
             let floor = if claimed_any {
@@ -360,10 +386,18 @@ async fn next_wake(engine: &Engine, claimed_any: bool) -> Duration {
             } else {
                 Duration::from_millis(100)
             };
-            until.clamp(floor, poll.max(floor))
+            let until = (due - engine.now()).to_std().unwrap_or(Duration::ZERO);
+            if until <= floor {
+                Wake::after(floor)
+            } else {
+                Wake {
+                    after: poll.max(floor),
+                    due: Some(due),
+                }
+            }
         }
-        Ok(None) => poll,
-        Err(_) => Duration::from_secs(1),
+        Ok(None) => Wake::after(poll),
+        Err(_) => Wake::after(Duration::from_secs(1)),
     }
 }
 
@@ -374,7 +408,15 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
     };
     let mut permits = Some(permits);
     let mut tx = inner.worker_pool.begin().await?;
-    let claimed = store::claim(&mut tx, shared.id, free as i64, engine.lease_ms(), &inner.kinds).await?;
+    let claimed = store::claim(
+        &mut tx,
+        shared.id,
+        free as i64,
+        engine.lease_ms(),
+        &inner.kinds,
+        engine.now(),
+    )
+    .await?;
     let mut leased = Vec::with_capacity(claimed.len());
     let mut after_commit = Vec::with_capacity(claimed.len());
     let mut parked = Vec::new();
@@ -407,7 +449,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             metrics::counter!(m::LEASE_TAKEOVERS).increment(1);
         }
         let mut state = old.clone();
-        let transition = shared.claim(&workflow, &c.run.input, &mut state, taken_over_from);
+        let transition = shared.claim(&workflow, &c.run.input, &mut state, taken_over_from, engine.now());
         // A run the claim itself finishes runs its workflow's finish hook here, in a savepoint:
         // should the hook refuse, the run ends `failed` without it, and the rest of the batch
         // is not touched.

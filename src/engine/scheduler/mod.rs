@@ -6,7 +6,6 @@
 //! - [`describe`]: an expression in words.
 //! - [`plan`]: the pure decisions: which due ticks fire under the catch-up policy, where the
 //!   next tick lies after a change, what the overlap policy allows.
-//! - [`clock`]: wall-clock time behind a trait, so tests move time instead of waiting.
 //! - [`runner`]: the loop every instance may run: sleeps until the next tick (woken early by
 //!   `NOTIFY` when schedules change), fires what is due.
 //! - [`store`]: all SQL of schedules.
@@ -16,7 +15,6 @@
 //! same tick, and whatever crashes between starting the run and recording it, one run exists.
 //! The schedule's row lock (`FOR UPDATE SKIP LOCKED`) only spares the others the work.
 
-pub mod clock;
 pub mod describe;
 pub mod expr;
 pub mod plan;
@@ -31,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::clock::Clock;
 use super::definition::{InputError, parse_input};
 use super::{Engine, EngineError, RESERVED_KEY_PREFIX, Trigger, TriggerOptions, Triggered};
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use expr::{CronExpr, ExprError};
 pub use plan::CatchUpRules;
 pub use runner::{SchedulerConfig, SchedulerHandle};

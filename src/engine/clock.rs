@@ -1,5 +1,11 @@
-//! The scheduler's clock: wall-clock time and sleeping until a wall-clock instant, behind a
+//! The engine's clock: wall-clock time and sleeping until a wall-clock instant, behind a
 //! trait so tests can move time by hours without waiting for it.
+//!
+//! Every time the engine decides a run is due (at its insert, at a retry's backoff, at a
+//! release, an operator's wake or a recovery) is read from this clock, and claims compare
+//! due times with it; schedules fire by it too. Leases are the exception: their expiry is
+//! judged by the database's clock, the one clock every instance shares, since a takeover
+//! decided on a skewed clock would run a step twice at once.
 
 use std::fmt;
 use std::sync::Mutex;
@@ -9,7 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-/// Wall-clock time for the scheduler.
+/// Wall-clock time for the engine and its scheduler.
 pub trait Clock: fmt::Debug + Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> DateTime<Utc>;
