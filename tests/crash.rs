@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::process::{Options, ServerProcess};
 use common::server::API_TOKEN;
-use common::{TestDb, test_db};
+use common::{TestDb, eventually, test_db};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sagaflow::engine::Faults;
@@ -153,13 +153,14 @@ async fn crash_at(faults: &str, expected: Expected) {
             faults: Some(faults.to_string()),
             ..Options::node(node)
         },
-    );
+    )
+    .await;
     let client = client();
     let email = "crash@example.com";
     let auth = identity(&client, &server.url(), email).await;
     // The process may die before it answers: the idempotency key finds the run afterwards.
     let _ = trigger(&client, &server.url(), "crash-run", &registration(&auth, email)).await;
-    let status = server.wait_exit(Duration::from_secs(30));
+    let status = server.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(
         status.signal(),
         Some(6),
@@ -169,7 +170,7 @@ async fn crash_at(faults: &str, expected: Expected) {
         .await
         .expect("the run was accepted before the crash");
 
-    server.restart(Options::node(node));
+    server.restart(Options::node(node)).await;
     all_terminal(&db.pool, Duration::from_secs(30)).await;
     let final_status: String = sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1")
         .bind(run)
@@ -401,9 +402,10 @@ async fn random_sigkill_under_load() {
     let mut rng = StdRng::seed_from_u64(seed);
     let (runs, kills, instances) = if chaos() { (3000, 40, 3) } else { (300, 4, 1) };
     let db = test_db().await;
-    let mut servers: Vec<ServerProcess> = (0..instances)
-        .map(|i| ServerProcess::start(&db.url, Options::node(&format!("chaos-{i}"))))
-        .collect();
+    let mut servers = Vec::new();
+    for i in 0..instances {
+        servers.push(ServerProcess::start(&db.url, Options::node(&format!("chaos-{i}"))).await);
+    }
     let load = start_load(&db, servers.iter().map(ServerProcess::url).collect(), runs, 16, "k").await;
     let started = Instant::now();
     let mut done_kills = 0;
@@ -413,7 +415,7 @@ async fn random_sigkill_under_load() {
         servers[victim].kill9();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         let node = servers[victim].options.node.clone();
-        servers[victim].restart(Options::node(&node));
+        servers[victim].restart(Options::node(&node)).await;
         done_kills += 1;
         if load.done.load(Ordering::SeqCst) {
             break;
@@ -435,12 +437,25 @@ async fn random_sigkill_under_load() {
 async fn several_instances_finish_a_killed_instances_runs() {
     let runs = if chaos() { 2000 } else { 300 };
     let db = test_db().await;
-    let mut instances: Vec<ServerProcess> = (0..3)
-        .map(|i| ServerProcess::start(&db.url, Options::node(&format!("node-{i}"))))
-        .collect();
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(ServerProcess::start(&db.url, Options::node(&format!("node-{i}"))).await);
+    }
     let bases = instances.iter().map(ServerProcess::url).collect();
     let load = start_load(&db, bases, runs, 24, "m").await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Kill node-0 while it holds leases (not after a fixed time: on a loaded machine it may
+    // not have started a run by then).
+    eventually(Duration::from_secs(60), "node-0 to hold a lease", || async {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs r JOIN workers w ON w.id = r.lease_owner
+             WHERE w.node_id = 'node-0' AND r.ready_at IS NULL",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("leases");
+        (held > 0).then_some(())
+    })
+    .await;
     instances[0].kill9();
     let killed_at = chrono::Utc::now();
     let accepted = load.finish().await;
@@ -479,14 +494,16 @@ async fn a_paused_owner_is_fenced_when_it_wakes_up() {
             lease_ttl: lease,
             ..Options::node("sleepy")
         },
-    );
+    )
+    .await;
     let mut other = ServerProcess::start(
         &db.url,
         Options {
             lease_ttl: lease,
             ..Options::node("awake")
         },
-    );
+    )
+    .await;
     // Load on the first instance only, so it owns runs in flight when it freezes.
     let load = start_load(&db, vec![paused.url()], 200, 16, "p").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -599,7 +616,7 @@ async fn the_database_going_away_under_load() {
         pool,
     };
 
-    let mut server = ServerProcess::start(&url, Options::node("survivor"));
+    let mut server = ServerProcess::start(&url, Options::node("survivor")).await;
     let load = start_load(&db, vec![server.url()], 200, 16, "d").await;
     let cluster = Arc::new(cluster);
     for _ in 0..2 {
@@ -641,10 +658,11 @@ async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
             lease_ttl: long,
             ..Options::node("leaving")
         },
-    );
+    )
+    .await;
     let load = start_load(&db, vec![first.url()], 150, 16, "t").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let status = first.terminate(Duration::from_secs(30));
+    let status = first.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}:\n{}", first.log_text());
     let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE lease_owner IS NOT NULL")
         .fetch_one(&db.pool)
@@ -660,7 +678,8 @@ async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
             port: first.port,
             ..Options::node("arriving")
         },
-    );
+    )
+    .await;
     let accepted = load.finish().await;
     assert_eq!(accepted, 150);
     all_terminal(&db.pool, Duration::from_secs(30)).await;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sagaflow::engine::RunStatus;
+use sagaflow::engine::read::RunReads;
 use sagaflow::engine::{Cursor, Engine, EngineError, RunFilter};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -82,8 +83,8 @@ pub async fn measure(pool: &PgPool, sizes: &[usize]) -> Result<Vec<ListTimes>> {
             by_email_ms: median(|| list(&by_email, None)).await?,
             deep_page_ms: median(|| list(&all, Some(cursor))).await?,
             counts_ms: median(|| {
-                let (engine, last_day) = (engine.clone(), last_day.clone());
-                async move { engine.count_runs(&last_day, 10_000).await }
+                let (reads, last_day) = (RunReads::of(&engine), last_day.clone());
+                async move { reads.count_runs(&last_day, 10_000).await }
             })
             .await?,
         });

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use super::report::{Latency, cpu_seconds};
+use super::measure::{Latency, cpu_seconds};
 
 /// The token the bench's server children accept.
 pub const TOKEN: &str = "bench-token-0123456789abcdef0123456789";

@@ -15,6 +15,7 @@
 
 mod list;
 mod load;
+mod measure;
 mod report;
 
 use std::path::PathBuf;
@@ -146,7 +147,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     report.ceiling_commits_per_s = load::ceiling(&pool, options.concurrency, options.phase).await?;
 
     eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
-    let server = ServerChild::start(&url, "bench-http", options.pool_size)?;
+    let server = ServerChild::start(&url, "bench-http", options.pool_size).await?;
     load::create_identities(&pool, "h", options.runs * 3).await?;
     let max = load::http_closed_loop(
         &pool,
@@ -193,11 +194,11 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
 
 async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<load::Recovery> {
     load::create_identities(pool, "r", 5000).await?;
-    let mut server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
+    let mut server = ServerChild::start(url, "bench-recovery", options.pool_size).await?;
     let in_flight = load::fill_and_kill(pool, &server.base(), "r", 5000, 64, &mut server.child).await?;
     let restarted = Instant::now();
     let restarted_at = chrono::Utc::now();
-    let server = ServerChild::start(url, "bench-recovery", options.pool_size)?;
+    let server = ServerChild::start(url, "bench-recovery", options.pool_size).await?;
     let ready = restarted.elapsed();
     load::all_terminal(pool, Duration::from_secs(120)).await?;
     let recovery_s = restarted.elapsed().as_secs_f64();
@@ -218,7 +219,7 @@ struct ServerChild {
 }
 
 impl ServerChild {
-    fn start(url: &str, node: &str, pool_size: u32) -> Result<Self> {
+    async fn start(url: &str, node: &str, pool_size: u32) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let exe = std::env::current_exe().context("finding this binary")?;
         let child = Command::new(exe)
@@ -236,7 +237,7 @@ impl ServerChild {
         let mut server = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
@@ -245,7 +246,7 @@ impl ServerChild {
             if Instant::now() > deadline {
                 bail!("the server did not start");
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -258,7 +259,7 @@ impl ServerChild {
     }
 
     fn peak_rss_mb(&self) -> f64 {
-        report::peak_rss_mb(self.child.id()).unwrap_or(f64::NAN)
+        measure::peak_rss_mb(self.child.id()).unwrap_or(f64::NAN)
     }
 
     fn terminate(mut self) -> Result<()> {

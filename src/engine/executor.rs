@@ -28,13 +28,12 @@ use super::faults::FaultPoint;
 use super::machine::{Conditions, Event, Machine, Next, Transition};
 use super::state::{RunState, StepError};
 use super::store;
-use super::worker::WorkerShared;
 use super::{Engine, metrics_names as m};
 
 /// A run this worker holds the lease of, with everything needed to drive it.
 pub(crate) struct RunTask {
     engine: Engine,
-    worker: Arc<WorkerShared>,
+    worker: Arc<dyn Slot>,
     workflow: Arc<Workflow>,
     pub(crate) run_id: Uuid,
     input: Value,
@@ -44,6 +43,17 @@ pub(crate) struct RunTask {
     state: RunState,
     next: Next,
     _permit: OwnedSemaphorePermit,
+}
+
+/// What an executor needs of the worker it runs for (implemented by the worker): the executor
+/// knows nothing else of claims, heartbeats or shutdown.
+pub(crate) trait Slot: Send + Sync {
+    /// The worker's id: the lease owner the executor's writes are fenced by.
+    fn worker_id(&self) -> i32;
+    /// The worker is shutting down: start nothing new, hand the run back.
+    fn is_draining(&self) -> bool;
+    /// The executor is done with its run (its slot is freed when the task is dropped).
+    fn run_done(&self);
 }
 
 /// The lease a worker committed on a run, as an executor starts from it.
@@ -66,7 +76,7 @@ impl RunTask {
     /// The executor of a run `worker` has just leased (its lease committed), in a slot of it.
     pub(crate) fn new(
         engine: Engine,
-        worker: Arc<WorkerShared>,
+        worker: Arc<dyn Slot>,
         workflow: Arc<Workflow>,
         lease: Lease,
         permit: OwnedSemaphorePermit,
@@ -399,7 +409,8 @@ impl RunTask {
         let Some(run) = store::run_for_update(&mut tx, self.run_id).await? else {
             return Ok(false);
         };
-        if run.lease_epoch != self.epoch || run.lease_owner != Some(self.worker.id) || run.status.is_terminal() {
+        if run.lease_epoch != self.epoch || run.lease_owner != Some(self.worker.worker_id()) || run.status.is_terminal()
+        {
             return Ok(false);
         }
         let steps = store::steps_of(&mut *tx, self.run_id).await?;

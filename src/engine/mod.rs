@@ -21,6 +21,7 @@ pub mod definition;
 pub(crate) mod executor;
 pub mod faults;
 pub mod machine;
+pub mod read;
 pub mod retry;
 pub mod scheduler;
 pub mod state;
@@ -760,36 +761,6 @@ impl Engine {
         let deleted = store::delete_finished_before(&self.inner.worker_pool, cutoff, batch).await?;
         metrics::counter!(metrics_names::RUNS_DELETED).increment(deleted);
         Ok(deleted)
-    }
-
-    /// Runs matching the filter (its status part ignored) per status, each count stopping at
-    /// `cap` so that counting stays cheap however many runs there are.
-    pub async fn count_runs(&self, filter: &store::RunFilter, cap: i64) -> Result<Vec<(RunStatus, i64)>, EngineError> {
-        Ok(store::count_by_status_capped(&self.inner.pool, filter, cap).await?)
-    }
-
-    /// The steps of several runs without their outputs (for lists showing progress).
-    pub async fn step_briefs(&self, runs: &[Uuid]) -> Result<Vec<store::StepBrief>, EngineError> {
-        Ok(store::step_briefs(&self.inner.pool, runs).await?)
-    }
-
-    /// Runs finished per minute since `since`.
-    pub async fn finished_per_minute(
-        &self,
-        since: chrono::DateTime<Utc>,
-    ) -> Result<Vec<store::FinishedMinute>, EngineError> {
-        Ok(store::finished_per_minute(&self.inner.pool, since).await?)
-    }
-
-    /// p50/p99 run durations per bucket of `minutes` starting at each of `starts`, over at
-    /// most `sample` runs per bucket; the summary over all of them first.
-    pub async fn durations(
-        &self,
-        starts: &[chrono::DateTime<Utc>],
-        minutes: i32,
-        sample: i64,
-    ) -> Result<Vec<store::DurationBucket>, EngineError> {
-        Ok(store::durations(&self.inner.pool, starts, minutes, sample).await?)
     }
 
     /// Asks to cancel a `pending` or `running` run: it stops after the attempt in flight and

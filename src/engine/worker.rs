@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Applied, ApplyError, Change};
 use super::definition::Workflow;
-use super::executor::{Lease, RunTask};
+use super::executor::{Lease, RunTask, Slot};
 use super::machine::{Conditions, Event, Machine, Transition};
 use super::state::RunState;
 use super::store::{self, READY_CHANNEL};
@@ -58,18 +58,24 @@ pub(crate) struct WorkerShared {
     active: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>,
 }
 
-impl WorkerShared {
-    pub(crate) fn is_draining(&self) -> bool {
+impl Slot for WorkerShared {
+    fn worker_id(&self) -> i32 {
+        self.id
+    }
+
+    fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// An executor finished with its run: if work was waiting for a permit, claim it.
-    pub(crate) fn run_done(&self) {
+    /// If work was waiting for a permit, claim it.
+    fn run_done(&self) {
         if self.starved.swap(false, Ordering::Relaxed) {
             self.wake.notify_one();
         }
     }
+}
 
+impl WorkerShared {
     fn active(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, i64>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -121,7 +127,8 @@ impl WorkerShared {
         lease: Lease,
         slot: OwnedSemaphorePermit,
     ) {
-        self.spawn(RunTask::new(engine.clone(), Arc::clone(self), workflow, lease, slot));
+        let worker: Arc<dyn Slot> = Arc::clone(self) as Arc<dyn Slot>;
+        self.spawn(RunTask::new(engine.clone(), worker, workflow, lease, slot));
     }
 
     fn spawn(self: &Arc<Self>, task: RunTask) {

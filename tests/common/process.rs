@@ -57,7 +57,7 @@ pub fn free_port() -> u16 {
 impl ServerProcess {
     /// Starts the binary on `database_url` and waits until it answers /healthz. Returns it
     /// even if it aborts right away (a fault may strike at once); see [`Self::wait_exit`].
-    pub fn start(database_url: &str, mut options: Options) -> Self {
+    pub async fn start(database_url: &str, mut options: Options) -> Self {
         if options.port == 0 {
             options.port = free_port();
         }
@@ -77,11 +77,11 @@ impl ServerProcess {
             log,
             database_url: database_url.to_string(),
         };
-        server.spawn();
+        server.spawn().await;
         server
     }
 
-    fn spawn(&mut self) {
+    async fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sagaflow"));
         cmd.arg("serve")
@@ -106,13 +106,13 @@ impl ServerProcess {
             cmd.env("SAGAFLOW_FAULTS", faults);
         }
         self.child = Some(cmd.spawn().expect("spawn sagaflow"));
-        self.wait_ready();
+        self.wait_ready().await;
     }
 
-    fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if healthy(self.port) {
+            if healthy(self.port).await {
                 return;
             }
             if let Some(child) = self.child.as_mut()
@@ -120,7 +120,7 @@ impl ServerProcess {
             {
                 return; // died at once (an injected fault); the test looks at it
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
             "server {} not healthy after 60 s; log:\n{}",
@@ -139,7 +139,7 @@ impl ServerProcess {
     }
 
     /// Waits for the process to exit by itself (e.g. aborted by a fault).
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("running");
         loop {
@@ -153,7 +153,7 @@ impl ServerProcess {
                 self.options.node,
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -180,15 +180,15 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then waits for the exit status.
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(pid) = self.pid() {
             kill(pid, Signal::SIGTERM).expect("SIGTERM");
         }
-        self.wait_exit(timeout)
+        self.wait_exit(timeout).await
     }
 
     /// Starts the binary again with new options (same port unless they say otherwise).
-    pub fn restart(&mut self, options: Options) {
+    pub async fn restart(&mut self, options: Options) {
         self.kill9();
         let port = self.port;
         self.options = options;
@@ -196,7 +196,7 @@ impl ServerProcess {
             self.options.port = port;
         }
         self.port = self.options.port;
-        self.spawn();
+        self.spawn().await;
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -222,19 +222,12 @@ impl Drop for ServerProcess {
     }
 }
 
-fn healthy(port: u16) -> bool {
-    use std::io::Write;
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+async fn healthy(port: u16) -> bool {
+    let client = reqwest::Client::new();
+    let answer = client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    answer.is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
 }

@@ -1,7 +1,7 @@
 //! The overview of the last hour as small SVG charts drawn on the server: runs per status,
 //! throughput (runs finished per minute) and run duration (p50 and p99).
 //!
-//! Cost: the status counts stop at [`super::runs::COUNT_CAP`] per status, the percentiles are
+//! Cost: the status counts stop at [`COUNT_CAP`] per status, the percentiles are
 //! taken over at most [`DURATION_SAMPLE`] runs per 5 minutes (the last finished of each), the
 //! throughput count reads only the index of finish times, and the whole overview is computed
 //! at most once per [`OVERVIEW_CACHE`] per instance, however many pages are open. (Measured
@@ -15,8 +15,9 @@ use chrono::{DateTime, DurationRound, Utc};
 use super::Dashboard;
 use super::error::PageError;
 use super::format;
-use super::runs::COUNT_CAP;
+use super::format::COUNT_CAP;
 use crate::engine::RunStatus;
+use crate::engine::read::RunReads;
 use crate::engine::{DurationBucket, FinishedMinute, RunFilter};
 
 /// How long an overview is reused.
@@ -114,17 +115,17 @@ pub async fn load(dashboard: &Dashboard) -> Result<Arc<Overview>, PageError> {
     }
     let now = Utc::now();
     let since = now - chrono::Duration::minutes(WINDOW_MINUTES);
-    let engine = &dashboard.app.engine;
+    let reads = RunReads::of(&dashboard.app.engine);
     let filter = RunFilter {
         created_from: Some(since),
         ..RunFilter::default()
     };
-    let counts = engine.count_runs(&filter, COUNT_CAP).await?;
-    let minutes = engine.finished_per_minute(since).await?;
+    let counts = reads.count_runs(&filter, COUNT_CAP).await?;
+    let minutes = reads.finished_per_minute(since).await?;
     let starts: Vec<DateTime<Utc>> = (0..WINDOW_MINUTES / i64::from(BUCKET_MINUTES))
         .map(|i| since + chrono::Duration::minutes(i * i64::from(BUCKET_MINUTES)))
         .collect();
-    let durations = engine.durations(&starts, BUCKET_MINUTES, DURATION_SAMPLE).await?;
+    let durations = reads.durations(&starts, BUCKET_MINUTES, DURATION_SAMPLE).await?;
     let overview = Arc::new(build(now, &counts, &minutes, &durations));
     dashboard.overview.put((), Arc::clone(&overview));
     Ok(overview)

@@ -5,6 +5,10 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
+/// Each status is counted up to this many runs (an index scan that stops there), on the runs
+/// list and the overview alike; a count that reached it is shown as "10,000+".
+pub const COUNT_CAP: i64 = 10_000;
+
 /// A duration in the largest sensible unit: `850 ms`, `1.25 s`, `3 min 04 s`, `2 h 05 min`.
 pub fn duration_ms(ms: i64) -> String {
     let ms = ms.max(0);

@@ -20,15 +20,15 @@ use super::Dashboard;
 use super::charts::{self, Overview};
 use super::error::{PageError, encode_query_value};
 use super::format;
+use super::format::COUNT_CAP;
 use super::session::Viewer;
+use crate::engine::read::RunReads;
 use crate::engine::{RunFilter, RunRow, StepBrief};
 use crate::engine::{RunStatus, StepStatus};
 use crate::http::error::ApiError;
 use crate::http::extract::Params;
 use crate::http::runs::{decode_cursor, encode_cursor, run_filter};
 
-/// Each status is counted up to this many runs.
-pub const COUNT_CAP: i64 = 10_000;
 /// How long the counts of a filter are reused.
 pub const COUNT_CACHE: Duration = Duration::from_secs(5);
 /// Runs per page.
@@ -205,7 +205,7 @@ pub async fn page(
     };
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let mut steps: HashMap<Uuid, Vec<StepBrief>> = HashMap::new();
-    for step in engine.step_briefs(&ids).await? {
+    for step in RunReads::of(engine).step_briefs(&ids).await? {
         steps.entry(step.run_id).or_default().push(step);
     }
     let now = Utc::now();
@@ -271,7 +271,9 @@ async fn counts(
     if let Some(counts) = dashboard.counts.get(&key) {
         return Ok(counts);
     }
-    let counts = dashboard.app.engine.count_runs(filter, COUNT_CAP).await?;
+    let counts = RunReads::of(&dashboard.app.engine)
+        .count_runs(filter, COUNT_CAP)
+        .await?;
     dashboard.counts.put(key, counts.clone());
     Ok(counts)
 }
