@@ -27,6 +27,7 @@
 mod names;
 
 pub mod check;
+pub mod defined;
 pub mod domain;
 pub mod engine;
 pub mod http;

@@ -125,6 +125,12 @@ struct ServeArgs {
     /// A JSON file of schedules (`{"schedules": [...]}`) upserted at every start.
     #[arg(long, env = "SAGAFLOW_SCHEDULES")]
     schedules: Option<PathBuf>,
+    /// A JSON file of workflow definitions by name (`{"order": {...}}`) upserted at every start.
+    #[arg(long, env = "SAGAFLOW_WORKFLOWS")]
+    workflows: Option<PathBuf>,
+    /// Let defined workflows call plain `http` endpoints beyond loopback.
+    #[arg(long, env = "SAGAFLOW_ALLOW_HTTP_ENDPOINTS")]
+    allow_http_endpoints: bool,
     /// How long finished runs are kept before the daily retention sweep deletes them.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
     retention: Duration,
@@ -262,6 +268,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: args.max_connections,
         },
         application: Default::default(),
+        defined: server::DefinedSettings {
+            file: args.workflows,
+            allow_http: args.allow_http_endpoints,
+            vars: None,
+        },
         auth_throttle: ThrottleConfig {
             max_failures: args.auth_max_failures.max(1),
             window: args.auth_failure_window,

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::defined::{Definitions, Environment, Vars};
 use crate::engine::faults::FaultsParseError;
 use crate::engine::scheduler::{DeclaredSchedules, ScheduleError, SchedulerConfig, SchedulerHandle};
 use crate::engine::{Clock, SystemClock};
@@ -53,6 +54,40 @@ pub struct ServerConfig {
     /// The embedding application's own workflows and hook handlers, served beside the
     /// built-in ones (see [`Server::builder`]).
     pub application: Application,
+    /// Workflows defined as data: the file declaring some, what their endpoints may be.
+    pub defined: DefinedSettings,
+}
+
+/// Settings of workflows defined as data (docs/contract.md §8).
+#[derive(Clone, Default)]
+pub struct DefinedSettings {
+    /// `--workflows`: a JSON object of definitions by name, upserted at every start.
+    pub file: Option<PathBuf>,
+    /// `--allow-http-endpoints`: plain `http` base URLs beyond loopback are allowed.
+    pub allow_http: bool,
+    /// Where the variables definitions name for their secrets are read: the process
+    /// environment unless set (an embedding application may read its own secret store).
+    pub vars: Option<Vars>,
+}
+
+impl DefinedSettings {
+    fn environment(&self) -> Environment {
+        let mut env = Environment::process(self.allow_http);
+        if let Some(vars) = &self.vars {
+            env.var = Arc::clone(vars);
+        }
+        env
+    }
+}
+
+impl std::fmt::Debug for DefinedSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DefinedSettings")
+            .field("file", &self.file)
+            .field("allow_http", &self.allow_http)
+            .field("vars", &self.vars.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 /// What an embedding Rust application adds to the server: its workflows and its handlers
@@ -93,6 +128,7 @@ impl ServerConfig {
             http: HttpLimits::default(),
             auth_throttle: ThrottleConfig::default(),
             application: Application::default(),
+            defined: DefinedSettings::default(),
         }
     }
 }
@@ -198,6 +234,14 @@ pub enum ServeError {
     /// The engine refused to start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The workflows file could not be read, or declares a definition that is refused.
+    #[error("workflows file {file}: {message}")]
+    Workflows {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The schedules file could not be read, or declares a schedule that is refused.
     #[error("schedules file {file}: {message}")]
     Schedules {
@@ -308,6 +352,8 @@ pub struct RunningServer {
     scheduler: Option<SchedulerHandle>,
     http: tokio::task::JoinHandle<()>,
     stop_http: CancellationToken,
+    follow: tokio::task::JoinHandle<()>,
+    stop_follow: CancellationToken,
 }
 
 /// Builds the engine with every built-in workflow, on `pools` (the API's and the worker's).
@@ -417,6 +463,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     if !config.run_worker {
         engine.record_plans().await?;
     }
+    let definitions =
+        Definitions::new(engine.clone(), config.defined.environment()).map_err(|e| ServeError::Config {
+            setting: "workflows".into(),
+            message: format!("cannot build the HTTP client of defined workflows: {e}"),
+        })?;
+    // Every stored version runs here before the worker claims anything or a run is accepted.
+    definitions.refresh().await.map_err(|e| ServeError::Config {
+        setting: "workflows".into(),
+        message: e.to_string(),
+    })?;
+    declare_workflows(&definitions, &config.defined).await?;
+    let stop_follow = CancellationToken::new();
+    let follow = tokio::spawn(definitions.clone().follow(stop_follow.clone()));
     declare_schedules(&engine, &config.schedules).await?;
     let (worker, scheduler) = if config.run_worker {
         let worker = engine.start_worker().await?;
@@ -439,6 +498,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let stop_http = CancellationToken::new();
     let state = AppState {
         engine: engine.clone(),
+        definitions,
         pool: database.pool.clone(),
         tokens,
         throttle: AuthThrottle::new(config.auth_throttle),
@@ -456,7 +516,32 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         scheduler,
         http,
         stop_http,
+        follow,
+        stop_follow,
     })
+}
+
+/// Upserts the definitions a `--workflows` file declares.
+pub async fn declare_workflows(definitions: &Definitions, settings: &DefinedSettings) -> Result<(), ServeError> {
+    let Some(file) = &settings.file else {
+        return Ok(());
+    };
+    let refused = |message: String| ServeError::Workflows {
+        file: file.clone(),
+        message,
+    };
+    let text = tokio::fs::read_to_string(file)
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    let declared: serde_json::Value = serde_json::from_str(&text).map_err(|e| refused(format!("not JSON: {e}")))?;
+    for (name, version, created) in definitions
+        .declare(&declared)
+        .await
+        .map_err(|e| refused(e.to_string()))?
+    {
+        info!(workflow = %name, version, created, "declared workflow definition upserted");
+    }
+    Ok(())
 }
 
 impl RunningServer {
@@ -469,6 +554,8 @@ impl RunningServer {
             Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
             Err(_) => warn!("HTTP server did not stop in time"),
         }
+        self.stop_follow.cancel();
+        let _ = self.follow.await;
         if let Some(scheduler) = self.scheduler {
             scheduler.shutdown().await;
         }

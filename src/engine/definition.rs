@@ -71,6 +71,14 @@ impl<'a> RunView<'a> {
         self.states.get(index)?.output.as_ref()
     }
 
+    /// Every recorded output so far, by step name, in plan order.
+    pub fn outputs(&self) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
+        self.plan
+            .iter()
+            .zip(self.states.iter())
+            .filter_map(|(def, state)| Some((def.name.as_str(), state.output.as_ref()?)))
+    }
+
     /// The recorded output of an earlier step, deserialized; an error if it has none.
     pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
         let value = self
@@ -113,7 +121,9 @@ pub struct StepContext<'a> {
     pub(crate) engine: &'a super::Engine,
     pub(crate) run_id: Uuid,
     pub(crate) workflow: &'a str,
+    pub(crate) version: i32,
     pub(crate) step: &'a str,
+    pub(crate) deadline: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) phase: Phase,
     pub(crate) attempt: u32,
     pub(crate) view: RunView<'a>,
@@ -137,9 +147,19 @@ impl<'a> StepContext<'a> {
         self.workflow
     }
 
+    /// The workflow version the run uses.
+    pub fn version(&self) -> i32 {
+        self.version
+    }
+
     /// The step's name.
     pub fn step(&self) -> &str {
         self.step
+    }
+
+    /// When this attempt times out (wall-clock time), if its step has a timeout.
+    pub fn deadline(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.deadline
     }
 
     /// Invoke or compensate.
@@ -323,6 +343,8 @@ pub struct StepDef {
     pub(crate) compensation_retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
     pub(crate) when: Option<WhenCondition>,
+    /// What the step calls, for operators (an HTTP step's endpoint and path).
+    pub(crate) target: Option<String>,
 }
 
 impl StepDef {
@@ -344,7 +366,9 @@ impl StepDef {
         def
     }
 
-    fn with_handler(name: impl Into<String>, handler: Handler) -> Self {
+    /// A step whose code is `handler` (built with [`Handler::new`] or
+    /// [`Handler::compensable`]), for plans assembled at run time.
+    pub fn with_handler(name: impl Into<String>, handler: Handler) -> Self {
         Self {
             name: name.into(),
             handler,
@@ -353,7 +377,19 @@ impl StepDef {
             compensation_retry: RetryPolicy::attempts(5),
             timeout: None,
             when: None,
+            target: None,
         }
+    }
+
+    /// Says what the step calls (shown to operators), e.g. `shop POST /stock/reserve`.
+    pub fn target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// What the step calls, if it said.
+    pub fn calls(&self) -> Option<&str> {
+        self.target.as_deref()
     }
 
     /// Sets the retry policy of the step's invoke.
@@ -493,11 +529,24 @@ pub enum Access {
     Admin,
 }
 
+/// Where a workflow comes from: compiled into the server, or defined as data (a JSON
+/// definition stored in the database, whose steps call a backend's HTTP endpoints).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Rust code registered with the engine.
+    #[default]
+    Builtin,
+    /// A stored definition (`PUT /v1/workflow-definitions/{name}`).
+    Defined,
+}
+
 /// A named, versioned, ordered plan of steps.
 #[derive(Clone)]
 pub struct Workflow {
     pub(crate) name: String,
     pub(crate) access: Access,
+    pub(crate) source: Source,
     pub(crate) version: i32,
     pub(crate) description: String,
     pub(crate) steps: Vec<StepDef>,
@@ -514,6 +563,7 @@ impl Workflow {
             workflow: Workflow {
                 name: name.into(),
                 access: Access::Api,
+                source: Source::Builtin,
                 version,
                 description: String::new(),
                 steps: Vec::new(),
@@ -543,6 +593,11 @@ impl Workflow {
     /// Who may start its runs.
     pub fn access(&self) -> Access {
         self.access
+    }
+
+    /// Where it comes from.
+    pub fn source(&self) -> Source {
+        self.source
     }
 
     /// A digest of the plan's shape (each step's name, whether it compensates, whether it is
@@ -638,6 +693,12 @@ impl WorkflowBuilder {
     /// Describes what the workflow is for (shown in the API and dashboard).
     pub fn description(mut self, text: impl Into<String>) -> Self {
         self.workflow.description = text.into();
+        self
+    }
+
+    /// Where the workflow comes from (default [`Source::Builtin`]).
+    pub fn source(mut self, source: Source) -> Self {
+        self.workflow.source = source;
         self
     }
 

@@ -169,7 +169,12 @@ impl RunTask {
                 engine: &self.engine,
                 run_id: self.run_id,
                 workflow: &workflow.name,
+                version: workflow.version,
                 step: name,
+                deadline: def
+                    .timeout
+                    .and_then(|t| chrono::Duration::from_std(t).ok())
+                    .map(|t| Utc::now() + t),
                 phase,
                 attempt,
                 view: RunView {
@@ -439,9 +444,11 @@ impl RunTask {
 /// The attempt error recorded when the finish hook refused the end its outcome led to.
 fn hook_refusal(error: &StepError) -> StepError {
     StepError {
-        message: format!("the workflow's finish hook refused the run's end: {}", error.message),
         retryable: error.retryable,
-        partial: None,
+        ..StepError::permanent(format!(
+            "the workflow's finish hook refused the run's end: {}",
+            error.message
+        ))
     }
 }
 

@@ -321,6 +321,9 @@ impl<'a> Machine<'a> {
         if failure == Failure::Lost {
             detail["lost"] = json!(true);
         }
+        if let Some(seen) = &error.detail {
+            detail["attempt"] = seen.clone();
+        }
         let kind = match phase {
             Phase::Invoke => {
                 // Only an invoke records partial work: it is what its compensation undoes.
@@ -344,7 +347,10 @@ impl<'a> Machine<'a> {
         }
         if error.retryable && (failure == Failure::Lost || policy.allows_another(charged)) {
             if failure == Failure::Attempt {
-                let delay = policy.delay_after(charged, cond.jitter);
+                let mut delay = policy.delay_after(charged, cond.jitter);
+                if let Some(asked) = error.retry_after {
+                    delay = delay.max(asked.min(policy.max_delay));
+                }
                 if !delay.is_zero() {
                     return Some(schedule_retry(name, attempts + 1, phase.as_str(), delay, cond, t));
                 }
@@ -767,6 +773,36 @@ mod tests {
                 .iter()
                 .all(|s| s.attempts == 1 && s.status == StepStatus::Succeeded)
         );
+    }
+
+    #[test]
+    fn a_retry_after_lengthens_the_delay_but_not_past_the_policy_maximum() {
+        let delay_for = |asked: Duration| {
+            let wf = workflow();
+            let input = json!({});
+            let m = Machine::new(&wf, &input);
+            let (mut state, _) = claimed(&wf, &input);
+            m.handle(&mut state, ok(0), &cond());
+            let error = StepError::retryable("busy").retry_after(asked);
+            let t = m.handle(&mut state, Event::StepFailed { step: 1, error }, &cond());
+            t.events[1].detail["delay_ms"].clone()
+        };
+        // The policy's own delay is 100 ms; the default maximum is 30 s.
+        assert_eq!(delay_for(Duration::from_millis(20)), json!(100));
+        assert_eq!(delay_for(Duration::from_secs(2)), json!(2000));
+        assert_eq!(delay_for(Duration::from_secs(3600)), json!(30_000));
+    }
+
+    #[test]
+    fn what_a_failed_attempt_saw_is_logged_with_it() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        let error = StepError::retryable("busy").with_detail(json!({"status": 503}));
+        let t = m.handle(&mut state, Event::StepFailed { step: 1, error }, &cond());
+        assert_eq!(t.events[0].detail["attempt"], json!({"status": 503}));
     }
 
     #[test]

@@ -40,8 +40,8 @@ use uuid::Uuid;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use definition::{
-    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Step, StepContext,
-    StepDef, ValidateInput, Workflow, WorkflowBuilder,
+    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Source, Step,
+    StepContext, StepDef, ValidateInput, Workflow, WorkflowBuilder,
 };
 pub use faults::Faults;
 pub use retry::RetryPolicy;
@@ -263,7 +263,7 @@ impl EngineBuilder {
 
     /// Checks the registrations and builds the engine.
     pub fn build(self) -> Result<Engine, DefinitionError> {
-        let mut by_name: HashMap<String, Vec<Arc<Workflow>>> = HashMap::new();
+        let mut registry = Registry::default();
         let mut workflows = self.workflows;
         for (workflow, step, handler) in &self.hooks {
             let mut found = false;
@@ -281,27 +281,15 @@ impl EngineBuilder {
             }
         }
         for wf in workflows {
-            let versions = by_name.entry(wf.name.clone()).or_default();
-            if versions.iter().any(|v| v.version == wf.version) {
-                return Err(DefinitionError::AlreadyRegistered(wf.name, wf.version));
-            }
-            versions.push(Arc::new(wf));
-            versions.sort_by_key(|w| w.version);
+            registry.add(Arc::new(wf))?;
         }
-        let mut kinds: Vec<String> = by_name
-            .values()
-            .flatten()
-            .map(|w| format!("{}@{}", w.name, w.version))
-            .collect();
-        kinds.sort();
         Ok(Engine {
             inner: Arc::new(Inner {
                 worker_pool: self.worker_pool.unwrap_or_else(|| self.pool.clone()),
                 pool: self.pool,
                 config: self.config,
                 faults: Arc::new(self.faults),
-                workflows: by_name,
-                kinds,
+                registry: RwLock::new(registry),
                 worker: RwLock::new(None),
                 finished: FinishedRuns::default(),
                 changes: changes::ChangeFeed::default(),
@@ -324,10 +312,9 @@ pub(crate) struct Inner {
     pub(crate) worker_pool: PgPool,
     pub(crate) config: EngineConfig,
     pub(crate) faults: Arc<Faults>,
-    /// Registered workflows by name, versions ascending.
-    workflows: HashMap<String, Vec<Arc<Workflow>>>,
-    /// `name@version` of every registered workflow: what this instance's worker may claim.
-    pub(crate) kinds: Vec<String>,
+    /// The workflow versions this instance runs: those registered at build, and versions
+    /// added while it runs (workflows defined as data).
+    registry: RwLock<Registry>,
     /// This instance's running worker, if any: new runs go to it directly.
     worker: RwLock<Option<Arc<WorkerShared>>>,
     /// Wakes callers waiting for runs driven here to finish.
@@ -338,13 +325,78 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
 }
 
+/// Workflow versions by name, and what a worker may claim.
+#[derive(Default)]
+struct Registry {
+    /// By name, versions ascending.
+    by_name: HashMap<String, Vec<Arc<Workflow>>>,
+    /// `name@version` of every version: what this instance's worker claims.
+    kinds: Arc<[String]>,
+}
+
+impl Registry {
+    fn add(&mut self, workflow: Arc<Workflow>) -> Result<(), DefinitionError> {
+        let versions = self.by_name.entry(workflow.name.clone()).or_default();
+        if versions.iter().any(|v| v.version == workflow.version) {
+            return Err(DefinitionError::AlreadyRegistered(
+                workflow.name.clone(),
+                workflow.version,
+            ));
+        }
+        versions.push(workflow);
+        versions.sort_by_key(|w| w.version);
+        self.reindex();
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str, version: i32) -> Option<Arc<Workflow>> {
+        let versions = self.by_name.get_mut(name)?;
+        let at = versions.iter().position(|w| w.version == version)?;
+        let removed = versions.remove(at);
+        if versions.is_empty() {
+            self.by_name.remove(name);
+        }
+        self.reindex();
+        Some(removed)
+    }
+
+    fn reindex(&mut self) {
+        let mut kinds: Vec<String> = self
+            .by_name
+            .values()
+            .flatten()
+            .map(|w| format!("{}@{}", w.name, w.version))
+            .collect();
+        kinds.sort();
+        self.kinds = kinds.into();
+    }
+}
+
 impl Inner {
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn workflow(&self, name: &str, version: i32) -> Option<Arc<Workflow>> {
-        self.workflows.get(name)?.iter().find(|w| w.version == version).cloned()
+        self.registry()
+            .by_name
+            .get(name)?
+            .iter()
+            .find(|w| w.version == version)
+            .cloned()
     }
 
     fn latest(&self, name: &str) -> Option<Arc<Workflow>> {
-        self.workflows.get(name)?.last().cloned()
+        self.registry().by_name.get(name)?.last().cloned()
+    }
+
+    /// `name@version` of every workflow version this instance runs.
+    pub(crate) fn kinds(&self) -> Arc<[String]> {
+        Arc::clone(&self.registry().kinds)
+    }
+
+    fn all_workflows(&self) -> Vec<Arc<Workflow>> {
+        self.registry().by_name.values().flatten().cloned().collect()
     }
 
     pub(crate) fn attach_worker(&self, worker: Arc<WorkerShared>) {
@@ -496,7 +548,16 @@ impl Engine {
     /// because their steps did not match their plan are made due again: the plan they need
     /// may be back.
     pub async fn record_plans(&self) -> Result<(), EngineError> {
-        for wf in self.inner.workflows.values().flatten() {
+        for wf in self.inner.all_workflows() {
+            self.record_plan(&wf).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks one version's plan against the stored one (recording it if new) and makes its
+    /// parked runs due again.
+    async fn record_plan(&self, wf: &Workflow) -> Result<(), EngineError> {
+        {
             let steps: Vec<&str> = wf.steps.iter().map(|s| s.name.as_str()).collect();
             let stored = store::record_plan(&self.inner.pool, &wf.name, wf.version, &wf.plan_hash(), &steps).await?;
             if let Some((_, stored)) = stored {
@@ -515,9 +576,40 @@ impl Engine {
         Ok(())
     }
 
+    /// Adds a workflow version while the engine runs (a workflow defined as data, stored by
+    /// this or another instance): its plan is checked against the stored one, and this
+    /// instance's worker claims its runs from now on. Refused if the version is registered.
+    pub async fn register(&self, workflow: Workflow) -> Result<Arc<Workflow>, EngineError> {
+        if self.inner.workflow(&workflow.name, workflow.version).is_some() {
+            return Err(EngineError::Definition(DefinitionError::AlreadyRegistered(
+                workflow.name.clone(),
+                workflow.version,
+            )));
+        }
+        self.record_plan(&workflow).await?;
+        let workflow = Arc::new(workflow);
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(Arc::clone(&workflow))
+            .map_err(EngineError::Definition)?;
+        Ok(workflow)
+    }
+
+    /// Stops running a workflow version added with [`Engine::register`] (its definition was
+    /// deleted); the caller has checked that no unfinished run uses it.
+    pub fn unregister(&self, name: &str, version: i32) -> Option<Arc<Workflow>> {
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name, version)
+    }
+
     /// Every registered workflow version, by name then version.
     pub fn workflows(&self) -> Vec<Arc<Workflow>> {
-        let mut all: Vec<Arc<Workflow>> = self.inner.workflows.values().flatten().cloned().collect();
+        let mut all = self.inner.all_workflows();
         all.sort_by(|a, b| a.name.cmp(&b.name).then(a.version.cmp(&b.version)));
         all
     }

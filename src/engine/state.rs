@@ -3,6 +3,7 @@
 //! back by `store::run_state`, with no behaviour of its own.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,6 +21,15 @@ pub struct StepError {
     /// effects are outside the run's transaction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<Value>,
+    /// The earliest the next attempt may start, when the failure said so (an HTTP
+    /// `Retry-After`): the retry waits at least this long, within the policy's maximum
+    /// delay. Used for the decision only, not stored.
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+    /// What the attempt saw, for operators (an HTTP step's status code, duration and the
+    /// first bytes of the answer): logged with the failure, not stored with the step.
+    #[serde(skip)]
+    pub detail: Option<Value>,
 }
 
 impl StepError {
@@ -29,6 +39,8 @@ impl StepError {
             message: message.into(),
             retryable: true,
             partial: None,
+            retry_after: None,
+            detail: None,
         }
     }
 
@@ -38,7 +50,21 @@ impl StepError {
             message: message.into(),
             retryable: false,
             partial: None,
+            retry_after: None,
+            detail: None,
         }
+    }
+
+    /// Asks that the next attempt wait at least `delay` (within the retry policy's maximum).
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// Attaches what the attempt saw, logged with the failure for operators.
+    pub fn with_detail(mut self, detail: Value) -> Self {
+        self.detail = Some(detail);
+        self
     }
 
     /// Records work done before the failure, which the step's compensation will receive.
@@ -83,9 +109,8 @@ impl From<sqlx::Error> for StepError {
             _ => false,
         };
         Self {
-            message: format!("database error: {error}"),
             retryable,
-            partial: None,
+            ..Self::permanent(format!("database error: {error}"))
         }
     }
 }

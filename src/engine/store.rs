@@ -120,13 +120,9 @@ impl StepRow {
 
     /// Its last error, decoded; never dropped when unreadable (see `decode_stored`).
     pub fn step_error(&self) -> Option<StepError> {
-        self.error.as_ref().map(|stored| {
-            decode_stored(stored, |message| StepError {
-                message,
-                retryable: false,
-                partial: None,
-            })
-        })
+        self.error
+            .as_ref()
+            .map(|stored| decode_stored(stored, StepError::permanent))
     }
 }
 
@@ -1148,11 +1144,7 @@ mod tests {
         });
         assert_eq!(readable, StepError::retryable("boom"));
         for stored in [json!({"msg": "boom"}), json!("boom"), json!(null)] {
-            let step: StepError = decode_stored(&stored, |message| StepError {
-                message,
-                retryable: false,
-                partial: None,
-            });
+            let step: StepError = decode_stored(&stored, StepError::permanent);
             assert!(step.message.contains("could not be decoded"), "{}", step.message);
             assert!(step.message.contains(&stored.to_string()), "{}", step.message);
             let run: RunError = decode_stored(&stored, |message| RunError {

@@ -420,7 +420,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         shared.id,
         free as i64,
         engine.lease_ms(),
-        &inner.kinds,
+        &inner.kinds(),
         engine.now(),
     )
     .await?;

@@ -1,6 +1,7 @@
 //! The HTTP surface: [`app`] builds all of it, so tests drive exactly what the server serves.
 //!
 //! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
+//! - [`definitions`]: workflows defined as data (store, read, list and delete versions).
 //! - [`customers`]: auth identities, customers, released events.
 //! - [`schedules`]: cron schedules (create, read, replace, delete, enable, disable, fire now).
 //! - [`dashboard`]: the operator dashboard (HTML pages, login, live updates).
@@ -14,6 +15,7 @@
 pub mod auth;
 pub mod customers;
 pub mod dashboard;
+pub mod definitions;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The database pool (domain reads and writes).
     pub pool: PgPool,
+    /// Workflows defined as data: stored versions, kept running on this instance.
+    pub definitions: crate::defined::Definitions,
     /// The API and admin tokens.
     pub tokens: Tokens,
     /// Failed authentications per client address.
@@ -105,6 +109,9 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::run_events))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(definitions::put_definition, definitions::get_definition))
+        .routes(routes!(definitions::list_versions))
+        .routes(routes!(definitions::delete_version))
         .routes(routes!(schedules::list_schedules, schedules::create_schedule))
         .routes(routes!(
             schedules::get_schedule,

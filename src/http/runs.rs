@@ -20,8 +20,8 @@ use super::auth::{AdminAccess, ApiAccess, Role};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, Params, PathText};
 use crate::engine::{
-    Access, EngineError, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, StepStatus, Trigger, TriggerOptions,
-    Workflow,
+    Access, EngineError, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, Source, StepStatus, Trigger,
+    TriggerOptions, Workflow,
 };
 use crate::engine::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 
@@ -232,6 +232,8 @@ pub struct WorkflowBody {
     pub description: String,
     /// Who may trigger it: `api` (the API token) or `admin` (maintenance, the admin token).
     pub access: Access,
+    /// `builtin` (compiled into the server) or `defined` (a stored JSON definition).
+    pub source: Source,
     /// Its steps, in order.
     pub steps: Vec<StepPlanBody>,
 }
@@ -249,6 +251,8 @@ pub struct StepPlanBody {
     pub hook: bool,
     /// Whether a `when` condition may skip it.
     pub conditional: bool,
+    /// What it calls, for a step of a defined workflow (`shop POST /stock/reserve`).
+    pub calls: Option<String>,
     /// Per-attempt timeout, if any.
     pub timeout_ms: Option<u64>,
     /// Retries of the invoke.
@@ -295,6 +299,7 @@ impl From<&Workflow> for WorkflowBody {
             version: w.version(),
             description: w.description().to_string(),
             access: w.access(),
+            source: w.source(),
             steps: w
                 .steps()
                 .iter()
@@ -305,6 +310,7 @@ impl From<&Workflow> for WorkflowBody {
                     has_compensation: s.has_compensation(),
                     hook: s.is_hook(),
                     conditional: s.is_conditional(),
+                    calls: s.calls().map(str::to_string),
                     timeout_ms: s.attempt_timeout().map(millis),
                     retry: s.retry_policy().into(),
                     compensation_retry: s.compensation_retry_policy().into(),
@@ -398,7 +404,15 @@ pub async fn trigger(
     headers: HeaderMap,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let Some(definition) = state.engine.workflow(&workflow) else {
+    let mut found = state.engine.workflow(&workflow);
+    if found.is_none() {
+        // Defined on another instance a moment ago, its announcement not here yet: look.
+        if let Err(e) = state.definitions.refresh().await {
+            tracing::warn!(error = %e, "reloading workflow definitions failed");
+        }
+        found = state.engine.workflow(&workflow);
+    }
+    let Some(definition) = found else {
         return Err(ApiError::NotFound {
             what: "workflow",
             id: workflow,

@@ -3,6 +3,7 @@
 //! fresh database per test.
 #![allow(dead_code, missing_docs)]
 
+pub mod participant;
 pub mod process;
 pub mod scripted;
 pub mod server;

@@ -51,6 +51,7 @@ pub fn config_for(database_url: &str) -> ServerConfig {
             ..ThrottleConfig::default()
         },
         application: Default::default(),
+        defined: Default::default(),
     }
 }
 

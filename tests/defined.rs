@@ -1,0 +1,676 @@
+//! Workflows defined as data (docs/contract.md §8) against a real server, a real PostgreSQL
+//! and a real participant HTTP server that records every request: definitions stored and
+//! versioned by content, refused with the field named, HTTP steps signed and read as the
+//! contract says, compensations called in reverse order with each step's output.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::participant::{Answer, Participant};
+use common::server::{self, TestServer, read};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The signing secret the definitions name (read through the server's `vars`, never stored).
+const SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const SECRET_VAR: &str = "SAGAFLOW_TEST_SHOP_SECRET";
+const TOKEN: &str = "participant-bearer-token-planted-7f3a";
+const TOKEN_VAR: &str = "SAGAFLOW_TEST_SHOP_TOKEN";
+
+fn vars() -> sagaflow::defined::Vars {
+    Arc::new(|name: &str| match name {
+        SECRET_VAR => Some(SECRET.to_string()),
+        TOKEN_VAR => Some(TOKEN.to_string()),
+        _ => None,
+    })
+}
+
+async fn start() -> TestServer {
+    server::start_with(|config| config.defined.vars = Some(vars())).await
+}
+
+/// Reserve stock, charge the card, ship (only when the order needs shipping).
+fn order(participant: &Participant) -> Value {
+    json!({
+        "description": "Reserve stock, charge, ship",
+        "input_schema": {
+            "type": "object",
+            "required": ["order"],
+            "properties": {"order": {"type": "object", "required": ["id", "email"],
+                                     "properties": {"email": {"type": "string"}}}}
+        },
+        "subject": "/order/email",
+        "endpoints": {"shop": {"base_url": participant.base_url(), "timeout": "5s",
+                               "secret_env": SECRET_VAR, "token_env": TOKEN_VAR}},
+        "steps": [
+            {"name": "reserve-stock",
+             "invoke": {"endpoint": "shop", "path": "/stock/reserve"},
+             "compensate": {"endpoint": "shop", "path": "/stock/release"},
+             "retry": {"max_attempts": 3, "initial_delay": "10ms", "jitter": 0.0}},
+            {"name": "charge-card",
+             "invoke": {"endpoint": "shop", "path": "/payments/charge"},
+             "compensate": {"endpoint": "shop", "path": "/payments/refund"},
+             "retry": {"max_attempts": 3, "initial_delay": "10ms", "max_delay": "5s", "jitter": 0.0}},
+            {"name": "ship",
+             "when": {"pointer": "/input/order/needs_shipping", "equals": true},
+             "invoke": {"endpoint": "shop", "path": "/shipments", "timeout": "300ms"},
+             "retry": {"max_attempts": 1}}
+        ]
+    })
+}
+
+fn an_order(id: &str, shipping: bool) -> Value {
+    json!({"order": {"id": id, "email": format!("{id}@example.com"), "needs_shipping": shipping}})
+}
+
+async fn put(server: &TestServer, name: &str, definition: &Value) -> (StatusCode, Value) {
+    read(
+        server
+            .admin(Method::PUT, &format!("/v1/workflow-definitions/{name}"))
+            .json(definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await
+}
+
+/// Triggers a run and waits until it is terminal.
+async fn run(server: &TestServer, name: &str, input: &Value) -> Value {
+    let (status, body) = read(
+        server
+            .api(Method::POST, &format!("/v1/workflows/{name}/runs?wait_ms=15000"))
+            .json(input)
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert!(
+        status == StatusCode::CREATED || status == StatusCode::OK,
+        "{status}: {body}"
+    );
+    server.wait_terminal(body["id"].as_str().expect("id")).await
+}
+
+async fn events(server: &TestServer, run: &str) -> Vec<Value> {
+    let (_, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/runs/{run}/events"))
+            .send()
+            .await
+            .expect("events"),
+    )
+    .await;
+    body["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn stored_definitions(server: &TestServer) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM workflow_definitions")
+        .fetch_one(server.pool())
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn a_defined_saga_runs_its_http_steps_signed_with_outputs_threaded_through() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    let (status, stored) = put(&server, "order", &order(&participant)).await;
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    assert_eq!(
+        (stored["name"].as_str(), stored["version"].as_i64()),
+        (Some("order"), Some(1))
+    );
+
+    let (_, listing) = read(server.api(Method::GET, "/v1/workflows").send().await.expect("list")).await;
+    let listed: Vec<&Value> = listing["workflows"]
+        .as_array()
+        .expect("workflows")
+        .iter()
+        .filter(|w| w["name"] == "order")
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["source"], "defined");
+    assert_eq!(
+        listed[0]["steps"][0]["calls"],
+        "shop POST /stock/reserve; undo: shop POST /stock/release"
+    );
+    assert!(
+        listing["workflows"]
+            .as_array()
+            .expect("workflows")
+            .iter()
+            .any(|w| w["name"] == "create-customer-account" && w["source"] == "builtin")
+    );
+
+    let input = an_order("o-1", true);
+    let done = run(&server, "order", &input).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["subject"], "o-1@example.com");
+    let run_id = done["id"].as_str().expect("id");
+    assert_eq!(
+        participant.paths(),
+        ["/stock/reserve", "/payments/charge", "/shipments"]
+    );
+    // The run's output is the last step's; every step's output is the participant's answer.
+    assert_eq!(done["output"], json!({"path": "/saga/shipments", "n": 1}));
+
+    let seen = participant.seen();
+    let verifier = standardwebhooks::Webhook::new(SECRET).expect("secret");
+    for (request, step) in seen.iter().zip(["reserve-stock", "charge-card", "ship"]) {
+        assert_eq!(request.header("idempotency-key"), format!("{run_id}:{step}:invoke"));
+        assert_eq!(request.header("sagaflow-run-id"), run_id);
+        assert_eq!(request.header("sagaflow-workflow"), "order");
+        assert_eq!(request.header("sagaflow-workflow-version"), "1");
+        assert_eq!(request.header("sagaflow-step"), step);
+        assert_eq!(request.header("sagaflow-phase"), "invoke");
+        assert_eq!(request.header("sagaflow-attempt"), "1");
+        assert_eq!(request.header("authorization"), format!("Bearer {TOKEN}"));
+        assert_eq!(request.header("content-type"), "application/json");
+        let deadline = chrono::DateTime::parse_from_rfc3339(&request.header("sagaflow-deadline")).expect("deadline");
+        assert!(deadline > chrono::Utc::now() - chrono::Duration::seconds(30));
+        let trace = request.header("traceparent");
+        let parts: Vec<&str> = trace.split('-').collect();
+        assert_eq!(parts.len(), 4, "{trace}");
+        assert_eq!(parts[1], run_id.replace('-', ""), "the run is the trace");
+        // An independent implementation of Standard Webhooks accepts the signature.
+        verifier
+            .verify(&request.raw, &request.headers)
+            .unwrap_or_else(|e| panic!("{step}: signature refused: {e}"));
+        assert_eq!(request.body["input"], input);
+    }
+    // Outputs so far go to later steps.
+    assert_eq!(seen[0].body["steps"], json!({}));
+    assert_eq!(
+        seen[2].body["steps"],
+        json!({
+            "reserve-stock": {"output": {"path": "/saga/stock/reserve", "n": 1}},
+            "charge-card": {"output": {"path": "/saga/payments/charge", "n": 1}},
+        })
+    );
+    // A tampered body fails the same verifier: the check above can fail.
+    let mut tampered = seen[0].raw.to_vec();
+    tampered.push(b' ');
+    assert!(verifier.verify(&tampered, &seen[0].headers).is_err());
+
+    // The subject feeds the runs list's search like a registration's email.
+    let (_, found) = read(
+        server
+            .api(Method::GET, "/v1/runs?q=o-1@example.com")
+            .send()
+            .await
+            .expect("search"),
+    )
+    .await;
+    assert_eq!(found["runs"][0]["id"], run_id, "{found}");
+
+    // Not shipping: the step is skipped by its `when`.
+    let skipped = run(&server, "order", &an_order("o-2", false)).await;
+    assert_eq!(skipped["status"], "completed");
+    assert_eq!(participant.paths().len(), 5, "{:?}", participant.paths());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_5xx_is_retried_with_the_same_key_after_its_retry_after() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/payments/charge",
+        [Answer::Raw(
+            503,
+            vec![("retry-after", "1".into()), ("content-type", "application/json".into())],
+            br#"{"error": {"code": "busy", "message": "try later"}}"#.to_vec(),
+        )],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let done = run(&server, "order", &an_order("o-3", false)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let charges = participant.seen_at("/payments/charge");
+    assert_eq!(charges.len(), 2);
+    assert_eq!(
+        charges[0].header("idempotency-key"),
+        charges[1].header("idempotency-key")
+    );
+    assert_eq!(
+        (
+            charges[0].header("sagaflow-attempt"),
+            charges[1].header("sagaflow-attempt")
+        ),
+        ("1".to_string(), "2".to_string())
+    );
+    // The policy's own delay is 10 ms: the second attempt waited for Retry-After.
+    let gap = charges[1].at - charges[0].at;
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+    let log = events(&server, done["id"].as_str().expect("id")).await;
+    let failed = log.iter().find(|e| e["kind"] == "step_failed").expect("failure logged");
+    assert_eq!(failed["detail"]["attempt"]["status"], 503);
+    assert!(
+        failed["detail"]["error"]
+            .as_str()
+            .expect("error")
+            .contains("busy: try later")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_4xx_is_permanent_and_compensations_run_in_reverse_with_each_output() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/shipments",
+        [Answer::Json(
+            422,
+            json!({"error": {"code": "no_address", "message": "the order has no address"}, "partial": {"label": "L-1"}}),
+        )],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let done = run(&server, "order", &an_order("o-4", true)).await;
+    assert_eq!(done["status"], "compensated", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("no_address"),
+        "{done}"
+    );
+    assert_eq!(
+        participant.paths(),
+        [
+            "/stock/reserve",
+            "/payments/charge",
+            "/shipments",
+            "/payments/refund",
+            "/stock/release"
+        ]
+    );
+    let refund = &participant.seen_at("/payments/refund")[0];
+    assert_eq!(refund.body["output"], json!({"path": "/saga/payments/charge", "n": 1}));
+    assert_eq!(refund.header("sagaflow-phase"), "compensate");
+    assert_eq!(
+        refund.header("idempotency-key"),
+        format!("{}:charge-card:compensate", done["id"].as_str().expect("id"))
+    );
+    let release = &participant.seen_at("/stock/release")[0];
+    assert_eq!(release.body["output"], json!({"path": "/saga/stock/reserve", "n": 1}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn timeouts_redirects_oversized_and_non_json_answers_fail_the_step_as_the_contract_says() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let cases: Vec<(Answer, &str)> = vec![
+        (
+            Answer::After(Duration::from_secs(3), Box::new(Answer::Json(200, json!({})))),
+            "did not answer within 300ms",
+        ),
+        (
+            Answer::Raw(
+                302,
+                vec![("location", "http://127.0.0.1:9/elsewhere".into())],
+                Vec::new(),
+            ),
+            "redirects are not followed",
+        ),
+        (
+            Answer::Raw(
+                200,
+                vec![("content-type", "application/json".into())],
+                vec![b' '; 300 * 1024],
+            ),
+            "over the limit of 262144 bytes",
+        ),
+        (
+            Answer::Raw(200, vec![("content-type", "text/plain".into())], b"shipped!".to_vec()),
+            "not JSON",
+        ),
+    ];
+    for (i, (answer, expected)) in cases.into_iter().enumerate() {
+        participant.script("/shipments", [answer]);
+        let done = run(&server, "order", &an_order(&format!("o-5{i}"), true)).await;
+        assert_eq!(done["status"], "compensated", "case {i}: {done}");
+        let message = done["error"]["message"].as_str().expect("message");
+        assert!(message.contains(expected), "case {i}: {message}");
+    }
+    // The redirect was not followed: nothing reached its target, each case called once.
+    assert_eq!(participant.seen_at("/shipments").len(), 4);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_input_refused_by_the_schema_names_the_field_and_writes_nothing() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let before = server.row_counts().await;
+    for (input, field) in [
+        (json!({"order": {"id": "o-6"}}), "order.email"),
+        (json!({"order": {"id": "o-6", "email": 7}}), "order.email"),
+        (json!({"basket": {}}), "order"),
+    ] {
+        let (status, body) = read(
+            server
+                .api(Method::POST, "/v1/workflows/order/runs")
+                .json(&input)
+                .send()
+                .await
+                .expect("trigger"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+    }
+    assert_eq!(server.row_counts().await, before);
+    assert!(participant.seen().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_definition_that_cannot_work_is_refused_with_the_field_named_and_nothing_stored() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str, &str)> = vec![
+        (
+            Box::new(|d| d["steps"][1]["invoke"]["endpoint"] = json!("bank")),
+            "steps[1].invoke.endpoint",
+            "unknown endpoint",
+        ),
+        (
+            Box::new(|d| d["steps"][2]["name"] = json!("charge-card")),
+            "steps[2].name",
+            "two steps",
+        ),
+        (
+            Box::new(|d| d["input_schema"] = json!({"type": "no-such-type"})),
+            "input_schema",
+            "JSON Schema",
+        ),
+        (
+            Box::new(|d| d["steps"][2]["when"]["pointer"] = json!("/steps/ghost/output")),
+            "steps[2].when.pointer",
+            "points nowhere",
+        ),
+        (
+            Box::new(|d| d["steps"][0]["retry"]["initial_delay"] = json!("soon")),
+            "steps[0].retry.initial_delay",
+            "not a duration",
+        ),
+        (
+            Box::new(|d| d["endpoints"]["shop"]["secret_env"] = json!("SAGAFLOW_TEST_UNSET_SECRET")),
+            "endpoints.shop.secret_env",
+            "SAGAFLOW_TEST_UNSET_SECRET is not set",
+        ),
+        (
+            Box::new(|d| d["endpoints"]["shop"]["base_url"] = json!("http://example.com/saga")),
+            "endpoints.shop.base_url",
+            "only to loopback",
+        ),
+        (
+            Box::new(|d| d["steps"][0]["invoke"]["method"] = json!("GET")),
+            "steps[0].invoke.method",
+            "unknown field",
+        ),
+    ];
+    for (edit, field, message) in cases {
+        let mut definition = order(&participant);
+        edit(&mut definition);
+        let (status, body) = put(&server, "order", &definition).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+        assert!(
+            body["error"]["message"].as_str().expect("message").contains(message),
+            "{body}"
+        );
+    }
+    // A built-in workflow's name is taken.
+    let (status, body) = put(&server, "create-customer-account", &order(&participant)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // A name the engine cannot take.
+    let (status, body) = put(&server, "Order_1", &order(&participant)).await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("name")),
+        "{body}"
+    );
+    // Over 64 KiB.
+    let mut big = order(&participant);
+    big["description"] = json!("x".repeat(70 * 1024));
+    let (status, body) = put(&server, "order", &big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"]["message"].as_str().expect("message").contains("65536"),
+        "{body}"
+    );
+    // The API token cannot define workflows.
+    let refused = server
+        .api(Method::PUT, "/v1/workflow-definitions/order")
+        .json(&order(&participant))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(stored_definitions(&server).await, 0);
+    let (status, _) = read(
+        server
+            .api(Method::GET, "/v1/workflows/order")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_ne!(status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn versions_follow_content_and_each_run_finishes_on_its_own_version() {
+    let participant = Participant::start().await;
+    // The first run's charge is held until the second version is stored and used.
+    participant.script(
+        "/payments/charge",
+        [Answer::After(
+            Duration::from_millis(1500),
+            Box::new(Answer::Json(200, json!({"v": 1}))),
+        )],
+    );
+    let server = start().await;
+    let v1 = order(&participant);
+    assert_eq!(put(&server, "order", &v1).await.0, StatusCode::CREATED);
+    // The same content, keys reordered: the same version, 200.
+    let reordered: Value = serde_json::from_str(&serde_json::to_string(&v1).expect("json")).expect("json");
+    let (status, same) = put(&server, "order", &reordered).await;
+    assert_eq!((status, same["version"].as_i64()), (StatusCode::OK, Some(1)));
+
+    let first = read(
+        server
+            .api(Method::POST, "/v1/workflows/order/runs")
+            .json(&an_order("o-7", false))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await
+    .1;
+    let first_id = first["id"].as_str().expect("id").to_string();
+    common::eventually(Duration::from_secs(10), "the first charge to be in flight", || async {
+        (!participant.seen_at("/payments/charge").is_empty()).then_some(())
+    })
+    .await;
+
+    let mut v2 = v1.clone();
+    v2["description"] = json!("Reserve stock, charge, ship (v2)");
+    let (status, stored) = put(&server, "order", &v2).await;
+    assert_eq!((status, stored["version"].as_i64()), (StatusCode::CREATED, Some(2)));
+    let (_, versions) = read(
+        server
+            .api(Method::GET, "/v1/workflow-definitions/order/versions")
+            .send()
+            .await
+            .expect("versions"),
+    )
+    .await;
+    assert_eq!(versions["versions"][0]["version"], 2);
+    assert_eq!(versions["versions"][1]["unfinished_runs"], 1, "{versions}");
+    // Deleting a version with an unfinished run is refused.
+    let refused = server
+        .admin(Method::DELETE, "/v1/workflow-definitions/order/versions/1")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+
+    let second = run(&server, "order", &an_order("o-8", false)).await;
+    assert_eq!(
+        (second["status"].as_str(), second["workflow_version"].as_i64()),
+        (Some("completed"), Some(2)),
+        "{second}"
+    );
+    let first = server.wait_terminal(&first_id).await;
+    assert_eq!(
+        (first["status"].as_str(), first["workflow_version"].as_i64()),
+        (Some("completed"), Some(1)),
+        "{first}"
+    );
+    let versions_seen: Vec<String> = participant
+        .seen_at("/payments/charge")
+        .iter()
+        .map(|s| s.header("sagaflow-workflow-version"))
+        .collect();
+    assert_eq!(versions_seen, ["1", "2"]);
+
+    let (status, old) = read(
+        server
+            .api(Method::GET, "/v1/workflow-definitions/order?version=1")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(
+        (status, old["description"].as_str()),
+        (StatusCode::OK, Some("Reserve stock, charge, ship"))
+    );
+    let deleted = server
+        .admin(Method::DELETE, "/v1/workflow-definitions/order/versions/1")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let gone = server
+        .api(Method::GET, "/v1/workflow-definitions/order?version=1")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_started_after_a_definition_was_stored_runs_it() {
+    let participant = Participant::start().await;
+    // The first instance has no worker: only the second can run the workflow.
+    let first = server::start_with(|config| {
+        config.defined.vars = Some(vars());
+        config.run_worker = false;
+    })
+    .await;
+    assert_eq!(put(&first, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let mut config = server::config_for(&first.db.url);
+    config.engine.node_id = "second".into();
+    config.defined.vars = Some(vars());
+    let second = sagaflow::server::start(config).await.expect("second instance");
+    let client = reqwest::Client::new();
+    let (status, body) = read(
+        client
+            .post(format!("http://{}/v1/workflows/order/runs?wait_ms=15000", second.addr))
+            .bearer_auth(server::API_TOKEN)
+            .json(&an_order("o-9", false))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert!(status.is_success(), "{status}: {body}");
+    assert_eq!(body["status"], "completed", "{body}");
+    // Triggered on the first instance (no worker), it is run by the second.
+    let (status, body) = read(
+        first
+            .api(Method::POST, "/v1/workflows/order/runs")
+            .json(&an_order("o-9b", false))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let done = first.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(done["status"], "completed");
+    second.shutdown().await;
+    first.stop().await;
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_database_or_the_api() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/payments/charge",
+        [Answer::Json(500, json!({"error": {"message": "boom"}}))],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let done = run(&server, "order", &an_order("o-10", false)).await;
+    assert_eq!(done["status"], "completed");
+    let run_id = done["id"].as_str().expect("id");
+    let key = SECRET.trim_start_matches("whsec_");
+    // The database: every table, as text.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
+    )
+    .fetch_all(server.pool())
+    .await
+    .expect("tables");
+    assert!(tables.contains(&"workflow_definitions".to_string()));
+    for table in tables {
+        let dump: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT string_agg(t::text, ' ') FROM {table} t"
+        )))
+        .fetch_one(server.pool())
+        .await
+        .expect("dump");
+        let dump = dump.unwrap_or_default();
+        for planted in [key, TOKEN] {
+            assert!(!dump.contains(planted), "{table} holds a secret");
+        }
+    }
+    // The API: the definition, the workflow list, the run and its log.
+    for path in [
+        "/v1/workflow-definitions/order".to_string(),
+        "/v1/workflows".to_string(),
+        format!("/v1/runs/{run_id}"),
+        format!("/v1/runs/{run_id}/events"),
+    ] {
+        let text = server
+            .admin(Method::GET, &path)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            text.contains(SECRET_VAR) || !path.contains("definitions"),
+            "{path} names the variable"
+        );
+        for planted in [key, TOKEN] {
+            assert!(!text.contains(planted), "{path} shows a secret");
+        }
+    }
+    server.stop().await;
+}
