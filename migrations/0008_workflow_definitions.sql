@@ -10,3 +10,7 @@ CREATE TABLE workflow_definitions (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, version)
 );
+
+-- Which recorded plans are of defined workflows: an unfinished run of one whose definition
+-- row is gone can never run again (`sagaflow check` reports it).
+ALTER TABLE workflow_plans ADD COLUMN defined boolean NOT NULL DEFAULT false;

@@ -82,6 +82,34 @@ const RULES: &[Rule] = &[
                                        OR (s.kind = 'step_failed' AND s.detail ? 'partial')))",
     },
     Rule {
+        name: "unfinished-runs-have-their-version",
+        // Every instance runs every registered version (built-in plans are recorded at start,
+        // defined ones when stored); an unfinished run of a version nobody has, or of a
+        // defined version whose definition is gone, is never going to finish.
+        sql: "SELECT r.id, format('unfinished run of %s@%s, a version no instance registered', r.workflow, r.workflow_version)
+              FROM runs r
+              WHERE NOT run_status_is_terminal(r.status)
+                AND NOT EXISTS (SELECT 1 FROM workflow_plans p
+                                WHERE p.workflow = r.workflow AND p.version = r.workflow_version)
+              UNION ALL
+              SELECT r.id, format('unfinished run of %s@%s, whose definition was deleted', r.workflow, r.workflow_version)
+              FROM runs r JOIN workflow_plans p ON p.workflow = r.workflow AND p.version = r.workflow_version
+              WHERE NOT run_status_is_terminal(r.status) AND p.defined
+                AND NOT EXISTS (SELECT 1 FROM workflow_definitions d
+                                WHERE d.name = r.workflow AND d.version = r.workflow_version)",
+    },
+    Rule {
+        name: "compensable-steps-undone",
+        // Defined workflows, from their stored plan (built-in ones are checked against the
+        // engine's plans in `uncompensated_steps`).
+        sql: "SELECT r.id, format('%s run left step %s succeeded; it has a compensation', r.status, s.name)
+              FROM runs r JOIN run_steps s ON s.run_id = r.id
+              JOIN workflow_definitions d ON d.name = r.workflow AND d.version = r.workflow_version
+              WHERE r.status IN ('compensated', 'cancelled') AND s.status = 'succeeded'
+                AND EXISTS (SELECT 1 FROM jsonb_array_elements(d.definition->'steps') st
+                            WHERE st->>'name' = s.name AND st ? 'compensate')",
+    },
+    Rule {
         name: "terminal-steps-consistent",
         sql: "SELECT r.id, format('%s run has step %s %s', r.status, s.name, s.status)
               FROM runs r JOIN run_steps s ON s.run_id = r.id
@@ -173,9 +201,10 @@ async fn uncompensated_steps(pool: &PgPool, engine: &Engine) -> Result<Vec<Viola
     Ok(rows
         .into_iter()
         .filter(|(_, workflow, version, step)| {
-            engine
-                .workflow_version(workflow, *version)
-                .is_some_and(|w| w.steps().iter().any(|s| s.name() == step && s.has_compensation()))
+            engine.workflow_version(workflow, *version).is_some_and(|w| {
+                w.source() == crate::engine::Source::Builtin
+                    && w.steps().iter().any(|s| s.name() == step && s.has_compensation())
+            })
         })
         .map(|(run, _, _, step)| Violation {
             rule: "compensable-steps-undone",

@@ -297,6 +297,73 @@ async fn a_4xx_is_permanent_and_compensations_run_in_reverse_with_each_output() 
     );
     let release = &participant.seen_at("/stock/release")[0];
     assert_eq!(release.body["output"], json!({"path": "/saga/stock/reserve", "n": 1}));
+
+    // The checker agrees, and would see a compensation left undone.
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    sqlx::query("UPDATE run_steps SET status = 'succeeded' WHERE run_id = $1 AND name = 'charge-card'")
+        .bind(uuid::Uuid::parse_str(done["id"].as_str().expect("id")).expect("uuid"))
+        .execute(server.pool())
+        .await
+        .expect("tamper");
+    let found = sagaflow::check::violations(server.pool(), &engine)
+        .await
+        .expect("check");
+    assert!(
+        found
+            .iter()
+            .any(|v| v.rule == "compensable-steps-undone" && v.detail.contains("charge-card")),
+        "{found:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_checker_finds_an_unfinished_run_whose_version_is_gone() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/stock/reserve",
+        [Answer::After(
+            Duration::from_secs(2),
+            Box::new(Answer::Json(200, json!({}))),
+        )],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let (_, body) = read(
+        server
+            .api(Method::POST, "/v1/workflows/order/runs")
+            .json(&an_order("o-11", false))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    // As if a version had been deleted by hand under its running run.
+    sqlx::query("DELETE FROM workflow_definitions WHERE name = 'order'")
+        .execute(server.pool())
+        .await
+        .expect("delete");
+    let found = sagaflow::check::violations(server.pool(), &engine)
+        .await
+        .expect("check");
+    assert!(
+        found.iter().any(|v| v.rule == "unfinished-runs-have-their-version"
+            && v.run_id.map(|r| r.to_string()).as_deref() == body["id"].as_str()),
+        "{found:?}"
+    );
     server.stop().await;
 }
 

@@ -50,7 +50,14 @@ pub async fn upsert(pool: &PgPool, name: &str, hash: &str, definition: &Value) -
     {
         return Ok((*version, false));
     }
-    let version = newest.map_or(1, |(v, _)| v + 1);
+    // A version number is never reused, even after its definition was deleted: runs and
+    // recorded plans of the old one keep it.
+    let highest_plan: i32 =
+        sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM workflow_plans WHERE workflow = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+    let version = newest.map_or(0, |(v, _)| v).max(highest_plan) + 1;
     sqlx::query("INSERT INTO workflow_definitions (name, version, content_hash, definition) VALUES ($1, $2, $3, $4)")
         .bind(name)
         .bind(version)

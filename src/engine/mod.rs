@@ -559,7 +559,15 @@ impl Engine {
     async fn record_plan(&self, wf: &Workflow) -> Result<(), EngineError> {
         {
             let steps: Vec<&str> = wf.steps.iter().map(|s| s.name.as_str()).collect();
-            let stored = store::record_plan(&self.inner.pool, &wf.name, wf.version, &wf.plan_hash(), &steps).await?;
+            let stored = store::record_plan(
+                &self.inner.pool,
+                &wf.name,
+                wf.version,
+                &wf.plan_hash(),
+                &steps,
+                wf.source == Source::Defined,
+            )
+            .await?;
             if let Some((_, stored)) = stored {
                 return Err(EngineError::PlanChanged {
                     workflow: wf.name.clone(),

@@ -472,10 +472,11 @@ pub async fn record_plan<'e>(
     version: i32,
     plan_hash: &str,
     steps: &[&str],
+    defined: bool,
 ) -> Result<Option<(String, Vec<String>)>, sqlx::Error> {
     let stored: (String, Vec<String>) = sqlx::query_as(
         "WITH created AS (
-             INSERT INTO workflow_plans (workflow, version, plan_hash, steps) VALUES ($1, $2, $3, $4)
+             INSERT INTO workflow_plans (workflow, version, plan_hash, steps, defined) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (workflow, version) DO NOTHING
              RETURNING plan_hash, steps
          )
@@ -488,6 +489,7 @@ pub async fn record_plan<'e>(
     .bind(version)
     .bind(plan_hash)
     .bind(steps)
+    .bind(defined)
     .fetch_one(db)
     .await?;
     Ok((stored.0 != plan_hash).then_some(stored))

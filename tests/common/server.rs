@@ -82,6 +82,11 @@ impl TestServer {
         &self.db.pool
     }
 
+    /// The server's engine (its registered workflows, defined ones included).
+    pub fn engine(&self) -> sagaflow::engine::Engine {
+        self.running.as_ref().expect("running").engine.clone()
+    }
+
     /// A request with the API token.
     pub fn api(&self, method: Method, path: &str) -> RequestBuilder {
         self.client.request(method, self.url(path)).bearer_auth(API_TOKEN)
