@@ -704,3 +704,172 @@ async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
     assert_invariants(&db.pool).await;
     drop(second);
 }
+
+/// A defined saga whose three steps call `participant` (unsigned: the server processes run
+/// without secret variables).
+fn http_saga(participant: &common::participant::Participant) -> Value {
+    json!({
+        "endpoints": {"shop": {"base_url": participant.base_url(), "timeout": "20s"}},
+        "steps": [
+            {"name": "reserve", "invoke": {"endpoint": "shop", "path": "/reserve"},
+             "compensate": {"endpoint": "shop", "path": "/release"}},
+            {"name": "charge", "invoke": {"endpoint": "shop", "path": "/charge"},
+             "compensate": {"endpoint": "shop", "path": "/refund"}},
+            {"name": "ship", "invoke": {"endpoint": "shop", "path": "/ship"}}
+        ]
+    })
+}
+
+async fn define_and_trigger(server: &ServerProcess, participant: &common::participant::Participant) -> String {
+    let client = client();
+    let defined = client
+        .put(format!("{}/v1/workflow-definitions/http-saga", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(&http_saga(participant))
+        .send()
+        .await
+        .expect("define");
+    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
+    let triggered: Value = client
+        .post(format!("{}/v1/workflows/http-saga/runs", server.url()))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"order": 1}))
+        .send()
+        .await
+        .expect("trigger")
+        .json()
+        .await
+        .expect("json");
+    triggered["id"].as_str().expect("id").to_string()
+}
+
+async fn run_status(pool: &PgPool, run: &str) -> String {
+    sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1::uuid")
+        .bind(run)
+        .fetch_one(pool)
+        .await
+        .expect("status")
+}
+
+#[tokio::test]
+async fn sigkill_while_a_participant_holds_a_call_open_resends_the_same_key_and_completes_once() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    participant.script(
+        "/charge",
+        [Answer::After(
+            Duration::from_secs(30),
+            Box::new(Answer::Json(200, json!({"late": true}))),
+        )],
+    );
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("http-crash")).await;
+    let run = define_and_trigger(&server, &participant).await;
+    eventually(Duration::from_secs(20), "the charge call to be held open", || async {
+        (!participant.seen_at("/charge").is_empty()).then_some(())
+    })
+    .await;
+    server.kill9();
+    server.restart(Options::node("http-crash")).await;
+    eventually(
+        Duration::from_secs(30),
+        "the run to complete after the restart",
+        || async { (run_status(&db.pool, &run).await == "completed").then_some(()) },
+    )
+    .await;
+    let charges = participant.seen_at("/charge");
+    assert_eq!(charges.len(), 2, "the lost call is made again, once");
+    assert_eq!(charges[0].header("idempotency-key"), format!("{run}:charge:invoke"));
+    assert_eq!(
+        charges[0].header("idempotency-key"),
+        charges[1].header("idempotency-key")
+    );
+    assert_eq!(participant.paths(), ["/reserve", "/charge", "/charge", "/ship"]);
+    let log = log_of(&db.pool, uuid::Uuid::parse_str(&run).expect("uuid")).await;
+    assert!(
+        log.iter().any(|(kind, step, _, detail)| kind == "step_failed"
+            && step.as_deref() == Some("charge")
+            && detail["lost"] == true),
+        "the attempt in flight at the kill is logged as lost: {log:?}"
+    );
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn an_owner_paused_during_a_call_past_its_lease_is_fenced_when_the_answer_comes() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    // The first charge (the owner's) is answered after four seconds; the new owner's at once.
+    participant.script(
+        "/charge",
+        [Answer::After(
+            Duration::from_secs(4),
+            Box::new(Answer::Json(200, json!({"by": "sleepy"}))),
+        )],
+    );
+    let db = test_db().await;
+    let lease = Duration::from_millis(1500);
+    let sleepy = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("sleepy")
+        },
+    )
+    .await;
+    let awake = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("awake")
+        },
+    )
+    .await;
+    let run = define_and_trigger(&sleepy, &participant).await;
+    eventually(
+        Duration::from_secs(20),
+        "the owner's charge call to be in flight",
+        || async { (!participant.seen_at("/charge").is_empty()).then_some(()) },
+    )
+    .await;
+    sleepy.pause();
+    eventually(
+        Duration::from_secs(30),
+        "the other instance to finish the run",
+        || async { (run_status(&db.pool, &run).await == "completed").then_some(()) },
+    )
+    .await;
+    // Wake the old owner after its call was answered: its late outcome must not commit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sleepy.resume();
+    eventually(
+        Duration::from_secs(20),
+        "the old owner to notice it was fenced",
+        || async {
+            sleepy
+                .log_text()
+                .contains("lease taken over by another worker; stopping without writing")
+                .then_some(())
+        },
+    )
+    .await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM run_steps WHERE run_id = $1::uuid AND name = 'charge'")
+        .bind(&run)
+        .fetch_one(&db.pool)
+        .await
+        .expect("output");
+    assert_eq!(
+        output,
+        json!({"path": "/saga/charge", "n": 2}),
+        "the new owner's outcome stands"
+    );
+    let charges = participant.seen_at("/charge");
+    assert_eq!(charges.len(), 2);
+    assert_eq!(
+        charges[0].header("idempotency-key"),
+        charges[1].header("idempotency-key")
+    );
+    assert_eq!(participant.seen_at("/ship").len(), 1, "the saga went on once");
+    drop(awake);
+    assert_invariants(&db.pool).await;
+}
