@@ -741,3 +741,50 @@ async fn secrets_never_reach_the_database_or_the_api() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_workflows_file_is_upserted_at_every_start_and_a_bad_one_stops_the_server() {
+    let participant = Participant::start().await;
+    let dir = std::env::temp_dir().join(format!("sagaflow-workflows-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("workflows.json");
+    std::fs::write(&file, json!({"order": order(&participant)}).to_string()).expect("write");
+    let first = server::start_with(|config| {
+        config.defined.vars = Some(vars());
+        config.defined.file = Some(file.clone());
+    })
+    .await;
+    let done = run(&first, "order", &an_order("o-12", false)).await;
+    assert_eq!(
+        (done["status"].as_str(), done["workflow_version"].as_i64()),
+        (Some("completed"), Some(1))
+    );
+    let url = first.db.url.clone();
+    // The same file again: still version 1.
+    let mut config = server::config_for(&url);
+    config.defined.vars = Some(vars());
+    config.defined.file = Some(file.clone());
+    let again = sagaflow::server::start(config).await.expect("restart");
+    assert_eq!(
+        again
+            .engine
+            .workflows()
+            .iter()
+            .filter(|w| w.name() == "order")
+            .map(|w| w.version())
+            .collect::<Vec<_>>(),
+        [1]
+    );
+    again.shutdown().await;
+    // A file with a definition that cannot work stops the server, naming the field.
+    let mut bad = order(&participant);
+    bad["steps"][0]["invoke"]["endpoint"] = json!("bank");
+    std::fs::write(&file, json!({"order": bad}).to_string()).expect("write");
+    let mut config = server::config_for(&url);
+    config.defined.vars = Some(vars());
+    config.defined.file = Some(file.clone());
+    let error = sagaflow::server::start(config).await.err().expect("refused");
+    assert!(error.to_string().contains("order.steps[0].invoke.endpoint"), "{error}");
+    first.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
