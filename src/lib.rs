@@ -9,6 +9,8 @@
 //!   shutdown), `engine::store` (crate-private: the engine's SQL about runs), and
 //!   `engine::scheduler`, cron schedules firing each tick once across instances (with its own
 //!   `store`).
+//! - [`defined`]: workflows defined as data: JSON definitions stored and versioned in
+//!   PostgreSQL, compiled into engine workflows whose steps are signed HTTP calls.
 //! - [`domain`]: the customer domain (customers, addresses, auth identities, the outbox) and
 //!   its SQL.
 //! - [`workflows`]: workflows built on the engine and registered by the server;
