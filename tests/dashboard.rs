@@ -79,6 +79,25 @@ fn text_of(html: &str) -> String {
         .replace("&amp;", "&")
 }
 
+/// The words a browser shows for some HTML: tags dropped, entities decoded, whitespace
+/// collapsed.
+fn words_of(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                text.push(' ');
+            }
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text_of(&text).split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn cookie_pair(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap_or_default().to_string()
 }
@@ -1796,5 +1815,90 @@ async fn the_schedules_page_hears_about_schedules_and_runs() {
         e.contains(&run)
     })
     .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_workflows_page_shows_every_version_with_its_steps_and_no_secret() {
+    use common::participant::{Answer, Participant};
+    const TOKEN: &str = "a-participant-token-that-must-never-show-9d1c";
+    let participant = Participant::start().await;
+    // The first reserve fails (its answer shows on the run's page); the second is held so
+    // the run is unfinished while the page is read.
+    participant.script(
+        "/reserve",
+        [
+            Answer::Json(503, json!({"error": {"message": "warming up"}})),
+            Answer::After(Duration::from_secs(3), Box::new(Answer::Json(200, json!({"ok": true})))),
+        ],
+    );
+    let server = server::start_with(|config| {
+        config.defined.vars = Some(std::sync::Arc::new(|name: &str| {
+            (name == "SHOP_TOKEN").then(|| TOKEN.to_string())
+        }))
+    })
+    .await;
+    let definition = json!({
+        "description": "Reserve, then ship",
+        "endpoints": {"shop": {"base_url": participant.base_url(), "token_env": "SHOP_TOKEN"}},
+        "steps": [
+            {"name": "reserve", "invoke": {"endpoint": "shop", "path": "/reserve", "timeout": "10s"},
+             "compensate": {"endpoint": "shop", "path": "/release"},
+             "retry": {"max_attempts": 4, "initial_delay": "50ms", "jitter": 0.0}},
+            {"name": "ship", "invoke": {"endpoint": "shop", "path": "/ship"}}
+        ]
+    });
+    let (status, body) = read(
+        server
+            .admin(Method::PUT, "/v1/workflow-definitions/shop-order")
+            .json(&definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, run) = read(
+        server
+            .api(Method::POST, "/v1/workflows/shop-order/runs")
+            .json(&json!({"order": 1}))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    let id = id_of(&run);
+    common::eventually(Duration::from_secs(10), "the second reserve attempt", || async {
+        (participant.seen_at("/reserve").len() == 2).then_some(())
+    })
+    .await;
+
+    let unauthenticated = Page::of(client().get(server.url("/workflows")).send().await.expect("get")).await;
+    assert_eq!(unauthenticated.status, StatusCode::SEE_OTHER);
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, "/workflows").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let text = words_of(&page.body);
+    assert!(text.contains("shop-order v1 defined 1 unfinished run"), "{text}");
+    assert!(text.contains("create-customer-account v1 built-in"), "{text}");
+    assert!(
+        text.contains("reserve shop POST /reserve; undo: shop POST /release 4 attempts, 50ms then ×2, at most 30s"),
+        "{text}"
+    );
+    // ship: no compensation; the endpoint's default 30 s call timeout, and a second of backstop.
+    assert!(text.contains("none 31s"), "{text}");
+
+    // The run's page shows what the failed attempt saw.
+    let run_page = session.get(&server, &format!("/runs/{id}")).await;
+    assert_eq!(run_page.status, StatusCode::OK);
+    let shown = text_of(&run_page.body);
+    assert!(shown.contains("\"status\":503"), "{shown}");
+    assert!(shown.contains("warming up"), "{shown}");
+
+    server.wait_terminal(&id).await;
+    for path in ["/workflows".to_string(), format!("/runs/{id}"), "/".to_string()] {
+        let page = session.get(&server, &path).await;
+        assert!(!page.body.contains(TOKEN), "{path} shows the participant's token");
+    }
     server.stop().await;
 }

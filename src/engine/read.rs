@@ -30,6 +30,11 @@ impl RunReads {
         Ok(store::count_by_status_capped(&self.pool, filter, cap).await?)
     }
 
+    /// Unfinished runs per `(workflow, version)`.
+    pub async fn unfinished_by_version(&self) -> Result<Vec<(String, i32, i64)>, EngineError> {
+        Ok(store::unfinished_by_version(&self.pool).await?)
+    }
+
     /// The steps of several runs without their outputs (for lists showing progress).
     pub async fn step_briefs(&self, runs: &[Uuid]) -> Result<Vec<StepBrief>, EngineError> {
         Ok(store::step_briefs(&self.pool, runs).await?)

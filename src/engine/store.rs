@@ -444,6 +444,16 @@ pub async fn park_run(conn: &mut PgConnection, run_id: Uuid, epoch: i64, reason:
     Ok(parked == 1)
 }
 
+/// Unfinished runs per workflow version, for operators' views.
+pub async fn unfinished_by_version(pool: &PgPool) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT workflow, workflow_version, count(*) FROM runs
+         WHERE NOT run_status_is_terminal(status) GROUP BY workflow, workflow_version",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Makes the parked runs of `workflow@version` due again (a deploy may have brought their
 /// plan back); returns how many.
 pub async fn unpark_runs<'e>(

@@ -27,6 +27,7 @@ pub mod schedules;
 pub mod session;
 pub mod store;
 pub mod timeline;
+pub mod workflows;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -72,6 +73,7 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/runs/{id}/retry", post(run::retry))
         .route("/runs/{id}/cancel", post(run::cancel))
         .route("/schedules", get(schedules::page))
+        .route("/workflows", get(workflows::page))
         .route("/schedules/{name}/enable", post(schedules::enable))
         .route("/schedules/{name}/disable", post(schedules::disable))
         .route("/schedules/{name}/fire", post(schedules::fire))

@@ -1,0 +1,146 @@
+//! The workflows page (`/workflows`): every workflow this instance runs, built-in and
+//! defined, each version with its count of unfinished runs, and each step with what it calls,
+//! its retry policies and its timeout.
+//!
+//! Cost: the plans are in memory; the counts are one grouped statement over unfinished runs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::Html;
+
+use super::Dashboard;
+use super::error::PageError;
+use super::session::Viewer;
+use crate::engine::read::RunReads;
+use crate::engine::{RetryPolicy, Source, Workflow};
+use crate::http::error::ApiError;
+
+/// The workflows page.
+#[derive(Template)]
+#[template(path = "workflows.html", config = "dashboard/askama.toml")]
+pub struct WorkflowsPage {
+    /// The logged-in operator.
+    pub operator: String,
+    /// For the forms.
+    pub csrf: String,
+    /// By name, newest version first within a name.
+    pub workflows: Vec<WorkflowLine>,
+}
+
+/// One version of a workflow.
+pub struct WorkflowLine {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: i32,
+    /// `built-in` or `defined`.
+    pub source: &'static str,
+    /// What it is for.
+    pub description: String,
+    /// Its runs that are not finished.
+    pub unfinished: i64,
+    /// Its plan.
+    pub steps: Vec<StepLine>,
+}
+
+/// One step of a plan.
+pub struct StepLine {
+    /// Position, from 1.
+    pub number: usize,
+    /// Its name.
+    pub name: String,
+    /// What it calls (an HTTP step's endpoint and path), or how it runs.
+    pub calls: String,
+    /// Its invoke's retry policy, in words.
+    pub retry: String,
+    /// Its compensation, in words.
+    pub compensation: String,
+    /// Its attempt timeout, in words.
+    pub timeout: String,
+}
+
+/// The page.
+pub async fn page(viewer: Viewer, State(dashboard): State<Arc<Dashboard>>) -> Result<Html<String>, PageError> {
+    let engine = &dashboard.app.engine;
+    let counts: HashMap<(String, i32), i64> = RunReads::of(engine)
+        .unfinished_by_version()
+        .await?
+        .into_iter()
+        .map(|(name, version, n)| ((name, version), n))
+        .collect();
+    let mut workflows = engine.workflows();
+    workflows.sort_by(|a, b| a.name().cmp(b.name()).then(b.version().cmp(&a.version())));
+    let page = WorkflowsPage {
+        operator: viewer.session.operator.clone(),
+        csrf: viewer.csrf.clone(),
+        workflows: workflows
+            .iter()
+            .map(|w| {
+                line(
+                    w,
+                    counts.get(&(w.name().to_string(), w.version())).copied().unwrap_or(0),
+                )
+            })
+            .collect(),
+    };
+    let html = page
+        .render()
+        .map_err(|e| ApiError::Internal(format!("rendering the workflows page: {e}")))?;
+    Ok(Html(html))
+}
+
+/// A version as the page shows it (pure).
+pub fn line(workflow: &Workflow, unfinished: i64) -> WorkflowLine {
+    WorkflowLine {
+        name: workflow.name().to_string(),
+        version: workflow.version(),
+        source: match workflow.source() {
+            Source::Builtin => "built-in",
+            Source::Defined => "defined",
+        },
+        description: workflow.description().to_string(),
+        unfinished,
+        steps: workflow
+            .steps()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepLine {
+                number: i + 1,
+                name: s.name().to_string(),
+                calls: match s.calls() {
+                    Some(calls) => calls.to_string(),
+                    None if s.is_hook() => "hook point (the embedding application's handler)".into(),
+                    None => "Rust code in the server".into(),
+                },
+                retry: policy(s.retry_policy()),
+                compensation: if s.has_compensation() {
+                    policy(s.compensation_retry_policy())
+                } else {
+                    "none".into()
+                },
+                timeout: s.attempt_timeout().map(duration).unwrap_or_else(|| "none".into()),
+            })
+            .collect(),
+    }
+}
+
+fn policy(p: &RetryPolicy) -> String {
+    if p.max_attempts <= 1 {
+        return "1 attempt".into();
+    }
+    format!(
+        "{} attempts, {} then ×{}, at most {}",
+        p.max_attempts,
+        duration(p.initial_delay),
+        p.backoff_factor,
+        duration(p.max_delay)
+    )
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
