@@ -788,3 +788,58 @@ async fn a_workflows_file_is_upserted_at_every_start_and_a_bad_one_stops_the_ser
     first.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_log() {
+    use common::process::{Options, ServerProcess};
+    let participant = Participant::start().await;
+    participant.script(
+        "/payments/charge",
+        [Answer::Json(500, json!({"error": {"message": "boom"}}))],
+    );
+    let db = common::test_db().await;
+    let server = ServerProcess::start(
+        &db.url,
+        Options {
+            env: vec![
+                (SECRET_VAR.to_string(), SECRET.to_string()),
+                (TOKEN_VAR.to_string(), TOKEN.to_string()),
+                (
+                    "RUST_LOG".to_string(),
+                    "debug,sqlx=warn,hyper=warn,reqwest=warn".to_string(),
+                ),
+            ],
+            ..Options::node("secret-keeper")
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let stored = client
+        .put(format!("{}/v1/workflow-definitions/order", server.url()))
+        .bearer_auth(server::ADMIN_TOKEN)
+        .json(&order(&participant))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(stored.status(), StatusCode::CREATED);
+    let (status, body) = read(
+        client
+            .post(format!("{}/v1/workflows/order/runs?wait_ms=15000", server.url()))
+            .bearer_auth(server::API_TOKEN)
+            .json(&an_order("o-13", false))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert!(status.is_success(), "{body}");
+    assert_eq!(body["status"], "completed", "{body}");
+    let log = server.log_text();
+    assert!(
+        log.contains("charge-card"),
+        "the log is the server's, with its steps: {log}"
+    );
+    for planted in [SECRET.trim_start_matches("whsec_"), TOKEN] {
+        assert!(!log.contains(planted), "the log shows a secret");
+    }
+}

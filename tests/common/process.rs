@@ -24,6 +24,8 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// The port to listen on (0: pick a free one).
     pub port: u16,
+    /// More environment variables for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -34,6 +36,7 @@ impl Options {
             lease_ttl: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(5),
             port: 0,
+            env: Vec::new(),
         }
     }
 }
@@ -105,6 +108,7 @@ impl ServerProcess {
         if let Some(faults) = &self.options.faults {
             cmd.env("SAGAFLOW_FAULTS", faults);
         }
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = Some(cmd.spawn().expect("spawn sagaflow"));
         self.wait_ready().await;
     }
