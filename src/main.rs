@@ -53,7 +53,7 @@ struct BenchArgs {
     /// private embedded cluster in a temporary directory, with durable settings.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Runs-table sizes for the list-query phase (comma list; empty to skip).
+    /// Runs-table sizes for the list-query phase (comma list; 0 to skip).
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     list_rows: Vec<usize>,
     /// Length of the ceiling and half-load phases.

@@ -118,8 +118,12 @@ fn client() -> Result<reqwest::Client> {
 }
 
 async fn register(client: &reqwest::Client, base: &str, body: &Value, wait_ms: u32) -> Result<Value> {
+    trigger(client, base, WORKFLOW, body, wait_ms).await
+}
+
+async fn trigger(client: &reqwest::Client, base: &str, workflow: &str, body: &Value, wait_ms: u32) -> Result<Value> {
     let response = client
-        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs?wait_ms={wait_ms}"))
+        .post(format!("{base}/v1/workflows/{workflow}/runs?wait_ms={wait_ms}"))
         .bearer_auth(TOKEN)
         .json(body)
         .send()
@@ -130,6 +134,28 @@ async fn register(client: &reqwest::Client, base: &str, body: &Value, wait_ms: u
         bail!("trigger answered {status}: {body}");
     }
     Ok(body)
+}
+
+/// What a closed-loop phase triggers: a workflow, and the input of its `i`-th run.
+pub struct Workload {
+    /// The workflow's name.
+    pub workflow: String,
+    /// Steps of one run.
+    pub steps: f64,
+    /// The input of run `i`.
+    pub input: Box<dyn Fn(usize) -> Value + Send + Sync>,
+}
+
+impl Workload {
+    /// `create-customer-account` registrations of identities `authid_<prefix><i>`.
+    pub fn registrations(prefix: &str) -> Self {
+        let prefix = prefix.to_string();
+        Self {
+            workflow: WORKFLOW.into(),
+            steps: steps(),
+            input: Box::new(move |i| registration(&prefix, i)),
+        }
+    }
 }
 
 /// Registrations `from..from+runs` over HTTP from `clients` clients, each waiting for its run
@@ -143,16 +169,31 @@ pub async fn http_closed_loop(
     clients: usize,
     server_pid: u32,
 ) -> Result<Phase> {
+    closed_loop(pool, base, Workload::registrations(prefix), from, runs, clients, server_pid).await
+}
+
+/// Runs `from..from+runs` of `load` over HTTP from `clients` clients, each waiting for its
+/// run to finish before sending the next.
+pub async fn closed_loop(
+    pool: &PgPool,
+    base: &str,
+    load: Workload,
+    from: usize,
+    runs: usize,
+    clients: usize,
+    server_pid: u32,
+) -> Result<Phase> {
     let client = client()?;
+    let load = Arc::new(load);
     // Warm up connections and caches.
-    register(&client, base, &registration(prefix, from + runs * 2), 30_000).await?;
+    trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
     let next = Arc::new(AtomicUsize::new(from));
     let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
     let xid_before = xid(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (client, next, base, prefix) = (client.clone(), Arc::clone(&next), base.to_string(), prefix.to_string());
+        let (client, next, base, load) = (client.clone(), Arc::clone(&next), base.to_string(), Arc::clone(&load));
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -161,7 +202,7 @@ pub async fn http_closed_loop(
                     return Ok::<_, anyhow::Error>(latencies);
                 }
                 let sent = Instant::now();
-                let run = register(&client, &base, &registration(&prefix, i), 30_000).await?;
+                let run = trigger(&client, &base, &load.workflow, &(load.input)(i), 30_000).await?;
                 if run["status"] != "completed" {
                     bail!("run {} ended {}", run["id"], run["status"]);
                 }
@@ -179,8 +220,8 @@ pub async fn http_closed_loop(
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * steps() / elapsed,
-        steps_per_run: steps(),
+        steps_per_s: runs as f64 * load.steps / elapsed,
+        steps_per_run: load.steps,
         commits_per_run: commits / runs as f64,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: cpu,

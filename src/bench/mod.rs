@@ -6,16 +6,19 @@
 //! 2. **http**: `create-customer-account` runs triggered over HTTP (`wait_ms`) by `C` clients
 //!    against a server child process, as fast as it goes (runs/s, commits per run, server CPU
 //!    and peak RSS), then open-loop at half that rate for the latency distribution;
-//! 3. **library**: the same through the engine in this process, no HTTP;
-//! 4. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
+//! 3. **http steps**: a defined three-step saga whose steps are HTTP calls to a participant
+//!    in this process that answers at once, triggered like the registrations (closed loop);
+//! 4. **library**: the registrations through the engine in this process, no HTTP;
+//! 5. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
 //!    seconds from the restart until every run is terminal;
-//! 5. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
+//! 6. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
 //!
 //! This module belongs to the binary (it is a tool at the edge), so it uses anyhow.
 
 mod list;
 mod load;
 mod measure;
+mod participant;
 mod report;
 
 use std::path::PathBuf;
@@ -165,10 +168,16 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         options.phase
     );
     let half = load::http_open_loop(&server.base(), "h", options.runs, options.runs * 2, rate, options.phase).await?;
-    report.rss_mb = server.peak_rss_mb();
-    server.terminate()?;
     report.http = Some(max);
     report.http_half_load = Some(half);
+
+    eprintln!(
+        "http steps: a defined 3-step saga, {} runs from {} clients",
+        options.runs, options.concurrency
+    );
+    report.http_steps = Some(http_steps(&pool, &server, options).await?);
+    report.rss_mb = server.peak_rss_mb();
+    server.terminate()?;
 
     eprintln!(
         "library: {} runs from {} tasks, no HTTP",
@@ -190,6 +199,26 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     }
     pool.close().await;
     Ok(report)
+}
+
+/// The HTTP-step workload: a definition stored on the running server, then its runs.
+async fn http_steps(pool: &PgPool, server: &ServerChild, options: &BenchOptions) -> Result<load::Phase> {
+    let participant = participant::Participant::start().await?;
+    let stored = reqwest::Client::new()
+        .put(format!("{}/v1/workflow-definitions/bench-http-saga", server.base()))
+        .bearer_auth(load::ADMIN_TOKEN)
+        .json(&participant.definition())
+        .send()
+        .await?;
+    if !stored.status().is_success() {
+        bail!("storing the bench's definition answered {}: {}", stored.status(), stored.text().await?);
+    }
+    let workload = load::Workload {
+        workflow: "bench-http-saga".into(),
+        steps: 3.0,
+        input: Box::new(|i| serde_json::json!({"order": i})),
+    };
+    load::closed_loop(pool, &server.base(), workload, 0, options.runs, options.concurrency, server.pid()).await
 }
 
 async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<load::Recovery> {

@@ -27,6 +27,8 @@ pub struct Report {
     pub http: Option<Phase>,
     /// Over HTTP at half that rate.
     pub http_half_load: Option<Phase>,
+    /// A defined saga of HTTP steps, over HTTP, as fast as it goes.
+    pub http_steps: Option<Phase>,
     /// Through the library.
     pub library: Option<Phase>,
     /// SIGKILL and restart.
@@ -49,6 +51,7 @@ impl Report {
             ceiling_commits_per_s: f64::NAN,
             http: None,
             http_half_load: None,
+            http_steps: None,
             library: None,
             recovery: None,
             rss_mb: f64::NAN,
@@ -73,6 +76,14 @@ impl Report {
             "latency_ms_at_max_throughput": http.map(|p| p.latency_ms),
             "half_load_runs_per_s": half.map(|p| round(p.runs_per_s)),
             "server_cpu_s": http.and_then(|p| p.server_cpu_s).map(round),
+            "http_steps": self.http_steps.as_ref().map(|p| json!({
+                "runs_per_s": round(p.runs_per_s),
+                "steps_per_s": round(p.steps_per_s),
+                "ratio": round(p.steps_per_s / self.ceiling_commits_per_s),
+                "commits_per_run": round(p.commits_per_run),
+                "latency_ms": p.latency_ms,
+                "server_cpu_s": p.server_cpu_s.map(round),
+            })),
             "library": self.library,
             "recovery": self.recovery,
             "list_ms": self.list,
@@ -121,6 +132,18 @@ impl Report {
                 &format!("http at half load ({:.0} runs/s): p50/p90/p99 ms", p.runs_per_s),
                 fmt_latency(&p.latency_ms),
             );
+        }
+        if let Some(p) = &self.http_steps {
+            line("http steps: runs/s (3 HTTP steps each)", format!("{:.0}", p.runs_per_s));
+            line(
+                "http steps: steps/s (ratio)",
+                format!("{:.0} ({:.2})", p.steps_per_s, p.steps_per_s / self.ceiling_commits_per_s),
+            );
+            line(
+                "http steps: commits per run (per step)",
+                format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / p.steps_per_run),
+            );
+            line("http steps: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
         line("server peak RSS MiB", format!("{:.1}", self.rss_mb));
         if let Some(p) = &self.library {
