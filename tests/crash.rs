@@ -721,16 +721,8 @@ fn http_saga(participant: &common::participant::Participant) -> Value {
 }
 
 async fn define_and_trigger(server: &ServerProcess, participant: &common::participant::Participant) -> String {
-    let client = client();
-    let defined = client
-        .put(format!("{}/v1/workflow-definitions/http-saga", server.url()))
-        .bearer_auth(common::server::ADMIN_TOKEN)
-        .json(&http_saga(participant))
-        .send()
-        .await
-        .expect("define");
-    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
-    let triggered: Value = client
+    define(server, participant).await;
+    let triggered: Value = client()
         .post(format!("{}/v1/workflows/http-saga/runs", server.url()))
         .bearer_auth(API_TOKEN)
         .json(&json!({"order": 1}))
@@ -741,6 +733,18 @@ async fn define_and_trigger(server: &ServerProcess, participant: &common::partic
         .await
         .expect("json");
     triggered["id"].as_str().expect("id").to_string()
+}
+
+async fn define(server: &ServerProcess, participant: &common::participant::Participant) {
+    let client = client();
+    let defined = client
+        .put(format!("{}/v1/workflow-definitions/http-saga", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(&http_saga(participant))
+        .send()
+        .await
+        .expect("define");
+    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
 }
 
 async fn run_status(pool: &PgPool, run: &str) -> String {
@@ -871,5 +875,96 @@ async fn an_owner_paused_during_a_call_past_its_lease_is_fenced_when_the_answer_
     );
     assert_eq!(participant.seen_at("/ship").len(), 1, "the saga went on once");
     drop(awake);
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn an_abort_after_the_participant_answered_calls_it_again_with_the_same_key() {
+    use common::participant::Participant;
+    let participant = Participant::start().await;
+    let db = test_db().await;
+    // after-effect: the participant has answered the charge; its outcome is not committed.
+    let mut server = ServerProcess::start(
+        &db.url,
+        Options {
+            faults: Some("after-effect:charge".into()),
+            ..Options::node("http-fault")
+        },
+    )
+    .await;
+    define(&server, &participant).await;
+    // The process may abort before it answers: the run is found in the database.
+    let _ = client()
+        .post(format!("{}/v1/workflows/http-saga/runs", server.url()))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"order": 1}))
+        .send()
+        .await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    let run: String = sqlx::query_scalar("SELECT id::text FROM runs WHERE workflow = 'http-saga'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the run");
+    assert_eq!(status.signal(), Some(6), "aborted by the fault point: {status:?}");
+    assert_eq!(participant.paths(), ["/reserve", "/charge"]);
+    server.restart(Options::node("http-fault")).await;
+    eventually(
+        Duration::from_secs(30),
+        "the run to complete after the restart",
+        || async { (run_status(&db.pool, &run).await == "completed").then_some(()) },
+    )
+    .await;
+    let charges = participant.seen_at("/charge");
+    assert_eq!(charges.len(), 2, "the answered but unrecorded call is made again");
+    assert_eq!(
+        charges[0].header("idempotency-key"),
+        charges[1].header("idempotency-key")
+    );
+    assert_eq!(participant.paths(), ["/reserve", "/charge", "/charge", "/ship"]);
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_lease_keeps_its_lease() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    // Twice the lease: only the heartbeat keeps the run from being taken over meanwhile.
+    participant.script(
+        "/charge",
+        [Answer::After(
+            Duration::from_secs(3),
+            Box::new(Answer::Json(200, json!({"slow": true}))),
+        )],
+    );
+    let db = test_db().await;
+    let lease = Duration::from_millis(1500);
+    let owner = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("patient")
+        },
+    )
+    .await;
+    let other = ServerProcess::start(
+        &db.url,
+        Options {
+            lease_ttl: lease,
+            ..Options::node("eager")
+        },
+    )
+    .await;
+    let run = define_and_trigger(&owner, &participant).await;
+    eventually(Duration::from_secs(30), "the run to complete", || async {
+        (run_status(&db.pool, &run).await == "completed").then_some(())
+    })
+    .await;
+    let log = log_of(&db.pool, uuid::Uuid::parse_str(&run).expect("uuid")).await;
+    assert!(
+        !log.iter().any(|(kind, ..)| kind == "lease_taken_over"),
+        "the run was taken over during a long call: {log:?}"
+    );
+    assert_eq!(participant.seen_at("/charge").len(), 1, "called once");
+    drop(other);
     assert_invariants(&db.pool).await;
 }

@@ -169,7 +169,16 @@ pub async fn http_closed_loop(
     clients: usize,
     server_pid: u32,
 ) -> Result<Phase> {
-    closed_loop(pool, base, Workload::registrations(prefix), from, runs, clients, server_pid).await
+    closed_loop(
+        pool,
+        base,
+        Workload::registrations(prefix),
+        from,
+        runs,
+        clients,
+        server_pid,
+    )
+    .await
 }
 
 /// Runs `from..from+runs` of `load` over HTTP from `clients` clients, each waiting for its

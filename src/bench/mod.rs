@@ -211,14 +211,27 @@ async fn http_steps(pool: &PgPool, server: &ServerChild, options: &BenchOptions)
         .send()
         .await?;
     if !stored.status().is_success() {
-        bail!("storing the bench's definition answered {}: {}", stored.status(), stored.text().await?);
+        bail!(
+            "storing the bench's definition answered {}: {}",
+            stored.status(),
+            stored.text().await?
+        );
     }
     let workload = load::Workload {
         workflow: "bench-http-saga".into(),
         steps: 3.0,
         input: Box::new(|i| serde_json::json!({"order": i})),
     };
-    load::closed_loop(pool, &server.base(), workload, 0, options.runs, options.concurrency, server.pid()).await
+    load::closed_loop(
+        pool,
+        &server.base(),
+        workload,
+        0,
+        options.runs,
+        options.concurrency,
+        server.pid(),
+    )
+    .await
 }
 
 async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<load::Recovery> {

@@ -137,7 +137,11 @@ impl Report {
             line("http steps: runs/s (3 HTTP steps each)", format!("{:.0}", p.runs_per_s));
             line(
                 "http steps: steps/s (ratio)",
-                format!("{:.0} ({:.2})", p.steps_per_s, p.steps_per_s / self.ceiling_commits_per_s),
+                format!(
+                    "{:.0} ({:.2})",
+                    p.steps_per_s,
+                    p.steps_per_s / self.ceiling_commits_per_s
+                ),
             );
             line(
                 "http steps: commits per run (per step)",
