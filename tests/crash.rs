@@ -747,6 +747,21 @@ async fn define(server: &ServerProcess, participant: &common::participant::Parti
     assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
 }
 
+/// Two server processes on `db` with 1.5 s leases: a run held past that by a frozen owner
+/// is taken over by the other.
+async fn short_leased(db: &TestDb, nodes: [&str; 2]) -> [ServerProcess; 2] {
+    let start = |node: &str| {
+        ServerProcess::start(
+            &db.url,
+            Options {
+                lease_ttl: Duration::from_millis(1500),
+                ..Options::node(node)
+            },
+        )
+    };
+    [start(nodes[0]).await, start(nodes[1]).await]
+}
+
 async fn run_status(pool: &PgPool, run: &str) -> String {
     sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1::uuid")
         .bind(run)
@@ -812,23 +827,7 @@ async fn an_owner_paused_during_a_call_past_its_lease_is_fenced_when_the_answer_
         )],
     );
     let db = test_db().await;
-    let lease = Duration::from_millis(1500);
-    let sleepy = ServerProcess::start(
-        &db.url,
-        Options {
-            lease_ttl: lease,
-            ..Options::node("sleepy")
-        },
-    )
-    .await;
-    let awake = ServerProcess::start(
-        &db.url,
-        Options {
-            lease_ttl: lease,
-            ..Options::node("awake")
-        },
-    )
-    .await;
+    let [sleepy, awake] = short_leased(&db, ["sleepy", "awake"]).await;
     let run = define_and_trigger(&sleepy, &participant).await;
     eventually(
         Duration::from_secs(20),
@@ -937,23 +936,7 @@ async fn a_call_longer_than_the_lease_keeps_its_lease() {
         )],
     );
     let db = test_db().await;
-    let lease = Duration::from_millis(1500);
-    let owner = ServerProcess::start(
-        &db.url,
-        Options {
-            lease_ttl: lease,
-            ..Options::node("patient")
-        },
-    )
-    .await;
-    let other = ServerProcess::start(
-        &db.url,
-        Options {
-            lease_ttl: lease,
-            ..Options::node("eager")
-        },
-    )
-    .await;
+    let [owner, other] = short_leased(&db, ["patient", "eager"]).await;
     let run = define_and_trigger(&owner, &participant).await;
     eventually(Duration::from_secs(30), "the run to complete", || async {
         (run_status(&db.pool, &run).await == "completed").then_some(())

@@ -641,17 +641,12 @@ async fn a_taken_over_lease_fences_the_old_owners_late_commit() {
     worker_a.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_write_under_an_old_epoch_changes_nothing() {
-    let db = test_db().await;
-    let engine = engine(&db.pool, "n1");
-    // No worker: the run stays pending; claim it by hand to get a lease.
-    let run = trigger(&engine, json!({})).await;
-    let worker_id = store::register_worker(&db.pool, "manual").await.expect("worker");
-    let mut tx = db.pool.begin().await.expect("tx");
+/// A claim of one due `scripted` run by `worker`, made by hand, with a one-minute lease.
+async fn claim_by_hand(pool: &PgPool, worker: i32) -> Vec<store::Claimed> {
+    let mut tx = pool.begin().await.expect("tx");
     let claimed = store::claim(
         &mut tx,
-        worker_id,
+        worker,
         1,
         60_000,
         &["scripted@1".to_string()],
@@ -660,6 +655,17 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
     .await
     .expect("claim");
     tx.commit().await.expect("commit");
+    claimed
+}
+
+#[tokio::test]
+async fn a_write_under_an_old_epoch_changes_nothing() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    // No worker: the run stays pending; claim it by hand to get a lease.
+    let run = trigger(&engine, json!({})).await;
+    let worker_id = store::register_worker(&db.pool, "manual").await.expect("worker");
+    let claimed = claim_by_hand(&db.pool, worker_id).await;
     assert_eq!(claimed.len(), 1);
     let old_epoch = claimed[0].run.lease_epoch;
     // Someone else takes it over.
@@ -668,18 +674,7 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
         .execute(&db.pool)
         .await
         .expect("expire");
-    let mut tx = db.pool.begin().await.expect("tx");
-    let retaken = store::claim(
-        &mut tx,
-        worker_id,
-        1,
-        60_000,
-        &["scripted@1".to_string()],
-        chrono::Utc::now(),
-    )
-    .await
-    .expect("claim");
-    tx.commit().await.expect("commit");
+    let retaken = claim_by_hand(&db.pool, worker_id).await;
     assert_eq!(retaken[0].run.lease_epoch, old_epoch + 1);
 
     let before = engine.run(run).await.expect("run").expect("exists");

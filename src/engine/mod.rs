@@ -55,7 +55,9 @@ pub use worker::WorkerHandle;
 /// break an invariant the engine keeps.
 #[doc(hidden)]
 pub mod testing {
-    pub use super::store::{LeaseWrite, Persist, Persisted, claim, lock_worker, persist, register_worker, run_state};
+    pub use super::store::{
+        Claimed, LeaseWrite, Persist, Persisted, claim, lock_worker, persist, register_worker, run_state,
+    };
 }
 
 use machine::{Machine, NewEvent, Next};
