@@ -4,11 +4,15 @@
 /// name written once: its serde name, its sqlx name, `as_str`, `parse`, `Display` and `ALL`
 /// (in declaration order, which must be the database enum's) all come from it, so they agree
 /// by construction. Tests compare `ALL` with the database's labels.
+///
+/// The names are taken as `tt`, not `literal`: a `literal` fragment reaches derives wrapped
+/// in an invisible group, which serde and sqlx read but utoipa silently ignores (the OpenAPI
+/// document then said `"Completed"`; `http::tests` guards it).
 macro_rules! db_enum {
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident in $sql:literal {
-            $( $(#[$vmeta:meta])* $variant:ident = $text:literal ),* $(,)?
+        $vis:vis enum $name:ident in $sql:tt {
+            $( $(#[$vmeta:meta])* $variant:ident = $text:tt ),* $(,)?
         }
     ) => {
         $(#[$meta])*

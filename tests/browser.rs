@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven over the DevTools
 //! protocol by chromiumoxide): an operator logs in, finds a compensated registration by its
 //! email, opens it, retries it and sees the new run; a run triggered meanwhile appears on the
-//! list without a reload; then it fires a schedule from the schedules page.
+//! list without a reload; then it fires a schedule from the schedules page, and opens the
+//! workflows page.
 //!
 //! Screenshots are written to `target/screenshots/`; with `SAGAFLOW_UPDATE_DOCS=1` the three
 //! shown in the README are copied to `docs/` as well. The test fails, loudly, when Chromium
@@ -337,6 +338,16 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     .await;
     assert!(html.contains("fired by grace@example.com"), "the operator is recorded");
     screenshot(&page, "schedules.png", Some("dashboard-schedules.png")).await;
+
+    // The workflows, from the navigation: every version with its steps.
+    click_and_wait(&page, "header nav a[href='/workflows']").await;
+    until(&page, "the workflows page", |html| {
+        html.contains("id=\"workflow-create-customer-account-v1\"")
+            && html.contains("set-auth-app-metadata")
+            && html.contains("id=\"workflow-retention-sweep-v1\"")
+    })
+    .await;
+    assert_eq!(path_of(&page).await, "/workflows");
 
     browser.close().await.expect("close Chromium");
     let _ = browser.wait().await;

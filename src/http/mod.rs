@@ -186,3 +186,32 @@ async fn metrics_text(_: ApiAccess) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{EventKind, RunStatus, StepStatus, Trigger};
+
+    /// The document names each status as the API sends it (the fuzz pass checks answers
+    /// against it; a schema with `"Completed"` once refused every run).
+    #[test]
+    fn the_openapi_document_names_statuses_as_the_api_sends_them() {
+        let spec = serde_json::to_value(super::openapi()).expect("json");
+        let names = |schema: &str| -> Vec<String> {
+            spec["components"]["schemas"][schema]["enum"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{schema} has no enum"))
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        fn sent<T: serde::Serialize>(all: &[T]) -> Vec<String> {
+            all.iter()
+                .filter_map(|v| serde_json::to_value(v).ok()?.as_str().map(str::to_string))
+                .collect()
+        }
+        assert_eq!(names("RunStatus"), sent(&RunStatus::ALL));
+        assert_eq!(names("StepStatus"), sent(&StepStatus::ALL));
+        assert_eq!(names("Trigger"), sent(&Trigger::ALL));
+        assert_eq!(names("EventKind"), sent(&EventKind::ALL));
+    }
+}
