@@ -843,3 +843,30 @@ async fn secrets_never_reach_the_log() {
         assert!(!log.contains(planted), "the log shows a secret");
     }
 }
+
+#[tokio::test]
+async fn a_request_over_its_limit_fails_the_step_naming_the_limit() {
+    let participant = Participant::start().await;
+    // Each answer is just under the 256 KiB answer limit; five of them make the sixth
+    // step's request (the input and the outputs so far) larger than 1 MiB.
+    let big = json!({"blob": "x".repeat(255_000)});
+    let steps: Vec<Value> = (1..=6)
+        .map(|i| {
+            participant.script(&format!("/s{i}"), [Answer::Json(200, big.clone())]);
+            json!({"name": format!("s{i}"), "invoke": {"endpoint": "shop", "path": format!("/s{i}")}})
+        })
+        .collect();
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": steps,
+    });
+    let server = start().await;
+    assert_eq!(put(&server, "heavy", &definition).await.0, StatusCode::CREATED);
+    let done = run(&server, "heavy", &json!({"n": 1})).await;
+    assert_eq!(done["status"], "compensated", "{}", done["error"]);
+    let message = done["error"]["message"].as_str().expect("message");
+    assert!(message.contains("over the limit of 1048576 bytes"), "{message}");
+    assert_eq!(done["error"]["step"], "s6");
+    assert_eq!(participant.seen_at("/s6").len(), 0, "nothing over the limit is sent");
+    server.stop().await;
+}
