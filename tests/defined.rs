@@ -870,3 +870,68 @@ async fn a_request_over_its_limit_fails_the_step_naming_the_limit() {
     assert_eq!(participant.seen_at("/s6").len(), 0, "nothing over the limit is sent");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_call_that_may_have_acted_is_compensated_one_that_never_connected_is_not() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/hold",
+        [Answer::After(
+            Duration::from_secs(2),
+            Box::new(Answer::Json(200, json!({}))),
+        )],
+    );
+    participant.script(
+        "/boom",
+        [Answer::Json(500, json!({"error": {"message": "crashed midway"}}))],
+    );
+    // Nobody listens there: a connection is refused before anything is sent.
+    let dead = format!("http://127.0.0.1:{}/saga", common::process::free_port());
+    let step = |name: &str, endpoint: &str| {
+        json!({"name": name,
+               "invoke": {"endpoint": endpoint, "path": format!("/{name}"), "timeout": "300ms"},
+               "compensate": {"endpoint": "shop", "path": format!("/{name}/undo")},
+               "retry": {"max_attempts": 1}})
+    };
+    let definition = |failing: Value| {
+        json!({
+            "endpoints": {"shop": {"base_url": participant.base_url()}, "dead": {"base_url": dead}},
+            "steps": [step("first", "shop"), failing],
+        })
+    };
+    let server = start().await;
+    for (case, (name, failing, undone, why)) in [
+        ("timed-out", step("hold", "shop"), true, "the call timed out"),
+        (
+            "server-error",
+            step("boom", "shop"),
+            true,
+            "the participant failed while handling the call",
+        ),
+        ("refused", step("gone", "dead"), false, ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            put(&server, name, &definition(failing.clone())).await.0,
+            StatusCode::CREATED
+        );
+        let done = run(&server, name, &json!({"case": name})).await;
+        assert_eq!(done["status"], "compensated", "{name}: {done}");
+        let failed_step = failing["name"].as_str().expect("name").to_string();
+        let undo = participant.seen_at(&format!("/{failed_step}/undo"));
+        if undone {
+            assert_eq!(undo.len(), 1, "{name}: the step that may have acted is undone");
+            assert_eq!(undo[0].body["partial"], json!({"outcome_unknown": why}), "{name}");
+        } else {
+            assert!(undo.is_empty(), "{name}: nothing was sent, nothing is undone");
+        }
+        assert_eq!(
+            participant.seen_at("/first/undo").len(),
+            case + 1,
+            "{name}: the step before is undone"
+        );
+    }
+    server.stop().await;
+}

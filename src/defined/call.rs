@@ -119,16 +119,24 @@ async fn call(client: &reqwest::Client, call: &Call, ctx: &StepContext<'_>, body
     let response = match sent {
         Ok(response) => response,
         Err(e) if e.is_timeout() => {
-            return Err(
-                StepError::retryable(format!("{what} did not answer within {:?}", call.timeout))
-                    .with_detail(json!({"duration_ms": millis(started), "timed_out": true})),
-            );
+            let error = StepError::retryable(format!("{what} did not answer within {:?}", call.timeout))
+                .with_detail(json!({"duration_ms": millis(started), "timed_out": true}));
+            return Err(outcome_unknown(error, "the call timed out"));
         }
-        Err(e) => {
+        // Never connected: the participant cannot have acted on it.
+        Err(e) if e.is_connect() => {
             return Err(
                 StepError::retryable(format!("{what} could not be reached: {}", error_chain(&e)))
                     .with_detail(json!({"duration_ms": millis(started)})),
             );
+        }
+        Err(e) => {
+            let error = StepError::retryable(format!("the call to {what} failed: {}", error_chain(&e)))
+                .with_detail(json!({"duration_ms": millis(started)}));
+            return Err(outcome_unknown(
+                error,
+                "the connection failed after the request was sent",
+            ));
         }
     };
     let status = response.status();
@@ -159,10 +167,9 @@ async fn call(client: &reqwest::Client, call: &Call, ctx: &StepContext<'_>, body
             return Err(error.with_detail(detail(&prefix)));
         }
         Err(Read::Failed(e)) => {
-            return Err(
-                StepError::retryable(format!("reading the answer of {what} failed: {e}"))
-                    .with_detail(json!({"status": status.as_u16(), "duration_ms": millis(started)})),
-            );
+            let error = StepError::retryable(format!("reading the answer of {what} failed: {e}"))
+                .with_detail(json!({"status": status.as_u16(), "duration_ms": millis(started)}));
+            return Err(outcome_unknown(error, "the answer was cut off"));
         }
     };
     let code = status.as_u16();
@@ -209,8 +216,23 @@ async fn call(client: &reqwest::Client, call: &Call, ctx: &StepContext<'_>, body
     }
     if let Some(partial) = parsed.as_ref().and_then(|v| v.get("partial")).filter(|p| !p.is_null()) {
         error = error.with_partial(partial.clone());
+    } else if status.is_server_error() {
+        error = outcome_unknown(error, "the participant failed while handling the call");
     }
     Err(error.with_detail(detail(&bytes)))
+}
+
+/// A failure after which the participant may have done the work (a timeout, a 5xx, a
+/// connection lost once the request was sent): it is recorded as partial work
+/// `{"outcome_unknown": why}`, so that if the step gives up its compensation is still called
+/// (with that `partial`) instead of leaving behind what the call may have done. A
+/// compensation must therefore accept an undo of something that never happened. What a
+/// participant reports as `partial` itself is kept as it is.
+fn outcome_unknown(error: StepError, why: &str) -> StepError {
+    if error.partial.is_some() {
+        return error;
+    }
+    error.with_partial(json!({ "outcome_unknown": why }))
 }
 
 /// The headers of one attempt: its identity, its deadline, a trace, and the signature.

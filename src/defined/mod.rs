@@ -106,6 +106,9 @@ pub struct Definitions {
     engine: Engine,
     env: Environment,
     client: reqwest::Client,
+    /// Held while this instance changes which versions it runs, so a refresh that read the
+    /// stored versions just before a `PUT` here committed cannot drop the version it added.
+    changing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Definitions {
@@ -124,7 +127,12 @@ impl Definitions {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("sagaflow/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { engine, env, client })
+        Ok(Self {
+            engine,
+            env,
+            client,
+            changing: Default::default(),
+        })
     }
 
     /// Checks and stores a definition: a new version when its content differs from the
@@ -152,6 +160,7 @@ impl Definitions {
             )))
         })?);
         let hash = content_hash(&normalized);
+        let _changing = self.changing.lock().await;
         let (version, created) = store::upsert(self.engine.pool(), name, &hash, &normalized).await?;
         self.run_version(name, version, &definition).await?;
         let stored = store::get(self.engine.pool(), name, Some(version))
@@ -182,6 +191,7 @@ impl Definitions {
 
     /// Deletes a version no unfinished run uses; this instance stops running it.
     pub async fn delete(&self, name: &str, version: i32) -> Result<(), DefinedError> {
+        let _changing = self.changing.lock().await;
         match store::delete(self.engine.pool(), name, version).await? {
             store::Deleted::Deleted => {
                 self.engine.unregister(name, version);
@@ -200,6 +210,7 @@ impl Definitions {
     /// deleted ones. A stored version this instance cannot run (a secret variable not set
     /// here) is logged and skipped: its runs wait for an instance that can.
     pub async fn refresh(&self) -> Result<usize, DefinedError> {
+        let _changing = self.changing.lock().await;
         let rows = store::all(self.engine.pool()).await?;
         let mut loaded = 0;
         let stored: Vec<(String, i32)> = rows.iter().map(|r| (r.name.clone(), r.version)).collect();
