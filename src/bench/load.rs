@@ -367,7 +367,8 @@ pub async fn fill_and_kill(
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.kill().context("SIGKILL")?;
-    server.wait()?;
+    // A SIGKILLed child is reaped at once, but `wait` is a blocking call all the same.
+    tokio::task::block_in_place(|| server.wait())?;
     stop.cancel();
     for task in tasks {
         let _ = task.await;

@@ -94,17 +94,7 @@ impl Target {
 
     /// A fresh, migrated database.
     async fn database(&self, name: &str, pool_size: u32) -> Result<(String, PgPool)> {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await?;
+        pg::recreate_database(&self.admin_url, name).await?;
         let url = (self.url_of)(name);
         let pool = pg::pool(
             &url,
@@ -177,7 +167,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     );
     report.http_steps = Some(http_steps(&pool, &server, options).await?);
     report.rss_mb = server.peak_rss_mb();
-    server.terminate()?;
+    server.terminate().await?;
 
     eprintln!(
         "library: {} runs from {} tasks, no HTTP",
@@ -304,11 +294,17 @@ impl ServerChild {
         measure::peak_rss_mb(self.child.id()).unwrap_or(f64::NAN)
     }
 
-    fn terminate(mut self) -> Result<()> {
+    /// SIGTERM, then waits for the graceful exit off the runtime's threads.
+    async fn terminate(self) -> Result<()> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
-        self.child.wait()?;
+        // Drop kills and reaps; the child exited by then, so that is only the reaping.
+        tokio::task::spawn_blocking(move || {
+            let mut server = self;
+            server.child.wait()
+        })
+        .await??;
         Ok(())
     }
 }

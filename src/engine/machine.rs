@@ -151,9 +151,10 @@ impl Draft {
     }
 }
 
+#[cfg(test)]
 impl Transition {
     /// The kinds of the log entries, for assertions.
-    pub fn kinds(&self) -> Vec<EventKind> {
+    fn kinds(&self) -> Vec<EventKind> {
         self.events.iter().map(|e| e.kind).collect()
     }
 }

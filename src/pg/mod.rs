@@ -144,6 +144,32 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Drops database `name` (forcing its sessions out) and creates it again, empty, on the
+/// server `admin_url` reaches: a fresh database for a test binary's template or a bench
+/// phase. `name` must be a plain identifier (lowercase letters, digits, `_`).
+pub async fn recreate_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(sqlx::Error::Configuration(
+            format!("`{name}` is not a plain database name").into(),
+        ));
+    }
+    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await
+}
+
 /// The URL of database `database` on the server of `url` (query parameters such as the
 /// socket `host` are kept).
 pub fn with_database(url: &str, database: &str) -> String {
@@ -178,6 +204,17 @@ pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_database_name_that_is_not_plain_is_refused_before_connecting() {
+        for name in ["", "Bad", "a-b", "x; DROP DATABASE postgres"] {
+            let refused = super::recreate_database("postgres://nobody@127.0.0.1:1/postgres", name).await;
+            assert!(
+                matches!(&refused, Err(sqlx::Error::Configuration(e)) if e.to_string().contains("not a plain database name")),
+                "{name}: {refused:?}"
+            );
+        }
+    }
     use std::collections::HashMap;
 
     use super::{MIGRATOR, with_database};

@@ -62,16 +62,7 @@ async fn template_ready() {
     READY
         .get_or_init(|| async {
             let server = server();
-            let mut admin = PgConnection::connect(&server.admin_url)
-                .await
-                .expect("connect as admin");
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"
-            )))
-            .execute(&mut admin)
-            .await;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {TEMPLATE}")))
-                .execute(&mut admin)
+            pg::recreate_database(&server.admin_url, TEMPLATE)
                 .await
                 .expect("create template");
             let mut conn = PgConnection::connect(&(server.url_of)(TEMPLATE))
@@ -88,7 +79,6 @@ async fn template_ready() {
             .await
             .expect("test tables");
             conn.close().await.expect("close template connection");
-            admin.close().await.expect("close admin");
         })
         .await;
 }
