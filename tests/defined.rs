@@ -935,3 +935,41 @@ async fn a_call_that_may_have_acted_is_compensated_one_that_never_connected_is_n
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_compensated_defined_run_is_retried_as_a_new_linked_run() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/payments/charge",
+        [Answer::Json(
+            409,
+            json!({"error": {"code": "card_locked", "message": "try again later"}}),
+        )],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let failed = run(&server, "order", &an_order("o-14", false)).await;
+    assert_eq!(failed["status"], "compensated", "{failed}");
+    let failed_id = failed["id"].as_str().expect("id");
+    let (status, retried) = read(
+        server
+            .admin(Method::POST, &format!("/v1/runs/{failed_id}/retry"))
+            .send()
+            .await
+            .expect("retry"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{retried}");
+    let done = server.wait_terminal(retried["id"].as_str().expect("id")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["retry_of"], failed_id);
+    assert_eq!(done["input"], failed["input"]);
+    let charges = participant.seen_at("/payments/charge");
+    assert_eq!(charges.len(), 2);
+    assert_ne!(
+        charges[0].header("idempotency-key"),
+        charges[1].header("idempotency-key"),
+        "a new run is a new call, with a key of its own"
+    );
+    server.stop().await;
+}
