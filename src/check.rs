@@ -88,13 +88,13 @@ const RULES: &[Rule] = &[
         // defined version whose definition is gone, is never going to finish.
         sql: "SELECT r.id, format('unfinished run of %s@%s, a version no instance registered', r.workflow, r.workflow_version)
               FROM runs r
-              WHERE NOT run_status_is_terminal(r.status)
+              WHERE run_status_is_unfinished(r.status)
                 AND NOT EXISTS (SELECT 1 FROM workflow_plans p
                                 WHERE p.workflow = r.workflow AND p.version = r.workflow_version)
               UNION ALL
               SELECT r.id, format('unfinished run of %s@%s, whose definition was deleted', r.workflow, r.workflow_version)
               FROM runs r JOIN workflow_plans p ON p.workflow = r.workflow AND p.version = r.workflow_version
-              WHERE NOT run_status_is_terminal(r.status) AND p.defined
+              WHERE run_status_is_unfinished(r.status) AND p.defined
                 AND NOT EXISTS (SELECT 1 FROM workflow_definitions d
                                 WHERE d.name = r.workflow AND d.version = r.workflow_version)",
     },
@@ -217,7 +217,7 @@ async fn uncompensated_steps(pool: &PgPool, engine: &Engine) -> Result<Vec<Viola
 /// Runs that are not terminal (for checks after "every run had time to finish").
 pub async fn unfinished_runs(pool: &PgPool) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, status::text FROM runs WHERE NOT run_status_is_terminal(status)
+        "SELECT id, status::text FROM runs WHERE run_status_is_unfinished(status)
          ORDER BY created_at",
     )
     .fetch_all(pool)

@@ -1651,5 +1651,15 @@ async fn every_status_name_is_the_same_in_rust_json_and_postgres() {
             status.is_terminal(),
             "{status}: Rust and SQL disagree on terminal"
         );
+        let unfinished: bool = sqlx::query_scalar("SELECT run_status_is_unfinished($1)")
+            .bind(status)
+            .fetch_one(&db.pool)
+            .await
+            .expect("run_status_is_unfinished");
+        assert_eq!(
+            unfinished,
+            !status.is_terminal(),
+            "{status}: unfinished is not the complement of terminal"
+        );
     }
 }

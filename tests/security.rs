@@ -307,6 +307,11 @@ async fn path_parameters_that_name_nothing_get_the_json_error_shape() {
             (Method::POST, format!("/v1/schedules/{bad}/disable")),
             (Method::POST, format!("/v1/schedules/{bad}/fire")),
             (Method::POST, format!("/v1/workflows/{bad}/runs")),
+            (Method::GET, format!("/v1/workflow-definitions/{bad}")),
+            (Method::PUT, format!("/v1/workflow-definitions/{bad}")),
+            (Method::GET, format!("/v1/workflow-definitions/{bad}/versions")),
+            (Method::DELETE, format!("/v1/workflow-definitions/{bad}/versions/1")),
+            (Method::DELETE, format!("/v1/workflow-definitions/order/versions/{bad}")),
         ];
         for (method, path) in routes {
             let request = server.admin(method.clone(), &path);

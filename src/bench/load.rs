@@ -390,7 +390,7 @@ pub async fn last_takeover_after(pool: &PgPool, since: chrono::DateTime<chrono::
 pub async fn all_terminal(pool: &PgPool, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE NOT run_status_is_terminal(status)")
+        let unfinished: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE run_status_is_unfinished(status)")
             .fetch_one(pool)
             .await?;
         if unfinished == 0 {

@@ -96,7 +96,7 @@ pub async fn versions(pool: &PgPool, name: &str) -> Result<Vec<VersionRow>, sqlx
         "SELECT d.version, d.created_at,
                 (SELECT count(*) FROM runs r
                  WHERE r.workflow = d.name AND r.workflow_version = d.version
-                   AND NOT run_status_is_terminal(r.status)) AS unfinished_runs
+                   AND run_status_is_unfinished(r.status)) AS unfinished_runs
          FROM workflow_definitions d WHERE d.name = $1 ORDER BY d.version DESC",
     )
     .bind(name)
@@ -128,7 +128,7 @@ pub async fn delete(pool: &PgPool, name: &str, version: i32) -> Result<Deleted, 
         return Ok(Deleted::NotFound);
     }
     let unfinished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM runs WHERE workflow = $1 AND workflow_version = $2 AND NOT run_status_is_terminal(status)",
+        "SELECT count(*) FROM runs WHERE workflow = $1 AND workflow_version = $2 AND run_status_is_unfinished(status)",
     )
     .bind(name)
     .bind(version)

@@ -290,7 +290,7 @@ pub async fn release_all(pool: &PgPool, worker: i32, reason: &str, now: DateTime
              UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, lease_epoch = lease_epoch + 1,
                  ready_at = $3, log_seq = log_seq + 1, updated_at = now()
              WHERE lease_owner = $1 AND ready_at IS NULL
-               AND status IN ('pending', 'running', 'compensating')
+               AND run_status_is_unfinished(status)
              RETURNING id, log_seq
          )
          INSERT INTO run_events (run_id, seq, kind, detail)
@@ -448,7 +448,7 @@ pub async fn park_run(conn: &mut PgConnection, run_id: Uuid, epoch: i64, reason:
 pub async fn unfinished_by_version(pool: &PgPool) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT workflow, workflow_version, count(*) FROM runs
-         WHERE NOT run_status_is_terminal(status) GROUP BY workflow, workflow_version",
+         WHERE run_status_is_unfinished(status) GROUP BY workflow, workflow_version",
     )
     .fetch_all(pool)
     .await

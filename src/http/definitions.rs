@@ -176,6 +176,10 @@ impl FromRequestParts<Arc<AppState>> for VersionPath {
         let Path((name, version)) = Path::<(String, String)>::from_request_parts(parts, state)
             .await
             .map_err(|_| unusable(parts.uri.path().to_string()))?;
+        // As `PathText`: text PostgreSQL cannot store names nothing that exists.
+        if name.contains('\0') {
+            return Err(unusable(name.replace('\0', "\\0")));
+        }
         let version = version
             .parse::<i32>()
             .ok()

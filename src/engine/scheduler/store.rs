@@ -239,7 +239,7 @@ pub async fn in_flight(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx
     sqlx::query_scalar(
         "SELECT EXISTS (
              SELECT 1 FROM runs r
-             WHERE r.status IN ('pending', 'running', 'compensating')
+             WHERE run_status_is_unfinished(r.status)
                AND EXISTS (SELECT 1 FROM schedule_fires f WHERE f.run_id = r.id AND f.schedule = $1))",
     )
     .bind(name)
