@@ -1882,11 +1882,11 @@ async fn the_workflows_page_shows_every_version_with_its_steps_and_no_secret() {
     assert!(text.contains("shop-order v1 defined 1 unfinished run"), "{text}");
     assert!(text.contains("create-customer-account v1 built-in"), "{text}");
     assert!(
-        text.contains("reserve shop POST /reserve; undo: shop POST /release 4 attempts, 50ms then ×2, at most 30s"),
+        text.contains("reserve shop POST /reserve; undo: shop POST /release 4 attempts, 50 ms then ×2, at most 30 s"),
         "{text}"
     );
     // ship: no compensation; the endpoint's default 30 s call timeout, and a second of backstop.
-    assert!(text.contains("none 31s"), "{text}");
+    assert!(text.contains("none 31 s"), "{text}");
 
     // The run's page shows what the failed attempt saw.
     let run_page = session.get(&server, &format!("/runs/{id}")).await;

@@ -258,7 +258,9 @@ fn headers(call: &Call, ctx: &StepContext<'_>, body: &[u8]) -> Result<HeaderMap,
     ];
     if let Some(signing_key) = &call.endpoint.signing_key {
         let timestamp = Utc::now().timestamp().to_string();
-        pairs.push(("webhook-signature", sign(signing_key, &key, &timestamp, body)));
+        let signature = sign(signing_key, &key, &timestamp, body)
+            .ok_or_else(|| StepError::permanent("the endpoint's signing key cannot key HMAC-SHA256"))?;
+        pairs.push(("webhook-signature", signature));
         pairs.push(("webhook-id", key));
         pairs.push(("webhook-timestamp", timestamp));
     }
@@ -276,19 +278,16 @@ fn headers(call: &Call, ctx: &StepContext<'_>, body: &[u8]) -> Result<HeaderMap,
 
 /// A Standard Webhooks signature: `v1,` and the base64 of HMAC-SHA256 over
 /// `{id}.{timestamp}.{body}`.
-pub(crate) fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
-    let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mac) => mac,
-        // HMAC takes keys of any length.
-        Err(_) => return String::new(),
-    };
+pub(crate) fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<String> {
+    // HMAC takes keys of any length: this fails only if that stops being true.
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.as_bytes());
     mac.update(b".");
     mac.update(body);
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    format!("v1,{signature}")
+    Some(format!("v1,{signature}"))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -352,7 +351,7 @@ mod tests {
 
     #[test]
     fn a_signature_is_v1_and_base64() {
-        let signature = sign(b"0123456789abcdef", "id", "1700000000", b"{}");
+        let signature = sign(b"0123456789abcdef", "id", "1700000000", b"{}").expect("signed");
         let encoded = signature.strip_prefix("v1,").expect("v1");
         assert_eq!(
             base64::engine::general_purpose::STANDARD

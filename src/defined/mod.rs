@@ -161,13 +161,15 @@ impl Definitions {
         })?);
         let hash = content_hash(&normalized);
         let _changing = self.changing.lock().await;
-        let (version, created) = store::upsert(self.engine.pool(), name, &hash, &normalized).await?;
+        let (version, created, created_at) = store::upsert(self.engine.pool(), name, &hash, &normalized).await?;
         self.run_version(name, version, &definition).await?;
-        let stored = store::get(self.engine.pool(), name, Some(version))
-            .await?
-            .ok_or_else(|| DefinedError::NotFound(name.to_string()))?;
         Ok(Put {
-            stored: stored.try_into()?,
+            stored: StoredDefinition {
+                name: name.to_string(),
+                version,
+                created_at,
+                definition,
+            },
             created,
         })
     }

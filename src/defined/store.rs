@@ -31,24 +31,30 @@ pub struct VersionRow {
     pub unfinished_runs: i64,
 }
 
-/// Stores `definition` unless the newest version has the same content: returns the version
-/// and whether it is new. Versions of one name are assigned one at a time.
-pub async fn upsert(pool: &PgPool, name: &str, hash: &str, definition: &Value) -> Result<(i32, bool), sqlx::Error> {
+/// Stores `definition` unless the newest version has the same content: returns the version,
+/// whether it is new, and when it was stored. Versions of one name are assigned one at a time.
+pub async fn upsert(
+    pool: &PgPool,
+    name: &str,
+    hash: &str,
+    definition: &Value,
+) -> Result<(i32, bool, DateTime<Utc>), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sagaflow.definition:' || $1))")
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    let newest: Option<(i32, String)> = sqlx::query_as(
-        "SELECT version, content_hash FROM workflow_definitions WHERE name = $1 ORDER BY version DESC LIMIT 1",
+    let newest: Option<(i32, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT version, content_hash, created_at FROM workflow_definitions WHERE name = $1
+         ORDER BY version DESC LIMIT 1",
     )
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some((version, stored)) = &newest
+    if let Some((version, stored, created_at)) = &newest
         && stored == hash
     {
-        return Ok((*version, false));
+        return Ok((*version, false, *created_at));
     }
     // A version number is never reused, even after its definition was deleted: runs and
     // recorded plans of the old one keep it.
@@ -57,17 +63,20 @@ pub async fn upsert(pool: &PgPool, name: &str, hash: &str, definition: &Value) -
             .bind(name)
             .fetch_one(&mut *tx)
             .await?;
-    let version = newest.map_or(0, |(v, _)| v).max(highest_plan) + 1;
-    sqlx::query("INSERT INTO workflow_definitions (name, version, content_hash, definition) VALUES ($1, $2, $3, $4)")
-        .bind(name)
-        .bind(version)
-        .bind(hash)
-        .bind(definition)
-        .execute(&mut *tx)
-        .await?;
+    let version = newest.map_or(0, |(v, _, _)| v).max(highest_plan) + 1;
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO workflow_definitions (name, version, content_hash, definition) VALUES ($1, $2, $3, $4)
+         RETURNING created_at",
+    )
+    .bind(name)
+    .bind(version)
+    .bind(hash)
+    .bind(definition)
+    .fetch_one(&mut *tx)
+    .await?;
     notify_changed(&mut tx, name).await?;
     tx.commit().await?;
-    Ok((version, true))
+    Ok((version, true, created_at))
 }
 
 /// One version (the newest when `version` is `None`).

@@ -14,6 +14,7 @@ use axum::response::Html;
 
 use super::Dashboard;
 use super::error::PageError;
+use super::format;
 use super::session::Viewer;
 use crate::engine::read::RunReads;
 use crate::engine::{RetryPolicy, Source, Workflow};
@@ -142,5 +143,5 @@ fn policy(p: &RetryPolicy) -> String {
 }
 
 fn duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+    format::duration_ms(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
