@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::{AdminAccess, ApiAccess};
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, Params, PathText};
+use super::extract::{JsonBody, Params, PathPair, PathText};
 use crate::defined::{DefinedError, StoredDefinition};
 
 impl From<DefinedError> for ApiError {
@@ -169,22 +169,15 @@ impl FromRequestParts<Arc<AppState>> for VersionPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let unusable = |id: String| ApiError::NotFound {
-            what: "workflow definition",
-            id,
-        };
-        let Path((name, version)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| unusable(parts.uri.path().to_string()))?;
-        // As `PathText`: text PostgreSQL cannot store names nothing that exists.
-        if name.contains('\0') {
-            return Err(unusable(name.replace('\0', "\\0")));
-        }
+        let PathPair(name, version) = PathPair::from_request_parts(parts, state).await?;
         let version = version
             .parse::<i32>()
             .ok()
             .filter(|v| *v >= 1)
-            .ok_or_else(|| unusable(format!("{name}@{version}")))?;
+            .ok_or_else(|| ApiError::NotFound {
+                what: "workflow definition",
+                id: format!("{name}@{version}"),
+            })?;
         Ok(Self { name, version })
     }
 }

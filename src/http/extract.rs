@@ -90,13 +90,36 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let unusable = |id: String| ApiError::NotFound { what: "path", id };
         match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(text)) if text.contains('\0') => Err(unusable(text.replace('\0', "\\0"))),
-            Ok(Path(text)) => Ok(Self(text)),
+            Ok(Path(text)) => Ok(Self(usable(text)?)),
             Err(_) => Err(unusable(parts.uri.path().to_string())),
         }
     }
+}
+
+/// Two path parameters as text, by the same rule as [`PathText`].
+pub struct PathPair(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathPair {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((first, second))) => Ok(Self(usable(first)?, usable(second)?)),
+            Err(_) => Err(unusable(parts.uri.path().to_string())),
+        }
+    }
+}
+
+fn unusable(id: String) -> ApiError {
+    ApiError::NotFound { what: "path", id }
+}
+
+fn usable(text: String) -> Result<String, ApiError> {
+    if text.contains('\0') {
+        return Err(unusable(text.replace('\0', "\\0")));
+    }
+    Ok(text)
 }
 
 /// Query parameters, read one by one with a 422 naming the bad one.
