@@ -299,6 +299,7 @@ impl Database {
                 let options = ClusterOptions {
                     data_dir: data_dir.to_path_buf(),
                     unsafe_fast: false,
+                    statement_stats: false,
                 };
                 let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options))
                     .await

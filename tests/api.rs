@@ -274,6 +274,45 @@ async fn registration_failures_compensate_with_medusas_messages() {
     server.stop().await;
 }
 
+/// A trigger that waits is answered from what the executor committed, not from a read: the
+/// answer must be exactly what reading the run shows, times to the microsecond included.
+#[tokio::test]
+async fn a_waited_trigger_answers_exactly_what_reading_the_run_shows() {
+    // The last step fails its first three attempts (all it has): the second run compensates
+    // after retries, each retry claimed again, so answers come from claims' copies too.
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
+    let identity = server.identity("mirror@example.com").await;
+    let trigger = |email: &'static str| {
+        let request = server
+            .api(Method::POST, &format!("{WORKFLOW}?wait_ms=20000"))
+            .json(&registration(&identity, email));
+        async move {
+            let (status, body) = read(request.send().await.expect("trigger")).await;
+            assert_eq!(status, StatusCode::OK, "finished within wait_ms: {body}");
+            body
+        }
+    };
+    let compensated = trigger("mirror@example.com").await;
+    let completed = trigger("mirror2@example.com").await;
+    assert_eq!(completed["status"], "completed", "{completed}");
+    assert_eq!(compensated["status"], "compensated", "{compensated}");
+    assert!(
+        compensated["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .any(|s| s["status"] == "compensated"),
+        "{compensated}"
+    );
+    for answered in [completed, compensated] {
+        let id = answered["id"].as_str().expect("id");
+        let (status, read) = get(&server, &format!("/v1/runs/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answered, read, "the trigger's answer differs from the run as read");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let server = server::start().await;

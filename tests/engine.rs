@@ -681,7 +681,7 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
     let before_log = engine.events(run).await.expect("events").expect("exists").len();
     let mut state = store::run_state(&before.run, &before.steps);
     state.status = RunStatus::Completed;
-    let marks = Default::default();
+    let times = Default::default();
     let events = [sagaflow::engine::machine::NewEvent {
         kind: K::RunCompleted,
         step: None,
@@ -697,8 +697,9 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
             cancel_requested: false,
             state: &state,
             changed: vec![0, 1, 2, 3],
-            marks: &marks,
+            times: &times,
             events: &events,
+            events_ago_us: &[],
             lease: LeaseWrite::Finish,
         },
     )

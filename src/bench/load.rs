@@ -35,6 +35,10 @@ pub struct Phase {
     pub steps_per_s: f64,
     /// Transactions committed (writing ones, all of the cluster) per run.
     pub commits_per_run: f64,
+    /// Statements the bench's database executed per run (`pg_stat_statements`, utility
+    /// statements such as BEGIN and COMMIT included), when it is installed. sqlx does not
+    /// pipeline, so each is also one round trip.
+    pub statements_per_run: Option<f64>,
     /// Steps in a run of the workload's workflow.
     pub steps_per_run: f64,
     /// Trigger to completion.
@@ -108,6 +112,38 @@ async fn xid(pool: &PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
         .fetch_one(pool)
         .await?)
+}
+
+/// What the database has done so far: transactions that wrote, and statements executed in
+/// the bench's database (`None` without `pg_stat_statements`).
+struct DbCounters {
+    xid: i64,
+    statements: Option<i64>,
+}
+
+impl DbCounters {
+    async fn read(pool: &PgPool) -> Result<Self> {
+        let statements = sqlx::query_scalar(
+            "SELECT sum(calls)::int8 FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await
+        .ok()
+        .flatten();
+        Ok(Self {
+            xid: xid(pool).await?,
+            statements,
+        })
+    }
+
+    /// Commits and statements per run since `self`.
+    async fn per_run(&self, pool: &PgPool, runs: usize) -> Result<(f64, Option<f64>)> {
+        let now = Self::read(pool).await?;
+        let runs = runs.max(1) as f64;
+        let statements = now.statements.zip(self.statements).map(|(b, a)| (b - a) as f64 / runs);
+        Ok(((now.xid - self.xid) as f64 / runs, statements))
+    }
 }
 
 fn client() -> Result<reqwest::Client> {
@@ -198,7 +234,7 @@ pub async fn closed_loop(
     trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
     let next = Arc::new(AtomicUsize::new(from));
     let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
-    let xid_before = xid(pool).await?;
+    let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -224,14 +260,15 @@ pub async fn closed_loop(
         latencies.extend(task.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let commits = (xid(pool).await? - xid_before) as f64;
+    let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
     let cpu = cpu_seconds(server_pid).map(|after| after - cpu_before);
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
         steps_per_s: runs as f64 * load.steps / elapsed,
         steps_per_run: load.steps,
-        commits_per_run: commits / runs as f64,
+        commits_per_run,
+        statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: cpu,
     })
@@ -277,6 +314,7 @@ pub async fn http_open_loop(
         steps_per_s: count as f64 * steps() / elapsed,
         steps_per_run: steps(),
         commits_per_run: f64::NAN,
+        statements_per_run: None,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
     })
@@ -291,7 +329,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
-    let xid_before = xid(pool).await?;
+    let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..tasks_count {
@@ -320,14 +358,15 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
         latencies.extend(task.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let commits = (xid(pool).await? - xid_before) as f64;
+    let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
     worker.shutdown().await;
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
         steps_per_s: runs as f64 * steps() / elapsed,
         steps_per_run: steps(),
-        commits_per_run: commits / runs as f64,
+        commits_per_run,
+        statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
     })

@@ -3,15 +3,17 @@
 //!
 //! Phases, each on the same database server:
 //! 1. **ceiling**: single-row INSERT + COMMIT at the same concurrency and pool size;
-//! 2. **http**: `create-customer-account` runs triggered over HTTP (`wait_ms`) by `C` clients
-//!    against a server child process, as fast as it goes (runs/s, commits per run, server CPU
-//!    and peak RSS), then open-loop at half that rate for the latency distribution;
-//! 3. **http steps**: a defined three-step saga whose steps are HTTP calls to a participant
+//! 2. **idle**: `create-customer-account` runs triggered over HTTP (`wait_ms`) by one client,
+//!    one after another, against a server child process: what one run costs on an idle system;
+//! 3. **http**: the same from `C` clients, as fast as it goes (runs/s, commits and statements
+//!    per run, server CPU and peak RSS), then open-loop at half that rate for the latency
+//!    distribution;
+//! 4. **http steps**: a defined three-step saga whose steps are HTTP calls to a participant
 //!    in this process that answers at once, triggered like the registrations (closed loop);
-//! 4. **library**: the registrations through the engine in this process, no HTTP;
-//! 5. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
+//! 5. **library**: the registrations through the engine in this process, no HTTP;
+//! 6. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
 //!    seconds from the restart until every run is terminal;
-//! 6. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
+//! 7. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
 //!
 //! This module belongs to the binary (it is a tool at the edge), so it uses anyhow.
 
@@ -79,6 +81,7 @@ impl Target {
             EmbeddedPostgres::start(&ClusterOptions {
                 data_dir,
                 unsafe_fast: false,
+                statement_stats: true,
             })
         })
         .await??;
@@ -104,6 +107,13 @@ impl Target {
             },
         )?;
         pg::migrate(&pool).await?;
+        // Counted per phase when the cluster loaded it (the bench's own cluster does).
+        if let Err(e) = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await
+        {
+            eprintln!("statements will not be counted: {e}");
+        }
         Ok((url, pool))
     }
 
@@ -116,6 +126,9 @@ impl Target {
         }
     }
 }
+
+/// Runs of the idle phase: enough for a stable median, few enough to take a second or two.
+const IDLE_RUNS: usize = 200;
 
 /// Runs every phase and returns the report.
 pub async fn run(options: BenchOptions) -> Result<Report> {
@@ -139,9 +152,13 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     );
     report.ceiling_commits_per_s = load::ceiling(&pool, options.concurrency, options.phase).await?;
 
-    eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
     let server = ServerChild::start(&url, "bench-http", options.pool_size).await?;
     load::create_identities(&pool, "h", options.runs * 3).await?;
+    load::create_identities(&pool, "i", IDLE_RUNS * 3).await?;
+    eprintln!("idle: {IDLE_RUNS} runs from one client, one after another");
+    report.http_idle = Some(load::http_closed_loop(&pool, &server.base(), "i", 0, IDLE_RUNS, 1, server.pid()).await?);
+
+    eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
     let max = load::http_closed_loop(
         &pool,
         &server.base(),

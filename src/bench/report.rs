@@ -27,6 +27,8 @@ pub struct Report {
     pub http: Option<Phase>,
     /// Over HTTP at half that rate.
     pub http_half_load: Option<Phase>,
+    /// One client, one run after another.
+    pub http_idle: Option<Phase>,
     /// A defined saga of HTTP steps, over HTTP, as fast as it goes.
     pub http_steps: Option<Phase>,
     /// Through the library.
@@ -51,6 +53,7 @@ impl Report {
             ceiling_commits_per_s: f64::NAN,
             http: None,
             http_half_load: None,
+            http_idle: None,
             http_steps: None,
             library: None,
             recovery: None,
@@ -69,6 +72,8 @@ impl Report {
             "runs_per_s": http.map(|p| round(p.runs_per_s)),
             "steps_per_s": http.map(|p| round(p.steps_per_s)),
             "commits_per_run": http.map(|p| round(p.commits_per_run)),
+            "statements_per_run": http.and_then(|p| p.statements_per_run).map(round),
+            "idle_latency_ms": self.http_idle.as_ref().map(|p| p.latency_ms),
             "ratio": http.map(|p| round(p.steps_per_s / self.ceiling_commits_per_s)),
             "latency_ms": latency.map(|l| json!({"p50": round(l.p50), "p90": round(l.p90), "p99": round(l.p99)})),
             "recovery_s": self.recovery.as_ref().map(|r| round(r.recovery_s)),
@@ -81,6 +86,7 @@ impl Report {
                 "steps_per_s": round(p.steps_per_s),
                 "ratio": round(p.steps_per_s / self.ceiling_commits_per_s),
                 "commits_per_run": round(p.commits_per_run),
+                "statements_per_run": p.statements_per_run.map(round),
                 "latency_ms": p.latency_ms,
                 "server_cpu_s": p.server_cpu_s.map(round),
             })),
@@ -119,6 +125,9 @@ impl Report {
                 "http: commits per run (per step)",
                 format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / p.steps_per_run),
             );
+            if let Some(statements) = p.statements_per_run {
+                line("http: statements (round trips) per run", format!("{statements:.2}"));
+            }
             line("http: latency at max p50/p90/p99 ms", fmt_latency(&p.latency_ms));
             if let Some(cpu) = p.server_cpu_s {
                 line(
@@ -126,6 +135,9 @@ impl Report {
                     format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
                 );
             }
+        }
+        if let Some(p) = &self.http_idle {
+            line("idle (one client): p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
         if let Some(p) = &self.http_half_load {
             line(
@@ -147,6 +159,12 @@ impl Report {
                 "http steps: commits per run (per step)",
                 format!("{:.2} ({:.2})", p.commits_per_run, p.commits_per_run / p.steps_per_run),
             );
+            if let Some(statements) = p.statements_per_run {
+                line(
+                    "http steps: statements (round trips) per run",
+                    format!("{statements:.2}"),
+                );
+            }
             line("http steps: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
         line("server peak RSS MiB", format!("{:.1}", self.rss_mb));

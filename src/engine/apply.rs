@@ -18,12 +18,15 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use super::definition::Workflow;
 use super::machine::{Next, Transition};
 use super::state::{RunState, StepError};
 use super::status::RunStatus;
-use super::store::{self, LeaseWrite, Persist, Persisted};
-use super::{Inner, metrics_names as m};
+use super::store::{self, LeaseWrite, Persist, Persisted, StepTimes};
+use super::{Inner, RunDetail, metrics_names as m};
 
 /// A transition of one run, ready to write.
 pub(crate) struct Change<'a> {
@@ -47,6 +50,18 @@ pub(crate) struct Change<'a> {
     /// Run the workflow's finish hook if the run finishes (false only once the hook has
     /// refused this run's end: see `Machine::refuse_finish`).
     pub(crate) finish_hook: bool,
+    /// When the transition's entries and marks happened, if not all in the write itself (a
+    /// fused segment writes several decisions at once).
+    pub(crate) stamps: Option<&'a Stamps>,
+}
+
+/// When the entries and step marks of a write happened, as microseconds before it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Stamps {
+    /// Per log entry, in order.
+    pub(crate) events_ago_us: Vec<i64>,
+    /// Per step whose timestamps the write sets.
+    pub(crate) times: BTreeMap<usize, StepTimes>,
 }
 
 impl<'a> Change<'a> {
@@ -69,6 +84,7 @@ impl<'a> Change<'a> {
             lease: None,
             created_at: run.created_at,
             finish_hook: true,
+            stamps: None,
         }
     }
 }
@@ -104,6 +120,9 @@ pub(crate) struct AfterCommit {
     pub(crate) run_id: Uuid,
     /// The terminal status it reached, if it finished: waiters are woken, the finish counted.
     pub(crate) finished: Option<RunStatus>,
+    /// The finished run as committed, when the writer kept a copy of its rows: waiters
+    /// answer with it instead of reading the run back.
+    pub(crate) detail: Option<Arc<RunDetail>>,
     workflow: String,
     created_at: DateTime<Utc>,
 }
@@ -119,7 +138,7 @@ impl AfterCommit {
             let took = (Utc::now() - self.created_at).to_std().unwrap_or_default();
             metrics::histogram!(m::RUN_SECONDS, "workflow" => self.workflow, "status" => status.as_str())
                 .record(took.as_secs_f64());
-            inner.finished.notify(self.run_id, status);
+            inner.finished.notify(self.run_id, status, self.detail);
         }
     }
 }
@@ -131,8 +150,14 @@ pub(crate) fn needs_transaction(workflow: &Workflow, transition: &Transition) ->
 }
 
 /// Writes `change` on `conn` (inside a transaction whenever [`needs_transaction`] says so)
-/// and, if the run finished, runs the workflow's finish hook there too.
-pub(crate) async fn apply(conn: &mut PgConnection, change: Change<'_>) -> Result<Applied, ApplyError> {
+/// and, if the run finished, runs the workflow's finish hook there too. A writer that keeps
+/// a copy of the run's rows passes it as `copy`: once written, it is what the transaction
+/// holds (should the transaction not commit, the copy must be read again).
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    change: Change<'_>,
+    copy: Option<&mut RunDetail>,
+) -> Result<Applied, ApplyError> {
     let finished = match change.transition.next {
         Next::Finish(status) => Some(status),
         _ => None,
@@ -145,33 +170,43 @@ pub(crate) async fn apply(conn: &mut PgConnection, change: Change<'_>) -> Result
         Next::Release { ready_at } => LeaseWrite::Release(ready_at),
         Next::Finish(_) => LeaseWrite::Finish,
     });
-    let persisted = store::persist(
-        conn,
-        &Persist {
-            run_id: change.run_id,
-            epoch: change.epoch,
-            cancel_requested: change.old.cancel_requested,
-            state: change.new,
-            changed,
-            marks: &change.transition.marks,
-            events: &change.transition.events,
-            lease,
-        },
-    )
-    .await?;
-    match persisted {
+    let now_times;
+    let (times, events_ago_us) = match change.stamps {
+        Some(stamps) => (&stamps.times, stamps.events_ago_us.as_slice()),
+        None => {
+            now_times = store::times_now(&change.transition.marks);
+            (&now_times, &[][..])
+        }
+    };
+    let persist = Persist {
+        run_id: change.run_id,
+        epoch: change.epoch,
+        cancel_requested: change.old.cancel_requested,
+        state: change.new,
+        changed,
+        times,
+        events: &change.transition.events,
+        events_ago_us,
+        lease,
+    };
+    let at = match store::persist(conn, &persist).await? {
         Persisted::Fenced => return Ok(Applied::Fenced),
         Persisted::CancelRequested => return Ok(Applied::CancelRequested),
-        Persisted::Applied => {}
-    }
+        Persisted::Applied { at } => at,
+    };
     if let (Some(status), Some(hook), true) = (finished, &change.workflow.on_finish, change.finish_hook) {
         hook.on_finish(conn, change.run_id, status)
             .await
             .map_err(ApplyError::FinishHook)?;
     }
+    let detail = copy.and_then(|copy| {
+        persist.mirror(&mut copy.run, &mut copy.steps, at);
+        finished.is_some().then(|| Arc::new(copy.clone()))
+    });
     Ok(Applied::Written(AfterCommit {
         run_id: change.run_id,
         finished,
+        detail,
         workflow: change.workflow.name.clone(),
         created_at: change.created_at,
     }))

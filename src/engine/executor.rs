@@ -28,7 +28,7 @@ use super::faults::FaultPoint;
 use super::machine::{Conditions, Event, Machine, Next, Transition};
 use super::state::{RunState, StepError};
 use super::store;
-use super::{Engine, metrics_names as m};
+use super::{Engine, RunDetail, metrics_names as m};
 
 /// A run this worker holds the lease of, with everything needed to drive it.
 pub(crate) struct RunTask {
@@ -36,10 +36,10 @@ pub(crate) struct RunTask {
     worker: Arc<dyn Slot>,
     workflow: Arc<Workflow>,
     pub(crate) run_id: Uuid,
-    input: Value,
     pub(crate) epoch: i64,
-    /// When the run was accepted, for the run-duration metric.
-    created_at: chrono::DateTime<Utc>,
+    /// The run's rows as this executor's last committed write left them (`apply` keeps it
+    /// up to date): a caller waiting for the run is answered from it.
+    copy: RunDetail,
     state: RunState,
     next: Next,
     _permit: OwnedSemaphorePermit,
@@ -58,14 +58,9 @@ pub(crate) trait Slot: Send + Sync {
 
 /// The lease a worker committed on a run, as an executor starts from it.
 pub(crate) struct Lease {
-    /// The run.
-    pub(crate) run_id: Uuid,
-    /// The epoch the lease was taken under: every write is fenced by it.
-    pub(crate) epoch: i64,
-    /// The run's input.
-    pub(crate) input: Value,
-    /// When the run was accepted (the database's time).
-    pub(crate) created_at: chrono::DateTime<Utc>,
+    /// The run's rows as the lease committed them (the epoch every write is fenced by is
+    /// the row's).
+    pub(crate) copy: RunDetail,
     /// The run's state once the claim's transition was applied.
     pub(crate) state: RunState,
     /// What the claim's transition said to do.
@@ -85,10 +80,9 @@ impl RunTask {
             engine,
             worker,
             workflow,
-            run_id: lease.run_id,
-            input: lease.input,
-            epoch: lease.epoch,
-            created_at: lease.created_at,
+            run_id: lease.copy.run.id,
+            epoch: lease.copy.run.lease_epoch,
+            copy: lease.copy,
             state: lease.state,
             next: lease.next,
             _permit: permit,
@@ -178,7 +172,7 @@ impl RunTask {
                 phase,
                 attempt,
                 view: RunView {
-                    input: &self.input,
+                    input: &self.copy.run.input,
                     plan: &workflow.steps,
                     states: &self.state.steps,
                 },
@@ -282,10 +276,24 @@ impl RunTask {
             if let Some(error) = &refusal
                 && matches!(transition.next, Next::Finish(_))
             {
-                transition = Machine::new(&self.workflow, &self.input).refuse_finish(&mut new_state, transition, error);
+                transition =
+                    Machine::new(&self.workflow, &self.copy.run.input).refuse_finish(&mut new_state, transition, error);
                 finish_hook = false;
             }
-            let change = self.change(&new_state, &transition, finish_hook);
+            let change = Change {
+                run_id: self.run_id,
+                epoch: self.epoch,
+                workflow: &self.workflow,
+                old: &self.state,
+                new: &new_state,
+                transition: &transition,
+                lease: None,
+                created_at: self.copy.run.created_at,
+                finish_hook,
+                stamps: None,
+            };
+            // Restored should the finish hook refuse (a failed commit reloads the copy).
+            let before = matches!(transition.next, Next::Finish(_)).then(|| self.copy.clone());
             let applied = if step_tx.is_some() || apply::needs_transaction(&self.workflow, &transition) {
                 let mut tx = match step_tx.take() {
                     Some(tx) => tx,
@@ -297,7 +305,7 @@ impl RunTask {
                         .await
                         .map_err(|e| Stop::Database(e.to_string()))?,
                 };
-                match apply::apply(&mut tx, change).await {
+                match apply::apply(&mut tx, change, Some(&mut self.copy)).await {
                     Ok(Applied::Written(after)) => {
                         tx.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
                         Applied::Written(after)
@@ -313,6 +321,9 @@ impl RunTask {
                     }
                     Err(ApplyError::FinishHook(error)) => {
                         let _ = tx.rollback().await;
+                        if let Some(before) = before.clone() {
+                            self.copy = before;
+                        }
                         warn!(error = %error.message, retryable = error.retryable, "the workflow's finish hook refused the run's end");
                         event = match event {
                             Event::StepSucceeded { step, .. } if !substituted => Event::StepFailed {
@@ -345,7 +356,7 @@ impl RunTask {
                     .acquire()
                     .await
                     .map_err(|e| Stop::Database(e.to_string()))?;
-                apply::apply(&mut conn, change)
+                apply::apply(&mut conn, change, Some(&mut self.copy))
                     .await
                     .map_err(|e| Stop::Database(e.to_string()))?
             };
@@ -365,28 +376,13 @@ impl RunTask {
         }
     }
 
-    /// The change this executor applies: from its state to `new`, under its lease.
-    fn change<'a>(&'a self, new: &'a RunState, transition: &'a Transition, finish_hook: bool) -> Change<'a> {
-        Change {
-            run_id: self.run_id,
-            epoch: self.epoch,
-            workflow: &self.workflow,
-            old: &self.state,
-            new,
-            transition,
-            lease: None,
-            created_at: self.created_at,
-            finish_hook,
-        }
-    }
-
     fn decide(&self, state: &mut RunState, event: Event) -> Transition {
         let conditions = Conditions {
             draining: self.worker.is_draining(),
             jitter: rand::random::<f64>(),
             now: self.engine.now(),
         };
-        Machine::new(&self.workflow, &self.input).handle(state, event, &conditions)
+        Machine::new(&self.workflow, &self.copy.run.input).handle(state, event, &conditions)
     }
 
     /// After a failed write, reloads the run (still under this lease) and goes on from what
@@ -420,11 +416,13 @@ impl RunTask {
         }
         let steps = store::steps_of(&mut *tx, self.run_id).await?;
         self.state = store::run_state(&run, &steps);
+        self.copy = RunDetail { run, steps };
         let mut new_state = self.state.clone();
         let reason = format!("the database failed while its outcome was being recorded ({error})");
         let transition = self.decide(&mut new_state, Event::Resumed { reason });
-        let change = self.change(&new_state, &transition, true);
-        let after = match apply::apply(&mut tx, change).await {
+        let change = Change::of_row(&self.copy.run, &self.workflow, &self.state, &new_state, &transition);
+        let mut copy = self.copy.clone();
+        let after = match apply::apply(&mut tx, change, Some(&mut copy)).await {
             Ok(Applied::Written(after)) => after,
             Ok(_) => return Ok(false),
             Err(ApplyError::Database(e)) => return Err(e),
@@ -434,6 +432,7 @@ impl RunTask {
             }
         };
         tx.commit().await?;
+        self.copy = copy;
         self.state = new_state;
         self.next = transition.next;
         after.publish(&self.engine.inner);

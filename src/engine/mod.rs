@@ -418,18 +418,27 @@ impl Inner {
     }
 }
 
-/// Runs finished by this instance, for callers waiting on them: the final status is handed
-/// over directly, so a waiter needs no second read.
+/// Runs finished by this instance, for callers waiting on them: the final status, and the
+/// run's rows when its executor kept them, are handed over directly, so a waiter needs no
+/// second read.
 #[derive(Default)]
 pub(crate) struct FinishedRuns {
-    /// Per watched run: where its final status is announced, and how many callers wait.
-    waiting: Mutex<HashMap<Uuid, (FinalStatus, usize)>>,
+    /// Per watched run: where its finish is announced, and how many callers wait.
+    waiting: Mutex<HashMap<Uuid, (FinishSender, usize)>>,
 }
 
-type FinalStatus = tokio::sync::watch::Sender<Option<RunStatus>>;
+/// A run's finish as announced to its waiters.
+#[derive(Debug, Clone)]
+struct Finish {
+    status: RunStatus,
+    /// The run as its finishing write committed it, if the writer kept a copy.
+    detail: Option<Arc<RunDetail>>,
+}
+
+type FinishSender = tokio::sync::watch::Sender<Option<Finish>>;
 
 impl FinishedRuns {
-    fn watch(&self, run: Uuid) -> tokio::sync::watch::Receiver<Option<RunStatus>> {
+    fn watch(&self, run: Uuid) -> tokio::sync::watch::Receiver<Option<Finish>> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let entry = waiting
             .entry(run)
@@ -448,11 +457,70 @@ impl FinishedRuns {
         }
     }
 
-    pub(crate) fn notify(&self, run: Uuid, status: RunStatus) {
+    /// Announces a committed finish to the run's waiters, if it has any.
+    pub(crate) fn notify(&self, run: Uuid, status: RunStatus, detail: Option<Arc<RunDetail>>) {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((sender, _)) = waiting.get(&run) {
-            sender.send_replace(Some(status));
+            sender.send_replace(Some(Finish { status, detail }));
         }
+    }
+}
+
+/// A caller's interest in a run's finish. Registered before the run can finish (a trigger
+/// registers it before its insert), so no finish is missed; withdrawn when dropped.
+struct FinishWatch {
+    inner: Arc<Inner>,
+    run: Uuid,
+    finished: tokio::sync::watch::Receiver<Option<Finish>>,
+}
+
+impl FinishWatch {
+    fn new(inner: &Arc<Inner>, run: Uuid) -> Self {
+        Self {
+            finished: inner.finished.watch(run),
+            inner: Arc::clone(inner),
+            run,
+        }
+    }
+
+    /// Waits until the run finishes or `deadline` passes (`None` then). A run finished by this
+    /// instance is announced; one driven by another instance is looked for in the database
+    /// every 200 ms, and at once when `look_first`.
+    async fn wait(&mut self, deadline: tokio::time::Instant, look_first: bool) -> Result<Option<Finish>, EngineError> {
+        let mut look = look_first;
+        loop {
+            if let Some(finish) = self.finished.borrow().clone() {
+                return Ok(Some(finish));
+            }
+            if look {
+                let status = store::status_of(&self.inner.pool, self.run)
+                    .await?
+                    .ok_or(EngineError::RunNotFound(self.run))?;
+                if status.is_terminal() {
+                    return Ok(Some(Finish { status, detail: None }));
+                }
+            }
+            look = true;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let poll = (deadline - now).min(Duration::from_millis(200));
+            tokio::select! {
+                changed = self.finished.changed() => {
+                    if changed.is_err() {
+                        return Ok(None);
+                    }
+                }
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+}
+
+impl Drop for FinishWatch {
+    fn drop(&mut self) {
+        self.inner.finished.unwatch(self.run);
     }
 }
 
@@ -481,8 +549,19 @@ pub struct Triggered {
     pub accepted: store::RunRow,
 }
 
-/// A run with its steps and the plan's step names, as the API shows it.
+/// A trigger that waited for its run: the run as it stood when the wait ended.
 #[derive(Debug, Clone)]
+pub struct Waited {
+    /// The trigger's result.
+    pub triggered: Triggered,
+    /// The run with its steps: finished, or as it stood at the deadline. From the executor's
+    /// own copy when it finished on this instance, read otherwise; `None` only when reading
+    /// it failed (the run exists all the same: answer with `triggered.accepted`).
+    pub detail: Option<RunDetail>,
+}
+
+/// A run with its steps and the plan's step names, as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunDetail {
     /// The run.
     pub run: store::RunRow,
@@ -643,6 +722,52 @@ impl Engine {
         input: Value,
         options: TriggerOptions,
     ) -> Result<Triggered, EngineError> {
+        Ok(self.trigger_watched(workflow, input, options, false).await?.0)
+    }
+
+    /// Accepts a run as [`Engine::trigger`] does, then waits up to `wait` for it to finish.
+    /// Once the run is committed this never fails: the wait or the read that goes wrong is
+    /// logged and the answer is the run as it is known. A run this instance finishes is
+    /// answered from what its executor committed, without reading it back.
+    pub async fn trigger_and_wait(
+        &self,
+        workflow: &str,
+        input: Value,
+        options: TriggerOptions,
+        wait: Duration,
+    ) -> Result<Waited, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let (triggered, watch) = self.trigger_watched(workflow, input, options, true).await?;
+        let run_id = triggered.run_id;
+        let mut finish = None;
+        if let Some(mut watch) = watch.filter(|_| triggered.created) {
+            // Just inserted, the run cannot have finished elsewhere yet: no read before waiting.
+            match watch.wait(deadline, false).await {
+                Ok(found) => finish = found,
+                Err(e) => tracing::warn!(%run_id, error = %e, "waiting for a triggered run failed"),
+            }
+        }
+        let detail = match finish.and_then(|f| f.detail) {
+            Some(detail) => Some(Arc::unwrap_or_clone(detail)),
+            None => match self.run(run_id).await {
+                Ok(detail) => detail,
+                Err(e) => {
+                    tracing::warn!(%run_id, error = %e, "reading a triggered run failed");
+                    None
+                }
+            },
+        };
+        Ok(Waited { triggered, detail })
+    }
+
+    /// A trigger, with the run's finish watched from before its insert when `watch`.
+    async fn trigger_watched(
+        &self,
+        workflow: &str,
+        input: Value,
+        options: TriggerOptions,
+        watch: bool,
+    ) -> Result<(Triggered, Option<FinishWatch>), EngineError> {
         let wf = self
             .inner
             .latest(workflow)
@@ -658,27 +783,30 @@ impl Engine {
                 return Err(EngineError::ReservedIdempotencyKey);
             }
             if let Some(existing) = store::run_by_key(&self.inner.pool, &wf.name, key).await? {
-                return replay(existing, key, &input, trigger);
+                return Ok((replay(existing, key, &input, trigger)?, None));
             }
         }
         let mut conn = self.inner.pool.acquire().await?;
         let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}));
+        let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
         if let Some(created_at) = self.insert_prepared(&mut conn, &prepared).await? {
             drop(conn);
             let run_id = prepared.id;
-            let accepted = prepared.accepted(created_at);
+            let (accepted, _) = self.new_run(&prepared).rows(created_at);
             self.inner.changes.touch(run_id);
             self.start_prepared(prepared, created_at);
-            return Ok(Triggered {
+            let triggered = Triggered {
                 run_id,
                 created: true,
                 accepted,
-            });
+            };
+            return Ok((triggered, watch));
         }
+        drop(watch);
         // Lost a race for the idempotency key.
         let key = key.unwrap_or_default();
         match store::run_by_key(&mut *conn, &wf.name, key).await? {
-            Some(existing) => replay(existing, key, &input, trigger),
+            Some(existing) => Ok((replay(existing, key, &input, trigger)?, None)),
             None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
         }
     }
@@ -742,7 +870,29 @@ impl Engine {
             state,
             marks,
             events,
+            now: self.now(),
             local,
+        }
+    }
+
+    /// The insert of a prepared run.
+    fn new_run<'a>(&self, p: &'a PreparedRun) -> store::NewRun<'a> {
+        store::NewRun {
+            id: p.id,
+            workflow: &p.workflow.name,
+            workflow_version: p.workflow.version,
+            input: &p.input,
+            subject: p.subject.as_deref(),
+            idempotency_key: p.key.as_deref(),
+            trigger: p.trigger,
+            retry_of: p.retry_of,
+            state: &p.state,
+            step_names: p.workflow.steps.iter().map(|s| s.name.as_str()).collect(),
+            marks: &p.marks,
+            events: &p.events,
+            owner: p.local.as_ref().map(|l| l.worker.id),
+            lease_ms: self.lease_ms(),
+            now: p.now,
         }
     }
 
@@ -752,27 +902,7 @@ impl Engine {
         conn: &mut sqlx::PgConnection,
         p: &PreparedRun,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let inserted = store::insert_run(
-            conn,
-            &store::NewRun {
-                id: p.id,
-                workflow: &p.workflow.name,
-                workflow_version: p.workflow.version,
-                input: &p.input,
-                subject: p.subject.as_deref(),
-                idempotency_key: p.key.as_deref(),
-                trigger: p.trigger,
-                retry_of: p.retry_of,
-                state: &p.state,
-                step_names: p.workflow.steps.iter().map(|s| s.name.as_str()).collect(),
-                marks: &p.marks,
-                events: &p.events,
-                owner: p.local.as_ref().map(|l| l.worker.id),
-                lease_ms: self.lease_ms(),
-                now: self.now(),
-            },
-        )
-        .await?;
+        let inserted = store::insert_run(conn, &self.new_run(p)).await?;
         if inserted.is_some() {
             metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => p.trigger.as_str()).increment(1);
         }
@@ -780,15 +910,13 @@ impl Engine {
     }
 
     /// Hands a committed run that was leased to our worker to an executor.
-    fn start_prepared(&self, p: PreparedRun, created_at: DateTime<Utc>) {
-        let Some(local) = p.local else {
+    fn start_prepared(&self, mut p: PreparedRun, created_at: DateTime<Utc>) {
+        let (run, steps) = self.new_run(&p).rows(created_at);
+        let Some(local) = p.local.take() else {
             return;
         };
         let lease = executor::Lease {
-            run_id: p.id,
-            epoch: 1,
-            input: p.input,
-            created_at,
+            copy: RunDetail { run, steps },
             state: p.state,
             next: local.next,
         };
@@ -799,31 +927,13 @@ impl Engine {
     pub async fn wait_for_terminal(&self, run_id: Uuid, timeout: Duration) -> Result<RunStatus, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
         // Watch before reading, so a finish between the read and the wait is not missed.
-        let mut finished = self.inner.finished.watch(run_id);
-        let result = async {
-            loop {
-                let status = store::status_of(&self.inner.pool, run_id)
-                    .await?
-                    .ok_or(EngineError::RunNotFound(run_id))?;
-                let now = tokio::time::Instant::now();
-                if status.is_terminal() || now >= deadline {
-                    return Ok(status);
-                }
-                // Runs driven by another instance are not announced here: look again soon.
-                let poll = (deadline - now).min(Duration::from_millis(200));
-                tokio::select! {
-                    changed = finished.changed() => {
-                        if changed.is_ok() && let Some(status) = *finished.borrow() {
-                            return Ok(status);
-                        }
-                    }
-                    _ = tokio::time::sleep(poll) => {}
-                }
-            }
+        let mut watch = FinishWatch::new(&self.inner, run_id);
+        match watch.wait(deadline, true).await? {
+            Some(finish) => Ok(finish.status),
+            None => store::status_of(&self.inner.pool, run_id)
+                .await?
+                .ok_or(EngineError::RunNotFound(run_id)),
         }
-        .await;
-        self.inner.finished.unwatch(run_id);
-        result
     }
 
     /// A run with its steps.
@@ -890,7 +1000,7 @@ impl Engine {
             lease: Some(store::LeaseWrite::Wake(self.now())),
             ..apply::Change::of_row(&run, &wf, &old, &state, &transition)
         };
-        let after = applied_by_operator(apply::apply(&mut tx, change).await, "cancel", run_id)?;
+        let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "cancel", run_id)?;
         tx.commit().await?;
         after.publish(&self.inner);
         Ok(())
@@ -921,7 +1031,7 @@ impl Engine {
                         status: e.0,
                     })?;
                 let change = apply::Change::of_row(&run, &wf, &old, &state, &transition);
-                let after = applied_by_operator(apply::apply(&mut tx, change).await, "retry", run_id)?;
+                let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "retry", run_id)?;
                 tx.commit().await?;
                 after.publish(&self.inner);
                 Ok(Retried::Resumed(run_id))
@@ -992,6 +1102,8 @@ struct PreparedRun {
     state: RunState,
     marks: std::collections::BTreeMap<usize, machine::TimeMark>,
     events: Vec<NewEvent>,
+    /// The engine clock's time when it was prepared: when an unleased run is due.
+    now: DateTime<Utc>,
     /// Set when the run is leased to this instance's worker in its insert.
     local: Option<LocalStart>,
 }
@@ -1002,35 +1114,6 @@ struct LocalStart {
     worker: Arc<WorkerShared>,
     slot: tokio::sync::OwnedSemaphorePermit,
     next: Next,
-}
-
-impl PreparedRun {
-    /// The run as its insert committed it.
-    fn accepted(&self, created_at: DateTime<Utc>) -> store::RunRow {
-        store::RunRow {
-            id: self.id,
-            workflow: self.workflow.name.clone(),
-            workflow_version: self.workflow.version,
-            status: self.state.status,
-            input: self.input.clone(),
-            output: None,
-            error: None,
-            subject: self.subject.clone(),
-            idempotency_key: self.key.clone(),
-            trigger: self.trigger,
-            retry_of: self.retry_of,
-            retried_by: None,
-            cancel_requested: false,
-            ready_at: self.local.is_none().then_some(created_at),
-            lease_owner: self.local.as_ref().map(|l| l.worker.id),
-            lease_epoch: i64::from(self.local.is_some()),
-            lease_expires_at: None,
-            created_at,
-            updated_at: created_at,
-            finished_at: None,
-            parked_reason: None,
-        }
-    }
 }
 
 /// The answer to a trigger whose key is taken: the same run for the same kind of trigger and

@@ -22,7 +22,7 @@ pub(crate) const WORKER_LOCK_CLASS: i32 = 0x5a6a;
 pub(crate) const READY_CHANNEL: &str = "sagaflow_ready";
 
 /// A run as stored.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct RunRow {
     /// The run's id.
     pub id: Uuid,
@@ -73,7 +73,7 @@ const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output
      created_at, updated_at, finished_at, parked_reason";
 
 /// A step of a run as stored.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct StepRow {
     /// The run.
     pub run_id: Uuid,
@@ -367,30 +367,35 @@ pub struct NewRun<'a> {
 }
 
 /// Inserts a run unless its idempotency key is taken. Returns its `created_at` when it was
-/// inserted, `None` when the key was taken.
+/// inserted (the statement's one reading of the clock, which every time it records is), `None`
+/// when the key was taken.
 pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    let steps = StepArrays::from_state(run.state, run.marks, (0..run.state.steps.len()).collect());
-    let events = EventArrays::from(run.events);
+    let steps = StepArrays::from_state(run.state, &times_now(run.marks), (0..run.state.steps.len()).collect());
+    let events = EventArrays::new(run.events, &[]);
     let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "WITH run AS (
+        "WITH t AS (
+             SELECT clock_timestamp() AS now
+         ), run AS (
              INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
-                               retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
-                     CASE WHEN $10::int4 IS NULL THEN $21::timestamptz END, $10,
-                     CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
-                     CASE WHEN $10::int4 IS NOT NULL THEN now() + $11 * interval '1 millisecond' END,
-                     cardinality($17::event_kind[]))
+                               retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq,
+                               created_at, updated_at)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+                    CASE WHEN $10::int4 IS NULL THEN $21::timestamptz END, $10,
+                    CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
+                    CASE WHEN $10::int4 IS NOT NULL THEN t.now + $11 * interval '1 millisecond' END,
+                    cardinality($17::event_kind[]), t.now, t.now
+             FROM t
              ON CONFLICT (workflow, idempotency_key) DO NOTHING
              RETURNING id, created_at
          ), steps AS (
              INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at)
              SELECT run.id, c.idx, c.name, c.status, c.attempts,
-                    CASE WHEN c.mark = 'started' THEN clock_timestamp() END
-             FROM run, unnest($12::smallint[], $13::text[], $14::step_status[], $15::int4[], $16::text[])
-                       AS c(idx, name, status, attempts, mark)
+                    CASE WHEN c.started_ago IS NOT NULL THEN run.created_at END
+             FROM run, unnest($12::smallint[], $13::text[], $14::step_status[], $15::int4[], $16::int8[])
+                       AS c(idx, name, status, attempts, started_ago)
          ), events AS (
-             INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
-             SELECT run.id, c.ord, c.kind, c.step, c.attempt, c.detail
+             INSERT INTO run_events (run_id, seq, at, kind, step, attempt, detail)
+             SELECT run.id, c.ord, run.created_at, c.kind, c.step, c.attempt, c.detail
              FROM run, unnest($17::event_kind[], $18::text[], $19::int4[], $20::jsonb[])
                        WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
          )
@@ -411,7 +416,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .bind(&run.step_names)
     .bind(&steps.status)
     .bind(&steps.attempts)
-    .bind(&steps.mark)
+    .bind(&steps.started_ago)
     .bind(&events.kind)
     .bind(&events.step)
     .bind(&events.attempt)
@@ -420,6 +425,60 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .fetch_optional(conn)
     .await?;
     Ok(inserted)
+}
+
+impl NewRun<'_> {
+    /// The rows [`insert_run`] wrote, given the `created_at` it returned: what the run's first
+    /// owner starts its copy from, so that it can answer without reading them back.
+    pub fn rows(&self, created_at: DateTime<Utc>) -> (RunRow, Vec<StepRow>) {
+        let leased = self.owner.is_some();
+        let run = RunRow {
+            id: self.id,
+            workflow: self.workflow.to_string(),
+            workflow_version: self.workflow_version,
+            status: self.state.status,
+            input: self.input.clone(),
+            output: None,
+            error: None,
+            subject: self.subject.map(str::to_string),
+            idempotency_key: self.idempotency_key.map(str::to_string),
+            trigger: self.trigger,
+            retry_of: self.retry_of,
+            retried_by: None,
+            cancel_requested: false,
+            ready_at: (!leased).then_some(self.now),
+            lease_owner: self.owner,
+            lease_epoch: i64::from(leased),
+            lease_expires_at: leased.then(|| created_at + chrono::Duration::milliseconds(self.lease_ms)),
+            created_at,
+            updated_at: created_at,
+            finished_at: None,
+            parked_reason: None,
+        };
+        let steps = self
+            .state
+            .steps
+            .iter()
+            .zip(&self.step_names)
+            .enumerate()
+            .map(|(i, (step, name))| StepRow {
+                run_id: self.id,
+                idx: i16::try_from(i).unwrap_or(i16::MAX),
+                name: name.to_string(),
+                status: step.status,
+                attempts: i32::try_from(step.attempts).unwrap_or(i32::MAX),
+                compensation_attempts: 0,
+                lost_attempts: 0,
+                lost_compensation_attempts: 0,
+                started_at: matches!(self.marks.get(&i), Some(TimeMark::Started)).then_some(created_at),
+                finished_at: None,
+                output: None,
+                error: None,
+                partial: None,
+            })
+            .collect();
+        (run, steps)
+    }
 }
 
 /// Sets aside a run this worker claimed (lease `epoch`) whose steps do not match its plan: no
@@ -631,29 +690,143 @@ pub struct Persist<'a> {
     /// Which steps changed (written in full from `state`).
     pub changed: Vec<usize>,
     /// Step timestamps to set.
-    pub marks: &'a std::collections::BTreeMap<usize, TimeMark>,
+    pub times: &'a std::collections::BTreeMap<usize, StepTimes>,
     /// Log entries to append.
     pub events: &'a [NewEvent],
+    /// How long before the statement each entry of `events` happened, in microseconds (a
+    /// fused segment writes entries decided earlier); missing entries happened in it.
+    pub events_ago_us: &'a [i64],
     /// What happens to the lease.
     pub lease: LeaseWrite,
+}
+
+/// When a write sets a step's timestamps, in microseconds before the statement's own time
+/// (0 for what happens in it). The database's clock stays the only clock of recorded times:
+/// an offset is elapsed time measured by the writer since the run's last commit, so a time
+/// derived from it never goes back past that commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepTimes {
+    /// `started_at` is set (an attempt began) this long before the statement.
+    pub started: Option<i64>,
+    /// What becomes of `finished_at`.
+    pub finished: FinishedAt,
+}
+
+/// What a write does to a step's `finished_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FinishedAt {
+    /// Left as it is.
+    #[default]
+    Keep,
+    /// Cleared: a new attempt began.
+    Clear,
+    /// Set, this many microseconds before the statement.
+    Set(i64),
+}
+
+impl StepTimes {
+    /// The times a machine's mark sets when it is written at once.
+    pub fn now(mark: TimeMark) -> Self {
+        let mut times = Self::default();
+        times.mark(mark, 0);
+        times
+    }
+
+    /// Folds in a mark made `ago_us` before the write (later marks win).
+    pub fn mark(&mut self, mark: TimeMark, ago_us: i64) {
+        match mark {
+            TimeMark::Started => {
+                self.started = Some(ago_us);
+                self.finished = FinishedAt::Clear;
+            }
+            TimeMark::Finished => self.finished = FinishedAt::Set(ago_us),
+        }
+    }
+}
+
+/// The times of a set of marks all written at once.
+pub fn times_now(marks: &std::collections::BTreeMap<usize, TimeMark>) -> std::collections::BTreeMap<usize, StepTimes> {
+    marks.iter().map(|(&i, &m)| (i, StepTimes::now(m))).collect()
+}
+
+fn before(at: DateTime<Utc>, ago_us: i64) -> DateTime<Utc> {
+    at - chrono::Duration::microseconds(ago_us)
 }
 
 /// Whether a transition was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persisted {
-    /// Written.
-    Applied,
+    /// Written; every time the statement recorded derives from `at`, its one reading of
+    /// the database's clock (see [`Persist::mirror`]).
+    Applied {
+        /// The statement's time.
+        at: DateTime<Utc>,
+    },
     /// The lease was taken over: the writer must stop touching this run.
     Fenced,
     /// An operator requested a cancel since the decision: decide again.
     CancelRequested,
 }
 
+impl Persist<'_> {
+    /// Brings a copy of the run's rows to what this write made of them, given the time
+    /// [`persist`] returned: an owner that keeps its copy up to date answers a waiting caller
+    /// without reading the run back. It follows the statement's columns one for one.
+    pub fn mirror(&self, run: &mut RunRow, steps: &mut [StepRow], at: DateTime<Utc>) {
+        run.status = self.state.status;
+        run.output = self.state.output.clone();
+        run.error = self.state.error.as_ref().and_then(|e| serde_json::to_value(e).ok());
+        run.cancel_requested = self.state.cancel_requested;
+        match self.lease {
+            LeaseWrite::Keep => run.ready_at = None,
+            LeaseWrite::Release(due) => {
+                run.ready_at = Some(due);
+                run.lease_owner = None;
+                run.lease_expires_at = None;
+            }
+            LeaseWrite::Finish => {
+                run.ready_at = None;
+                run.lease_owner = None;
+                run.lease_expires_at = None;
+            }
+            LeaseWrite::Wake(now) => {
+                if run.lease_owner.is_none() {
+                    run.ready_at = run.ready_at.map(|due| due.min(now));
+                }
+            }
+        }
+        run.finished_at = self.state.status.is_terminal().then_some(at);
+        run.updated_at = at;
+        for &i in &self.changed {
+            let (Some(state), Some(row)) = (self.state.steps.get(i), steps.get_mut(i)) else {
+                continue;
+            };
+            row.status = state.status;
+            row.attempts = i32::try_from(state.attempts).unwrap_or(i32::MAX);
+            row.compensation_attempts = i32::try_from(state.compensation_attempts).unwrap_or(i32::MAX);
+            row.lost_attempts = i32::try_from(state.lost_attempts).unwrap_or(i32::MAX);
+            row.lost_compensation_attempts = i32::try_from(state.lost_compensation_attempts).unwrap_or(i32::MAX);
+            row.output = state.output.clone();
+            row.error = state.error.as_ref().and_then(|e| serde_json::to_value(e).ok());
+            row.partial = state.partial.clone();
+            let times = self.times.get(&i).copied().unwrap_or_default();
+            if let Some(ago) = times.started {
+                row.started_at = Some(before(at, ago));
+            }
+            match times.finished {
+                FinishedAt::Keep => {}
+                FinishedAt::Clear => row.finished_at = None,
+                FinishedAt::Set(ago) => row.finished_at = Some(before(at, ago)),
+            }
+        }
+    }
+}
+
 /// Writes a transition in one statement: the run row (only if the epoch and cancel flag are
 /// still what the decision saw), the changed steps and the new log entries.
 pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persisted, sqlx::Error> {
-    let steps = StepArrays::from_state(p.state, p.marks, p.changed.clone());
-    let events = EventArrays::from(p.events);
+    let steps = StepArrays::from_state(p.state, p.times, p.changed.clone());
+    let events = EventArrays::new(p.events, p.events_ago_us);
     let (mode, ready_at) = match p.lease {
         LeaseWrite::Keep => ("keep", None),
         LeaseWrite::Release(at) => ("release", Some(at)),
@@ -667,8 +840,10 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         .map(serde_json::to_value)
         .transpose()
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let applied: Option<i32> = sqlx::query_scalar(
-        "WITH run AS (
+    let applied: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "WITH t AS (
+             SELECT clock_timestamp() AS now
+         ), run AS (
              UPDATE runs SET
                  status = $4,
                  output = $5,
@@ -682,30 +857,36 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
                  -- Kept as is while the owner goes on: heartbeats renew it (see runs' fillfactor).
                  lease_expires_at = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_expires_at END,
-                 finished_at = CASE WHEN run_status_is_terminal($4) THEN clock_timestamp() END,
-                 updated_at = clock_timestamp()
+                 finished_at = CASE WHEN run_status_is_terminal($4) THEN t.now END,
+                 updated_at = t.now
+             FROM t
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
-             RETURNING id, log_seq - cardinality($18::event_kind[]) AS base
+             RETURNING id, log_seq - cardinality($18::event_kind[]) AS base, t.now AS at
          ), steps AS (
              UPDATE run_steps s SET
                  status = c.status, attempts = c.attempts, compensation_attempts = c.compensation_attempts,
                  lost_attempts = c.lost, lost_compensation_attempts = c.lost_compensation,
                  output = c.output, error = c.error, partial = c.partial,
-                 started_at = CASE c.mark WHEN 'started' THEN clock_timestamp() ELSE s.started_at END,
-                 finished_at = CASE c.mark WHEN 'started' THEN NULL WHEN 'finished' THEN clock_timestamp()
-                                           ELSE s.finished_at END
+                 started_at = CASE WHEN c.started_ago IS NOT NULL
+                                   THEN run.at - c.started_ago * interval '1 microsecond'
+                                   ELSE s.started_at END,
+                 finished_at = CASE c.finished WHEN 'clear' THEN NULL
+                                               WHEN 'set' THEN run.at - c.finished_ago * interval '1 microsecond'
+                                               ELSE s.finished_at END
              FROM run, unnest($10::smallint[], $11::step_status[], $12::int4[], $13::int4[], $14::jsonb[],
-                              $15::jsonb[], $16::jsonb[], $17::text[], $22::int4[], $23::int4[])
-                       AS c(idx, status, attempts, compensation_attempts, output, error, partial, mark,
-                            lost, lost_compensation)
+                              $15::jsonb[], $16::jsonb[], $17::int8[], $22::int4[], $23::int4[], $24::text[],
+                              $25::int8[])
+                       AS c(idx, status, attempts, compensation_attempts, output, error, partial, started_ago,
+                            lost, lost_compensation, finished, finished_ago)
              WHERE s.run_id = run.id AND s.idx = c.idx
          ), events AS (
-             INSERT INTO run_events (run_id, seq, kind, step, attempt, detail)
-             SELECT run.id, run.base + c.ord, c.kind, c.step, c.attempt, c.detail
-             FROM run, unnest($18::event_kind[], $19::text[], $20::int4[], $21::jsonb[])
-                       WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
+             INSERT INTO run_events (run_id, seq, at, kind, step, attempt, detail)
+             SELECT run.id, run.base + c.ord, run.at - c.ago * interval '1 microsecond', c.kind, c.step, c.attempt,
+                    c.detail
+             FROM run, unnest($18::event_kind[], $19::text[], $20::int4[], $21::jsonb[], $26::int8[])
+                       WITH ORDINALITY AS c(kind, step, attempt, detail, ago, ord)
          )
-         SELECT base FROM run",
+         SELECT at FROM run",
     )
     .bind(p.run_id)
     .bind(p.epoch)
@@ -723,17 +904,20 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(&steps.output)
     .bind(&steps.error)
     .bind(&steps.partial)
-    .bind(&steps.mark)
+    .bind(&steps.started_ago)
     .bind(&events.kind)
     .bind(&events.step)
     .bind(&events.attempt)
     .bind(&events.detail)
     .bind(&steps.lost_attempts)
     .bind(&steps.lost_compensation_attempts)
+    .bind(&steps.finished)
+    .bind(&steps.finished_ago)
+    .bind(&events.ago)
     .fetch_optional(&mut *conn)
     .await?;
-    if applied.is_some() {
-        return Ok(Persisted::Applied);
+    if let Some(at) = applied {
+        return Ok(Persisted::Applied { at });
     }
     let current: Option<(i64, bool)> = sqlx::query_as("SELECT lease_epoch, cancel_requested FROM runs WHERE id = $1")
         .bind(p.run_id)
@@ -756,11 +940,13 @@ struct StepArrays {
     output: Vec<Option<Value>>,
     error: Vec<Option<Value>>,
     partial: Vec<Option<Value>>,
-    mark: Vec<Option<&'static str>>,
+    started_ago: Vec<Option<i64>>,
+    finished: Vec<Option<&'static str>>,
+    finished_ago: Vec<Option<i64>>,
 }
 
 impl StepArrays {
-    fn from_state(state: &RunState, marks: &std::collections::BTreeMap<usize, TimeMark>, which: Vec<usize>) -> Self {
+    fn from_state(state: &RunState, times: &std::collections::BTreeMap<usize, StepTimes>, which: Vec<usize>) -> Self {
         let mut arrays = Self {
             idx: Vec::with_capacity(which.len()),
             status: Vec::with_capacity(which.len()),
@@ -771,7 +957,9 @@ impl StepArrays {
             output: Vec::with_capacity(which.len()),
             error: Vec::with_capacity(which.len()),
             partial: Vec::with_capacity(which.len()),
-            mark: Vec::with_capacity(which.len()),
+            started_ago: Vec::with_capacity(which.len()),
+            finished: Vec::with_capacity(which.len()),
+            finished_ago: Vec::with_capacity(which.len()),
         };
         for i in which {
             let Some(step) = state.steps.get(i) else { continue };
@@ -792,10 +980,15 @@ impl StepArrays {
                 .error
                 .push(step.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
             arrays.partial.push(step.partial.clone());
-            arrays.mark.push(marks.get(&i).map(|m| match m {
-                TimeMark::Started => "started",
-                TimeMark::Finished => "finished",
-            }));
+            let t = times.get(&i).copied().unwrap_or_default();
+            arrays.started_ago.push(t.started);
+            let (finished, ago) = match t.finished {
+                FinishedAt::Keep => (None, None),
+                FinishedAt::Clear => (Some("clear"), None),
+                FinishedAt::Set(ago) => (Some("set"), Some(ago)),
+            };
+            arrays.finished.push(finished);
+            arrays.finished_ago.push(ago);
         }
         arrays
     }
@@ -807,11 +1000,13 @@ struct EventArrays {
     step: Vec<Option<String>>,
     attempt: Vec<Option<i32>>,
     detail: Vec<Value>,
+    ago: Vec<i64>,
 }
 
-impl From<&[NewEvent]> for EventArrays {
-    fn from(events: &[NewEvent]) -> Self {
+impl EventArrays {
+    fn new(events: &[NewEvent], ago_us: &[i64]) -> Self {
         Self {
+            ago: (0..events.len()).map(|i| ago_us.get(i).copied().unwrap_or(0)).collect(),
             kind: events.iter().map(|e| e.kind).collect(),
             step: events.iter().map(|e| e.step.clone()).collect(),
             attempt: events

@@ -32,7 +32,7 @@ use super::executor::{Lease, RunTask, Slot};
 use super::machine::{Conditions, Event, Machine, Transition};
 use super::state::RunState;
 use super::store::{self, READY_CHANNEL};
-use super::{Engine, EngineError, metrics_names as m};
+use super::{Engine, EngineError, RunDetail, metrics_names as m};
 
 /// State shared by a worker's loops and the runs it drives.
 pub(crate) struct WorkerShared {
@@ -460,11 +460,17 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         // A run the claim itself finishes runs its workflow's finish hook here, in a savepoint:
         // should the hook refuse, the run ends `failed` without it, and the rest of the batch
         // is not touched.
+        let mut copy = RunDetail {
+            run: c.run.clone(),
+            steps: c.steps,
+        };
         let (applied, transition) = if apply::needs_transaction(&workflow, &transition) {
             let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+            let before = copy.clone();
             let first = apply::apply(
                 &mut savepoint,
                 Change::of_row(&c.run, &workflow, &old, &state, &transition),
+                Some(&mut copy),
             )
             .await;
             match first {
@@ -475,6 +481,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
                 Err(ApplyError::Database(e)) => return Err(e.into()),
                 Err(ApplyError::FinishHook(refusal)) => {
                     savepoint.rollback().await?;
+                    copy = before;
                     warn!(run_id = %c.run.id, error = %refusal.message, "the finish hook refused a claimed run's end; it ends failed");
                     let refused = Machine::new(&workflow, &c.run.input).refuse_finish(&mut state, transition, &refusal);
                     let applied = apply::apply(
@@ -483,6 +490,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
                             finish_hook: false,
                             ..Change::of_row(&c.run, &workflow, &old, &state, &refused)
                         },
+                        Some(&mut copy),
                     )
                     .await
                     .map_err(|e| EngineError::Internal(e.to_string()))?;
@@ -490,12 +498,16 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
                 }
             }
         } else {
-            let applied = apply::apply(&mut tx, Change::of_row(&c.run, &workflow, &old, &state, &transition))
-                .await
-                .map_err(|e| match e {
-                    ApplyError::Database(e) => EngineError::Database(e),
-                    other => EngineError::Internal(other.to_string()),
-                })?;
+            let applied = apply::apply(
+                &mut tx,
+                Change::of_row(&c.run, &workflow, &old, &state, &transition),
+                Some(&mut copy),
+            )
+            .await
+            .map_err(|e| match e {
+                ApplyError::Database(e) => EngineError::Database(e),
+                other => EngineError::Internal(other.to_string()),
+            })?;
             (applied, transition)
         };
         let Applied::Written(after) = applied else {
@@ -508,10 +520,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             break;
         };
         let lease = Lease {
-            run_id: c.run.id,
-            epoch: c.run.lease_epoch,
-            input: c.run.input,
-            created_at: c.run.created_at,
+            copy,
             state,
             next: transition.next,
         };

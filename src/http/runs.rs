@@ -432,35 +432,32 @@ pub async fn trigger(
                 .map_err(|_| ApiError::from(EngineError::InvalidIdempotencyKey))
         })
         .transpose()?;
-    let triggered = state
-        .engine
-        .trigger(
-            &workflow,
-            body.0,
-            TriggerOptions {
-                idempotency_key,
-                trigger: Some(Trigger::Api),
-            },
-        )
-        .await?;
-    // From here on the run exists: whatever happens to the wait or the read, the answer names
-    // it (201 or 200 with its id and Location), never an error a client would retry as if
-    // nothing had been written.
-    if wait_ms > 0
-        && triggered.created
-        && let Err(e) = state
+    let options = TriggerOptions {
+        idempotency_key,
+        trigger: Some(Trigger::Api),
+    };
+    // From the moment the run is committed, the answer names it (201 or 200 with its id and
+    // Location), never an error a client would retry as if nothing had been written.
+    let (triggered, run) = if wait_ms > 0 {
+        let waited = state
             .engine
-            .wait_for_terminal(triggered.run_id, Duration::from_millis(wait_ms as u64))
-            .await
-    {
-        tracing::warn!(run_id = %triggered.run_id, error = %e, "waiting for a triggered run failed; answering with the run as accepted");
-    }
-    let run = match run_body(&state, triggered.run_id).await {
-        Ok(run) => run,
-        Err(e) => {
-            tracing::warn!(run_id = %triggered.run_id, error = %e, "reading a triggered run failed; answering with the run as accepted");
-            RunBody::new(triggered.accepted, None)
-        }
+            .trigger_and_wait(&workflow, body.0, options, Duration::from_millis(wait_ms as u64))
+            .await?;
+        let run = match waited.detail {
+            Some(detail) => RunBody::from(detail),
+            None => RunBody::new(waited.triggered.accepted.clone(), None),
+        };
+        (waited.triggered, run)
+    } else {
+        let triggered = state.engine.trigger(&workflow, body.0, options).await?;
+        let run = match run_body(&state, triggered.run_id).await {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(run_id = %triggered.run_id, error = %e, "reading a triggered run failed; answering with the run as accepted");
+                RunBody::new(triggered.accepted.clone(), None)
+            }
+        };
+        (triggered, run)
     };
     let status = if !triggered.created || run.status.is_terminal() {
         StatusCode::OK

@@ -159,6 +159,14 @@ impl PgBinaries {
     fn tool(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }
+
+    /// Whether the server module `name` is installed beside these binaries (the packages'
+    /// layout: `<version>/bin` and `<version>/lib`).
+    fn has_module(&self, name: &str) -> bool {
+        self.bin_dir
+            .parent()
+            .is_some_and(|root| root.join("lib").join(format!("{name}.so")).is_file())
+    }
 }
 
 /// `<root>/<prefix><version>/<suffix>` directories, highest version first.
@@ -237,6 +245,9 @@ pub struct ClusterOptions {
     /// only: a killed or crashed PostgreSQL still recovers every acknowledged commit, as its
     /// writes sit in the OS page cache.
     pub unsafe_fast: bool,
+    /// Load `pg_stat_statements`, when it is installed, so that statements can be counted
+    /// (the benchmark's statements per run).
+    pub statement_stats: bool,
 }
 
 /// A running private PostgreSQL cluster that this process owns and stops.
@@ -292,7 +303,8 @@ impl EmbeddedPostgres {
             stopped: false,
         };
         cluster.init_if_needed(&cluster_home, options.unsafe_fast)?;
-        cluster.write_settings(options.unsafe_fast)?;
+        let statement_stats = options.statement_stats && cluster.binaries.has_module("pg_stat_statements");
+        cluster.write_settings(options.unsafe_fast, statement_stats)?;
         cluster.ensure_running()?;
         Ok(cluster)
     }
@@ -316,6 +328,7 @@ impl EmbeddedPostgres {
         let cluster = Self::start(&ClusterOptions {
             data_dir: base.clone(),
             unsafe_fast: true,
+            statement_stats: false,
         })?;
         cluster.spawn_watchdog(&base)?;
         Ok(cluster)
@@ -436,7 +449,7 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    fn write_settings(&self, unsafe_fast: bool) -> Result<(), EmbeddedError> {
+    fn write_settings(&self, unsafe_fast: bool, statement_stats: bool) -> Result<(), EmbeddedError> {
         let mut settings = format!(
             "listen_addresses = ''\nunix_socket_directories = '{}'\nunix_socket_permissions = 0700\nport = {SOCKET_PORT}\n\
              max_connections = 300\nshared_buffers = 128MB\nlogging_collector = off\n",
@@ -447,6 +460,10 @@ impl EmbeddedPostgres {
             // its own crash, which the database-restart tests cause on purpose. With fsync off,
             // a commit still reaches the OS before it is acknowledged.
             settings.push_str("fsync = off\nfull_page_writes = off\n");
+        }
+        if statement_stats {
+            settings
+                .push_str("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track_utility = on\n");
         }
         let path = self.pgdata.join("sagaflow.conf");
         fs::write(&path, settings).map_err(io_err("cannot write", &path))?;
