@@ -116,6 +116,9 @@ struct ServeArgs {
     /// Do not run a worker in this instance (API only).
     #[arg(long, env = "SAGAFLOW_NO_WORKER")]
     no_worker: bool,
+    /// Commit every attempt on its own, even of local steps (no fused segments).
+    #[arg(long, env = "SAGAFLOW_NO_FUSION")]
+    no_fusion: bool,
     /// Token for backends (trigger and read) [default: generated and printed].
     #[arg(long, env = "SAGAFLOW_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -241,6 +244,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             node_id,
             lease_ttl: args.lease_ttl,
             max_concurrent_runs: args.max_concurrent_runs.max(1),
+            fuse_local_steps: !args.no_fusion,
             poll_interval: args.poll_interval,
             recovery_interval: (args.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
             shutdown_grace: args.shutdown_grace,

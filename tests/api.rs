@@ -313,6 +313,83 @@ async fn a_waited_trigger_answers_exactly_what_reading_the_run_shows() {
     server.stop().await;
 }
 
+/// What a registration left in the log, and how many transactions wrote it once its first
+/// step had started.
+async fn log_and_commits(
+    server: &TestServer,
+    run: &str,
+) -> (
+    Vec<(String, String, Option<i64>)>,
+    Vec<chrono::DateTime<chrono::Utc>>,
+    i64,
+) {
+    let (_, events) = get(server, &format!("/v1/runs/{run}/events")).await;
+    let entries = events["events"].as_array().expect("events");
+    let kinds = entries
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default().to_string(),
+                e["step"].as_str().unwrap_or_default().to_string(),
+                e["attempt"].as_i64(),
+            )
+        })
+        .collect();
+    let times = entries
+        .iter()
+        .map(|e| e["at"].as_str().expect("at").parse().expect("time"))
+        .collect();
+    let id: uuid::Uuid = run.parse().expect("id");
+    // After its first three entries (created, claimed, the first step started: the insert,
+    // or the insert and a claim).
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT x) FROM (SELECT xmin::text AS x FROM run_events WHERE run_id = $1 AND seq > 3
+                                      UNION ALL SELECT xmin::text FROM run_steps WHERE run_id = $1
+                                      UNION ALL SELECT xmin::text FROM runs WHERE id = $1) w",
+    )
+    .bind(id)
+    .fetch_one(server.pool())
+    .await
+    .expect("commits");
+    (kinds, times, commits)
+}
+
+/// The registration's steps are local: after its insert, one transaction runs them all and
+/// commits them with one write, and the log still has one entry per attempt and outcome, each
+/// at the time it happened. Without fusion the same log takes a commit per step.
+#[tokio::test]
+async fn local_steps_commit_together_and_log_each_attempt_at_its_time() {
+    let fused = server::start().await;
+    let identity = fused.identity("fused@example.com").await;
+    let run = fused.register(&identity, "fused@example.com").await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let (kinds, times, commits) = log_and_commits(&fused, run["id"].as_str().expect("id")).await;
+    // One segment wrote everything after the first step's start.
+    assert_eq!(commits, 1, "{kinds:?}");
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "times go back: {times:?}");
+    let at = |kind: &str, step: &str| {
+        kinds
+            .iter()
+            .position(|(k, s, _)| k == kind && s == step)
+            .map(|i| times[i])
+            .expect("entry")
+    };
+    assert!(
+        at("step_started", "create-customers") < at("step_succeeded", "create-customers"),
+        "a fused step's entries carry the times it started and ended: {times:?}"
+    );
+    fused.stop().await;
+
+    let classic = server::start_with(|c| c.engine.fuse_local_steps = false).await;
+    let identity = classic.identity("fused@example.com").await;
+    let run = classic.register(&identity, "fused@example.com").await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let (classic_kinds, _, classic_commits) = log_and_commits(&classic, run["id"].as_str().expect("id")).await;
+    assert_eq!(kinds, classic_kinds, "fusion changes the log");
+    assert!(classic_commits > commits, "{classic_commits} commits without fusion");
+    classic.stop().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let server = server::start().await;

@@ -142,16 +142,35 @@ struct Expected {
     create_compensations: i32,
 }
 
-/// Aborts the server at `faults`, restarts it without faults, and checks the run's final
-/// state exactly.
-async fn crash_at(faults: &str, expected: Expected) {
+/// How the server records a run's local steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Recording {
+    /// Each attempt commits on its own (`--no-fusion`).
+    PerAttempt,
+    /// Consecutive local steps commit together (the default).
+    Fused,
+}
+
+impl Recording {
+    fn options(self, node: &str) -> Options {
+        let mut options = Options::node(node);
+        if self == Recording::PerAttempt {
+            options.env.push(("SAGAFLOW_NO_FUSION".into(), "true".into()));
+        }
+        options
+    }
+}
+
+/// Aborts the server at `faults`, restarts it without faults (recording the same way), and
+/// checks the run's final state exactly.
+async fn crash_at(faults: &str, recording: Recording, expected: Expected) {
     let db = test_db().await;
     let node = "crash-node";
     let mut server = ServerProcess::start(
         &db.url,
         Options {
             faults: Some(faults.to_string()),
-            ..Options::node(node)
+            ..recording.options(node)
         },
     )
     .await;
@@ -170,7 +189,7 @@ async fn crash_at(faults: &str, expected: Expected) {
         .await
         .expect("the run was accepted before the crash");
 
-    server.restart(Options::node(node)).await;
+    server.restart(recording.options(node)).await;
     all_terminal(&db.pool, Duration::from_secs(30)).await;
     let final_status: String = sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1")
         .bind(run)
@@ -239,15 +258,16 @@ fn retried(i: usize) -> [i32; 5] {
 }
 
 macro_rules! crash_points {
-    ($($name:ident: $step:expr => $point:literal, $expected:expr;)*) => {$(
+    ($recording:expr; $($name:ident: $step:expr => $point:literal, $expected:expr;)*) => {$(
         #[tokio::test]
         async fn $name() {
-            crash_at(&format!("{}:{}", $point, STEPS[$step]), $expected).await;
+            crash_at(&format!("{}:{}", $point, STEPS[$step]), $recording, $expected).await;
         }
     )*};
 }
 
-crash_points! {
+// Every attempt committed on its own: a crash loses exactly the attempt it interrupted.
+crash_points! { Recording::PerAttempt;
     before_validate: 0 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
     after_effect_validate: 0 => "after-effect", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
     after_commit_validate: 0 => "after-commit", Expected { status: "completed", attempts: retried(1), create_compensations: 0 };
@@ -266,6 +286,45 @@ crash_points! {
     after_commit_set_auth_app_metadata: 4 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
 }
 
+/// Fused: the insert commits the first step's start, then one segment runs all five steps and
+/// commits once. A crash before that commit, at any step, loses the whole segment: the run is
+/// where the insert left it, so only the first step's attempt is lost (and retried), and
+/// nothing any step wrote survives to be done twice. A crash after it finds the run complete.
+mod fused {
+    use super::*;
+
+    crash_points! { Recording::Fused;
+        before_validate: 0 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_effect_validate: 0 => "after-effect", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_commit_validate: 0 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
+        before_create_customers: 1 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_effect_create_customers: 1 => "after-effect", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_commit_create_customers: 1 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
+        before_customers_created: 2 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_commit_customers_created: 2 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
+        before_set_auth_app_metadata: 4 => "before", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_effect_set_auth_app_metadata: 4 => "after-effect", Expected { status: "completed", attempts: retried(0), create_compensations: 0 };
+        after_commit_set_auth_app_metadata: 4 => "after-commit", Expected { status: "completed", attempts: ALL_ONCE, create_compensations: 0 };
+    }
+
+    /// The unwind fused too: set-auth-app-metadata fails alone (an injected failure ends the
+    /// segment before it), and the compensation of create-customers is interrupted before its
+    /// segment commits: it is lost and done again, exactly as per attempt.
+    #[tokio::test]
+    async fn compensate_create_customers() {
+        crash_at(
+            "fail:set-auth-app-metadata:3,compensate:create-customers",
+            Recording::Fused,
+            Expected {
+                status: "compensated",
+                attempts: [1, 1, 1, 1, 3],
+                create_compensations: 2,
+            },
+        )
+        .await;
+    }
+}
+
 /// The compensation of create-customers, reached by making set-auth-app-metadata fail all
 /// its attempts, is interrupted after it deleted the customer but before that committed.
 /// (set-auth-app-metadata's own compensation cannot be reached: it is the last step, so its
@@ -274,6 +333,7 @@ crash_points! {
 async fn compensate_create_customers() {
     crash_at(
         "fail:set-auth-app-metadata:3,compensate:create-customers",
+        Recording::PerAttempt,
         Expected {
             status: "compensated",
             attempts: [1, 1, 1, 1, 3],

@@ -162,14 +162,6 @@ pub(crate) async fn apply(
         Next::Finish(status) => Some(status),
         _ => None,
     };
-    let changed: Vec<usize> = (0..change.new.steps.len())
-        .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || change.transition.marks.contains_key(&i))
-        .collect();
-    let lease = change.lease.unwrap_or(match change.transition.next {
-        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
-        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
-        Next::Finish(_) => LeaseWrite::Finish,
-    });
     let now_times;
     let (times, events_ago_us) = match change.stamps {
         Some(stamps) => (&stamps.times, stamps.events_ago_us.as_slice()),
@@ -178,6 +170,14 @@ pub(crate) async fn apply(
             (&now_times, &[][..])
         }
     };
+    let changed: Vec<usize> = (0..change.new.steps.len())
+        .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || times.contains_key(&i))
+        .collect();
+    let lease = change.lease.unwrap_or(match change.transition.next {
+        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
+        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
+        Next::Finish(_) => LeaseWrite::Finish,
+    });
     let persist = Persist {
         run_id: change.run_id,
         epoch: change.epoch,

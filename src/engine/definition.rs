@@ -298,26 +298,55 @@ impl DynStep for NoOpHook {
 
 /// The code behind a step or a hook point, ready to register.
 #[derive(Clone)]
-pub struct Handler(pub(crate) Arc<dyn DynStep>);
+pub struct Handler {
+    pub(crate) code: Arc<dyn DynStep>,
+    /// Every effect of the code goes through the step's transaction (see [`Handler::local`]).
+    local: bool,
+}
 
 impl Handler {
     /// A handler without compensation.
     pub fn new<S: Step>(step: S) -> Self {
-        Self(Arc::new(InvokeOnly(step)))
+        Self {
+            code: Arc::new(InvokeOnly(step)),
+            local: false,
+        }
     }
 
     /// A handler with its compensation.
     pub fn compensable<S: Compensate>(step: S) -> Self {
-        Self(Arc::new(WithCompensation(step)))
+        Self {
+            code: Arc::new(WithCompensation(step)),
+            local: false,
+        }
     }
 
     fn no_op() -> Self {
-        Self(Arc::new(NoOpHook))
+        Self {
+            code: Arc::new(NoOpHook),
+            local: true,
+        }
+    }
+
+    /// Declares that every effect of this code (invoke and compensation) goes through the
+    /// step's transaction, `ctx.db()`: nothing outside the database is touched, so running it
+    /// again after a rollback is harmless, and it is short. The engine may then run it in one
+    /// transaction with the run's neighbouring local steps (a fused segment, committed all or
+    /// nothing). Declare it only when true: a local step that calls a service would call it
+    /// again for every rolled-back segment.
+    pub fn local(mut self) -> Self {
+        self.local = true;
+        self
+    }
+
+    /// Whether the code was declared local (the no-op of a hook point is).
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     /// Whether this handler can undo what it did.
     pub fn has_compensation(&self) -> bool {
-        self.0.has_compensation()
+        self.code.has_compensation()
     }
 }
 
@@ -325,6 +354,7 @@ impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handler")
             .field("has_compensation", &self.has_compensation())
+            .field("local", &self.local)
             .finish()
     }
 }
@@ -379,6 +409,18 @@ impl StepDef {
             when: None,
             target: None,
         }
+    }
+
+    /// Declares the step local (see [`Handler::local`]): all its effects go through
+    /// `ctx.db()`, so it may share one transaction with the run's neighbouring local steps.
+    pub fn local(mut self) -> Self {
+        self.handler = self.handler.local();
+        self
+    }
+
+    /// Whether the step is local: declared so, or a hook point with no handler registered.
+    pub fn is_local(&self) -> bool {
+        self.handler.is_local()
     }
 
     /// Says what the step calls (shown to operators), e.g. `shop POST /stock/reserve`.
@@ -458,6 +500,7 @@ impl fmt::Debug for StepDef {
             .field("name", &self.name)
             .field("hook", &self.hook)
             .field("has_compensation", &self.has_compensation())
+            .field("local", &self.is_local())
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
             .finish()

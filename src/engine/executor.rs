@@ -12,7 +12,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::FutureExt;
@@ -22,10 +22,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use super::apply::{self, Applied, ApplyError, Change};
+use super::apply::{self, Applied, ApplyError, Change, Stamps};
 use super::definition::{Completed, Phase, RunView, StepContext, StepTransaction, Workflow};
 use super::faults::FaultPoint;
-use super::machine::{Conditions, Event, Machine, Next, Transition};
+use super::machine::{Conditions, Event, Machine, Next, TimeMark, Transition};
 use super::state::{RunState, StepError};
 use super::store;
 use super::{Engine, RunDetail, metrics_names as m};
@@ -42,8 +42,16 @@ pub(crate) struct RunTask {
     copy: RunDetail,
     state: RunState,
     next: Next,
+    /// This attempt runs alone, outside any fused segment: a segment that held it was rolled
+    /// back (it failed there, or the segment's write was refused), so it is tried again with
+    /// its outcome recorded on its own.
+    alone: Option<(usize, Phase)>,
     _permit: OwnedSemaphorePermit,
 }
+
+/// The most attempts one fused segment holds: a bound on the transaction's length whatever
+/// the plan (a registration's five steps take five).
+const MAX_SEGMENT_ATTEMPTS: usize = 32;
 
 /// What an executor needs of the worker it runs for (implemented by the worker): the executor
 /// knows nothing else of claims, heartbeats or shutdown.
@@ -85,6 +93,7 @@ impl RunTask {
             copy: lease.copy,
             state: lease.state,
             next: lease.next,
+            alone: None,
             _permit: permit,
         }
     }
@@ -105,6 +114,8 @@ impl RunTask {
         async move {
             loop {
                 let step_result = match self.next {
+                    Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
+                    Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
                     Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
                     Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
                     Next::Release { ready_at } => {
@@ -138,18 +149,189 @@ impl RunTask {
         .await
     }
 
+    /// Whether the attempt of `step` in `phase` may run in a fused segment: fusion is on, the
+    /// step is local, it was not set to run alone, and no injected failure is pending for it.
+    fn fusable(&self, step: usize, phase: Phase) -> bool {
+        let Some(def) = self.workflow.steps.get(step) else {
+            return false;
+        };
+        self.engine.inner.config.fuse_local_steps
+            && def.is_local()
+            && self.alone != Some((step, phase))
+            && !(phase == Phase::Invoke && self.engine.inner.faults.will_fail(&def.name))
+    }
+
+    /// One attempt on its own: run, then record its outcome with its writes in one commit.
     async fn attempt(&mut self, step: usize, phase: Phase) -> Result<(), Stop> {
+        self.alone = None;
+        let mut tx = StepTransaction::new(self.engine.inner.worker_pool.clone());
+        let state = self.state.clone();
+        let event = self.run_attempt(step, phase, &state, &mut tx).await;
+        if is_failure(&event)
+            && let Some(open) = tx.take()
+        {
+            // Whatever the failed attempt wrote is discarded.
+            let _ = open.rollback().await;
+        }
+        let name = self.workflow.steps[step].name.clone();
+        self.record(event, tx.take())
+            .instrument(info_span!("step", step = %name, phase = phase.as_str()))
+            .await?;
+        if phase == Phase::Invoke {
+            self.engine.inner.faults.checkpoint(FaultPoint::AfterCommit, &name);
+        }
+        Ok(())
+    }
+
+    /// Consecutive local attempts, from the one the run is at, in one transaction: each runs
+    /// on it and is decided as it would be alone; then one write records every outcome (each
+    /// entry and mark with the time it happened) and one commit makes all of it durable, or
+    /// none. The segment ends before a step that is not local, at a retry wait, at the end of
+    /// the run, or at [`MAX_SEGMENT_ATTEMPTS`]. Should an attempt fail, the segment is rolled
+    /// back and run again up to that attempt, which then runs alone: a failure is recorded
+    /// exactly as without fusion, with the writes of the attempts before it committed.
+    async fn segment(&mut self) -> Result<(), Stop> {
+        let mut tx = StepTransaction::new(self.engine.inner.worker_pool.clone());
+        let mut state = self.state.clone();
+        let mut decided: Option<Transition> = None;
+        let mut events_at: Vec<Instant> = Vec::new();
+        let mut marks: Vec<(usize, TimeMark, Instant)> = Vec::new();
+        let mut attempted: Vec<(usize, Phase)> = Vec::new();
+        let mut next = self.next;
+        loop {
+            let (step, phase) = match next {
+                Next::Invoke(step) => (step, Phase::Invoke),
+                Next::Compensate(step) => (step, Phase::Compensate),
+                Next::Release { .. } | Next::Finish(_) => break,
+            };
+            if attempted.len() >= MAX_SEGMENT_ATTEMPTS || !self.fusable(step, phase) {
+                break;
+            }
+            let event = self.run_attempt(step, phase, &state, &mut tx).await;
+            if is_failure(&event) {
+                if let Some(open) = tx.take() {
+                    let _ = open.rollback().await;
+                }
+                debug!(
+                    step,
+                    phase = phase.as_str(),
+                    "an attempt failed in a fused segment; running up to it again"
+                );
+                // Nothing of the segment is written: the run is where its last commit left it.
+                self.alone = Some((step, phase));
+                return Ok(());
+            }
+            let transition = self.decide(&mut state, event);
+            let at = Instant::now();
+            events_at.extend(std::iter::repeat_n(at, transition.events.len()));
+            marks.extend(transition.marks.iter().map(|(&i, &mark)| (i, mark, at)));
+            next = transition.next;
+            decided = Some(match decided {
+                None => transition,
+                Some(earlier) => earlier.then(transition),
+            });
+            attempted.push((step, phase));
+        }
+        let (Some(transition), Some(&(first, first_phase))) = (decided, attempted.first()) else {
+            // The attempt the run is at cannot be fused after all: run it alone.
+            if let Some(open) = tx.take() {
+                let _ = open.rollback().await;
+            }
+            self.alone = match self.next {
+                Next::Invoke(step) => Some((step, Phase::Invoke)),
+                Next::Compensate(step) => Some((step, Phase::Compensate)),
+                _ => None,
+            };
+            return Ok(());
+        };
+        let written = Instant::now();
+        let ago = |at: Instant| i64::try_from(written.duration_since(at).as_micros()).unwrap_or(i64::MAX);
+        let mut stamps = Stamps {
+            events_ago_us: events_at.iter().map(|&at| ago(at)).collect(),
+            times: Default::default(),
+        };
+        for (i, mark, at) in marks {
+            stamps.times.entry(i).or_default().mark(mark, ago(at));
+        }
+        let change = Change {
+            run_id: self.run_id,
+            epoch: self.epoch,
+            workflow: &self.workflow,
+            old: &self.state,
+            new: &state,
+            transition: &transition,
+            lease: None,
+            created_at: self.copy.run.created_at,
+            finish_hook: true,
+            stamps: Some(&stamps),
+        };
+        let mut copy = self.copy.clone();
+        let mut open = match tx.take() {
+            Some(open) => open,
+            None => self
+                .engine
+                .inner
+                .worker_pool
+                .begin()
+                .await
+                .map_err(|e| Stop::Database(e.to_string()))?,
+        };
+        let applied = apply::apply(&mut open, change, Some(&mut copy)).await;
+        let after = match applied {
+            Ok(Applied::Written(after)) => after,
+            Ok(Applied::Fenced) => {
+                let _ = open.rollback().await;
+                return Err(Stop::Fenced);
+            }
+            Ok(Applied::CancelRequested) => {
+                let _ = open.rollback().await;
+                debug!("an operator asked to cancel while the segment ran; its first attempt runs again alone");
+                self.state.cancel_requested = true;
+                self.alone = Some((first, first_phase));
+                return Ok(());
+            }
+            Err(ApplyError::FinishHook(error)) => {
+                let _ = open.rollback().await;
+                warn!(error = %error.message, "the workflow's finish hook refused the end of a fused segment; its last attempt runs again alone");
+                self.alone = attempted.last().copied();
+                return Ok(());
+            }
+            Err(ApplyError::Database(e)) => {
+                let _ = open.rollback().await;
+                return Err(Stop::Database(e.to_string()));
+            }
+        };
+        open.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
+        self.copy = copy;
+        self.state = state;
+        self.next = transition.next;
+        after.publish(&self.engine.inner);
+        metrics::histogram!(m::SEGMENT_ATTEMPTS, "workflow" => self.workflow.name.clone())
+            .record(attempted.len() as f64);
+        for (step, phase) in attempted {
+            if phase == Phase::Invoke {
+                self.engine
+                    .inner
+                    .faults
+                    .checkpoint(FaultPoint::AfterCommit, &self.workflow.steps[step].name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one attempt of `step` from `state` on `tx` and returns its outcome as the machine's
+    /// event; what it wrote is in `tx`, not committed.
+    async fn run_attempt(&self, step: usize, phase: Phase, state: &RunState, tx: &mut StepTransaction) -> Event {
         let workflow = Arc::clone(&self.workflow);
         let def = &workflow.steps[step];
         let name = def.name.as_str();
         let attempt = match phase {
-            Phase::Invoke => self.state.steps[step].attempts,
-            Phase::Compensate => self.state.steps[step].compensation_attempts,
+            Phase::Invoke => state.steps[step].attempts,
+            Phase::Compensate => state.steps[step].compensation_attempts,
         };
         let span = info_span!("step", step = name, attempt, phase = phase.as_str());
         let faults = Arc::clone(&self.engine.inner.faults);
         let started = std::time::Instant::now();
-        let mut tx = StepTransaction::new(self.engine.inner.worker_pool.clone());
 
         let outcome: Result<Option<Value>, StepError> = async {
             if phase == Phase::Invoke {
@@ -158,7 +340,7 @@ impl RunTask {
                     return Err(StepError::retryable("injected failure (SAGAFLOW_FAULTS)"));
                 }
             }
-            let handler = &def.handler.0;
+            let handler = &def.handler.code;
             let mut ctx = StepContext {
                 engine: &self.engine,
                 run_id: self.run_id,
@@ -174,15 +356,15 @@ impl RunTask {
                 view: RunView {
                     input: &self.copy.run.input,
                     plan: &workflow.steps,
-                    states: &self.state.steps,
+                    states: &state.steps,
                 },
-                tx: &mut tx,
+                tx,
             };
             let work = async {
                 match phase {
                     Phase::Invoke => handler.invoke(&mut ctx).await.map(Some),
                     Phase::Compensate => {
-                        let s = &self.state.steps[step];
+                        let s = &state.steps[step];
                         // A step that succeeded has an output (possibly JSON null); one that
                         // failed has only the partial work it recorded.
                         let done = match (&s.output, &s.partial) {
@@ -230,28 +412,16 @@ impl RunTask {
             }
             Err(error) => {
                 span.in_scope(|| warn!(error = %error.message, retryable = error.retryable, "attempt failed"));
-                if let Some(open) = tx.take() {
-                    // Whatever the failed attempt wrote is discarded.
-                    let _ = open.rollback().await;
-                }
                 match phase {
                     Phase::Invoke => Event::StepFailed { step, error },
                     Phase::Compensate => Event::CompensationFailed { step, error },
                 }
             }
         };
-        let outcome_label = match &event {
-            Event::StepSucceeded { .. } | Event::CompensationSucceeded { .. } => "succeeded",
-            _ => "failed",
-        };
+        let outcome_label = if is_failure(&event) { "failed" } else { "succeeded" };
         metrics::counter!(m::STEP_ATTEMPTS, "workflow" => workflow.name.clone(), "step" => name.to_string(), "phase" => phase.as_str(), "outcome" => outcome_label).increment(1);
         metrics::histogram!(m::STEP_SECONDS, "workflow" => workflow.name.clone(), "step" => name.to_string(), "phase" => phase.as_str()).record(elapsed.as_secs_f64());
-
-        self.record(event, tx.take()).instrument(span).await?;
-        if phase == Phase::Invoke {
-            faults.checkpoint(FaultPoint::AfterCommit, name);
-        }
-        Ok(())
+        event
     }
 
     /// Decides what follows `event` and applies it (with the step's own writes, if any).
@@ -438,6 +608,11 @@ impl RunTask {
         after.publish(&self.engine.inner);
         Ok(true)
     }
+}
+
+/// Whether an attempt's outcome is a failure (its writes must not commit).
+fn is_failure(event: &Event) -> bool {
+    matches!(event, Event::StepFailed { .. } | Event::CompensationFailed { .. })
 }
 
 /// The attempt error recorded when the finish hook refused the end its outcome led to.

@@ -10,6 +10,10 @@
 //!
 //! The process aborts the N-th time (default: the first) that point is reached for that
 //! step in this process; `fail` fails the first N times.
+//!
+//! In a fused segment (local steps sharing one transaction) `after-commit:STEP` strikes
+//! once the segment that recorded the step's outcome committed, and a step with a `fail`
+//! pending runs alone, so its failure is recorded.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -132,6 +136,20 @@ impl Faults {
     /// Whether this attempt of `step` must fail instead of running (`fail:STEP:N`).
     pub fn should_fail(&self, step: &str) -> bool {
         self.strikes(FaultPoint::Fail, step)
+    }
+
+    /// Whether the next attempt of `step` would fail (`should_fail`), without counting it: a
+    /// fused segment ends before such a step, so that the injected failure is recorded as an
+    /// attempt of its own instead of rolling back the segment.
+    pub fn will_fail(&self, step: &str) -> bool {
+        let reached = match self.reached.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let count = reached.get(&(FaultPoint::Fail, step.to_string())).copied().unwrap_or(0);
+        self.rules
+            .iter()
+            .any(|r| r.point == FaultPoint::Fail && r.step == step && count < r.n)
     }
 }
 

@@ -151,6 +151,19 @@ impl Draft {
     }
 }
 
+impl Transition {
+    /// Two decisions in a row taken as one (a fused segment writes them together): the entries
+    /// of both in order, the later mark of each step, and what the later said to do next. The
+    /// writer keeps the time of every entry and mark itself, since a step can be both started
+    /// and finished within the pair.
+    pub fn then(mut self, later: Transition) -> Transition {
+        self.events.extend(later.events);
+        self.marks.extend(later.marks);
+        self.next = later.next;
+        self
+    }
+}
+
 #[cfg(test)]
 impl Transition {
     /// The kinds of the log entries, for assertions.

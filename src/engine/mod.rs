@@ -73,6 +73,8 @@ pub mod metrics_names {
     pub const STEP_ATTEMPTS: &str = "sagaflow_step_attempts_total";
     /// Duration of step and compensation attempts, in seconds.
     pub const STEP_SECONDS: &str = "sagaflow_step_duration_seconds";
+    /// Attempts recorded together by one fused segment's commit.
+    pub const SEGMENT_ATTEMPTS: &str = "sagaflow_segment_attempts";
     /// Duration of runs from acceptance to terminal status, in seconds.
     pub const RUN_SECONDS: &str = "sagaflow_run_duration_seconds";
     /// Runs made claimable because their owner was gone or their lease expired.
@@ -195,6 +197,9 @@ pub struct EngineConfig {
     pub recovery_interval: Duration,
     /// How long shutdown waits for attempts in flight.
     pub shutdown_grace: Duration,
+    /// Run consecutive local steps of a run in one transaction (a fused segment): one write
+    /// of the run and one commit for all of them. Off, every attempt commits on its own.
+    pub fuse_local_steps: bool,
 }
 
 impl Default for EngineConfig {
@@ -207,6 +212,7 @@ impl Default for EngineConfig {
             poll_interval: Duration::from_secs(2),
             recovery_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            fuse_local_steps: true,
         }
     }
 }

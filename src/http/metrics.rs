@@ -52,6 +52,10 @@ fn describe() {
         "Duration of step and compensation attempts"
     );
     metrics::describe_histogram!(
+        m::SEGMENT_ATTEMPTS,
+        "Attempts recorded together by one fused segment's commit"
+    );
+    metrics::describe_histogram!(
         m::RUN_SECONDS,
         metrics::Unit::Seconds,
         "Duration of runs from acceptance to the end"

@@ -104,11 +104,27 @@ pub fn workflow() -> Workflow {
                 .as_str()
                 .map(crate::domain::normalize_email)
         })
-        .step(StepDef::new(VALIDATE, ValidateCustomerAccountCreation).retry(retry))
-        .step(StepDef::compensable(CREATE_CUSTOMERS, CreateCustomers).retry(retry))
+        .step(
+            StepDef::new(VALIDATE, ValidateCustomerAccountCreation)
+                .local()
+                .retry(retry),
+        )
+        .step(
+            StepDef::compensable(CREATE_CUSTOMERS, CreateCustomers)
+                .local()
+                .retry(retry),
+        )
         .step(StepDef::hook(CUSTOMERS_CREATED).retry(retry))
-        .step(StepDef::new(EMIT_CUSTOMER_CREATED, EmitCustomerCreated).retry(retry))
-        .step(StepDef::compensable(SET_AUTH_APP_METADATA, SetAuthAppMetadata).retry(retry))
+        .step(
+            StepDef::new(EMIT_CUSTOMER_CREATED, EmitCustomerCreated)
+                .local()
+                .retry(retry),
+        )
+        .step(
+            StepDef::compensable(SET_AUTH_APP_METADATA, SetAuthAppMetadata)
+                .local()
+                .retry(retry),
+        )
         .output(|view| view.output_value(CREATE_CUSTOMERS).cloned().unwrap_or(Value::Null))
         .on_finish(SettleOutbox)
         .build()

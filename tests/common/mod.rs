@@ -139,6 +139,7 @@ pub fn fast_config(node: &str) -> EngineConfig {
         poll_interval: Duration::from_millis(200),
         recovery_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
+        fuse_local_steps: true,
     }
 }
 
