@@ -119,6 +119,9 @@ struct ServeArgs {
     /// Commit every attempt on its own, even of local steps (no fused segments).
     #[arg(long, env = "SAGAFLOW_NO_FUSION")]
     no_fusion: bool,
+    /// Lanes committing the fused segments of several runs together (0: each on its own).
+    #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = 2)]
+    commit_lanes: usize,
     /// Token for backends (trigger and read) [default: generated and printed].
     #[arg(long, env = "SAGAFLOW_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -245,6 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             lease_ttl: args.lease_ttl,
             max_concurrent_runs: args.max_concurrent_runs.max(1),
             fuse_local_steps: !args.no_fusion,
+            commit_lanes: args.commit_lanes,
             poll_interval: args.poll_interval,
             recovery_interval: (args.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
             shutdown_grace: args.shutdown_grace,

@@ -390,6 +390,48 @@ async fn local_steps_commit_together_and_log_each_attempt_at_its_time() {
     classic.stop().await;
 }
 
+/// Registrations accepted together share batches (their segments commit in one transaction);
+/// a member whose step fails (an identity that does not exist, found at the last step after
+/// its customer was created) rolls back to its own savepoint and compensates on its own,
+/// while its peers complete. Nothing of a failed member is left, nothing of a healthy one
+/// is lost.
+#[tokio::test]
+async fn a_failing_member_of_a_batch_leaves_its_peers_untouched() {
+    let server = server::start().await;
+    let mut bodies = Vec::new();
+    for i in 0..16 {
+        let email = format!("peer{i}@example.com");
+        let identity = if i % 4 == 0 {
+            format!("authid_missing{i}")
+        } else {
+            server.identity(&email).await
+        };
+        bodies.push(registration(&identity, &email));
+    }
+    let triggered = futures::future::join_all(bodies.iter().map(|body| {
+        let request = server.api(Method::POST, WORKFLOW).json(body);
+        async move { read(request.send().await.expect("trigger")).await }
+    }))
+    .await;
+    let mut ids = Vec::new();
+    for (status, body) in triggered {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let run = server.wait_terminal(id).await;
+        let expected = if i % 4 == 0 { "compensated" } else { "completed" };
+        assert_eq!(run["status"], expected, "{run}");
+    }
+    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
+        .fetch_one(server.pool())
+        .await
+        .expect("count");
+    assert_eq!(customers, 12);
+    assert_outbox_matches_completed_runs(&server).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let server = server::start().await;

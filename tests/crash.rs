@@ -1011,3 +1011,70 @@ async fn a_call_longer_than_the_lease_keeps_its_lease() {
     drop(other);
     assert_invariants(&db.pool).await;
 }
+
+/// A crash while segments of several runs share a batch's transaction: the 6th time
+/// set-auth-app-metadata's work is done, before the batch commits, the process aborts. Only
+/// uncommitted work is lost: every run accepted resumes from its last commit and completes,
+/// exactly one customer each, the outbox released for each, every invariant holding.
+#[tokio::test]
+async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_resumes() {
+    let db = test_db().await;
+    let node = "batch-crash";
+    let mut server = ServerProcess::start(
+        &db.url,
+        Options {
+            faults: Some("after-effect:set-auth-app-metadata:6".into()),
+            ..Options::node(node)
+        },
+    )
+    .await;
+    let client = client();
+    let mut identities = Vec::new();
+    for i in 0..12 {
+        identities.push(identity(&client, &server.url(), &format!("batch{i}@example.com")).await);
+    }
+    // Accepted together (no wait), so their segments queue for the lanes at once.
+    let base = server.url();
+    let accepted = futures::future::join_all(identities.iter().enumerate().map(|(i, auth)| {
+        let (client, base) = (client.clone(), base.clone());
+        let body = registration(auth, &format!("batch{i}@example.com"));
+        async move { trigger(&client, &base, &format!("batch-{i}"), &body).await.is_ok() }
+    }))
+    .await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the fault did not abort the process ({status})"
+    );
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert!(runs >= accepted.iter().filter(|a| **a).count() as i64);
+
+    server.restart(Options::node(node)).await;
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status::text FROM runs")
+        .fetch_all(&db.pool)
+        .await
+        .expect("statuses");
+    assert!(statuses.iter().all(|s| s == "completed"), "{statuses:?}");
+    let (customers, released): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM outbox_events WHERE status = 'released')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("count");
+    assert_eq!((customers, released), (runs, runs));
+    // The runs whose segment the crash lost were taken over and lost exactly one attempt.
+    let lost: Vec<i64> = sqlx::query_scalar(
+        "SELECT sum(lost_attempts)::int8 FROM run_steps GROUP BY run_id HAVING sum(lost_attempts) > 0",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("lost");
+    assert!(!lost.is_empty() && lost.iter().all(|l| *l == 1), "{lost:?}");
+    assert_invariants(&db.pool).await;
+    server.kill9();
+}

@@ -33,7 +33,8 @@ pub struct Phase {
     pub runs_per_s: f64,
     /// Steps completed per second.
     pub steps_per_s: f64,
-    /// Transactions committed (writing ones, all of the cluster) per run.
+    /// Transactions committed (writing ones, all of the cluster) per run: transaction ids
+    /// drawn, less the savepoints taken (a batch member's savepoint draws one too).
     pub commits_per_run: f64,
     /// Statements the bench's database executed per run (`pg_stat_statements`, utility
     /// statements such as BEGIN and COMMIT included), when it is installed. sqlx does not
@@ -114,26 +115,82 @@ async fn xid(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+/// The server's count of runs per batch commit (`sagaflow_batch_runs`), cumulative per
+/// bucket as Prometheus reports it.
+#[derive(Debug, Clone, Default)]
+pub struct BatchHistogram {
+    /// (upper bound, batches with at most that many runs).
+    buckets: Vec<(f64, f64)>,
+}
+
+impl BatchHistogram {
+    /// Reads it from the server's `/metrics`.
+    pub async fn read(base: &str) -> Result<Self> {
+        let text = client()?
+            .get(format!("{base}/metrics"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let mut histogram = Self::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            if let Some(le) = name
+                .strip_prefix("sagaflow_batch_runs_bucket{le=\"")
+                .and_then(|rest| rest.strip_suffix("\"}"))
+                .and_then(|le| le.parse::<f64>().ok())
+            {
+                histogram.buckets.push((le, value));
+            }
+        }
+        Ok(histogram)
+    }
+
+    /// What was counted since `before`: (runs in a batch, batches of that size), for each
+    /// size that occurred.
+    pub fn since(&self, before: &Self) -> Vec<(i64, i64)> {
+        let cumulative = |h: &Self, le: f64| h.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
+        let mut previous = 0.0;
+        let mut sizes = Vec::new();
+        for &(le, _) in &self.buckets {
+            let now = cumulative(self, le) - cumulative(before, le);
+            if now > previous {
+                sizes.push((le as i64, (now - previous) as i64));
+            }
+            previous = now;
+        }
+        sizes
+    }
+}
+
 /// What the database has done so far: transactions that wrote, and statements executed in
 /// the bench's database (`None` without `pg_stat_statements`).
 struct DbCounters {
     xid: i64,
     statements: Option<i64>,
+    /// Savepoints taken: each one that writes draws a transaction id too, so they are not
+    /// commits.
+    savepoints: i64,
 }
 
 impl DbCounters {
     async fn read(pool: &PgPool) -> Result<Self> {
-        let statements = sqlx::query_scalar(
-            "SELECT sum(calls)::int8 FROM pg_stat_statements
+        let counted: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT sum(calls)::int8, sum(calls) FILTER (WHERE query ILIKE 'SAVEPOINT%')::int8 FROM pg_stat_statements
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(pool)
         .await
-        .ok()
-        .flatten();
+        .ok();
+        let (statements, savepoints) = counted.unwrap_or((None, None));
         Ok(Self {
             xid: xid(pool).await?,
             statements,
+            savepoints: savepoints.unwrap_or(0),
         })
     }
 
@@ -142,7 +199,8 @@ impl DbCounters {
         let now = Self::read(pool).await?;
         let runs = runs.max(1) as f64;
         let statements = now.statements.zip(self.statements).map(|(b, a)| (b - a) as f64 / runs);
-        Ok(((now.xid - self.xid) as f64 / runs, statements))
+        let commits = (now.xid - self.xid) - (now.savepoints - self.savepoints);
+        Ok((commits as f64 / runs, statements))
     }
 }
 

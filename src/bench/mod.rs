@@ -159,6 +159,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     report.http_idle = Some(load::http_closed_loop(&pool, &server.base(), "i", 0, IDLE_RUNS, 1, server.pid()).await?);
 
     eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
+    let batches_before = load::BatchHistogram::read(&server.base()).await?;
     let max = load::http_closed_loop(
         &pool,
         &server.base(),
@@ -169,6 +170,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         server.pid(),
     )
     .await?;
+    report.batch_runs = load::BatchHistogram::read(&server.base()).await?.since(&batches_before);
     let rate = max.runs_per_s / 2.0;
     eprintln!(
         "http: open loop at {rate:.0} runs/s (half the maximum) for {:?}",

@@ -29,6 +29,8 @@ pub struct Report {
     pub http_half_load: Option<Phase>,
     /// One client, one run after another.
     pub http_idle: Option<Phase>,
+    /// The http phase's batches: (runs committed together, how many such batches).
+    pub batch_runs: Vec<(i64, i64)>,
     /// A defined saga of HTTP steps, over HTTP, as fast as it goes.
     pub http_steps: Option<Phase>,
     /// Through the library.
@@ -54,6 +56,7 @@ impl Report {
             http: None,
             http_half_load: None,
             http_idle: None,
+            batch_runs: Vec::new(),
             http_steps: None,
             library: None,
             recovery: None,
@@ -74,6 +77,8 @@ impl Report {
             "commits_per_run": http.map(|p| round(p.commits_per_run)),
             "statements_per_run": http.and_then(|p| p.statements_per_run).map(round),
             "idle_latency_ms": self.http_idle.as_ref().map(|p| p.latency_ms),
+            "batch_runs": self.batch_runs.iter().map(|(runs, batches)| json!({"runs": runs, "batches": batches})).collect::<Vec<_>>(),
+            "mean_batch_runs": self.mean_batch_runs().map(round),
             "ratio": http.map(|p| round(p.steps_per_s / self.ceiling_commits_per_s)),
             "latency_ms": latency.map(|l| json!({"p50": round(l.p50), "p90": round(l.p90), "p99": round(l.p99)})),
             "recovery_s": self.recovery.as_ref().map(|r| round(r.recovery_s)),
@@ -99,6 +104,13 @@ impl Report {
             "cpus": self.cpus,
             "postgres": self.postgres,
         })
+    }
+
+    /// Runs per batch in the http phase, on average.
+    fn mean_batch_runs(&self) -> Option<f64> {
+        let batches: i64 = self.batch_runs.iter().map(|(_, n)| n).sum();
+        let runs: i64 = self.batch_runs.iter().map(|(r, n)| r * n).sum();
+        (batches > 0).then(|| runs as f64 / batches as f64)
     }
 
     /// The table for people.
@@ -127,6 +139,13 @@ impl Report {
             );
             if let Some(statements) = p.statements_per_run {
                 line("http: statements (round trips) per run", format!("{statements:.2}"));
+            }
+            if let Some(mean) = self.mean_batch_runs() {
+                let spread: Vec<String> = self.batch_runs.iter().map(|(runs, n)| format!("{runs}:{n}")).collect();
+                line(
+                    "http: runs per commit, mean (runs:batches)",
+                    format!("{mean:.2} ({})", spread.join(" ")),
+                );
             }
             line("http: latency at max p50/p90/p99 ms", fmt_latency(&p.latency_ms));
             if let Some(cpu) = p.server_cpu_s {

@@ -100,6 +100,11 @@ impl StepTransaction {
         Self { pool, tx: None }
     }
 
+    /// The transaction of a batch the step's segment takes part in.
+    pub(crate) fn open(pool: PgPool, tx: Transaction<'static, Postgres>) -> Self {
+        Self { pool, tx: Some(tx) }
+    }
+
     pub(crate) async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         if self.tx.is_none() {
             self.tx = Some(self.pool.begin().await?);

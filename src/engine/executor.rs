@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::apply::{self, Applied, ApplyError, Change, Stamps};
 use super::definition::{Completed, Phase, RunView, StepContext, StepTransaction, Workflow};
 use super::faults::FaultPoint;
+use super::lane::{Lanes, Seat};
 use super::machine::{Conditions, Event, Machine, Next, TimeMark, Transition};
 use super::state::{RunState, StepError};
 use super::store;
@@ -62,6 +63,8 @@ pub(crate) trait Slot: Send + Sync {
     fn is_draining(&self) -> bool;
     /// The executor is done with its run (its slot is freed when the task is dropped).
     fn run_done(&self);
+    /// Where fused segments of several runs commit together, if the worker batches them.
+    fn lanes(&self) -> Option<&Lanes>;
 }
 
 /// The lease a worker committed on a run, as an executor starts from it.
@@ -191,7 +194,21 @@ impl RunTask {
     /// back and run again up to that attempt, which then runs alone: a failure is recorded
     /// exactly as without fusion, with the writes of the attempts before it committed.
     async fn segment(&mut self) -> Result<(), Stop> {
-        let mut tx = StepTransaction::new(self.engine.inner.worker_pool.clone());
+        // A run that lost an attempt may be what killed its last owner: it runs alone, so
+        // that, should it do it again, it takes no batch peers with it.
+        let suspect = self
+            .state
+            .steps
+            .iter()
+            .any(|s| s.lost_attempts > 0 || s.lost_compensation_attempts > 0);
+        let mut seat = match self.worker.lanes() {
+            Some(lanes) if !suspect => lanes.seat(self.copy.run.subject.as_deref(), self.run_id).await,
+            _ => None,
+        };
+        let mut tx = match seat.as_mut().and_then(Seat::take) {
+            Some(open) => StepTransaction::open(self.engine.inner.worker_pool.clone(), open),
+            None => StepTransaction::new(self.engine.inner.worker_pool.clone()),
+        };
         let mut state = self.state.clone();
         let mut decided: Option<Transition> = None;
         let mut events_at: Vec<Instant> = Vec::new();
@@ -209,9 +226,7 @@ impl RunTask {
             }
             let event = self.run_attempt(step, phase, &state, &mut tx).await;
             if is_failure(&event) {
-                if let Some(open) = tx.take() {
-                    let _ = open.rollback().await;
-                }
+                discard(seat, tx.take()).await;
                 debug!(
                     step,
                     phase = phase.as_str(),
@@ -234,9 +249,7 @@ impl RunTask {
         }
         let (Some(transition), Some(&(first, first_phase))) = (decided, attempted.first()) else {
             // The attempt the run is at cannot be fused after all: run it alone.
-            if let Some(open) = tx.take() {
-                let _ = open.rollback().await;
-            }
+            discard(seat, tx.take()).await;
             self.alone = match self.next {
                 Next::Invoke(step) => Some((step, Phase::Invoke)),
                 Next::Compensate(step) => Some((step, Phase::Compensate)),
@@ -268,40 +281,44 @@ impl RunTask {
         let mut copy = self.copy.clone();
         let mut open = match tx.take() {
             Some(open) => open,
-            None => self
-                .engine
-                .inner
-                .worker_pool
-                .begin()
-                .await
-                .map_err(|e| Stop::Database(e.to_string()))?,
+            None => match self.engine.inner.worker_pool.begin().await {
+                Ok(open) => open,
+                Err(e) => {
+                    discard(seat, None).await;
+                    return Err(Stop::Database(e.to_string()));
+                }
+            },
         };
         let applied = apply::apply(&mut open, change, Some(&mut copy)).await;
         let after = match applied {
             Ok(Applied::Written(after)) => after,
             Ok(Applied::Fenced) => {
-                let _ = open.rollback().await;
+                discard(seat, Some(open)).await;
                 return Err(Stop::Fenced);
             }
             Ok(Applied::CancelRequested) => {
-                let _ = open.rollback().await;
+                discard(seat, Some(open)).await;
                 debug!("an operator asked to cancel while the segment ran; its first attempt runs again alone");
                 self.state.cancel_requested = true;
                 self.alone = Some((first, first_phase));
                 return Ok(());
             }
             Err(ApplyError::FinishHook(error)) => {
-                let _ = open.rollback().await;
+                discard(seat, Some(open)).await;
                 warn!(error = %error.message, "the workflow's finish hook refused the end of a fused segment; its last attempt runs again alone");
                 self.alone = attempted.last().copied();
                 return Ok(());
             }
             Err(ApplyError::Database(e)) => {
-                let _ = open.rollback().await;
+                discard(seat, Some(open)).await;
                 return Err(Stop::Database(e.to_string()));
             }
         };
-        open.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
+        let committed = match seat {
+            Some(seat) => seat.commit(open).await,
+            None => open.commit().await.map_err(|e| e.to_string()),
+        };
+        committed.map_err(Stop::Database)?;
         self.copy = copy;
         self.state = state;
         self.next = transition.next;
@@ -607,6 +624,20 @@ impl RunTask {
         self.next = transition.next;
         after.publish(&self.engine.inner);
         Ok(true)
+    }
+}
+
+/// Undoes a segment that will not commit: back to its savepoint in a batch (the transaction
+/// goes back to the batch), or its own transaction rolled back.
+async fn discard(seat: Option<Seat>, tx: Option<Transaction<'static, Postgres>>) {
+    match (seat, tx) {
+        (Some(seat), Some(tx)) => seat.rewind(tx).await,
+        // The seat without its transaction: dropped, it tells the lane the batch is lost.
+        (Some(_), None) => {}
+        (None, Some(tx)) => {
+            let _ = tx.rollback().await;
+        }
+        (None, None) => {}
     }
 }
 

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod definition;
 pub(crate) mod executor;
 pub mod faults;
+pub mod lane;
 pub mod machine;
 pub mod read;
 pub mod retry;
@@ -75,6 +76,8 @@ pub mod metrics_names {
     pub const STEP_SECONDS: &str = "sagaflow_step_duration_seconds";
     /// Attempts recorded together by one fused segment's commit.
     pub const SEGMENT_ATTEMPTS: &str = "sagaflow_segment_attempts";
+    /// Runs whose segments one batch committed together.
+    pub const BATCH_RUNS: &str = "sagaflow_batch_runs";
     /// Duration of runs from acceptance to terminal status, in seconds.
     pub const RUN_SECONDS: &str = "sagaflow_run_duration_seconds";
     /// Runs made claimable because their owner was gone or their lease expired.
@@ -200,6 +203,11 @@ pub struct EngineConfig {
     /// Run consecutive local steps of a run in one transaction (a fused segment): one write
     /// of the run and one commit for all of them. Off, every attempt commits on its own.
     pub fuse_local_steps: bool,
+    /// Lanes committing the fused segments of several runs together (0: each segment
+    /// commits on its own). Runs of one subject always take the same lane.
+    pub commit_lanes: usize,
+    /// The most runs one lane commits together (at most [`lane::MAX_BATCH_RUNS`]).
+    pub batch_max_runs: usize,
 }
 
 impl Default for EngineConfig {
@@ -213,6 +221,8 @@ impl Default for EngineConfig {
             recovery_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
             fuse_local_steps: true,
+            commit_lanes: 2,
+            batch_max_runs: lane::MAX_BATCH_RUNS,
         }
     }
 }

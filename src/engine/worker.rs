@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 use super::apply::{self, Applied, ApplyError, Change};
 use super::definition::Workflow;
 use super::executor::{Lease, RunTask, Slot};
+use super::lane::Lanes;
 use super::machine::{Conditions, Event, Machine, Transition};
 use super::state::RunState;
 use super::store::{self, READY_CHANNEL};
@@ -56,6 +57,8 @@ pub(crate) struct WorkerShared {
     /// leases are renewed: a lease whose executor is gone (a claim or trigger whose commit
     /// succeeded but whose acknowledgement was lost) must expire so the run is recovered.
     active: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>,
+    /// Where executors commit their fused segments together (none: each on its own).
+    lanes: Option<Lanes>,
 }
 
 impl Slot for WorkerShared {
@@ -72,6 +75,10 @@ impl Slot for WorkerShared {
         if self.starved.swap(false, Ordering::Relaxed) {
             self.wake.notify_one();
         }
+    }
+
+    fn lanes(&self) -> Option<&Lanes> {
+        self.lanes.as_ref()
     }
 }
 
@@ -242,6 +249,8 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
         tasks: TaskTracker::new(),
         abort: CancellationToken::new(),
         active: Default::default(),
+        lanes: (config.fuse_local_steps && config.commit_lanes > 0 && config.batch_max_runs > 1)
+            .then(|| Lanes::start(&inner.worker_pool, config.commit_lanes, config.batch_max_runs)),
     });
     // Runs of this node's previous incarnation (and of any worker already gone) need no wait.
     recover(&engine, id).await;

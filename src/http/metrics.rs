@@ -15,6 +15,12 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Buckets of the small counts (runs per batch, attempts per segment): one per value up to
+/// the batch bound of 16, then a few more.
+const COUNT_BUCKETS: [f64; 19] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 24.0, 32.0, 64.0,
+];
+
 /// The process-wide Prometheus handle, installing the recorder on first use. `None` if the
 /// embedding application installed another recorder first.
 pub fn handle() -> Option<&'static PrometheusHandle> {
@@ -23,6 +29,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &DURATION_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(m::BATCH_RUNS.into()), &COUNT_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(m::SEGMENT_ATTEMPTS.into()), &COUNT_BUCKETS)
                 .ok()?;
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -55,6 +65,7 @@ fn describe() {
         m::SEGMENT_ATTEMPTS,
         "Attempts recorded together by one fused segment's commit"
     );
+    metrics::describe_histogram!(m::BATCH_RUNS, "Runs whose segments one batch committed together");
     metrics::describe_histogram!(
         m::RUN_SECONDS,
         metrics::Unit::Seconds,

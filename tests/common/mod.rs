@@ -140,6 +140,7 @@ pub fn fast_config(node: &str) -> EngineConfig {
         recovery_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(5),
         fuse_local_steps: true,
+        ..EngineConfig::default()
     }
 }
 

@@ -1,0 +1,233 @@
+//! Lanes: the fused segments of several runs share one transaction and commit together.
+//!
+//! A lane passes one open transaction from executor to executor, like a baton. An executor
+//! with a segment to run asks its lane for a seat; the lane opens a transaction (or goes on
+//! with the open one) and hands it over. The executor runs its segment inside a savepoint of
+//! its own, writes its run (fenced by its lease, as every write is) and hands the transaction
+//! back; should anything of its segment fail, it rolls back to its savepoint first, so the
+//! others are untouched. When no other executor is waiting, or the batch is full, the lane
+//! commits and tells every member of the batch how the commit went; no member announces
+//! anything before that.
+//!
+//! Batching adapts to load: a batch is whoever is waiting when the previous member hands the
+//! transaction back, so an idle system commits each segment at once, and a busy one gathers
+//! the segments that queued while the batch ran.
+//!
+//! Two rules keep peers from deciding on each other's uncommitted writes: runs of one subject
+//! (e.g. one email) go to the same lane and never share a batch (a second one waits for the
+//! next batch), so a registration never sees, say, a customer its peer inserted and then
+//! rolled back; and peers run one after another, so each sees only what earlier members wrote.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::metrics_names as m;
+
+/// The most runs one batch commits. Each member holds a savepoint that writes, and beyond
+/// 64 subtransactions PostgreSQL's per-backend cache overflows (every backend then reads
+/// `pg_subtrans`); 16 keeps well below that, matches the concurrency the bench runs at, and
+/// bounds what one member waits for the others (each takes about a millisecond).
+pub const MAX_BATCH_RUNS: usize = 16;
+
+/// The lanes of a worker.
+pub(crate) struct Lanes {
+    lanes: Vec<mpsc::UnboundedSender<Request>>,
+}
+
+/// An executor waiting for a seat.
+struct Request {
+    subject: Option<String>,
+    seat: oneshot::Sender<Seat>,
+}
+
+/// A place in a batch: the batch's open transaction, to be handed back.
+pub(crate) struct Seat {
+    tx: Option<Transaction<'static, Postgres>>,
+    back: Option<oneshot::Sender<Transaction<'static, Postgres>>>,
+    committed: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+/// The name of each member's savepoint: members take turns, so the latest one is always the
+/// current member's, and none is released (they end with the commit).
+const SAVEPOINT: &str = "SAVEPOINT segment";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT segment";
+
+impl Lanes {
+    /// Starts `count` lanes committing batches of at most `max_runs` on `pool`.
+    pub(crate) fn start(pool: &PgPool, count: usize, max_runs: usize) -> Self {
+        let lanes = (0..count.max(1))
+            .map(|_| {
+                let (sender, requests) = mpsc::unbounded_channel();
+                tokio::spawn(run_lane(pool.clone(), requests, max_runs.clamp(1, MAX_BATCH_RUNS)));
+                sender
+            })
+            .collect();
+        Self { lanes }
+    }
+
+    /// A seat in a batch of the lane of `route` (the run's subject, or else its id), with
+    /// the batch's savepoint for this member taken. `None` when no batch could be opened:
+    /// the caller then commits on its own.
+    pub(crate) async fn seat(&self, subject: Option<&str>, route: impl Hash) -> Option<Seat> {
+        let mut hasher = DefaultHasher::new();
+        match subject {
+            Some(subject) => subject.hash(&mut hasher),
+            None => route.hash(&mut hasher),
+        }
+        let lane = &self.lanes[(hasher.finish() % self.lanes.len() as u64) as usize];
+        let (seat, given) = oneshot::channel();
+        lane.send(Request {
+            subject: subject.map(str::to_string),
+            seat,
+        })
+        .ok()?;
+        let mut seat = given.await.ok()?;
+        let taken = match seat.tx.as_mut() {
+            Some(tx) => sqlx::raw_sql(SAVEPOINT).execute(&mut **tx).await,
+            None => return None,
+        };
+        if let Err(e) = taken {
+            // The batch's connection failed: the lane learns it at commit; this member
+            // commits on its own.
+            warn!(error = %e, "taking a savepoint in a batch failed");
+            seat.leave();
+            return None;
+        }
+        Some(seat)
+    }
+}
+
+impl Seat {
+    /// The batch's transaction, for the member's segment (given back with [`Seat::leave`] or
+    /// [`Seat::commit`]).
+    pub(crate) fn take(&mut self) -> Option<Transaction<'static, Postgres>> {
+        self.tx.take()
+    }
+
+    /// Undoes everything this member wrote (its savepoint) and leaves the batch; the other
+    /// members are untouched.
+    pub(crate) async fn rewind(mut self, mut tx: Transaction<'static, Postgres>) {
+        if let Err(e) = sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT).execute(&mut *tx).await {
+            warn!(error = %e, "rolling back to a member's savepoint failed");
+        }
+        self.tx = Some(tx);
+        self.leave();
+    }
+
+    /// Hands the transaction back with this member's writes in it and waits for the batch's
+    /// commit: `Ok` once it committed, the error otherwise (nothing of the batch is durable,
+    /// or, if the connection failed during the commit, its outcome is unknown).
+    pub(crate) async fn commit(mut self, tx: Transaction<'static, Postgres>) -> Result<(), String> {
+        self.tx = Some(tx);
+        let committed = self.committed.take();
+        self.leave();
+        match committed {
+            Some(committed) => committed
+                .await
+                .unwrap_or_else(|_| Err("the batch's lane stopped before committing".into())),
+            None => Err("no batch to commit".into()),
+        }
+    }
+
+    /// Hands the transaction back. A member that no longer has it (its task ended with the
+    /// transaction in it, which rolls it back) drops the channel instead, and the lane fails
+    /// the batch: it cannot know what of the others was lost.
+    fn leave(&mut self) {
+        if let (Some(tx), Some(back)) = (self.tx.take(), self.back.take()) {
+            let _ = back.send(tx);
+        }
+    }
+}
+
+/// A lane: batches its waiting executors' segments, one transaction and one commit each.
+async fn run_lane(pool: PgPool, mut requests: mpsc::UnboundedReceiver<Request>, max_runs: usize) {
+    let mut deferred: VecDeque<Request> = VecDeque::new();
+    loop {
+        let first = match deferred.pop_front() {
+            Some(request) => request,
+            None => match requests.recv().await {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        let mut tx = match pool.begin().await {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                // Dropping the request tells the executor: it commits on its own.
+                warn!(error = %e, "opening a batch failed");
+                continue;
+            }
+        };
+        let mut members: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+        let mut subjects: HashSet<String> = HashSet::new();
+        let mut next = Some(first);
+        let mut lost = false;
+        while let Some(request) = next.take() {
+            let Some(open) = tx.take() else { break };
+            let (back, returned) = oneshot::channel();
+            let (done, committed) = oneshot::channel();
+            let subject = request.subject.clone();
+            let seat = Seat {
+                tx: Some(open),
+                back: Some(back),
+                committed: Some(committed),
+            };
+            match request.seat.send(seat) {
+                Ok(()) => match returned.await {
+                    Ok(open) => {
+                        tx = Some(open);
+                        members.push(done);
+                        if let Some(subject) = subject {
+                            subjects.insert(subject);
+                        }
+                    }
+                    Err(_) => {
+                        lost = true;
+                        break;
+                    }
+                },
+                // The executor stopped waiting: take the transaction back.
+                Err(mut seat) => tx = seat.tx.take(),
+            }
+            if members.len() >= max_runs {
+                break;
+            }
+            next = next_request(&mut deferred, &mut requests, &subjects);
+        }
+        let outcome = match tx {
+            Some(open) if !lost => open.commit().await.map_err(|e| e.to_string()),
+            _ => Err("a member of the batch stopped before handing its transaction back".into()),
+        };
+        if let Err(e) = &outcome {
+            warn!(error = %e, members = members.len(), "a batch did not commit");
+        }
+        metrics::histogram!(m::BATCH_RUNS).record(members.len() as f64);
+        for member in members {
+            let _ = member.send(outcome.clone());
+        }
+    }
+}
+
+/// The next request that may join the batch: deferred ones first, then any that is waiting;
+/// one whose subject is already in the batch waits for the next.
+fn next_request(
+    deferred: &mut VecDeque<Request>,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
+    subjects: &HashSet<String>,
+) -> Option<Request> {
+    let joins = |r: &Request| r.subject.as_ref().is_none_or(|s| !subjects.contains(s));
+    if let Some(i) = deferred.iter().position(joins) {
+        return deferred.remove(i);
+    }
+    while let Ok(request) = requests.try_recv() {
+        if joins(&request) {
+            return Some(request);
+        }
+        deferred.push_back(request);
+    }
+    None
+}
