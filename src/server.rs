@@ -300,6 +300,7 @@ impl Database {
                     data_dir: data_dir.to_path_buf(),
                     unsafe_fast: false,
                     statement_stats: false,
+                    commit_timestamps: false,
                 };
                 let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options))
                     .await

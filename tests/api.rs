@@ -355,8 +355,9 @@ async fn log_and_commits(
 }
 
 /// The registration's steps are local: after its insert, one transaction runs them all and
-/// commits them with one write, and the log still has one entry per attempt and outcome, each
-/// at the time it happened. Without fusion the same log takes a commit per step.
+/// commits them with one write (in a batch, or alone without lanes), and the log still has
+/// one entry per attempt and outcome, each at the time it happened. Without fusion the same
+/// log takes a commit per step.
 #[tokio::test]
 async fn local_steps_commit_together_and_log_each_attempt_at_its_time() {
     let fused = server::start().await;
@@ -379,6 +380,15 @@ async fn local_steps_commit_together_and_log_each_attempt_at_its_time() {
         "a fused step's entries carry the times it started and ended: {times:?}"
     );
     fused.stop().await;
+
+    // Without lanes, a segment commits on its own, fused all the same.
+    let unbatched = server::start_with(|c| c.engine.commit_lanes = 0).await;
+    let identity = unbatched.identity("fused@example.com").await;
+    let run = unbatched.register(&identity, "fused@example.com").await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let (unbatched_kinds, _, unbatched_commits) = log_and_commits(&unbatched, run["id"].as_str().expect("id")).await;
+    assert_eq!((unbatched_kinds, unbatched_commits), (kinds.clone(), 1));
+    unbatched.stop().await;
 
     let classic = server::start_with(|c| c.engine.fuse_local_steps = false).await;
     let identity = classic.identity("fused@example.com").await;

@@ -1078,3 +1078,100 @@ async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_re
     assert_invariants(&db.pool).await;
     server.kill9();
 }
+
+/// Triggers a registration for each identity at once (no wait), emails `<prefix><i>@…`.
+async fn register_together(client: &reqwest::Client, base: &str, prefix: &str, identities: &[String]) {
+    futures::future::join_all(identities.iter().enumerate().map(|(i, auth)| {
+        let body = registration(auth, &format!("{prefix}{i}@example.com"));
+        let key = format!("{prefix}-{i}");
+        async move { trigger(client, base, &key, &body).await }
+    }))
+    .await;
+}
+
+/// When the last write of each run committed: runs whose writes share a time committed in
+/// one batch. (The test clusters record commit times, `track_commit_timestamp`.)
+async fn commit_times(pool: &PgPool) -> Vec<(uuid::Uuid, i64, chrono::DateTime<chrono::Utc>)> {
+    let tracked: String = sqlx::query_scalar("SHOW track_commit_timestamp")
+        .fetch_one(pool)
+        .await
+        .expect("setting");
+    assert_eq!(
+        tracked, "on",
+        "this test needs a cluster with track_commit_timestamp = on (the tests' own has it)"
+    );
+    sqlx::query_as(
+        "SELECT r.id, (SELECT sum(lost_attempts)::int8 FROM run_steps s WHERE s.run_id = r.id),
+                pg_xact_commit_timestamp(r.xmin)
+         FROM runs r",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("commit times")
+}
+
+/// A run that may have killed its last owner runs alone. Registrations accepted together
+/// share batches; the process aborts in one of their segments, taking the batch's
+/// uncommitted peers with it. After the restart every run that lost an attempt commits on
+/// its own, in a transaction no other run's write is in, so a step that kills the process
+/// again takes no peers with it; fresh runs accepted together still share batches.
+#[tokio::test]
+async fn runs_resumed_after_an_unclean_stop_commit_alone() {
+    let db = test_db().await;
+    let node = "suspects";
+    let mut server = ServerProcess::start(
+        &db.url,
+        Options {
+            faults: Some("after-effect:emit-customer-created:4".into()),
+            ..Options::node(node)
+        },
+    )
+    .await;
+    let client = client();
+    let mut identities = Vec::new();
+    for i in 0..12 {
+        identities.push(identity(&client, &server.url(), &format!("suspect{i}@example.com")).await);
+    }
+    register_together(&client, &server.url(), "suspect", &identities).await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the fault did not abort the process ({status})"
+    );
+
+    server.restart(Options::node(node)).await;
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    let times = commit_times(&db.pool).await;
+    let suspects: Vec<_> = times.iter().filter(|(_, lost, _)| *lost > 0).collect();
+    assert!(!suspects.is_empty(), "the crash left no run to resume: {times:?}");
+    for (run, _, at) in &suspects {
+        let sharing = times.iter().filter(|(_, _, other)| other == at).count();
+        assert_eq!(
+            sharing, 1,
+            "resumed run {run} committed in a batch of {sharing}: {times:?}"
+        );
+    }
+
+    // Fresh runs accepted together do share a batch (a few rounds, should the first
+    // happen to find the lanes free each time).
+    let mut batched = false;
+    for round in 0..5 {
+        let mut identities = Vec::new();
+        for i in 0..16 {
+            identities.push(identity(&client, &server.url(), &format!("fresh{round}x{i}@example.com")).await);
+        }
+        register_together(&client, &server.url(), &format!("fresh{round}x"), &identities).await;
+        all_terminal(&db.pool, Duration::from_secs(30)).await;
+        let times = commit_times(&db.pool).await;
+        batched = times
+            .iter()
+            .any(|(run, lost, at)| *lost == 0 && times.iter().any(|(other, _, t)| other != run && t == at));
+        if batched {
+            break;
+        }
+    }
+    assert!(batched, "runs accepted together never shared a batch");
+    assert_invariants(&db.pool).await;
+    server.kill9();
+}

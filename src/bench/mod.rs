@@ -82,6 +82,7 @@ impl Target {
                 data_dir,
                 unsafe_fast: false,
                 statement_stats: true,
+                commit_timestamps: false,
             })
         })
         .await??;

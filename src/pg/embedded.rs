@@ -248,6 +248,9 @@ pub struct ClusterOptions {
     /// Load `pg_stat_statements`, when it is installed, so that statements can be counted
     /// (the benchmark's statements per run).
     pub statement_stats: bool,
+    /// Record when each transaction committed (`track_commit_timestamp`), so that tests can
+    /// tell which writes committed together.
+    pub commit_timestamps: bool,
 }
 
 /// A running private PostgreSQL cluster that this process owns and stops.
@@ -304,7 +307,7 @@ impl EmbeddedPostgres {
         };
         cluster.init_if_needed(&cluster_home, options.unsafe_fast)?;
         let statement_stats = options.statement_stats && cluster.binaries.has_module("pg_stat_statements");
-        cluster.write_settings(options.unsafe_fast, statement_stats)?;
+        cluster.write_settings(options.unsafe_fast, statement_stats, options.commit_timestamps)?;
         cluster.ensure_running()?;
         Ok(cluster)
     }
@@ -329,6 +332,7 @@ impl EmbeddedPostgres {
             data_dir: base.clone(),
             unsafe_fast: true,
             statement_stats: false,
+            commit_timestamps: true,
         })?;
         cluster.spawn_watchdog(&base)?;
         Ok(cluster)
@@ -449,7 +453,12 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    fn write_settings(&self, unsafe_fast: bool, statement_stats: bool) -> Result<(), EmbeddedError> {
+    fn write_settings(
+        &self,
+        unsafe_fast: bool,
+        statement_stats: bool,
+        commit_timestamps: bool,
+    ) -> Result<(), EmbeddedError> {
         let mut settings = format!(
             "listen_addresses = ''\nunix_socket_directories = '{}'\nunix_socket_permissions = 0700\nport = {SOCKET_PORT}\n\
              max_connections = 300\nshared_buffers = 128MB\nlogging_collector = off\n",
@@ -460,6 +469,9 @@ impl EmbeddedPostgres {
             // its own crash, which the database-restart tests cause on purpose. With fsync off,
             // a commit still reaches the OS before it is acknowledged.
             settings.push_str("fsync = off\nfull_page_writes = off\n");
+        }
+        if commit_timestamps {
+            settings.push_str("track_commit_timestamp = on\n");
         }
         if statement_stats {
             settings
