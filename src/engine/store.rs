@@ -857,7 +857,8 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  lease_owner = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_owner END,
                  -- Kept as is while the owner goes on: heartbeats renew it (see runs' fillfactor).
                  lease_expires_at = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_expires_at END,
-                 finished_at = CASE WHEN run_status_is_terminal($4) THEN t.now END,
+                 -- Told, not computed: a function of a parameter is evaluated while planning.
+                 finished_at = CASE WHEN $27 THEN t.now END,
                  updated_at = t.now
              FROM t
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
@@ -914,6 +915,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(&steps.finished)
     .bind(&steps.finished_ago)
     .bind(&events.ago)
+    .bind(p.state.status.is_terminal())
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(at) = applied {
