@@ -231,3 +231,41 @@ fn next_request(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(subject: Option<&str>) -> Request {
+        Request {
+            subject: subject.map(str::to_string),
+            seat: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_subject_already_in_the_batch_waits_for_the_next_and_keeps_its_place() {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        for subject in [Some("a@x.io"), Some("b@x.io"), None, Some("a@x.io")] {
+            sender.send(request(subject)).ok();
+        }
+        let mut deferred = VecDeque::new();
+        let batch: HashSet<String> = ["a@x.io".to_string()].into();
+        // a@x.io is deferred; b@x.io joins.
+        let joined = next_request(&mut deferred, &mut requests, &batch).expect("one joins");
+        assert_eq!(joined.subject.as_deref(), Some("b@x.io"));
+        assert_eq!(deferred.len(), 1);
+        // A run without a subject joins any batch; the second a@x.io is deferred too.
+        let joined = next_request(&mut deferred, &mut requests, &batch).expect("one joins");
+        assert_eq!(joined.subject, None);
+        assert!(next_request(&mut deferred, &mut requests, &batch).is_none());
+        assert_eq!(deferred.len(), 2);
+        // In the next batch the deferred ones come first, still one per subject.
+        let next_batch = HashSet::new();
+        let first = next_request(&mut deferred, &mut requests, &next_batch).expect("deferred first");
+        assert_eq!(first.subject.as_deref(), Some("a@x.io"));
+        let with_first: HashSet<String> = ["a@x.io".to_string()].into();
+        assert!(next_request(&mut deferred, &mut requests, &with_first).is_none());
+        assert_eq!(deferred.len(), 1);
+    }
+}
