@@ -1,6 +1,8 @@
 //! Drives one claimed run: runs the attempt the state machine asks for, records its outcome
 //! together with the step's own writes in one transaction, and goes on until the run is
-//! finished or handed back.
+//! finished or handed back. Consecutive attempts of local steps run as one fused segment
+//! (one transaction, one write, one commit; under load in a lane's batch, see `lane`);
+//! every other attempt commits on its own.
 //!
 //! How failures are classified here (the machine decides what follows each):
 //! - a step error or timeout or panic is an attempt outcome;

@@ -2,7 +2,9 @@
 //!
 //! - [`definition`]: workflows, steps, hooks, typed inputs and outputs.
 //! - [`machine`]: the pure state machine deciding every transition of a run.
-//! - `executor`: drives one claimed run, one transaction per step.
+//! - `executor`: drives one claimed run, one transaction per step or per fused segment of
+//!   local steps.
+//! - [`lane`]: lets the fused segments of several runs share one transaction and commit.
 //! - `apply`: the one place a decided transition becomes SQL, with the workflow's finish
 //!   hook whenever a run ends, whichever path ends it.
 //! - [`worker`]: claims runs, renews leases, recovers runs of lost workers, shuts down.
