@@ -20,6 +20,8 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -33,15 +35,53 @@ use super::metrics_names as m;
 /// bounds what one member waits for the others (each takes about a millisecond).
 pub const MAX_BATCH_RUNS: usize = 16;
 
+/// The most executors that queue for one lane. A lane serves one member at a time, so a
+/// member that would wait behind this many commits on its own instead: under load the
+/// queue stays about as long as a batch, and the segments beyond it run in parallel instead
+/// of waiting turns.
+pub const MAX_QUEUED: usize = 6;
+
 /// The lanes of a worker.
 pub(crate) struct Lanes {
-    lanes: Vec<mpsc::UnboundedSender<Request>>,
+    lanes: Vec<Lane>,
+}
+
+/// One lane: where its requests go, and how many wait.
+struct Lane {
+    requests: mpsc::UnboundedSender<Request>,
+    queue: Queue,
+}
+
+/// How many executors wait for a lane (or are being served), at most [`MAX_QUEUED`].
+#[derive(Default)]
+struct Queue(Arc<AtomicUsize>);
+
+impl Queue {
+    /// A place in the queue, or `None` when it is full.
+    fn enter(&self) -> Option<Queued> {
+        if self.0.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Queued(Arc::clone(&self.0)))
+    }
 }
 
 /// An executor waiting for a seat.
 struct Request {
     subject: Option<String>,
     seat: oneshot::Sender<Seat>,
+    /// Counts the request as queued until the lane takes it (or drops it).
+    _queued: Queued,
+}
+
+/// A place in a lane's queue, given back when dropped.
+struct Queued(Arc<AtomicUsize>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A place in a batch: the batch's open transaction, to be handed back.
@@ -63,15 +103,18 @@ impl Lanes {
             .map(|_| {
                 let (sender, requests) = mpsc::unbounded_channel();
                 tokio::spawn(run_lane(pool.clone(), requests, max_runs.clamp(1, MAX_BATCH_RUNS)));
-                sender
+                Lane {
+                    requests: sender,
+                    queue: Queue::default(),
+                }
             })
             .collect();
         Self { lanes }
     }
 
     /// A seat in a batch of the lane of `route` (the run's subject, or else its id), with
-    /// the batch's savepoint for this member taken. `None` when no batch could be opened:
-    /// the caller then commits on its own.
+    /// the batch's savepoint for this member taken. `None` when the lane's queue is full
+    /// ([`MAX_QUEUED`]) or no batch could be opened: the caller then commits on its own.
     pub(crate) async fn seat(&self, subject: Option<&str>, route: impl Hash) -> Option<Seat> {
         let mut hasher = DefaultHasher::new();
         match subject {
@@ -79,12 +122,15 @@ impl Lanes {
             None => route.hash(&mut hasher),
         }
         let lane = &self.lanes[(hasher.finish() % self.lanes.len() as u64) as usize];
+        let queued = lane.queue.enter()?;
         let (seat, given) = oneshot::channel();
-        lane.send(Request {
-            subject: subject.map(str::to_string),
-            seat,
-        })
-        .ok()?;
+        lane.requests
+            .send(Request {
+                subject: subject.map(str::to_string),
+                seat,
+                _queued: queued,
+            })
+            .ok()?;
         let mut seat = given.await.ok()?;
         let taken = match seat.tx.as_mut() {
             Some(tx) => sqlx::raw_sql(SAVEPOINT).execute(&mut **tx).await,
@@ -240,7 +286,21 @@ mod tests {
         Request {
             subject: subject.map(str::to_string),
             seat: oneshot::channel().0,
+            _queued: Queue::default().enter().expect("an empty queue has room"),
         }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_until_a_place_is_given_back() {
+        let queue = Queue::default();
+        let mut places: Vec<Queued> = (0..MAX_QUEUED).map(|_| queue.enter().expect("room")).collect();
+        assert!(queue.enter().is_none(), "a member beyond the bound commits on its own");
+        places.pop();
+        let again = queue.enter();
+        assert!(again.is_some(), "a place given back is taken again");
+        assert!(queue.enter().is_none());
+        drop(places);
+        assert!(queue.enter().is_some());
     }
 
     #[test]
