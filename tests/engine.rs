@@ -1664,3 +1664,65 @@ async fn every_status_name_is_the_same_in_rust_json_and_postgres() {
         );
     }
 }
+
+/// Fused or not, a run of local steps records the same thing: the same final status, log
+/// (every attempt and outcome, in order) and effects, through retries with backoff, a
+/// permanent failure with partial work, a compensation that fails once, and a skipped step.
+/// A failed attempt inside a segment rolls the segment back and is then recorded alone, so
+/// nothing of the rolled-back attempts shows, and no effect is doubled.
+#[tokio::test]
+async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
+    let inputs = [
+        json!({}),
+        json!({"fail": {"b": 2}}),
+        json!({"permanent": {"c": true}, "partial": {"c": true}}),
+        json!({"fail": {"d": 1}, "comp_fail": {"b": 1}}),
+        json!({"skip": ["d"]}),
+    ];
+    let mut recorded = Vec::new();
+    for fused in [true, false] {
+        let db = test_db().await;
+        let engine = Engine::builder(db.pool.clone())
+            .config(sagaflow::engine::EngineConfig {
+                fuse_local_steps: fused,
+                ..fast_config("differential")
+            })
+            .register(scripted::local_workflow())
+            .build()
+            .expect("engine");
+        let worker = engine.start_worker().await.expect("worker");
+        let mut runs = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let run = engine
+                .trigger(scripted::LOCAL_NAME, input.clone(), TriggerOptions::default())
+                .await
+                .expect("trigger")
+                .run_id;
+            let status = finish(&engine, run).await;
+            if i == 0 {
+                // The clean run: one segment wrote everything after the first step's start.
+                let commits: i64 = sqlx::query_scalar(
+                    "SELECT count(DISTINCT xmin::text) FROM run_events WHERE run_id = $1 AND seq > 3",
+                )
+                .bind(run)
+                .fetch_one(&db.pool)
+                .await
+                .expect("commits");
+                assert_eq!(
+                    commits == 1,
+                    fused,
+                    "{commits} transactions wrote the clean run (fused: {fused})"
+                );
+            }
+            let mut done = effects(&db.pool, run).await;
+            // A segment's effects share their transaction's time: order them by what they are.
+            done.sort();
+            runs.push((input.clone(), status, log(&engine, run).await, done));
+        }
+        worker.shutdown().await;
+        recorded.push(runs);
+    }
+    for (fused, per_attempt) in recorded[0].iter().zip(&recorded[1]) {
+        assert_eq!(fused, per_attempt, "fused, then per attempt, for input {}", fused.0);
+    }
+}

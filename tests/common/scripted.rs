@@ -52,6 +52,19 @@ pub fn workflow() -> Workflow {
         .expect("valid workflow")
 }
 
+/// The name of [`local_workflow`].
+pub const LOCAL_NAME: &str = "scripted-local";
+
+/// The same steps declared local (each writes only through `ctx.db()`), so that they run in
+/// fused segments.
+pub fn local_workflow() -> Workflow {
+    let mut builder = Workflow::builder(LOCAL_NAME, 1).description("the scripted workflow, its steps local");
+    for step in workflow().steps() {
+        builder = builder.step(step.clone().local());
+    }
+    builder.build().expect("valid workflow")
+}
+
 pub struct Scripted;
 
 fn count(input: &Value, key: &str, step: &str) -> u32 {
