@@ -1020,38 +1020,13 @@ async fn a_call_longer_than_the_lease_keeps_its_lease() {
 async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_resumes() {
     let db = test_db().await;
     let node = "batch-crash";
-    let mut server = ServerProcess::start(
-        &db.url,
-        Options {
-            faults: Some("after-effect:set-auth-app-metadata:6".into()),
-            ..Options::node(node)
-        },
-    )
-    .await;
-    let client = client();
-    let mut identities = Vec::new();
-    for i in 0..12 {
-        identities.push(identity(&client, &server.url(), &format!("batch{i}@example.com")).await);
-    }
-    // Accepted together (no wait), so their segments queue for the lanes at once.
-    let base = server.url();
-    let accepted = futures::future::join_all(identities.iter().enumerate().map(|(i, auth)| {
-        let (client, base) = (client.clone(), base.clone());
-        let body = registration(auth, &format!("batch{i}@example.com"));
-        async move { trigger(&client, &base, &format!("batch-{i}"), &body).await.is_ok() }
-    }))
-    .await;
-    let status = server.wait_exit(Duration::from_secs(30)).await;
-    assert_eq!(
-        status.signal(),
-        Some(6),
-        "the fault did not abort the process ({status})"
-    );
+    let (mut server, accepted) =
+        abort_among_registrations(&db, node, "after-effect:set-auth-app-metadata:6", "batch", 12).await;
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
         .fetch_one(&db.pool)
         .await
         .expect("count");
-    assert!(runs >= accepted.iter().filter(|a| **a).count() as i64);
+    assert!(runs >= accepted as i64);
 
     server.restart(Options::node(node)).await;
     all_terminal(&db.pool, Duration::from_secs(30)).await;
@@ -1079,14 +1054,51 @@ async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_re
     server.kill9();
 }
 
-/// Triggers a registration for each identity at once (no wait), emails `<prefix><i>@…`.
-async fn register_together(client: &reqwest::Client, base: &str, prefix: &str, identities: &[String]) {
+/// Triggers a registration for each identity at once (no wait), emails `<prefix><i>@…`;
+/// returns how many were accepted.
+async fn register_together(client: &reqwest::Client, base: &str, prefix: &str, identities: &[String]) -> usize {
     futures::future::join_all(identities.iter().enumerate().map(|(i, auth)| {
         let body = registration(auth, &format!("{prefix}{i}@example.com"));
         let key = format!("{prefix}-{i}");
         async move { trigger(client, base, &key, &body).await }
     }))
+    .await
+    .iter()
+    .filter(|accepted| accepted.is_ok())
+    .count()
+}
+
+/// Starts a server with `faults`, registers `count` new identities together (so their
+/// segments share batches) and waits for the fault to abort the process. Returns the dead
+/// server, to restart, and how many registrations were accepted.
+async fn abort_among_registrations(
+    db: &TestDb,
+    node: &str,
+    faults: &str,
+    prefix: &str,
+    count: usize,
+) -> (ServerProcess, usize) {
+    let mut server = ServerProcess::start(
+        &db.url,
+        Options {
+            faults: Some(faults.to_string()),
+            ..Options::node(node)
+        },
+    )
     .await;
+    let client = client();
+    let mut identities = Vec::new();
+    for i in 0..count {
+        identities.push(identity(&client, &server.url(), &format!("{prefix}{i}@example.com")).await);
+    }
+    let accepted = register_together(&client, &server.url(), prefix, &identities).await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the fault {faults} did not abort the process ({status})"
+    );
+    (server, accepted)
 }
 
 /// When the last write of each run committed: runs whose writes share a time committed in
@@ -1119,26 +1131,9 @@ async fn commit_times(pool: &PgPool) -> Vec<(uuid::Uuid, i64, chrono::DateTime<c
 async fn runs_resumed_after_an_unclean_stop_commit_alone() {
     let db = test_db().await;
     let node = "suspects";
-    let mut server = ServerProcess::start(
-        &db.url,
-        Options {
-            faults: Some("after-effect:emit-customer-created:4".into()),
-            ..Options::node(node)
-        },
-    )
-    .await;
+    let (mut server, _) =
+        abort_among_registrations(&db, node, "after-effect:emit-customer-created:4", "suspect", 12).await;
     let client = client();
-    let mut identities = Vec::new();
-    for i in 0..12 {
-        identities.push(identity(&client, &server.url(), &format!("suspect{i}@example.com")).await);
-    }
-    register_together(&client, &server.url(), "suspect", &identities).await;
-    let status = server.wait_exit(Duration::from_secs(30)).await;
-    assert_eq!(
-        status.signal(),
-        Some(6),
-        "the fault did not abort the process ({status})"
-    );
 
     server.restart(Options::node(node)).await;
     all_terminal(&db.pool, Duration::from_secs(30)).await;
