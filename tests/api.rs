@@ -400,13 +400,14 @@ async fn local_steps_commit_together_and_log_each_attempt_at_its_time() {
     classic.stop().await;
 }
 
-/// Registrations accepted together share batches (their segments commit in one transaction);
-/// a member whose step fails (an identity that does not exist, found at the last step after
-/// its customer was created) rolls back to its own savepoint and compensates on its own,
-/// while its peers complete. Nothing of a failed member is left, nothing of a healthy one
-/// is lost.
+/// Registrations accepted together, a quarter of them for identities that do not exist
+/// (refused by their first step, which then runs again alone): those compensate, leaving
+/// nothing, and the others complete, losing nothing. Their segments queue for the lanes at
+/// once, so under the default settings failing and healthy ones take turns in the same
+/// batches; that they did is not asserted here (`crash::runs_resumed_after_an_unclean_stop_commit_alone`
+/// shows batches forming from the commit times).
 #[tokio::test]
-async fn a_failing_member_of_a_batch_leaves_its_peers_untouched() {
+async fn failing_registrations_accepted_with_healthy_ones_leave_them_untouched() {
     let server = server::start().await;
     let mut bodies = Vec::new();
     for i in 0..16 {

@@ -151,7 +151,8 @@ pub(crate) fn needs_transaction(workflow: &Workflow, transition: &Transition) ->
 
 /// Writes `change` on `conn` (inside a transaction whenever [`needs_transaction`] says so)
 /// and, if the run finished, runs the workflow's finish hook there too. A writer that keeps
-/// a copy of the run's rows passes it as `copy`: once written, it is what the transaction
+/// a copy of the run's rows passes it as `copy`: it is changed only once everything was
+/// written (a refusing finish hook leaves it as it was), and is then what the transaction
 /// holds (should the transaction not commit, the copy must be read again).
 pub(crate) async fn apply(
     conn: &mut PgConnection,

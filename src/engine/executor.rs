@@ -280,7 +280,6 @@ impl RunTask {
             finish_hook: true,
             stamps: Some(&stamps),
         };
-        let mut copy = self.copy.clone();
         let mut open = match tx.take() {
             Some(open) => open,
             None => match self.engine.inner.worker_pool.begin().await {
@@ -291,7 +290,9 @@ impl RunTask {
                 }
             },
         };
-        let applied = apply::apply(&mut open, change, Some(&mut copy)).await;
+        // `apply` changes the copy only once everything was written; should the commit then
+        // fail, the reload after it reads the copy again.
+        let applied = apply::apply(&mut open, change, Some(&mut self.copy)).await;
         let after = match applied {
             Ok(Applied::Written(after)) => after,
             Ok(Applied::Fenced) => {
@@ -321,7 +322,6 @@ impl RunTask {
             None => open.commit().await.map_err(|e| e.to_string()),
         };
         committed.map_err(Stop::Database)?;
-        self.copy = copy;
         self.state = state;
         self.next = transition.next;
         after.publish(&self.engine.inner);
@@ -481,8 +481,6 @@ impl RunTask {
                 finish_hook,
                 stamps: None,
             };
-            // Restored should the finish hook refuse (a failed commit reloads the copy).
-            let before = matches!(transition.next, Next::Finish(_)).then(|| self.copy.clone());
             let applied = if step_tx.is_some() || apply::needs_transaction(&self.workflow, &transition) {
                 let mut tx = match step_tx.take() {
                     Some(tx) => tx,
@@ -510,9 +508,6 @@ impl RunTask {
                     }
                     Err(ApplyError::FinishHook(error)) => {
                         let _ = tx.rollback().await;
-                        if let Some(before) = before.clone() {
-                            self.copy = before;
-                        }
                         warn!(error = %error.message, retryable = error.retryable, "the workflow's finish hook refused the run's end");
                         event = match event {
                             Event::StepSucceeded { step, .. } if !substituted => Event::StepFailed {

@@ -475,7 +475,6 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
         };
         let (applied, transition) = if apply::needs_transaction(&workflow, &transition) {
             let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-            let before = copy.clone();
             let first = apply::apply(
                 &mut savepoint,
                 Change::of_row(&c.run, &workflow, &old, &state, &transition),
@@ -490,7 +489,6 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
                 Err(ApplyError::Database(e)) => return Err(e.into()),
                 Err(ApplyError::FinishHook(refusal)) => {
                     savepoint.rollback().await?;
-                    copy = before;
                     warn!(run_id = %c.run.id, error = %refusal.message, "the finish hook refused a claimed run's end; it ends failed");
                     let refused = Machine::new(&workflow, &c.run.input).refuse_finish(&mut state, transition, &refusal);
                     let applied = apply::apply(
