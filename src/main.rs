@@ -122,6 +122,10 @@ struct ServeArgs {
     /// Lanes committing the fused segments of several runs together (0: each on its own).
     #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = 2)]
     commit_lanes: usize,
+    /// The longest a step may wait for a signal, a completion or time (every wait has a
+    /// deadline; none may be later than this).
+    #[arg(long, env = "SAGAFLOW_MAX_WAIT", default_value = "30days", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
     /// Token for backends (trigger and read) [default: generated and printed].
     #[arg(long, env = "SAGAFLOW_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -249,6 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent_runs: args.max_concurrent_runs.max(1),
             fuse_local_steps: !args.no_fusion,
             commit_lanes: args.commit_lanes,
+            max_wait: args.max_wait,
             poll_interval: args.poll_interval,
             recovery_interval: (args.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
             shutdown_grace: args.shutdown_grace,

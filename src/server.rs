@@ -71,8 +71,9 @@ pub struct DefinedSettings {
 }
 
 impl DefinedSettings {
-    fn environment(&self) -> Environment {
+    fn environment(&self, max_wait: std::time::Duration) -> Environment {
         let mut env = Environment::process(self.allow_http);
+        env.max_wait = max_wait;
         if let Some(vars) = &self.vars {
             env.var = Arc::clone(vars);
         }
@@ -466,9 +467,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         engine.record_plans().await?;
     }
     let definitions =
-        Definitions::new(engine.clone(), config.defined.environment()).map_err(|e| ServeError::Config {
-            setting: "workflows".into(),
-            message: format!("cannot build the HTTP client of defined workflows: {e}"),
+        Definitions::new(engine.clone(), config.defined.environment(config.engine.max_wait)).map_err(|e| {
+            ServeError::Config {
+                setting: "workflows".into(),
+                message: format!("cannot build the HTTP client of defined workflows: {e}"),
+            }
         })?;
     // Every stored version runs here before the worker claims anything or a run is accepted.
     definitions.refresh().await.map_err(|e| ServeError::Config {

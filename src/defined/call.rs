@@ -57,6 +57,8 @@ pub(crate) struct HttpStep {
     pub(crate) client: reqwest::Client,
     pub(crate) invoke: Call,
     pub(crate) compensate: Option<Call>,
+    /// Declared `async`: a 202 answer means the participant completes the step later.
+    pub(crate) asynchronous: bool,
 }
 
 #[async_trait]
@@ -65,7 +67,12 @@ impl Step for HttpStep {
 
     async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<Value, StepError> {
         let body = request_body(ctx, None);
-        call(&self.client, &self.invoke, ctx, body).await
+        let (status, answer) = call(&self.client, &self.invoke, ctx, body).await?;
+        if self.asynchronous && status == reqwest::StatusCode::ACCEPTED {
+            // Accepted, not done: the participant completes this attempt later, naming it.
+            ctx.complete_later(answer.clone());
+        }
+        Ok(answer)
     }
 }
 
@@ -97,7 +104,14 @@ fn request_body(ctx: &StepContext<'_>, done: Option<Completed<Value>>) -> Value 
     body
 }
 
-async fn call(client: &reqwest::Client, call: &Call, ctx: &StepContext<'_>, body: Value) -> Result<Value, StepError> {
+/// One signed POST; a 2xx answer is returned with its status and its JSON body (null when
+/// empty), anything else is the attempt's error.
+async fn call(
+    client: &reqwest::Client,
+    call: &Call,
+    ctx: &StepContext<'_>,
+    body: Value,
+) -> Result<(reqwest::StatusCode, Value), StepError> {
     let what = call.describe();
     let body = serde_json::to_vec(&body)?;
     if body.len() > MAX_REQUEST_BYTES {
@@ -175,9 +189,9 @@ async fn call(client: &reqwest::Client, call: &Call, ctx: &StepContext<'_>, body
     let code = status.as_u16();
     if status.is_success() {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Value::Null);
+            return Ok((status, Value::Null));
         }
-        return serde_json::from_slice(&bytes).map_err(|e| {
+        return serde_json::from_slice(&bytes).map(|body| (status, body)).map_err(|e| {
             StepError::permanent(format!("{what} answered {status} with a body that is not JSON: {e}"))
                 .with_detail(detail(&bytes))
         });

@@ -98,45 +98,91 @@ pub fn compile(
     }
     for (i, step) in definition.steps.iter().enumerate() {
         let field = format!("steps[{i}]");
-        let invoke = call(&format!("{field}.invoke"), &step.invoke)?;
-        let compensate = match &step.compensate {
-            Some(spec) => Some(call(&format!("{field}.compensate"), spec)?),
-            None => None,
+        let mut def = match (&step.invoke, &step.wait, &step.sleep, &step.sleep_until) {
+            (Some(invoke), ..) => {
+                let invoke = call(&format!("{field}.invoke"), invoke)?;
+                http_step(&field, step, invoke, &call, client, env)?
+            }
+            (None, Some(wait), ..) => {
+                let timeout = spec::wait_duration(&format!("{field}.wait.timeout"), &wait.timeout, env.max_wait)?;
+                StepDef::signal(step.name.clone(), wait.signal.clone(), timeout)
+                    .on_timeout(wait.on_timeout.unwrap_or_default())
+            }
+            (None, None, Some(sleep), _) => {
+                let duration = spec::wait_duration(&format!("{field}.sleep"), sleep, env.max_wait)?;
+                StepDef::sleep(step.name.clone(), duration)
+            }
+            (None, None, None, Some(until)) => StepDef::sleep_until(step.name.clone(), until.pointer.clone()),
+            (None, None, None, None) => {
+                return Err(Refusal::new(format!("{field}.invoke"), "a step needs `invoke`"));
+            }
         };
-        // The engine's timeout is a backstop a little after the call's own, so the call's
-        // timeout (with what the attempt saw) is the one recorded.
-        let longest = compensate
-            .as_ref()
-            .map_or(invoke.timeout, |c| c.timeout.max(invoke.timeout));
-        let target = match &compensate {
-            Some(c) => format!("{}; undo: {}", invoke.describe(), c.describe()),
-            None => invoke.describe(),
-        };
-        let has_compensation = compensate.is_some();
-        let http = HttpStep {
-            client: client.clone(),
-            invoke,
-            compensate,
-        };
-        let mut def = if has_compensation {
-            StepDef::with_handler(step.name.clone(), Handler::compensable(http))
-        } else {
-            StepDef::with_handler(step.name.clone(), Handler::new(http))
-        }
-        .timeout(longest + Duration::from_secs(1))
-        .target(target);
-        if let Some(retry) = &step.retry {
-            def = def.retry(retry.policy(RetryPolicy::default()));
-        }
-        if let Some(retry) = &step.compensation_retry {
-            def = def.compensation_retry(retry.policy(RetryPolicy::attempts(5)));
-        }
         if let Some(when) = step.when.clone() {
             def = def.when(move |view| holds(&when, view));
         }
         builder = builder.step(def);
     }
     builder.build().map_err(|e| Refusal::new("name", e.to_string()))
+}
+
+/// The HTTP step of a definition's step with `invoke`.
+fn http_step(
+    field: &str,
+    step: &spec::StepSpec,
+    invoke: Call,
+    call: &dyn Fn(&str, &CallSpec) -> Result<Call, Refusal>,
+    client: &reqwest::Client,
+    env: &Environment,
+) -> Result<StepDef, Refusal> {
+    let compensate = match &step.compensate {
+        Some(spec) => Some(call(&format!("{field}.compensate"), spec)?),
+        None => None,
+    };
+    // The engine's timeout is a backstop a little after the call's own, so the call's
+    // timeout (with what the attempt saw) is the one recorded.
+    let longest = compensate
+        .as_ref()
+        .map_or(invoke.timeout, |c| c.timeout.max(invoke.timeout));
+    let target = match &compensate {
+        Some(c) => format!("{}; undo: {}", invoke.describe(), c.describe()),
+        None => invoke.describe(),
+    };
+    let has_compensation = compensate.is_some();
+    let http = HttpStep {
+        client: client.clone(),
+        invoke,
+        compensate,
+        asynchronous: step.asynchronous.is_some(),
+    };
+    let mut def = if has_compensation {
+        StepDef::with_handler(step.name.clone(), Handler::compensable(http))
+    } else {
+        StepDef::with_handler(step.name.clone(), Handler::new(http))
+    }
+    .timeout(longest + Duration::from_secs(1))
+    .target(target);
+    if let Some(retry) = &step.retry {
+        def = def.retry(retry.policy(RetryPolicy::default()));
+    }
+    if let Some(retry) = &step.compensation_retry {
+        def = def.compensation_retry(retry.policy(RetryPolicy::attempts(5)));
+    }
+    if let Some(asynchronous) = &step.asynchronous {
+        let field = format!("{field}.async");
+        let timeout = spec::wait_duration(&format!("{field}.timeout"), &asynchronous.timeout, env.max_wait)?;
+        let beat = match &asynchronous.heartbeat_timeout {
+            Some(text) => Some(spec::wait_duration(
+                &format!("{field}.heartbeat_timeout"),
+                text,
+                timeout,
+            )?),
+            None => None,
+        };
+        def = def
+            .asynchronous(timeout, beat)
+            .on_timeout(asynchronous.on_timeout.unwrap_or_default());
+    }
+    Ok(def)
 }
 
 /// Whether a `when` test holds on the input and the outputs recorded so far.

@@ -60,8 +60,23 @@ pub struct EndpointSpec {
 pub struct StepSpec {
     /// The step's name, unique in the plan.
     pub name: String,
-    /// The call that does the step.
-    pub invoke: CallSpec,
+    /// The call that does the step (every step has one, except a wait, a sleep or a
+    /// sleep until).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke: Option<CallSpec>,
+    /// With `invoke`: a 202 answer means the participant completes the step later
+    /// (`POST /v1/runs/{id}/steps/{step}/complete`), within these limits.
+    #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncSpec>,
+    /// A step that waits for a signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitSpec>,
+    /// A step that sleeps this long (humantime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<String>,
+    /// A step that sleeps until the time at a pointer of the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_until: Option<SleepUntilSpec>,
     /// The call that undoes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<CallSpec>,
@@ -74,6 +89,42 @@ pub struct StepSpec {
     /// Run the step only when this holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<WhenSpec>,
+}
+
+/// How long an asynchronous step may take to be completed, and how often it must heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncSpec {
+    /// The longest from the attempt's start to its completion (humantime; required).
+    pub timeout: String,
+    /// The longest between heartbeats, if the participant must heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<String>,
+    /// `fail` (default) or `continue` when it is not completed in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<crate::engine::OnTimeout>,
+}
+
+/// A wait for a signal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitSpec {
+    /// The signal's name.
+    pub signal: String,
+    /// The longest the step waits (humantime; required).
+    pub timeout: String,
+    /// `fail` (default: the step fails permanently, the run compensates) or `continue` (the
+    /// step succeeds with a null output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<crate::engine::OnTimeout>,
+}
+
+/// A sleep until a time of the input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepUntilSpec {
+    /// A JSON pointer into the input to an RFC 3339 time (`/order/settle_at`).
+    pub pointer: String,
 }
 
 /// A call of an endpoint.
@@ -155,6 +206,8 @@ pub struct Environment {
     pub allow_http: bool,
     /// Reads an environment variable (the process's, or a test's).
     pub var: Vars,
+    /// The ceiling on waits (`--max-wait`): no wait of a definition may be longer.
+    pub max_wait: Duration,
 }
 
 impl Environment {
@@ -163,6 +216,7 @@ impl Environment {
         Self {
             allow_http,
             var: std::sync::Arc::new(|name| std::env::var(name).ok()),
+            max_wait: crate::engine::EngineConfig::default().max_wait,
         }
     }
 }
@@ -171,6 +225,7 @@ impl std::fmt::Debug for Environment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Environment")
             .field("allow_http", &self.allow_http)
+            .field("max_wait", &self.max_wait)
             .finish()
     }
 }
@@ -190,6 +245,26 @@ pub fn parse(body: &Value) -> Result<Definition, Refusal> {
         };
         Refusal::new(field, message)
     })
+}
+
+/// A wait's duration: humantime, above zero, at most `ceiling` (the instance's `--max-wait`).
+pub fn wait_duration(field: &str, text: &str, ceiling: Duration) -> Result<Duration, Refusal> {
+    let parsed = humantime::parse_duration(text).map_err(|e| {
+        Refusal::new(
+            field,
+            format!("`{text}` is not a duration (e.g. `30m`, `2h`, `7days`): {e}"),
+        )
+    })?;
+    if parsed.is_zero() || parsed > ceiling {
+        return Err(Refusal::new(
+            field,
+            format!(
+                "`{text}` must be above zero and at most {} (the ceiling on waits, --max-wait)",
+                humantime::format_duration(ceiling)
+            ),
+        ));
+    }
+    Ok(parsed)
 }
 
 /// A duration of a definition: humantime, above zero, at most a day.
@@ -262,7 +337,10 @@ impl Definition {
                     format!("two steps are named `{}`", step.name),
                 ));
             }
-            self.check_call(&format!("{field}.invoke"), &step.invoke)?;
+            step.check_kind(&field)?;
+            if let Some(invoke) = &step.invoke {
+                self.check_call(&format!("{field}.invoke"), invoke)?;
+            }
             if let Some(compensate) = &step.compensate {
                 self.check_call(&format!("{field}.compensate"), compensate)?;
             }
@@ -302,6 +380,66 @@ impl Definition {
         }
         if let Some(timeout) = &call.timeout {
             duration(&format!("{field}.timeout"), timeout)?;
+        }
+        Ok(())
+    }
+}
+
+impl StepSpec {
+    /// Exactly one of `invoke`, `wait`, `sleep` and `sleep_until`; `async` and `compensate`
+    /// only with `invoke`. (Durations are checked against the ceiling when compiled.)
+    fn check_kind(&self, field: &str) -> Result<(), Refusal> {
+        let kinds = [
+            self.invoke.is_some(),
+            self.wait.is_some(),
+            self.sleep.is_some(),
+            self.sleep_until.is_some(),
+        ];
+        match kinds.iter().filter(|&&k| k).count() {
+            0 => {
+                return Err(Refusal::new(
+                    format!("{field}.invoke"),
+                    "a step needs `invoke` (or is a `wait`, a `sleep` or a `sleep_until`)",
+                ));
+            }
+            1 => {}
+            _ => {
+                return Err(Refusal::new(
+                    field,
+                    "give exactly one of `invoke`, `wait`, `sleep` and `sleep_until`",
+                ));
+            }
+        }
+        if self.invoke.is_none() {
+            for (present, name) in [
+                (self.asynchronous.is_some(), "async"),
+                (self.compensate.is_some(), "compensate"),
+                (self.retry.is_some(), "retry"),
+                (self.compensation_retry.is_some(), "compensation_retry"),
+            ] {
+                if present {
+                    return Err(Refusal::new(
+                        format!("{field}.{name}"),
+                        "only a step with `invoke` has this (a wait is not an attempt to retry or undo)",
+                    ));
+                }
+            }
+        }
+        if let Some(wait) = &self.wait
+            && (wait.signal.is_empty() || wait.signal.len() > 200 || wait.signal.chars().any(char::is_control))
+        {
+            return Err(Refusal::new(
+                format!("{field}.wait.signal"),
+                "a signal name is 1 to 200 printable characters",
+            ));
+        }
+        if let Some(until) = &self.sleep_until
+            && !until.pointer.starts_with("/")
+        {
+            return Err(Refusal::new(
+                format!("{field}.sleep_until.pointer"),
+                "a JSON pointer into the input, e.g. `/order/settle_at`",
+            ));
         }
         Ok(())
     }

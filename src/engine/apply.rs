@@ -175,7 +175,7 @@ pub(crate) async fn apply(
         .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || times.contains_key(&i))
         .collect();
     let lease = change.lease.unwrap_or(match change.transition.next {
-        Next::Invoke(_) | Next::Compensate(_) => LeaseWrite::Keep,
+        Next::Invoke(_) | Next::Compensate(_) | Next::Await(_) => LeaseWrite::Keep,
         Next::Release { ready_at } => LeaseWrite::Release(ready_at),
         Next::Finish(_) => LeaseWrite::Finish,
     });
@@ -195,6 +195,16 @@ pub(crate) async fn apply(
         Persisted::CancelRequested => return Ok(Applied::CancelRequested),
         Persisted::Applied { at } => at,
     };
+    if let Some(id) = change.transition.consume {
+        // The step that was waiting consumes it.
+        let step = change
+            .old
+            .waiting
+            .as_ref()
+            .and_then(|w| change.workflow.steps.get(w.step))
+            .map_or("?", |def| def.name.as_str());
+        store::consume_arrival(conn, id, step).await?;
+    }
     if let (Some(status), Some(hook), true) = (finished, &change.workflow.on_finish, change.finish_hook) {
         hook.on_finish(conn, change.run_id, status)
             .await

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::retry::RetryPolicy;
 use super::state::{StepError, StepState};
-use super::status::RunStatus;
+use super::status::{RunStatus, WaitKind};
 
 impl From<serde_json::Error> for StepError {
     fn from(error: serde_json::Error) -> Self {
@@ -133,6 +133,8 @@ pub struct StepContext<'a> {
     pub(crate) attempt: u32,
     pub(crate) view: RunView<'a>,
     pub(crate) tx: &'a mut StepTransaction,
+    /// Set by [`StepContext::complete_later`]: the attempt was accepted, not finished.
+    pub(crate) later: Option<Value>,
 }
 
 impl<'a> StepContext<'a> {
@@ -202,6 +204,21 @@ impl<'a> StepContext<'a> {
     /// recorded outcome, or not at all.
     pub async fn db(&mut self) -> Result<&mut PgConnection, StepError> {
         self.tx.connection().await.map_err(StepError::from)
+    }
+
+    /// Says that this attempt was accepted and will be completed from outside, like
+    /// Temporal's `ErrResultPending`: the step then waits, holding no lease and no worker
+    /// slot, for `POST /v1/runs/{id}/steps/{step}/complete` naming this attempt (or
+    /// [`crate::engine::Engine::complete_step`]), until the deadline its
+    /// [`StepDef::asynchronous`] declaration gives. Whatever the attempt then returns is
+    /// ignored (an error still fails it). `accepted` (e.g. the participant's 202 answer) is
+    /// kept as the step's partial work: should the wait end without success, the step's
+    /// compensation receives it, since the participant may have done the work.
+    ///
+    /// Only a step declared [`StepDef::asynchronous`] may complete later; any other attempt
+    /// that asks fails permanently, saying so.
+    pub fn complete_later(&mut self, accepted: Value) {
+        self.later = Some(accepted);
     }
 }
 
@@ -301,6 +318,24 @@ impl DynStep for NoOpHook {
     }
 }
 
+/// The code of a step that only waits (a signal or a sleep): the engine never invokes it.
+struct WaitOnly;
+
+#[async_trait]
+impl DynStep for WaitOnly {
+    async fn invoke(&self, _ctx: &mut StepContext<'_>) -> Result<Value, StepError> {
+        Err(StepError::permanent("a wait step has no code to invoke"))
+    }
+
+    async fn compensate(&self, _ctx: &mut StepContext<'_>, _done: Completed<Value>) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    fn has_compensation(&self) -> bool {
+        false
+    }
+}
+
 /// The code behind a step or a hook point, ready to register.
 #[derive(Clone)]
 pub struct Handler {
@@ -330,6 +365,13 @@ impl Handler {
         Self {
             code: Arc::new(NoOpHook),
             local: true,
+        }
+    }
+
+    fn wait_only() -> Self {
+        Self {
+            code: Arc::new(WaitOnly),
+            local: false,
         }
     }
 
@@ -364,6 +406,88 @@ impl fmt::Debug for Handler {
     }
 }
 
+/// What a step waits for (DESIGN.md §9). Every wait ends by a deadline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitFor {
+    /// A signal of this name, for at most `timeout` from when the wait begins.
+    Signal {
+        /// The signal's name (`POST /v1/runs/{id}/signals/{name}`).
+        name: String,
+        /// How long the step waits at most.
+        timeout: Duration,
+    },
+    /// The completion from outside of an attempt that asked to complete later
+    /// ([`StepContext::complete_later`]).
+    Completion {
+        /// How long after the attempt was accepted it may complete at most.
+        timeout: Duration,
+        /// With it, the participant must also heartbeat at least this often
+        /// (`POST /v1/runs/{id}/steps/{step}/heartbeat`), or the wait times out sooner.
+        heartbeat_timeout: Option<Duration>,
+    },
+    /// Time passing: the step succeeds (with a null output) once it has.
+    Sleep(Duration),
+    /// Until the moment (RFC 3339) found at this JSON pointer of the input; a moment that
+    /// has passed ends the sleep at once. Checked at trigger: an input without a valid time
+    /// there, or with one past the ceiling on waits, is refused.
+    SleepUntil(String),
+}
+
+impl WaitFor {
+    /// The kind of wait, as the run's `waiting.kind` says it.
+    pub fn kind(&self) -> WaitKind {
+        match self {
+            Self::Signal { .. } => WaitKind::Signal,
+            Self::Completion { .. } => WaitKind::Completion,
+            Self::Sleep(_) | Self::SleepUntil(_) => WaitKind::Sleep,
+        }
+    }
+
+    /// The longest the wait may last, where the declaration fixes it (not for a sleep until
+    /// a moment of the input, checked at trigger).
+    pub fn longest(&self) -> Option<Duration> {
+        match self {
+            Self::Signal { timeout, .. } | Self::Completion { timeout, .. } => Some(*timeout),
+            Self::Sleep(d) => Some(*d),
+            Self::SleepUntil(_) => None,
+        }
+    }
+}
+
+/// What a signal wait or a completion wait does when its deadline passes with nothing
+/// received. (A sleep's deadline is simply its end.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The step fails permanently, so the run compensates (the default).
+    #[default]
+    Fail,
+    /// The step succeeds with a null output and the run goes on.
+    Continue,
+}
+
+/// A step's wait: what for, and what its deadline does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitDef {
+    /// What the step waits for.
+    pub what: WaitFor,
+    /// What happens at the deadline.
+    pub on_timeout: OnTimeout,
+}
+
+/// The moment (RFC 3339) at `pointer` in `input`, for a sleep until it.
+pub fn moment_at(input: &Value, pointer: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let found = input
+        .pointer(pointer)
+        .ok_or_else(|| format!("the input has no time at `{pointer}`"))?;
+    let text = found
+        .as_str()
+        .ok_or_else(|| format!("`{pointer}` must be an RFC 3339 time, e.g. \"2030-01-01T12:00:00Z\""))?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("`{pointer}` is not an RFC 3339 time (`{text}`): {e}"))
+}
+
 /// A condition deciding whether a step runs (false: the step is `skipped`).
 pub type WhenCondition = Arc<dyn Fn(&RunView<'_>) -> bool + Send + Sync>;
 
@@ -380,6 +504,8 @@ pub struct StepDef {
     pub(crate) when: Option<WhenCondition>,
     /// What the step calls, for operators (an HTTP step's endpoint and path).
     pub(crate) target: Option<String>,
+    /// What the step waits for, if it waits.
+    pub(crate) wait: Option<WaitDef>,
 }
 
 impl StepDef {
@@ -413,7 +539,76 @@ impl StepDef {
             timeout: None,
             when: None,
             target: None,
+            wait: None,
         }
+    }
+
+    /// A step that waits for the signal `signal` (DESIGN.md §9), at most `timeout`; the
+    /// signal's payload becomes its output. A signal sent before the run gets here is kept,
+    /// and each signal is consumed by one wait.
+    pub fn signal(name: impl Into<String>, signal: impl Into<String>, timeout: Duration) -> Self {
+        Self::waiting(
+            name,
+            WaitFor::Signal {
+                name: signal.into(),
+                timeout,
+            },
+        )
+    }
+
+    /// A step that sleeps for `duration`, durably (a restart does not shorten or reset it).
+    pub fn sleep(name: impl Into<String>, duration: Duration) -> Self {
+        Self::waiting(name, WaitFor::Sleep(duration))
+    }
+
+    /// A step that sleeps until the RFC 3339 moment at `pointer` in the input.
+    pub fn sleep_until(name: impl Into<String>, pointer: impl Into<String>) -> Self {
+        Self::waiting(name, WaitFor::SleepUntil(pointer.into()))
+    }
+
+    fn waiting(name: impl Into<String>, what: WaitFor) -> Self {
+        let mut def = Self::with_handler(name, Handler::wait_only());
+        // A wait is never an attempt to repeat: its deadline decides.
+        def.retry = RetryPolicy::none();
+        def.wait = Some(WaitDef {
+            what,
+            on_timeout: OnTimeout::Fail,
+        });
+        def
+    }
+
+    /// Declares that an attempt may complete later ([`StepContext::complete_later`]), from
+    /// outside, within `timeout` of being accepted and, if `heartbeat_timeout` is given,
+    /// within that long of its last heartbeat.
+    pub fn asynchronous(mut self, timeout: Duration, heartbeat_timeout: Option<Duration>) -> Self {
+        self.wait = Some(WaitDef {
+            what: WaitFor::Completion {
+                timeout,
+                heartbeat_timeout,
+            },
+            on_timeout: self.wait.map(|w| w.on_timeout).unwrap_or_default(),
+        });
+        self
+    }
+
+    /// What a signal or completion wait does at its deadline (default: fail).
+    pub fn on_timeout(mut self, on_timeout: OnTimeout) -> Self {
+        if let Some(wait) = &mut self.wait {
+            wait.on_timeout = on_timeout;
+        }
+        self
+    }
+
+    /// What the step waits for, if it waits.
+    pub fn wait(&self) -> Option<&WaitDef> {
+        self.wait.as_ref()
+    }
+
+    /// Whether the step only waits (a signal or a sleep: no code of its own).
+    pub fn only_waits(&self) -> bool {
+        self.wait
+            .as_ref()
+            .is_some_and(|w| !matches!(w.what, WaitFor::Completion { .. }))
     }
 
     /// Declares the step local (see [`Handler::local`]): all its effects go through
@@ -655,7 +850,12 @@ impl Workflow {
         let shape: Vec<Value> = self
             .steps
             .iter()
-            .map(|s| serde_json::json!([s.name, s.has_compensation(), s.is_hook()]))
+            .map(|s| match &s.wait {
+                // Only steps that wait say so: the hashes of plans without waits stay as
+                // they were recorded.
+                Some(wait) => serde_json::json!([s.name, s.has_compensation(), s.is_hook(), wait.what.kind().as_str()]),
+                None => serde_json::json!([s.name, s.has_compensation(), s.is_hook()]),
+            })
             .collect();
         let digest = sha2::Sha256::digest(Value::Array(shape).to_string().as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -669,6 +869,62 @@ impl Workflow {
     /// Checks an input before a run is accepted.
     pub fn check_input(&self, input: &Value) -> Result<(), InputError> {
         (self.input_check)(input)
+    }
+
+    /// Checks the moments of the input that sleeps wait until: each must be an RFC 3339
+    /// time, at most `ceiling` after `now` (a moment that has passed is fine: that sleep ends
+    /// at once).
+    pub fn check_wait_input(
+        &self,
+        input: &Value,
+        now: chrono::DateTime<chrono::Utc>,
+        ceiling: Duration,
+    ) -> Result<(), InputError> {
+        for step in &self.steps {
+            let Some(WaitDef {
+                what: WaitFor::SleepUntil(pointer),
+                ..
+            }) = &step.wait
+            else {
+                continue;
+            };
+            let field = pointer.trim_start_matches('/').replace('/', ".");
+            let at = moment_at(input, pointer).map_err(|message| InputError::new(&field, message))?;
+            let limit = chrono::Duration::from_std(ceiling).unwrap_or(chrono::Duration::MAX);
+            if at - now > limit {
+                return Err(InputError::new(
+                    field,
+                    format!(
+                        "{at} is more than {} from now, beyond the ceiling on waits",
+                        humantime::format_duration(ceiling)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a wait that could last longer than `ceiling` (the engine's `max_wait`).
+    pub(crate) fn check_waits(&self, ceiling: Duration) -> Result<(), DefinitionError> {
+        for step in &self.steps {
+            let longest = step.wait.as_ref().and_then(|w| w.what.longest());
+            if let Some(asked) = longest.filter(|&d| d > ceiling) {
+                return Err(DefinitionError::WaitTooLong {
+                    workflow: self.name.clone(),
+                    step: step.name.clone(),
+                    asked,
+                    ceiling,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The step that waits for `signal`, if the plan declares one.
+    pub fn declares_signal(&self, signal: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(&s.wait, Some(WaitDef { what: WaitFor::Signal { name, .. }, .. }) if name == signal))
     }
 
     /// What operators search for and see in lists for a run with this input.
@@ -722,6 +978,30 @@ pub enum DefinitionError {
     /// The same name and version registered twice.
     #[error("workflow `{0}` version {1} is already registered")]
     AlreadyRegistered(String, i32),
+    /// A wait must end by a deadline no later than the engine's ceiling on waits.
+    #[error(
+        "step `{step}` of workflow `{workflow}` waits up to {asked:?}, beyond the ceiling of {ceiling:?} (EngineConfig::max_wait, --max-wait)"
+    )]
+    WaitTooLong {
+        /// The workflow.
+        workflow: String,
+        /// The waiting step.
+        step: String,
+        /// How long it would wait.
+        asked: Duration,
+        /// The ceiling.
+        ceiling: Duration,
+    },
+    /// A wait of no time at all, or a signal without a name.
+    #[error("step `{step}` of workflow `{workflow}` has an empty wait: {why}")]
+    EmptyWait {
+        /// The workflow.
+        workflow: String,
+        /// The waiting step.
+        step: String,
+        /// What is empty.
+        why: &'static str,
+    },
     /// A hook was registered for a workflow or step that does not exist or is not a hook point.
     #[error("workflow `{workflow}` has no hook point `{step}`")]
     NoSuchHook {
@@ -817,6 +1097,23 @@ impl WorkflowBuilder {
         }
         let mut seen = HashSet::new();
         for step in &wf.steps {
+            if let Some(wait) = &step.wait {
+                let empty = |why| DefinitionError::EmptyWait {
+                    workflow: wf.name.clone(),
+                    step: step.name.clone(),
+                    why,
+                };
+                match &wait.what {
+                    WaitFor::Signal { name, .. } if name.is_empty() => return Err(empty("the signal has no name")),
+                    WaitFor::SleepUntil(pointer) if !pointer.starts_with('/') => {
+                        return Err(empty("the moment's JSON pointer must start with `/`"));
+                    }
+                    what if what.longest().is_some_and(|d| d.is_zero()) => {
+                        return Err(empty("a wait needs a deadline above zero"));
+                    }
+                    _ => {}
+                }
+            }
             if !seen.insert(step.name.as_str()) {
                 return Err(DefinitionError::DuplicateStep {
                     workflow: wf.name.clone(),

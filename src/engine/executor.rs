@@ -123,6 +123,7 @@ impl RunTask {
                     Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
                     Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
                     Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
+                    Next::Await(step) => self.poll_wait(step).await,
                     Next::Release { ready_at } => {
                         debug!(%ready_at, "run handed back");
                         break;
@@ -221,7 +222,7 @@ impl RunTask {
             let (step, phase) = match next {
                 Next::Invoke(step) => (step, Phase::Invoke),
                 Next::Compensate(step) => (step, Phase::Compensate),
-                Next::Release { .. } | Next::Finish(_) => break,
+                Next::Release { .. } | Next::Finish(_) | Next::Await(_) => break,
             };
             if attempted.len() >= MAX_SEGMENT_ATTEMPTS || !self.fusable(step, phase) {
                 break;
@@ -338,6 +339,45 @@ impl RunTask {
         Ok(())
     }
 
+    /// Looks in the inbox for what the waiting `step` waits for and records what follows: the
+    /// step's outcome if it arrived (consumed in the same commit) or its deadline passed, or
+    /// the run handed back until its deadline. The run's row is locked first: a delivery
+    /// takes the same lock, so it is either seen here or finds the wait committed and makes
+    /// the run due.
+    async fn poll_wait(&mut self, step: usize) -> Result<(), Stop> {
+        let Some(waiting) = self.state.waiting.clone().filter(|w| w.step == step) else {
+            // The machine never awaits a step that is not waiting; decide again from the state.
+            return self.record(Event::WaitPolled { step, arrival: None }, None).await;
+        };
+        let pool = &self.engine.inner.worker_pool;
+        let mut tx = pool.begin().await.map_err(|e| Stop::Database(e.to_string()))?;
+        let looked = async {
+            let Some(deadline) = store::lock_waiting(&mut tx, self.run_id, self.epoch).await? else {
+                return Ok(None);
+            };
+            let arrival = store::waiting_arrival(&mut tx, self.run_id, &waiting).await?;
+            Ok::<_, sqlx::Error>(Some((deadline, arrival)))
+        }
+        .await;
+        let (deadline, arrival) = match looked {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let _ = tx.rollback().await;
+                return Err(Stop::Fenced);
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(Stop::Database(e.to_string()));
+            }
+        };
+        // A heartbeat may have moved the deadline since this executor's copy was made.
+        if let (Some(deadline), Some(w)) = (deadline, self.state.waiting.as_mut()) {
+            w.deadline = deadline;
+            self.copy.run.wait_deadline = Some(deadline);
+        }
+        self.record(Event::WaitPolled { step, arrival }, Some(tx)).await
+    }
+
     /// Runs one attempt of `step` from `state` on `tx` and returns its outcome as the machine's
     /// event; what it wrote is in `tx`, not committed.
     async fn run_attempt(&self, step: usize, phase: Phase, state: &RunState, tx: &mut StepTransaction) -> Event {
@@ -352,7 +392,8 @@ impl RunTask {
         let faults = Arc::clone(&self.engine.inner.faults);
         let started = std::time::Instant::now();
 
-        let outcome: Result<Option<Value>, StepError> = async {
+        // `Ok((output, accepted))`: `accepted` when the attempt asked to complete later.
+        let outcome: Result<(Option<Value>, Option<Value>), StepError> = async {
             if phase == Phase::Invoke {
                 faults.checkpoint(FaultPoint::Before, name);
                 if faults.should_fail(name) {
@@ -378,6 +419,7 @@ impl RunTask {
                     states: &state.steps,
                 },
                 tx,
+                later: None,
             };
             let work = async {
                 match phase {
@@ -403,30 +445,32 @@ impl RunTask {
                 },
                 None => guarded.await,
             };
-            result.unwrap_or_else(|panic| {
+            let result = result.unwrap_or_else(|panic| {
                 Err(StepError::retryable(format!(
                     "step panicked: {}",
                     panic_message(&panic)
                 )))
-            })
+            });
+            result.map(|output| (output, ctx.later.take()))
         }
         .instrument(span.clone())
         .await;
 
         let elapsed = started.elapsed();
         let event = match outcome {
-            Ok(output) => {
+            Ok((output, accepted)) => {
                 let point = match phase {
                     Phase::Invoke => FaultPoint::AfterEffect,
                     Phase::Compensate => FaultPoint::Compensate,
                 };
                 faults.checkpoint(point, name);
-                match phase {
-                    Phase::Invoke => Event::StepSucceeded {
+                match (phase, accepted) {
+                    (Phase::Invoke, Some(accepted)) => Event::StepAccepted { step, accepted },
+                    (Phase::Invoke, None) => Event::StepSucceeded {
                         step,
                         output: output.unwrap_or(Value::Null),
                     },
-                    Phase::Compensate => Event::CompensationSucceeded { step },
+                    (Phase::Compensate, _) => Event::CompensationSucceeded { step },
                 }
             }
             Err(error) => {

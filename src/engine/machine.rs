@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use super::definition::{Phase, RunView, Workflow};
-use super::state::{RunError, RunState, StepError};
-use super::status::{EventKind, RunStatus, StepStatus};
+use super::definition::{OnTimeout, Phase, RunView, WaitFor, Workflow, moment_at};
+use super::state::{RunError, RunState, StepError, Waiting};
+use super::status::{EventKind, RunStatus, StepStatus, WaitKind};
 
 /// Something that happened to a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,22 @@ pub enum Event {
         /// The error.
         error: StepError,
     },
+    /// An attempt of an asynchronous step was accepted and will be completed from outside
+    /// (`StepContext::complete_later`).
+    StepAccepted {
+        /// The step's index in the plan.
+        step: usize,
+        /// What the participant answered, kept as the step's partial work.
+        accepted: Value,
+    },
+    /// The waiting step was looked at, under the run's lock: what had arrived for it, if
+    /// anything. (Nothing: the run waits on, unless its deadline has passed.)
+    WaitPolled {
+        /// The step's index in the plan.
+        step: usize,
+        /// The signal or completion taken from the run's inbox, if one was there.
+        arrival: Option<Arrival>,
+    },
     /// A compensation attempt succeeded.
     CompensationSucceeded {
         /// The step's index in the plan.
@@ -58,6 +74,30 @@ pub enum Event {
         step: usize,
         /// The error.
         error: StepError,
+    },
+}
+
+/// Something that arrived for a waiting step, consumed in the transaction that records what
+/// follows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arrival {
+    /// The signal the step waits for.
+    Signal {
+        /// Its row in the run's inbox.
+        id: i64,
+        /// Its payload: the step's output.
+        payload: Value,
+        /// When it was received (before the wait began, if it was kept for it).
+        received_at: DateTime<Utc>,
+        /// The delivery's idempotency key, if it had one.
+        key: Option<String>,
+    },
+    /// The completion of the waiting attempt.
+    Completion {
+        /// Its row in the run's inbox.
+        id: i64,
+        /// The output, or the error the participant reported.
+        outcome: Result<Value, StepError>,
     },
 }
 
@@ -79,6 +119,9 @@ pub enum Next {
     Invoke(usize),
     /// Run an attempt of this step's compensation.
     Compensate(usize),
+    /// Look in the run's inbox for what this waiting step waits for (under the run's lock),
+    /// and hand the run back until its deadline if nothing is there.
+    Await(usize),
     /// Give the lease back; the run is due again at `ready_at` (a retry delay, or shutdown).
     Release {
         /// When the run may be claimed again.
@@ -120,6 +163,9 @@ pub struct Transition {
     pub events: Vec<NewEvent>,
     /// Step timestamps to set, by step index.
     pub marks: BTreeMap<usize, TimeMark>,
+    /// The inbox row (a signal or a completion) this decision consumes: marked consumed in
+    /// the transaction that records it, so each is consumed exactly once.
+    pub consume: Option<i64>,
     /// What the worker does next.
     pub next: Next,
 }
@@ -130,6 +176,7 @@ pub struct Transition {
 struct Draft {
     events: Vec<NewEvent>,
     marks: BTreeMap<usize, TimeMark>,
+    consume: Option<i64>,
 }
 
 impl Draft {
@@ -137,6 +184,7 @@ impl Draft {
         Transition {
             events: self.events,
             marks: self.marks,
+            consume: self.consume,
             next,
         }
     }
@@ -159,6 +207,7 @@ impl Transition {
     pub fn then(mut self, later: Transition) -> Transition {
         self.events.extend(later.events);
         self.marks.extend(later.marks);
+        self.consume = later.consume.or(self.consume);
         self.next = later.next;
         self
     }
@@ -229,20 +278,11 @@ impl<'a> Machine<'a> {
             }
             Event::Resumed { reason } => self.settle_lost_attempts(state, &reason, &mut t),
             Event::StepSucceeded { step, output } => {
-                let s = &mut state.steps[step];
-                s.status = StepStatus::Succeeded;
-                s.output = Some(output);
-                s.error = None;
-                let attempt = s.attempts;
-                t.marks.insert(step, TimeMark::Finished);
-                t.log(
-                    EventKind::StepSucceeded,
-                    Some(self.name(step)),
-                    Some(attempt),
-                    json!({}),
-                );
+                self.succeeded(state, step, output, json!({}), &mut t);
                 None
             }
+            Event::StepAccepted { step, accepted } => self.accepted(state, step, accepted, cond, &mut t),
+            Event::WaitPolled { step, arrival } => self.polled(state, step, arrival, cond, &mut t),
             Event::StepFailed { step, error } => {
                 self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, &mut t)
             }
@@ -278,6 +318,10 @@ impl<'a> Machine<'a> {
             now: DateTime::<Utc>::MIN_UTC,
         };
         for step in 0..state.steps.len() {
+            if state.waiting.as_ref().is_some_and(|w| w.step == step) {
+                // Waiting, not in flight: nothing was lost.
+                continue;
+            }
             let lost = StepError::retryable(format!("attempt lost: {reason}"));
             let stop = match state.steps[step].status {
                 StepStatus::Running => {
@@ -425,6 +469,7 @@ impl<'a> Machine<'a> {
                 RunStatus::Pending | RunStatus::Running => {
                     state.status = RunStatus::Running;
                     if state.cancel_requested {
+                        self.end_wait_for_cancel(state, t);
                         if state.error.is_none() {
                             state.error = Some(RunError {
                                 step: None,
@@ -449,6 +494,9 @@ impl<'a> Machine<'a> {
                         t.log(EventKind::RunCompleted, None, None, json!({}));
                         return Next::Finish(RunStatus::Completed);
                     };
+                    if state.waiting.as_ref().is_some_and(|w| w.step == step) {
+                        return Next::Await(step);
+                    }
                     if state.steps[step].status == StepStatus::Pending && !self.condition_holds(state, step) {
                         state.steps[step].status = StepStatus::Skipped;
                         t.log(
@@ -459,7 +507,10 @@ impl<'a> Machine<'a> {
                         );
                         continue;
                     }
-                    return self.start_attempt(state, step, cond, t);
+                    match self.start_attempt(state, step, cond, t) {
+                        Some(next) => return next,
+                        None => continue,
+                    }
                 }
                 RunStatus::Compensating => {
                     let next = (0..state.steps.len())
@@ -498,17 +549,209 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Next {
+    /// Starts an attempt of `step`: its invoke, or, for a step that only waits, its wait.
+    /// `None` when the wait could not even begin (a sleep whose moment the input lacks) and
+    /// the failure decided nothing to do now: the run moves on.
+    fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Option<Next> {
         if cond.draining {
-            return release_for_shutdown(cond, t);
+            return Some(release_for_shutdown(cond, t));
         }
+        let def = &self.workflow.steps[step];
         let s = &mut state.steps[step];
         s.status = StepStatus::Running;
         s.attempts += 1;
         let attempt = s.attempts;
         t.marks.insert(step, TimeMark::Started);
         t.log(EventKind::StepStarted, Some(self.name(step)), Some(attempt), json!({}));
-        Next::Invoke(step)
+        let Some(wait) = def.wait.as_ref().filter(|_| def.only_waits()) else {
+            return Some(Next::Invoke(step));
+        };
+        let (name, deadline) = match &wait.what {
+            WaitFor::Signal { name, timeout } => (name.clone(), after(cond.now, *timeout)),
+            WaitFor::Sleep(duration) => (def.name.clone(), after(cond.now, *duration)),
+            WaitFor::SleepUntil(pointer) => match moment_at(self.input, pointer) {
+                Ok(at) => (def.name.clone(), at),
+                Err(why) => {
+                    let error = StepError::permanent(format!("cannot sleep: {why}"));
+                    return self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t);
+                }
+            },
+            WaitFor::Completion { .. } => return Some(Next::Invoke(step)),
+        };
+        Some(self.begin_wait(state, step, wait.what.kind(), name, deadline, t))
+    }
+
+    /// The step waits from now on: no lease is held while it does (the executor looks in the
+    /// inbox first, since what it waits for may already be there).
+    fn begin_wait(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        kind: WaitKind,
+        name: String,
+        deadline: DateTime<Utc>,
+        t: &mut Draft,
+    ) -> Next {
+        let attempt = state.steps[step].attempts;
+        t.log(
+            EventKind::StepWaiting,
+            Some(self.name(step)),
+            Some(attempt),
+            json!({"kind": kind.as_str(), "name": name, "deadline": deadline}),
+        );
+        state.waiting = Some(Waiting {
+            step,
+            kind,
+            name,
+            attempt,
+            deadline,
+        });
+        Next::Await(step)
+    }
+
+    fn succeeded(&self, state: &mut RunState, step: usize, output: Value, detail: Value, t: &mut Draft) {
+        let s = &mut state.steps[step];
+        s.status = StepStatus::Succeeded;
+        s.output = Some(output);
+        s.error = None;
+        let attempt = s.attempts;
+        t.marks.insert(step, TimeMark::Finished);
+        t.log(EventKind::StepSucceeded, Some(self.name(step)), Some(attempt), detail);
+    }
+
+    /// An attempt of an asynchronous step was accepted: the step waits for its completion.
+    fn accepted(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        accepted: Value,
+        cond: &Conditions,
+        t: &mut Draft,
+    ) -> Option<Next> {
+        let Some(WaitFor::Completion {
+            timeout,
+            heartbeat_timeout,
+        }) = self.workflow.steps[step].wait.as_ref().map(|w| &w.what)
+        else {
+            let error = StepError::permanent(
+                "the step asked to complete later, but it is not declared asynchronous (no deadline to wait until)",
+            );
+            return self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t);
+        };
+        state.steps[step].partial = Some(accepted);
+        let deadline = completion_deadline(cond.now, *timeout, *heartbeat_timeout, cond.now);
+        let name = self.name(step).to_string();
+        Some(self.begin_wait(state, step, WaitKind::Completion, name, deadline, t))
+    }
+
+    /// What a look in the inbox found for the waiting step, or that its deadline passed.
+    fn polled(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        arrival: Option<Arrival>,
+        cond: &Conditions,
+        t: &mut Draft,
+    ) -> Option<Next> {
+        let Some(waiting) = state.waiting.clone().filter(|w| w.step == step) else {
+            // Not waiting (any more): the run goes on from where it is.
+            return None;
+        };
+        let name = self.name(step);
+        let attempt = Some(waiting.attempt);
+        match arrival {
+            Some(Arrival::Signal {
+                id,
+                payload,
+                received_at,
+                key,
+            }) => {
+                state.waiting = None;
+                t.consume = Some(id);
+                t.log(
+                    EventKind::SignalReceived,
+                    Some(name),
+                    attempt,
+                    json!({"signal": waiting.name, "inbox_id": id, "received_at": received_at, "idempotency_key": key}),
+                );
+                self.succeeded(state, step, payload, json!({}), t);
+                None
+            }
+            Some(Arrival::Completion { id, outcome }) => {
+                state.waiting = None;
+                t.consume = Some(id);
+                let mut detail = json!({"inbox_id": id, "outcome": if outcome.is_ok() { "output" } else { "error" }});
+                if let Err(error) = &outcome {
+                    detail["error"] = json!(error.message);
+                }
+                t.log(EventKind::StepCompletedExternally, Some(name), attempt, detail);
+                match outcome {
+                    Ok(output) => {
+                        self.succeeded(state, step, output, json!({}), t);
+                        None
+                    }
+                    Err(error) => self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t),
+                }
+            }
+            None if cond.now < waiting.deadline => Some(Next::Release {
+                ready_at: waiting.deadline,
+            }),
+            None => {
+                state.waiting = None;
+                if waiting.kind == WaitKind::Sleep {
+                    self.succeeded(state, step, Value::Null, json!({"slept_until": waiting.deadline}), t);
+                    return None;
+                }
+                let on_timeout = self.workflow.steps[step]
+                    .wait
+                    .as_ref()
+                    .map(|w| w.on_timeout)
+                    .unwrap_or_default();
+                t.log(
+                    EventKind::WaitTimedOut,
+                    Some(name),
+                    attempt,
+                    json!({"kind": waiting.kind.as_str(), "name": waiting.name, "deadline": waiting.deadline,
+                           "on_timeout": match on_timeout { OnTimeout::Fail => "fail", OnTimeout::Continue => "continue" }}),
+                );
+                match on_timeout {
+                    OnTimeout::Continue => {
+                        self.succeeded(state, step, Value::Null, json!({"on_timeout": "continue"}), t);
+                        None
+                    }
+                    OnTimeout::Fail => {
+                        let what = match waiting.kind {
+                            WaitKind::Signal => format!("signal `{}`", waiting.name),
+                            _ => "its completion".to_string(),
+                        };
+                        let error = StepError::permanent(format!(
+                            "waited for {what} until {}; nothing arrived",
+                            waiting.deadline.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                        ));
+                        self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A cancel ends a wait at once: the waiting step fails (permanently), so that what it
+    /// was accepted to do (an asynchronous step's partial work) is compensated with the rest.
+    fn end_wait_for_cancel(&self, state: &mut RunState, t: &mut Draft) {
+        let Some(waiting) = state.waiting.take() else {
+            return;
+        };
+        let s = &mut state.steps[waiting.step];
+        let message = "cancelled by an operator while waiting".to_string();
+        s.status = StepStatus::Failed;
+        s.error = Some(StepError::permanent(message.clone()));
+        t.marks.insert(waiting.step, TimeMark::Finished);
+        t.log(
+            EventKind::StepFailed,
+            Some(self.name(waiting.step)),
+            Some(waiting.attempt),
+            json!({"error": message, "retryable": false, "waiting_for": waiting.name}),
+        );
     }
 
     fn start_compensation(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Next {
@@ -618,6 +861,28 @@ fn schedule_retry(
         json!({"at": ready_at, "delay_ms": delay.as_millis() as u64, "phase": phase}),
     );
     Next::Release { ready_at }
+}
+
+fn after(now: DateTime<Utc>, duration: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(duration)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// When an accepted attempt's wait for its completion ends: `timeout` after it was accepted,
+/// and, with a heartbeat timeout, no later than that long after the last heartbeat.
+pub fn completion_deadline(
+    accepted_at: DateTime<Utc>,
+    timeout: std::time::Duration,
+    heartbeat_timeout: Option<std::time::Duration>,
+    last_heartbeat: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let end = after(accepted_at, timeout);
+    match heartbeat_timeout {
+        Some(beat) => end.min(after(last_heartbeat, beat)),
+        None => end,
+    }
 }
 
 fn release_for_shutdown(cond: &Conditions, t: &mut Draft) -> Next {

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod definition;
 pub(crate) mod executor;
 pub mod faults;
+mod inbox;
 pub mod lane;
 pub mod machine;
 pub mod read;
@@ -43,13 +44,14 @@ use uuid::Uuid;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use definition::{
-    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, Phase, RunView, Source, Step,
-    StepContext, StepDef, ValidateInput, Workflow, WorkflowBuilder,
+    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, OnTimeout, Phase, RunView, Source,
+    Step, StepContext, StepDef, ValidateInput, WaitDef, WaitFor, Workflow, WorkflowBuilder, moment_at,
 };
 pub use faults::Faults;
+pub use inbox::{Completion, Delivery, DeliveryOutcome};
 pub use retry::RetryPolicy;
-pub use state::{RunError, RunState, StepError, StepState};
-pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger};
+pub use state::{RunError, RunState, StepError, StepState, Waiting};
+pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger, WaitKind};
 pub use store::{Cursor, DurationBucket, EventRow, FinishedMinute, RunFilter, RunRow, StepBrief, StepRow};
 pub use worker::WorkerHandle;
 
@@ -157,6 +159,65 @@ pub enum EngineError {
         /// Its retry.
         by: Uuid,
     },
+    /// No run of the workflow was started with this idempotency key.
+    #[error("no run of `{workflow}` was started with the idempotency key `{key}`")]
+    RunKeyNotFound {
+        /// The workflow.
+        workflow: String,
+        /// The key.
+        key: String,
+    },
+    /// The run finished: it waits for nothing any more.
+    #[error("run {run} is {status}: it takes no more signals or completions")]
+    RunFinished {
+        /// The run.
+        run: Uuid,
+        /// Its terminal status.
+        status: RunStatus,
+    },
+    /// The run's workflow version declares no wait for this signal.
+    #[error("workflow `{workflow}` version {version} waits for no signal `{signal}`")]
+    UnknownSignal {
+        /// The run's workflow.
+        workflow: String,
+        /// Its version.
+        version: i32,
+        /// The signal named.
+        signal: String,
+    },
+    /// The run's plan has no step of that name.
+    #[error("run {run} has no step `{step}`")]
+    StepNotFound {
+        /// The run.
+        run: Uuid,
+        /// The step named.
+        step: String,
+    },
+    /// The step is not declared asynchronous: nothing completes it from outside.
+    #[error("step `{step}` is not asynchronous: it completes with its own attempt")]
+    NotAsynchronous {
+        /// The step.
+        step: String,
+    },
+    /// A completion or heartbeat for an attempt that is not the one waiting (a retry or a
+    /// takeover started a newer one, or the wait ended).
+    #[error("attempt {attempt} of step `{step}` is not the current one ({current})")]
+    StaleAttempt {
+        /// The step.
+        step: String,
+        /// The attempt named.
+        attempt: u32,
+        /// What the step is at now.
+        current: String,
+    },
+    /// The attempt was completed before, differently.
+    #[error("attempt {attempt} of step `{step}` was already completed with another outcome")]
+    AlreadyCompleted {
+        /// The step.
+        step: String,
+        /// The attempt.
+        attempt: u32,
+    },
     /// The database holds another plan for this workflow version: runs of it were created
     /// with those steps, so a changed plan needs a new version.
     #[error(
@@ -210,6 +271,9 @@ pub struct EngineConfig {
     pub commit_lanes: usize,
     /// The most runs one lane commits together (at most [`lane::MAX_BATCH_RUNS`]).
     pub batch_max_runs: usize,
+    /// The longest a step may wait (for a signal, a completion or time): every wait has a
+    /// deadline, and none is later than this after the wait begins.
+    pub max_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -225,6 +289,7 @@ impl Default for EngineConfig {
             fuse_local_steps: true,
             commit_lanes: 2,
             batch_max_runs: lane::MAX_BATCH_RUNS,
+            max_wait: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -301,7 +366,7 @@ impl EngineBuilder {
             }
         }
         for wf in workflows {
-            registry.add(Arc::new(wf))?;
+            registry.add(Arc::new(wf), self.config.max_wait)?;
         }
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -355,7 +420,8 @@ struct Registry {
 }
 
 impl Registry {
-    fn add(&mut self, workflow: Arc<Workflow>) -> Result<(), DefinitionError> {
+    fn add(&mut self, workflow: Arc<Workflow>, max_wait: Duration) -> Result<(), DefinitionError> {
+        workflow.check_waits(max_wait)?;
         let versions = self.by_name.entry(workflow.name.clone()).or_default();
         if versions.iter().any(|v| v.version == workflow.version) {
             return Err(DefinitionError::AlreadyRegistered(
@@ -626,8 +692,11 @@ impl Engine {
     }
 
     /// The engine clock's time: what due times are stamped with and compared to.
+    /// The engine clock's time, to the microsecond PostgreSQL keeps: a due time or a
+    /// deadline the executor holds is then exactly the one stored.
     pub(crate) fn now(&self) -> DateTime<Utc> {
-        self.inner.clock.now()
+        use chrono::SubsecRound;
+        self.inner.clock.now().trunc_subsecs(6)
     }
 
     pub(crate) fn lease_ms(&self) -> i64 {
@@ -699,7 +768,7 @@ impl Engine {
             .registry
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .add(Arc::clone(&workflow))
+            .add(Arc::clone(&workflow), self.inner.config.max_wait)
             .map_err(EngineError::Definition)?;
         Ok(workflow)
     }
@@ -791,6 +860,8 @@ impl Engine {
             .latest(workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(workflow.to_string()))?;
         wf.check_input(&input).map_err(EngineError::InvalidInput)?;
+        wf.check_wait_input(&input, self.now(), self.inner.config.max_wait)
+            .map_err(EngineError::InvalidInput)?;
         let trigger = options.trigger.unwrap_or(Trigger::Api);
         let key = options.idempotency_key.as_deref();
         if let Some(key) = key {

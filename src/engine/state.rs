@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::status::{RunStatus, StepStatus};
+use super::status::{RunStatus, StepStatus, WaitKind};
 
 /// How a step attempt (or a compensation attempt) failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +160,23 @@ pub struct RunState {
     pub output: Option<Value>,
     /// An operator asked to cancel.
     pub cancel_requested: bool,
+    /// What the run waits for, while one of its steps waits (no lease is held meanwhile).
+    pub waiting: Option<Waiting>,
+}
+
+/// A step's wait: for what, by which attempt, until when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    /// The waiting step's index in the plan.
+    pub step: usize,
+    /// What it waits for.
+    pub kind: WaitKind,
+    /// The signal's name; the step's own name for a completion or a sleep.
+    pub name: String,
+    /// The attempt waiting (a completion must name it; older attempts are stale).
+    pub attempt: u32,
+    /// When the wait ends with nothing received (for a sleep: when it is over).
+    pub deadline: chrono::DateTime<chrono::Utc>,
 }
 
 impl RunState {
@@ -171,6 +188,7 @@ impl RunState {
             error: None,
             output: None,
             cancel_requested: false,
+            waiting: None,
         }
     }
 }

@@ -138,10 +138,30 @@ pub enum EventKind in "event_kind" {
     /// The run's recorded steps do not match its workflow version's plan here: it was set
     /// aside, neither leased nor due, with the reason in the detail.
     RunParked = "run_parked",
+    /// A step began waiting (for a signal, a completion or time), until its deadline.
+    StepWaiting = "step_waiting",
+    /// A waiting step consumed the signal it waited for.
+    SignalReceived = "signal_received",
+    /// An asynchronous step was completed from outside (with an output or an error).
+    StepCompletedExternally = "step_completed_externally",
+    /// A wait reached its deadline with nothing received.
+    WaitTimedOut = "wait_timed_out",
 }
 }
 
-impl EventKind {}
+db_enum! {
+/// What a waiting step waits for (DESIGN.md §9).
+#[derive(Hash, utoipa::ToSchema)]
+pub enum WaitKind in "wait_kind" {
+    /// A named signal (`POST /v1/runs/{id}/signals/{name}`).
+    Signal = "signal",
+    /// The completion of an asynchronous step's attempt
+    /// (`POST /v1/runs/{id}/steps/{step}/complete`).
+    Completion = "completion",
+    /// Time: a sleep for a duration or until a moment taken from the input.
+    Sleep = "sleep",
+}
+}
 
 #[cfg(test)]
 mod tests {

@@ -13,8 +13,8 @@ use sqlx::{FromRow, PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::machine::{NewEvent, TimeMark};
-use super::state::{RunError, RunState, StepError, StepState};
-use super::status::{EventKind, RunStatus, StepStatus, Trigger};
+use super::state::{RunError, RunState, StepError, StepState, Waiting};
+use super::status::{EventKind, RunStatus, StepStatus, Trigger, WaitKind};
 
 /// The advisory-lock namespace (`classid`) of worker liveness locks.
 pub(crate) const WORKER_LOCK_CLASS: i32 = 0x5a6a;
@@ -66,11 +66,34 @@ pub struct RunRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// Why it was set aside, neither leased nor due (its steps do not match its plan).
     pub parked_reason: Option<String>,
+    /// What its waiting step waits for, while one waits.
+    pub wait_kind: Option<WaitKind>,
+    /// The signal's name; the step's name for a completion or a sleep.
+    pub wait_name: Option<String>,
+    /// The waiting step's index.
+    pub wait_step: Option<i16>,
+    /// The waiting attempt.
+    pub wait_attempt: Option<i32>,
+    /// When the wait ends with nothing received.
+    pub wait_deadline: Option<DateTime<Utc>>,
+}
+
+impl RunRow {
+    /// The wait the row records, if complete.
+    pub fn waiting(&self) -> Option<Waiting> {
+        Some(Waiting {
+            step: usize::try_from(self.wait_step?).ok()?,
+            kind: self.wait_kind?,
+            name: self.wait_name.clone()?,
+            attempt: u32::try_from(self.wait_attempt?).ok()?,
+            deadline: self.wait_deadline?,
+        })
+    }
 }
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output, error, subject, idempotency_key, \
      trigger, retry_of, retried_by, cancel_requested, ready_at, lease_owner, lease_epoch, lease_expires_at, \
-     created_at, updated_at, finished_at, parked_reason";
+     created_at, updated_at, finished_at, parked_reason, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline";
 
 /// A step of a run as stored.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -178,6 +201,7 @@ pub fn run_state(run: &RunRow, steps: &[StepRow]) -> RunState {
         error: run.run_error(),
         output: run.output.clone(),
         cancel_requested: run.cancel_requested,
+        waiting: run.waiting(),
     }
 }
 
@@ -372,18 +396,19 @@ pub struct NewRun<'a> {
 pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let steps = StepArrays::from_state(run.state, &times_now(run.marks), (0..run.state.steps.len()).collect());
     let events = EventArrays::new(run.events, &[]);
+    let wait = WaitColumns::of(run.state.waiting.as_ref());
     let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
         "WITH t AS (
              SELECT clock_timestamp() AS now
          ), run AS (
              INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
                                retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq,
-                               created_at, updated_at)
+                               created_at, updated_at, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
                     CASE WHEN $10::int4 IS NULL THEN $21::timestamptz END, $10,
                     CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
                     CASE WHEN $10::int4 IS NOT NULL THEN t.now + $11 * interval '1 millisecond' END,
-                    cardinality($17::event_kind[]), t.now, t.now
+                    cardinality($17::event_kind[]), t.now, t.now, $22, $23, $24, $25, $26
              FROM t
              ON CONFLICT (workflow, idempotency_key) DO NOTHING
              RETURNING id, created_at
@@ -422,6 +447,11 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .bind(&events.attempt)
     .bind(&events.detail)
     .bind(run.now)
+    .bind(wait.kind)
+    .bind(wait.name)
+    .bind(wait.step)
+    .bind(wait.attempt)
+    .bind(wait.deadline)
     .fetch_optional(conn)
     .await?;
     Ok(inserted)
@@ -454,7 +484,14 @@ impl NewRun<'_> {
             updated_at: created_at,
             finished_at: None,
             parked_reason: None,
+            wait_kind: None,
+            wait_name: None,
+            wait_step: None,
+            wait_attempt: None,
+            wait_deadline: None,
         };
+        let mut run = run;
+        WaitColumns::of(self.state.waiting.as_ref()).mirror(&mut run);
         let steps = self
             .state
             .steps
@@ -605,7 +642,7 @@ pub async fn claim(
          RETURNING r.id, r.workflow, r.workflow_version, r.status, r.input, r.output, r.error, r.subject,
              r.idempotency_key, r.trigger, r.retry_of, r.retried_by, r.cancel_requested, r.ready_at, r.lease_owner,
              r.lease_epoch, r.lease_expires_at, r.created_at, r.updated_at, r.finished_at, r.parked_reason,
-             c.previous_owner",
+             r.wait_kind, r.wait_name, r.wait_step, r.wait_attempt, r.wait_deadline, c.previous_owner",
     )
     .bind(worker)
     .bind(limit)
@@ -797,6 +834,7 @@ impl Persist<'_> {
         }
         run.finished_at = self.state.status.is_terminal().then_some(at);
         run.updated_at = at;
+        WaitColumns::of(self.state.waiting.as_ref()).mirror(run);
         for &i in &self.changed {
             let (Some(state), Some(row)) = (self.state.steps.get(i), steps.get_mut(i)) else {
                 continue;
@@ -840,6 +878,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         .map(serde_json::to_value)
         .transpose()
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let wait = WaitColumns::of(p.state.waiting.as_ref());
     let applied: Option<DateTime<Utc>> = sqlx::query_scalar(
         "WITH t AS (
              SELECT clock_timestamp() AS now
@@ -859,7 +898,8 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  lease_expires_at = CASE WHEN $8::text IN ('keep', 'wake') THEN lease_expires_at END,
                  -- Told, not computed: a function of a parameter is evaluated while planning.
                  finished_at = CASE WHEN $27 THEN t.now END,
-                 updated_at = t.now
+                 updated_at = t.now,
+                 wait_kind = $28, wait_name = $29, wait_step = $30, wait_attempt = $31, wait_deadline = $32
              FROM t
              WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
              RETURNING id, log_seq - cardinality($18::event_kind[]) AS base, t.now AS at
@@ -916,6 +956,11 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(&steps.finished_ago)
     .bind(&events.ago)
     .bind(p.state.status.is_terminal())
+    .bind(wait.kind)
+    .bind(wait.name)
+    .bind(wait.step)
+    .bind(wait.attempt)
+    .bind(wait.deadline)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(at) = applied {
@@ -929,6 +974,35 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         Some((epoch, cancel)) if epoch == p.epoch && cancel != p.cancel_requested => Persisted::CancelRequested,
         _ => Persisted::Fenced,
     })
+}
+
+/// The run columns of a wait, as bound.
+struct WaitColumns<'a> {
+    kind: Option<WaitKind>,
+    name: Option<&'a str>,
+    step: Option<i16>,
+    attempt: Option<i32>,
+    deadline: Option<DateTime<Utc>>,
+}
+
+impl<'a> WaitColumns<'a> {
+    fn of(waiting: Option<&'a Waiting>) -> Self {
+        Self {
+            kind: waiting.map(|w| w.kind),
+            name: waiting.map(|w| w.name.as_str()),
+            step: waiting.map(|w| i16::try_from(w.step).unwrap_or(i16::MAX)),
+            attempt: waiting.map(|w| i32::try_from(w.attempt).unwrap_or(i32::MAX)),
+            deadline: waiting.map(|w| w.deadline),
+        }
+    }
+
+    fn mirror(&self, run: &mut RunRow) {
+        run.wait_kind = self.kind;
+        run.wait_name = self.name.map(str::to_string);
+        run.wait_step = self.step;
+        run.wait_attempt = self.attempt;
+        run.wait_deadline = self.deadline;
+    }
 }
 
 /// Column arrays of the steps a statement writes (bound as `unnest` parameters).
@@ -1288,6 +1362,280 @@ fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Durable waits: the run's inbox
+// ---------------------------------------------------------------------------------------
+
+/// Something received for a run from outside: a signal, or the completion of an attempt.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct InboxRow {
+    /// Its id (deliveries of one run are consumed oldest first).
+    pub id: i64,
+    /// A signal or a completion.
+    pub kind: WaitKind,
+    /// The signal's name, or the completed step's.
+    pub name: String,
+    /// The completed attempt.
+    pub attempt: Option<i32>,
+    /// The signal's payload, or the completion's output.
+    pub payload: Option<Value>,
+    /// The error a completion reported.
+    pub error: Option<Value>,
+    /// The delivery's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+    /// When a wait consumed it.
+    pub consumed_at: Option<DateTime<Utc>>,
+    /// The step whose wait consumed it.
+    pub consumed_by: Option<String>,
+}
+
+const INBOX_COLUMNS: &str =
+    "id, kind, name, attempt, payload, error, idempotency_key, received_at, consumed_at, consumed_by";
+
+/// Locks the run row of a waiting run this owner polls (its lease `epoch`), and returns the
+/// wait's deadline as stored now (a heartbeat may have moved it). `None`: fenced.
+pub(crate) async fn lock_waiting(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    epoch: i64,
+) -> Result<Option<Option<DateTime<Utc>>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT wait_deadline FROM runs WHERE id = $1 AND lease_epoch = $2 FOR UPDATE")
+        .bind(run_id)
+        .bind(epoch)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The oldest unconsumed arrival the wait is for (none for a sleep), locked until the
+/// transaction recording what follows consumes it.
+pub(crate) async fn waiting_arrival(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    waiting: &Waiting,
+) -> Result<Option<super::machine::Arrival>, sqlx::Error> {
+    use super::machine::Arrival;
+    let attempt = match waiting.kind {
+        WaitKind::Sleep => return Ok(None),
+        WaitKind::Signal => None,
+        WaitKind::Completion => Some(i32::try_from(waiting.attempt).unwrap_or(i32::MAX)),
+    };
+    let row: Option<InboxRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {INBOX_COLUMNS} FROM run_inbox
+         WHERE run_id = $1 AND kind = $2 AND name = $3 AND consumed_at IS NULL
+           AND ($4::int4 IS NULL OR attempt = $4)
+         ORDER BY id LIMIT 1 FOR UPDATE"
+    )))
+    .bind(run_id)
+    .bind(waiting.kind)
+    .bind(&waiting.name)
+    .bind(attempt)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|row| match row.kind {
+        WaitKind::Completion => Arrival::Completion {
+            id: row.id,
+            outcome: match &row.error {
+                Some(stored) => Err(decode_stored(stored, StepError::permanent)),
+                None => Ok(row.payload.clone().unwrap_or(Value::Null)),
+            },
+        },
+        _ => Arrival::Signal {
+            id: row.id,
+            payload: row.payload.clone().unwrap_or(Value::Null),
+            received_at: row.received_at,
+            key: row.idempotency_key.clone(),
+        },
+    }))
+}
+
+/// Marks an arrival consumed by `step`, in the transaction recording what it led to.
+pub(crate) async fn consume_arrival(conn: &mut PgConnection, id: i64, step: &str) -> Result<(), sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE run_inbox SET consumed_at = clock_timestamp(), consumed_by = $2 WHERE id = $1 AND consumed_at IS NULL",
+    )
+    .bind(id)
+    .bind(step)
+    .execute(conn)
+    .await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        // The lease holder alone consumes a run's arrivals, under the run's lock.
+        Err(sqlx::Error::Protocol(format!("inbox row {id} was already consumed")))
+    }
+}
+
+/// A signal or a completion to keep for a run (whose row the caller holds locked).
+pub(crate) struct Delivery<'a> {
+    /// The run.
+    pub(crate) run_id: Uuid,
+    /// A signal or a completion.
+    pub(crate) kind: WaitKind,
+    /// The signal's name, or the completed step's.
+    pub(crate) name: &'a str,
+    /// The completed attempt.
+    pub(crate) attempt: Option<i32>,
+    /// The payload or output.
+    pub(crate) payload: Option<&'a Value>,
+    /// A completion's error.
+    pub(crate) error: Option<Value>,
+    /// The delivery's idempotency key.
+    pub(crate) key: Option<&'a str>,
+}
+
+/// What keeping a delivery did.
+#[derive(Debug)]
+pub(crate) enum Delivered {
+    /// Kept; `woke` when the run was waiting for it and is due now.
+    New {
+        /// Its id.
+        id: i64,
+        /// The run was waiting for it, unleased, and is due now.
+        woke: bool,
+    },
+    /// The same key (or, for a completion, the same attempt) was delivered before: that row.
+    Existing(InboxRow),
+}
+
+/// Keeps a delivery in the run's inbox and, when the run waits for exactly it (unleased),
+/// makes the run due at `now`. A delivery whose key was used, or a second completion of one
+/// attempt, writes nothing and returns the row kept before.
+pub(crate) async fn deliver(
+    conn: &mut PgConnection,
+    d: &Delivery<'_>,
+    now: DateTime<Utc>,
+) -> Result<Delivered, sqlx::Error> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO run_inbox (run_id, kind, name, attempt, payload, error, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT DO NOTHING RETURNING id",
+    )
+    .bind(d.run_id)
+    .bind(d.kind)
+    .bind(d.name)
+    .bind(d.attempt)
+    .bind(d.payload)
+    .bind(&d.error)
+    .bind(d.key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(id) = id else {
+        return match earlier_delivery(conn, d).await? {
+            Some(existing) => Ok(Delivered::Existing(existing)),
+            None => Err(sqlx::Error::RowNotFound),
+        };
+    };
+    let woke = sqlx::query(
+        "UPDATE runs SET ready_at = $3
+         WHERE id = $1 AND lease_owner IS NULL AND wait_kind = $2 AND wait_name = $4
+           AND ($5::int4 IS NULL OR wait_attempt = $5) AND ready_at > $3",
+    )
+    .bind(d.run_id)
+    .bind(d.kind)
+    .bind(now)
+    .bind(d.name)
+    .bind(d.attempt)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    Ok(Delivered::New { id, woke })
+}
+
+/// The delivery kept before with the same key (or, for a completion, of the same attempt).
+pub(crate) async fn earlier_delivery(
+    conn: &mut PgConnection,
+    d: &Delivery<'_>,
+) -> Result<Option<InboxRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {INBOX_COLUMNS} FROM run_inbox
+         WHERE run_id = $1 AND kind = $2 AND name = $3
+           AND (idempotency_key = $4 OR (kind = 'completion' AND attempt = $5))
+         ORDER BY id LIMIT 1"
+    )))
+    .bind(d.run_id)
+    .bind(d.kind)
+    .bind(d.name)
+    .bind(d.key)
+    .bind(d.attempt)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Moves the deadline of the run's wait for `attempt`'s completion (a heartbeat), and its
+/// due time with it while unleased. False if the run no longer waits for that attempt.
+pub(crate) async fn extend_wait(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    attempt: i32,
+    deadline: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE runs SET wait_deadline = $3,
+                         ready_at = CASE WHEN lease_owner IS NULL THEN $3 ELSE ready_at END
+         WHERE id = $1 AND wait_kind = 'completion' AND wait_attempt = $2",
+    )
+    .bind(run_id)
+    .bind(attempt)
+    .bind(deadline)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// What was received for a run, oldest first.
+pub async fn inbox_of<'e>(db: impl PgExecutor<'e>, run_id: Uuid) -> Result<Vec<InboxRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {INBOX_COLUMNS} FROM run_inbox WHERE run_id = $1 ORDER BY id"
+    )))
+    .bind(run_id)
+    .fetch_all(db)
+    .await
+}
+
+/// A waiting run, for the dashboard's list.
+#[derive(Debug, Clone, FromRow)]
+pub struct WaitingRun {
+    /// The run.
+    pub id: Uuid,
+    /// Its workflow.
+    pub workflow: String,
+    /// What operators search for.
+    pub subject: Option<String>,
+    /// What it waits for.
+    pub wait_kind: WaitKind,
+    /// The signal's name, or the step's.
+    pub wait_name: String,
+    /// The waiting step's name.
+    pub step: String,
+    /// When the wait ends with nothing received.
+    pub wait_deadline: DateTime<Utc>,
+}
+
+/// Waiting runs, soonest deadline first (overdue ones first of all), at most `limit`.
+pub async fn waiting_runs(pool: &PgPool, limit: i64) -> Result<Vec<WaitingRun>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id, r.workflow, r.subject, r.wait_kind, r.wait_name, s.name AS step, r.wait_deadline
+         FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.idx = r.wait_step
+         WHERE r.wait_kind IS NOT NULL
+         ORDER BY r.wait_deadline, r.id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many runs wait, and how many of them are past their deadline at `now` (not yet
+/// picked up: a worker should end those waits at once).
+pub async fn count_waiting(pool: &PgPool, now: DateTime<Utc>) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE wait_deadline < $1) FROM runs WHERE wait_kind IS NOT NULL")
+        .bind(now)
+        .fetch_one(pool)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------
 // Operator actions
 // ---------------------------------------------------------------------------------------
 
@@ -1330,6 +1678,8 @@ pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit:
              DELETE FROM run_steps s USING doomed WHERE s.run_id = doomed.id
          ), events AS (
              DELETE FROM run_events e USING doomed WHERE e.run_id = doomed.id
+         ), inbox AS (
+             DELETE FROM run_inbox i USING doomed WHERE i.run_id = doomed.id
          )
          DELETE FROM runs r USING doomed WHERE r.id = doomed.id",
     )

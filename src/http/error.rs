@@ -243,6 +243,31 @@ impl From<EngineError> for ApiError {
                 code: "already_retried",
                 message: e.to_string(),
             },
+            EngineError::RunKeyNotFound { key, .. } => Self::NotFound {
+                what: "run with idempotency key",
+                id: key,
+            },
+            e @ EngineError::RunFinished { .. } => Self::Conflict {
+                code: "run_finished",
+                message: e.to_string(),
+            },
+            e @ EngineError::UnknownSignal { .. } => Self::Conflict {
+                code: "unknown_signal",
+                message: e.to_string(),
+            },
+            EngineError::StepNotFound { step, .. } => Self::NotFound { what: "step", id: step },
+            e @ EngineError::NotAsynchronous { .. } => Self::Conflict {
+                code: "not_asynchronous",
+                message: e.to_string(),
+            },
+            e @ EngineError::StaleAttempt { .. } => Self::Conflict {
+                code: "stale_attempt",
+                message: e.to_string(),
+            },
+            e @ EngineError::AlreadyCompleted { .. } => Self::Conflict {
+                code: "already_completed",
+                message: e.to_string(),
+            },
             EngineError::Database(e) => e.into(),
             e @ (EngineError::Definition(_) | EngineError::PlanChanged { .. } | EngineError::Internal(_)) => {
                 Self::Internal(e.to_string())

@@ -111,6 +111,20 @@ impl<S: Send + Sync> FromRequestParts<S> for PathPair {
     }
 }
 
+/// Three path parameters as text, by the same rule as [`PathText`].
+pub struct PathTriple(pub String, pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathTriple {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((first, second, third))) => Ok(Self(usable(first)?, usable(second)?, usable(third)?)),
+            Err(_) => Err(unusable(parts.uri.path().to_string())),
+        }
+    }
+}
+
 fn unusable(id: String) -> ApiError {
     ApiError::NotFound { what: "path", id }
 }
@@ -192,4 +206,18 @@ mod tests {
         assert_eq!(field(json!("\u{0}")), Some(".".into()));
         assert_eq!(field(json!({"a": ["fine"], "b": {"c": "fine"}})), None);
     }
+}
+
+/// The `Idempotency-Key` header, if sent. The engine holds the rule for keys; a header that
+/// is not even text breaks it too.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|value| {
+            value
+                .to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::from(crate::engine::EngineError::InvalidIdempotencyKey))
+        })
+        .transpose()
 }

@@ -1,6 +1,7 @@
 //! The HTTP surface: [`app`] builds all of it, so tests drive exactly what the server serves.
 //!
 //! - [`runs`]: workflows and runs (trigger, list, inspect, log, retry, cancel).
+//! - [`waits`]: deliveries to waiting runs (signals, completions, heartbeats).
 //! - [`definitions`]: workflows defined as data (store, read, list and delete versions).
 //! - [`customers`]: auth identities, customers, released events.
 //! - [`schedules`]: cron schedules (create, read, replace, delete, enable, disable, fire now).
@@ -23,6 +24,7 @@ pub mod runs;
 pub mod schedules;
 pub mod serve;
 pub mod throttle;
+pub mod waits;
 
 use std::sync::Arc;
 
@@ -109,6 +111,10 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::run_events))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(waits::signal_run))
+        .routes(routes!(waits::signal_by_key))
+        .routes(routes!(waits::complete_step))
+        .routes(routes!(waits::heartbeat_step))
         .routes(routes!(definitions::put_definition, definitions::get_definition))
         .routes(routes!(definitions::list_versions))
         .routes(routes!(definitions::delete_version))

@@ -20,8 +20,8 @@ use super::auth::{AdminAccess, ApiAccess, Role};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, Params, PathText};
 use crate::engine::{
-    Access, EngineError, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, Source, StepStatus, Trigger,
-    TriggerOptions, Workflow,
+    Access, EventKind, Retried, RetryPolicy, RunDetail, RunStatus, Source, StepStatus, Trigger, TriggerOptions,
+    WaitKind, Workflow,
 };
 use crate::engine::{Cursor, EventRow, RunFilter, RunRow, StepRow};
 
@@ -59,6 +59,9 @@ pub struct RunBody {
     /// Why it is set aside, neither leased nor due: its recorded steps do not match its
     /// workflow version's plan on the instance that claimed it. Null for every other run.
     pub parked_reason: Option<String>,
+    /// While one of its steps waits (no lease held): for what, until when. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WaitingBody>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
@@ -68,6 +71,21 @@ pub struct RunBody {
     /// Its steps, in plan order (absent in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepBody>>,
+}
+
+/// What a waiting run waits for (DESIGN.md §9).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WaitingBody {
+    /// `signal`, `completion` or `sleep`.
+    pub kind: WaitKind,
+    /// The signal's name; the step's own name for a completion or a sleep.
+    pub name: String,
+    /// When the wait ends with nothing received (for a sleep: when it is over).
+    pub deadline: DateTime<Utc>,
+    /// The waiting step.
+    pub step: String,
+    /// The waiting attempt (a completion names it).
+    pub attempt: i32,
 }
 
 /// Why a run did not complete.
@@ -124,6 +142,16 @@ impl RunBody {
             message: e.message,
             retryable: e.retryable,
         });
+        let waiting = run.waiting().map(|w| WaitingBody {
+            kind: w.kind,
+            step: steps
+                .as_ref()
+                .and_then(|steps| steps.get(w.step))
+                .map_or_else(|| w.step.to_string(), |s| s.name.clone()),
+            name: w.name,
+            deadline: w.deadline,
+            attempt: i32::try_from(w.attempt).unwrap_or(i32::MAX),
+        });
         Self {
             id: run.id,
             workflow: run.workflow,
@@ -139,6 +167,7 @@ impl RunBody {
             trigger: run.trigger,
             cancel_requested: run.cancel_requested,
             parked_reason: run.parked_reason,
+            waiting,
             created_at: run.created_at,
             updated_at: run.updated_at,
             finished_at: run.finished_at,
@@ -345,7 +374,7 @@ pub async fn list_workflows(_: ApiAccess, State(state): State<Arc<AppState>>) ->
     })
 }
 
-fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::NotFound {
         what: "run",
         id: id.to_string(),
@@ -422,16 +451,7 @@ pub async fn trigger(
         return Err(ApiError::Forbidden);
     }
     let wait_ms = params.integer("wait_ms", 0, 30_000, 0)?;
-    // The engine holds the rule for keys; a header that is not even text breaks it too.
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .map(|value| {
-            value
-                .to_str()
-                .map(str::to_string)
-                .map_err(|_| ApiError::from(EngineError::InvalidIdempotencyKey))
-        })
-        .transpose()?;
+    let idempotency_key = super::extract::idempotency_key(&headers)?;
     let options = TriggerOptions {
         idempotency_key,
         trigger: Some(Trigger::Api),
