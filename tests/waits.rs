@@ -206,11 +206,13 @@ async fn a_waiting_run_holds_no_lease_and_a_signal_after_the_wait_wakes_it() {
     let log = kinds(&s.engine, run).await;
     let step = |k: K| (k, Some("await-payment".to_string()));
     let from = log.iter().position(|e| *e == step(K::StepStarted)).expect("started");
+    // Waiting, the run was handed back; the signal made it due, and a worker claimed it.
     assert_eq!(
-        log[from..from + 4],
+        log[from..from + 5],
         [
             step(K::StepStarted),
             step(K::StepWaiting),
+            (K::RunClaimed, None),
             step(K::SignalReceived),
             step(K::StepSucceeded)
         ]
