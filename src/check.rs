@@ -128,6 +128,71 @@ const RULES: &[Rule] = &[
                 AND e.kind::text <> 'run_' || r.status::text AND e.kind <> 'operator_retry'",
     },
     Rule {
+        name: "wait-has-deadline",
+        // A waiting run is running, names its deadline, and is due by it (or leased); its
+        // waiting step is running at the attempt the wait names; every wait logged a deadline.
+        sql: "SELECT r.id, format('waits for %s %s but is %s', r.wait_kind, r.wait_name, r.status)
+              FROM runs r WHERE r.wait_kind IS NOT NULL AND (r.wait_deadline IS NULL OR r.status <> 'running')
+              UNION ALL
+              SELECT r.id, format('waits for %s %s until %s, but is due at %s', r.wait_kind, r.wait_name,
+                                  r.wait_deadline, coalesce(r.ready_at::text, 'no time'))
+              FROM runs r WHERE r.wait_kind IS NOT NULL AND r.lease_owner IS NULL
+                AND (r.ready_at IS NULL OR r.ready_at > r.wait_deadline)
+              UNION ALL
+              SELECT r.id, format('waits at step %s attempt %s, but the step is %s at attempt %s',
+                                  s.name, r.wait_attempt, s.status, s.attempts)
+              FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.idx = r.wait_step
+              WHERE r.wait_kind IS NOT NULL AND (s.status <> 'running' OR s.attempts <> r.wait_attempt)
+              UNION ALL
+              SELECT e.run_id, format('step %s began waiting (seq %s) without a deadline', e.step, e.seq)
+              FROM run_events e WHERE e.kind = 'step_waiting' AND (e.detail->>'deadline') IS NULL",
+    },
+    Rule {
+        name: "signal-consumed-once",
+        // Each delivery (a signal or a completion) is consumed by at most one wait, and it is
+        // marked consumed exactly when the log says a wait consumed it.
+        sql: "SELECT e.run_id, format('inbox entry %s was consumed %s times', e.detail->>'inbox_id', count(*))
+              FROM run_events e WHERE e.kind IN ('signal_received', 'step_completed_externally')
+              GROUP BY e.run_id, e.detail->>'inbox_id' HAVING count(*) > 1
+              UNION ALL
+              SELECT i.run_id, format('inbox entry %s is marked consumed by %s, but no log entry consumed it',
+                                      i.id, i.consumed_by)
+              FROM run_inbox i WHERE i.consumed_at IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM run_events e
+                                WHERE e.run_id = i.run_id AND e.kind IN ('signal_received', 'step_completed_externally')
+                                  AND e.detail->>'inbox_id' = i.id::text)
+              UNION ALL
+              SELECT e.run_id, format('log entry %s consumed inbox entry %s, which is not marked consumed',
+                                      e.seq, e.detail->>'inbox_id')
+              FROM run_events e WHERE e.kind IN ('signal_received', 'step_completed_externally')
+                AND NOT EXISTS (SELECT 1 FROM run_inbox i
+                                WHERE i.run_id = e.run_id AND i.id::text = e.detail->>'inbox_id'
+                                  AND i.consumed_at IS NOT NULL)
+              UNION ALL
+              SELECT i.run_id, format('%s inbox entries of a missing run', count(*))
+              FROM run_inbox i WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = i.run_id) GROUP BY i.run_id",
+    },
+    Rule {
+        name: "completion-for-current-attempt",
+        // A completion is accepted only for the attempt that was waiting: its inbox entry
+        // names the attempt that logged the wait, and no newer attempt started in between.
+        sql: "SELECT e.run_id, format('step %s was completed (seq %s) for attempt %s, logged as attempt %s',
+                                      e.step, e.seq, i.attempt, e.attempt)
+              FROM run_events e JOIN run_inbox i ON i.run_id = e.run_id AND i.id::text = e.detail->>'inbox_id'
+              WHERE e.kind = 'step_completed_externally' AND i.attempt IS DISTINCT FROM e.attempt
+              UNION ALL
+              SELECT e.run_id, format('step %s was completed (seq %s) for attempt %s, which was not the one waiting',
+                                      e.step, e.seq, e.attempt)
+              FROM run_events e
+              WHERE e.kind = 'step_completed_externally'
+                AND NOT EXISTS (SELECT 1 FROM run_events w
+                                WHERE w.run_id = e.run_id AND w.step = e.step AND w.kind = 'step_waiting'
+                                  AND w.attempt = e.attempt AND w.seq < e.seq
+                                  AND NOT EXISTS (SELECT 1 FROM run_events n
+                                                  WHERE n.run_id = e.run_id AND n.step = e.step
+                                                    AND n.kind = 'step_started' AND n.seq > w.seq AND n.seq < e.seq))",
+    },
+    Rule {
         name: "outbox-released-exactly-for-completed",
         sql: "SELECT r.id, format('%s run with %s released and %s held events', r.status,
                                   count(*) FILTER (WHERE o.status = 'released'),

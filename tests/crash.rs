@@ -1170,3 +1170,245 @@ async fn runs_resumed_after_an_unclean_stop_commit_alone() {
     assert_invariants(&db.pool).await;
     server.kill9();
 }
+
+/// A defined saga that reserves, waits for the payment's signal (an hour), then ships.
+fn waiting_saga(participant: &common::participant::Participant) -> Value {
+    json!({
+        "endpoints": {"shop": {"base_url": participant.base_url(), "timeout": "20s"}},
+        "steps": [
+            {"name": "reserve", "invoke": {"endpoint": "shop", "path": "/reserve"},
+             "compensate": {"endpoint": "shop", "path": "/release"}},
+            {"name": "await-payment", "wait": {"signal": "payment.succeeded", "timeout": "1h"}},
+            {"name": "ship", "invoke": {"endpoint": "shop", "path": "/ship"}}
+        ]
+    })
+}
+
+async fn define_waiting(server: &ServerProcess, participant: &common::participant::Participant) {
+    let defined = client()
+        .put(format!("{}/v1/workflow-definitions/waiting-saga", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(&waiting_saga(participant))
+        .send()
+        .await
+        .expect("define");
+    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
+}
+
+async fn trigger_waiting(server: &ServerProcess, n: usize) -> String {
+    let triggered: Value = client()
+        .post(format!("{}/v1/workflows/waiting-saga/runs", server.url()))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"order": n}))
+        .send()
+        .await
+        .expect("trigger")
+        .json()
+        .await
+        .expect("json");
+    triggered["id"].as_str().expect("id").to_string()
+}
+
+async fn waiting_unleased(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM runs WHERE wait_kind IS NOT NULL AND lease_owner IS NULL")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+async fn signal(server: &ServerProcess, run: &str, key: &str) -> reqwest::StatusCode {
+    client()
+        .post(format!("{}/v1/runs/{run}/signals/payment.succeeded", server.url()))
+        .bearer_auth(API_TOKEN)
+        .header("idempotency-key", key)
+        .json(&json!({"paid": run}))
+        .send()
+        .await
+        .expect("signal")
+        .status()
+}
+
+/// The waits of every run, as (consumed deliveries, `signal_received` entries, wait attempts).
+async fn consumptions(pool: &PgPool) -> Vec<(i64, i64, i32)> {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM run_inbox i WHERE i.run_id = r.id AND i.consumed_at IS NOT NULL),
+                (SELECT count(*) FROM run_events e WHERE e.run_id = r.id AND e.kind = 'signal_received'),
+                s.attempts
+         FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.name = 'await-payment'
+         ORDER BY r.created_at",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("consumptions")
+}
+
+#[tokio::test]
+async fn sigkill_while_runs_wait_loses_no_wait_and_every_signal_is_consumed_once() {
+    let participant = common::participant::Participant::start().await;
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("waits")).await;
+    define_waiting(&server, &participant).await;
+    let mut runs = Vec::new();
+    for n in 0..6 {
+        runs.push(trigger_waiting(&server, n).await);
+    }
+    eventually(Duration::from_secs(20), "every run to wait", || async {
+        (waiting_unleased(&db.pool).await == 6).then_some(())
+    })
+    .await;
+    // One signal before the kill; two more to runs still waiting, the kill right after.
+    assert_eq!(signal(&server, &runs[0], "k0").await, reqwest::StatusCode::ACCEPTED);
+    assert_eq!(signal(&server, &runs[1], "k1").await, reqwest::StatusCode::ACCEPTED);
+    assert_eq!(signal(&server, &runs[2], "k2").await, reqwest::StatusCode::ACCEPTED);
+    server.kill9();
+    server.restart(Options::node("waits")).await;
+    // The webhook sender retries what it is not sure went through, then sends the rest.
+    for (i, run) in runs.iter().enumerate() {
+        let status = signal(&server, run, &format!("k{i}")).await;
+        assert!(status.is_success(), "{status}");
+    }
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    for run in &runs {
+        assert_eq!(run_status(&db.pool, run).await, "completed");
+    }
+    assert_eq!(
+        consumptions(&db.pool).await,
+        vec![(1, 1, 1); 6],
+        "each wait consumed one signal, once, in its first attempt (a wait is not lost with its worker)"
+    );
+    assert_eq!(participant.seen_at("/ship").len(), 6);
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn sigkill_while_a_signal_is_being_consumed_keeps_it_for_the_next_owner() {
+    let participant = common::participant::Participant::start().await;
+    let db = test_db().await;
+    let faulty = Options {
+        faults: Some("after-effect:await-payment".into()),
+        ..Options::node("consume")
+    };
+    let mut server = ServerProcess::start(&db.url, faulty).await;
+    define_waiting(&server, &participant).await;
+    let run = trigger_waiting(&server, 1).await;
+    eventually(Duration::from_secs(20), "the run to wait", || async {
+        (waiting_unleased(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(signal(&server, &run, "evt").await, reqwest::StatusCode::ACCEPTED);
+    let status = server.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "aborted (SIGABRT) taking the signal: {status:?}"
+    );
+    let pending: (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE consumed_at IS NULL), count(*) FROM run_inbox WHERE run_id = $1::uuid",
+    )
+    .bind(&run)
+    .fetch_one(&db.pool)
+    .await
+    .expect("inbox");
+    assert_eq!(
+        pending,
+        (1, 1),
+        "the crash undid the consumption: the signal is still there"
+    );
+    server.restart(Options::node("consume")).await;
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    assert_eq!(run_status(&db.pool, &run).await, "completed");
+    assert_eq!(consumptions(&db.pool).await, [(1, 1, 1)]);
+    assert_invariants(&db.pool).await;
+}
+
+/// An asynchronous capture: answered 202, completed later by the participant.
+fn async_saga(participant: &common::participant::Participant) -> Value {
+    json!({
+        "endpoints": {"shop": {"base_url": participant.base_url(), "timeout": "20s"}},
+        "steps": [
+            {"name": "capture", "invoke": {"endpoint": "shop", "path": "/capture"},
+             "compensate": {"endpoint": "shop", "path": "/refund"},
+             "async": {"timeout": "1h"}}
+        ]
+    })
+}
+
+#[tokio::test]
+async fn a_completion_from_the_attempt_lost_in_a_takeover_is_stale_and_the_current_one_completes() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    // The first call is held open past the kill; the second (the same key, attempt 2) is
+    // accepted at once.
+    participant.script(
+        "/capture",
+        [
+            Answer::After(
+                Duration::from_secs(30),
+                Box::new(Answer::Json(202, json!({"ticket": 1}))),
+            ),
+            Answer::Json(202, json!({"ticket": 2})),
+        ],
+    );
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("async")).await;
+    let defined = client()
+        .put(format!("{}/v1/workflow-definitions/async-saga", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(&async_saga(&participant))
+        .send()
+        .await
+        .expect("define");
+    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
+    let triggered: Value = client()
+        .post(format!("{}/v1/workflows/async-saga/runs", server.url()))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"order": 1}))
+        .send()
+        .await
+        .expect("trigger")
+        .json()
+        .await
+        .expect("json");
+    let run = triggered["id"].as_str().expect("id").to_string();
+    eventually(Duration::from_secs(20), "the capture call to be held open", || async {
+        (!participant.seen_at("/capture").is_empty()).then_some(())
+    })
+    .await;
+    server.kill9();
+    server.restart(Options::node("async")).await;
+    eventually(
+        Duration::from_secs(20),
+        "attempt 2 to wait for its completion",
+        || async { (waiting_unleased(&db.pool).await == 1).then_some(()) },
+    )
+    .await;
+    let calls = participant.seen_at("/capture");
+    assert_eq!(
+        calls.iter().map(|c| c.header("sagaflow-attempt")).collect::<Vec<_>>(),
+        ["1", "2"]
+    );
+    assert_eq!(calls[0].header("idempotency-key"), calls[1].header("idempotency-key"));
+    let complete = |attempt: &str| {
+        client()
+            .post(format!("{}/v1/runs/{run}/steps/capture/complete", server.url()))
+            .bearer_auth(API_TOKEN)
+            .header("sagaflow-attempt", attempt)
+            .json(&json!({"output": {"captured": attempt}}))
+            .send()
+    };
+    let stale = complete("1").await.expect("complete");
+    assert_eq!(stale.status(), reqwest::StatusCode::CONFLICT);
+    let body: Value = stale.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "stale_attempt", "{body}");
+    let current = complete("2").await.expect("complete");
+    assert_eq!(current.status(), reqwest::StatusCode::ACCEPTED);
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    assert_eq!(run_status(&db.pool, &run).await, "completed");
+    let output: Value = sqlx::query_scalar("SELECT output FROM run_steps WHERE run_id = $1::uuid")
+        .bind(&run)
+        .fetch_one(&db.pool)
+        .await
+        .expect("output");
+    assert_eq!(output, json!({"captured": "2"}));
+    assert_invariants(&db.pool).await;
+}

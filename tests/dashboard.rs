@@ -1902,3 +1902,73 @@ async fn the_workflows_page_shows_every_version_with_its_steps_and_no_secret() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_waiting_page_lists_each_wait_with_its_deadline_and_flags_the_overdue() {
+    let participant = common::participant::Participant::start().await;
+    let server = server::start().await;
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": [{"name": "await-payment", "wait": {"signal": "payment.succeeded", "timeout": "1h"}}]
+    });
+    let (status, body) = read(
+        server
+            .admin(Method::PUT, "/v1/workflow-definitions/patient")
+            .json(&definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let (_, run) = read(
+            server
+                .api(Method::POST, "/v1/workflows/patient/runs")
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .expect("trigger"),
+        )
+        .await;
+        ids.push(id_of(&run));
+    }
+    common::eventually(Duration::from_secs(10), "both runs to wait", || async {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE wait_kind IS NOT NULL AND lease_owner IS NULL")
+                .fetch_one(server.pool())
+                .await
+                .expect("count");
+        (waiting == 2).then_some(())
+    })
+    .await;
+    // As if its deadline had passed with no worker to end it (its due time left as it was).
+    sqlx::query("UPDATE runs SET wait_deadline = now() - interval '5 minutes' WHERE id = $1::uuid")
+        .bind(&ids[1])
+        .execute(server.pool())
+        .await
+        .expect("tamper");
+
+    let unauthenticated = Page::of(client().get(server.url("/waiting")).send().await.expect("get")).await;
+    assert_eq!(unauthenticated.status, StatusCode::SEE_OTHER);
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, "/waiting").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let text = words_of(&page.body);
+    assert!(text.contains("2 runs waiting, 1 overdue"), "{text}");
+    assert!(text.contains("await-payment signal payment.succeeded"), "{text}");
+    assert!(text.contains("overdue by 5 min"), "{text}");
+    assert!(text.contains("in 59 min") || text.contains("in 1 h 00 min"), "{text}");
+    for id in &ids {
+        assert!(page.body.contains(&format!("href=\"/runs/{id}\"")), "{id} not listed");
+    }
+    let list = words_of(&session.get(&server, "/").await.body);
+    assert!(list.contains("waiting 2 1 overdue"), "{list}");
+    let run = words_of(&session.get(&server, &format!("/runs/{}", ids[0])).await.body);
+    assert!(
+        run.contains("Waiting: Step await-payment waits for signal payment.succeeded until"),
+        "{run}"
+    );
+    server.stop().await;
+}

@@ -973,3 +973,470 @@ async fn a_compensated_defined_run_is_retried_as_a_new_linked_run() {
     );
     server.stop().await;
 }
+
+/// Reserve stock, wait for the payment's signal, capture asynchronously (answered 202,
+/// completed later), then a sleep until the input's moment.
+fn waiting_order(participant: &Participant, wait: &str) -> Value {
+    json!({
+        "description": "Reserve, wait for payment, capture",
+        "subject": "/order/email",
+        "endpoints": {"shop": {"base_url": participant.base_url(), "timeout": "5s"}},
+        "steps": [
+            {"name": "reserve-stock",
+             "invoke": {"endpoint": "shop", "path": "/stock/reserve"},
+             "compensate": {"endpoint": "shop", "path": "/stock/release"}},
+            {"name": "await-payment",
+             "wait": {"signal": "payment.succeeded", "timeout": wait, "on_timeout": "fail"}},
+            {"name": "capture",
+             "invoke": {"endpoint": "shop", "path": "/capture"},
+             "compensate": {"endpoint": "shop", "path": "/refund"},
+             "async": {"timeout": "1h", "heartbeat_timeout": "30s"}},
+            {"name": "settle", "sleep_until": {"pointer": "/order/settle_at"}}
+        ]
+    })
+}
+
+async fn waiting_for(server: &TestServer, run: &str, kind: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = read(
+            server
+                .api(Method::GET, &format!("/v1/runs/{run}"))
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        if body["waiting"]["kind"] == kind {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {run} is not waiting for a {kind}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn post(server: &TestServer, path: &str, key: Option<&str>, body: Value) -> (StatusCode, Value) {
+    let mut request = server.api(Method::POST, path).json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    read(request.send().await.expect("post")).await
+}
+
+#[tokio::test]
+async fn a_defined_order_waits_for_its_signal_and_an_asynchronous_completion() {
+    let participant = Participant::start().await;
+    participant.script("/capture", [Answer::Json(202, json!({"ticket": "cap-1"}))]);
+    let server = start().await;
+    assert_eq!(
+        put(&server, "order-waits", &waiting_order(&participant, "30m")).await.0,
+        StatusCode::CREATED
+    );
+    let settle_at = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let input = json!({"order": {"id": "o-1", "email": "o-1@example.com", "settle_at": settle_at}});
+    let (status, created) = read(
+        server
+            .api(Method::POST, "/v1/workflows/order-waits/runs")
+            .header("idempotency-key", "order-1")
+            .json(&input)
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let run = created["id"].as_str().expect("id").to_string();
+
+    let waiting = waiting_for(&server, &run, "signal").await;
+    assert_eq!(waiting["status"], "running");
+    assert_eq!(waiting["waiting"]["name"], "payment.succeeded");
+    assert_eq!(waiting["waiting"]["step"], "await-payment");
+    assert!(waiting["waiting"]["deadline"].is_string());
+    assert_eq!(waiting["steps"][1]["status"], "running");
+
+    // Refusals first: none of them changes anything.
+    let undeclared = post(
+        &server,
+        &format!("/v1/runs/{run}/signals/payment.failed"),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (undeclared.0, undeclared.1["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("unknown_signal"))
+    );
+    let nobody = post(
+        &server,
+        &format!("/v1/runs/{}/signals/payment.succeeded", uuid::Uuid::now_v7()),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(nobody.0, StatusCode::NOT_FOUND);
+    let bad_key = post(
+        &server,
+        "/v1/workflows/order-waits/runs/by-key/no-such-order/signals/payment.succeeded",
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(bad_key.0, StatusCode::NOT_FOUND, "{}", bad_key.1);
+    let too_big = server
+        .api(Method::POST, &format!("/v1/runs/{run}/signals/payment.succeeded"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"pad\": \"{}\"}}", "x".repeat(70 * 1024)))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let garbage = server
+        .api(Method::POST, &format!("/v1/runs/{run}/signals/payment.succeeded"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM run_inbox")
+        .fetch_one(server.pool())
+        .await
+        .expect("count");
+    assert_eq!(kept, 0);
+
+    // The payment provider's webhook knows the order, not the run; it delivers twice.
+    let by_key = "/v1/workflows/order-waits/runs/by-key/order-1/signals/payment.succeeded";
+    let (status, first) = post(&server, by_key, Some("evt_1"), json!({"amount": 500})).await;
+    assert_eq!(
+        (status, first["delivered"].clone()),
+        (StatusCode::ACCEPTED, json!("now")),
+        "{first}"
+    );
+    let (status, again) = post(&server, by_key, Some("evt_1"), json!({"amount": 500})).await;
+    assert_eq!(
+        (status, again["delivered"].clone(), again["id"].clone()),
+        (StatusCode::OK, json!("duplicate"), first["id"].clone())
+    );
+
+    // The capture answered 202: the step waits for its completion.
+    let waiting = waiting_for(&server, &run, "completion").await;
+    assert_eq!(waiting["waiting"]["name"], "capture");
+    assert_eq!(
+        waiting["steps"][1]["output"],
+        json!({"amount": 500}),
+        "the payload is the wait's output"
+    );
+    let call = &participant.seen_at("/capture")[0];
+    assert_eq!(call.body["steps"]["await-payment"]["output"], json!({"amount": 500}));
+    let attempt = call.header("sagaflow-attempt");
+    assert_eq!(attempt, "1");
+    let complete = format!("/v1/runs/{run}/steps/capture/complete");
+    let heartbeat = read(
+        server
+            .api(Method::POST, &format!("/v1/runs/{run}/steps/capture/heartbeat"))
+            .header("sagaflow-attempt", &attempt)
+            .send()
+            .await
+            .expect("heartbeat"),
+    )
+    .await;
+    assert_eq!(heartbeat.0, StatusCode::OK, "{}", heartbeat.1);
+    assert!(heartbeat.1["deadline"].is_string());
+    let unnamed = post(&server, &complete, None, json!({"output": {}})).await;
+    assert_eq!(
+        (unnamed.0, unnamed.1["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("attempt"))
+    );
+    let stale = post(&server, &complete, None, json!({"attempt": 2, "output": {}})).await;
+    assert_eq!(
+        (stale.0, stale.1["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("stale_attempt"))
+    );
+    let both = post(
+        &server,
+        &complete,
+        None,
+        json!({"attempt": 1, "output": {}, "error": {"message": "x"}}),
+    )
+    .await;
+    assert_eq!(both.0, StatusCode::UNPROCESSABLE_ENTITY);
+    let not_async = post(
+        &server,
+        &format!("/v1/runs/{run}/steps/reserve-stock/complete"),
+        None,
+        json!({"attempt": 1, "output": {}}),
+    )
+    .await;
+    assert_eq!(
+        (not_async.0, not_async.1["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_asynchronous"))
+    );
+    let (status, done) = post(
+        &server,
+        &complete,
+        None,
+        json!({"attempt": 1, "output": {"captured": 500}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{done}");
+
+    let finished = server.wait_terminal(&run).await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    assert_eq!(finished["steps"][2]["output"], json!({"captured": 500}));
+    assert!(finished.get("waiting").is_none());
+    let kinds: Vec<String> = events(&server, &run)
+        .await
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_string))
+        .collect();
+    for kind in ["step_waiting", "signal_received", "step_completed_externally"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} not in {kinds:?}");
+    }
+    // The sleep until a moment already passed ended at once.
+    assert_eq!(finished["steps"][3]["status"], "succeeded");
+    let after = post(
+        &server,
+        &format!("/v1/runs/{run}/signals/payment.succeeded"),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (after.0, after.1["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("run_finished"))
+    );
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_defined_wait_past_its_deadline_fails_and_the_saga_compensates() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    assert_eq!(
+        put(&server, "order-waits", &waiting_order(&participant, "1s")).await.0,
+        StatusCode::CREATED
+    );
+    let input =
+        json!({"order": {"id": "o-2", "email": "o-2@example.com", "settle_at": chrono::Utc::now().to_rfc3339()}});
+    let done = run(&server, "order-waits", &input).await;
+    assert_eq!(done["status"], "compensated", "{done}");
+    assert_eq!(done["error"]["step"], "await-payment");
+    assert_eq!(
+        participant.paths(),
+        ["/stock/reserve", "/stock/release"],
+        "nothing was captured"
+    );
+    let kinds: Vec<String> = events(&server, done["id"].as_str().expect("id"))
+        .await
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_string))
+        .collect();
+    assert!(kinds.iter().any(|k| k == "wait_timed_out"), "{kinds:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_definition_whose_waits_cannot_work_is_refused_naming_the_field() {
+    let participant = Participant::start().await;
+    let server = start().await;
+    let base = waiting_order(&participant, "30m");
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|d| d["steps"][1]["wait"] = json!({"signal": "payment.succeeded"})),
+            "steps[1].wait.timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["wait"]["timeout"] = json!("40days")),
+            "steps[1].wait.timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["wait"]["timeout"] = json!("soon")),
+            "steps[1].wait.timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["wait"]["signal"] = json!("")),
+            "steps[1].wait.signal",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["wait"]["on_timeout"] = json!("retry")),
+            "steps[1].wait.on_timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["compensate"] = json!({"endpoint": "shop", "path": "/x"})),
+            "steps[1].compensate",
+        ),
+        (
+            Box::new(|d| d["steps"][1]["invoke"] = json!({"endpoint": "shop", "path": "/x"})),
+            "steps[1]",
+        ),
+        (
+            Box::new(|d| d["steps"][2]["async"] = json!({"heartbeat_timeout": "1m"})),
+            "steps[2].async.timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][2]["async"]["heartbeat_timeout"] = json!("2h")),
+            "steps[2].async.heartbeat_timeout",
+        ),
+        (
+            Box::new(|d| d["steps"][3]["sleep_until"]["pointer"] = json!("order.settle_at")),
+            "steps[3].sleep_until.pointer",
+        ),
+        (
+            Box::new(|d| d["steps"][3] = json!({"name": "settle", "sleep": "0s"})),
+            "steps[3].sleep",
+        ),
+        (
+            Box::new(|d| d["steps"][3] = json!({"name": "settle"})),
+            "steps[3].invoke",
+        ),
+    ];
+    for (edit, field) in cases {
+        let mut definition = base.clone();
+        edit(&mut definition);
+        let (status, body) = put(&server, "order-waits", &definition).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+    }
+    assert_eq!(
+        stored_definitions(&server).await,
+        0,
+        "a refused definition stores nothing"
+    );
+    // A sleep until a moment the input lacks is refused at trigger, naming the field.
+    assert_eq!(put(&server, "order-waits", &base).await.0, StatusCode::CREATED);
+    let (status, body) = read(
+        server
+            .api(Method::POST, "/v1/workflows/order-waits/runs")
+            .json(&json!({"order": {"id": "o-3", "email": "o-3@example.com", "settle_at": "next week"}}))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("order.settle_at")),
+        "{body}"
+    );
+    server.stop().await;
+}
+
+/// Reads one sample of a gauge from the metrics text (`name{labels} value`).
+fn gauge(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_thousand_waiting_runs_hold_no_worker_slot_and_no_connection() {
+    use futures::StreamExt;
+    let participant = Participant::start().await;
+    let server = start().await;
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": [{"name": "await-payment", "wait": {"signal": "payment.succeeded", "timeout": "1h"}}]
+    });
+    assert_eq!(put(&server, "patient", &definition).await.0, StatusCode::CREATED);
+    // What the idle instance holds itself: its LISTEN connections (the worker's and the
+    // scheduler's wake-ups, the definitions' announcements), one each for its life.
+    let idle = |metrics: &str| {
+        let read = |series: &str| gauge(metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"));
+        (
+            read("sagaflow_worker_slots_busy"),
+            read("sagaflow_db_connections_busy{pool=\"worker\"}"),
+            read("sagaflow_db_connections_busy{pool=\"api\"}"),
+        )
+    };
+    // The idle instance's own, once its start and the PUT have given back what they used:
+    // the lowest reading over a second.
+    let mut baseline = idle(&server.metrics().await);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = idle(&server.metrics().await);
+        baseline = (baseline.0.min(now.0), baseline.1.min(now.1), baseline.2.min(now.2));
+    }
+    assert_eq!(baseline.0, 0.0);
+    let ids: Vec<String> = futures::stream::iter(0..1000)
+        .map(|i| {
+            let request = server
+                .api(Method::POST, "/v1/workflows/patient/runs")
+                .json(&json!({"n": i}));
+            async move {
+                let (status, body) = read(request.send().await.expect("trigger")).await;
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+                body["id"].as_str().expect("id").to_string()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE wait_kind IS NOT NULL AND lease_owner IS NULL")
+                .fetch_one(server.pool())
+                .await
+                .expect("count");
+        if waiting == 1000 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{waiting} of 1000 runs wait");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every run waits: no executor is left holding a slot, and the pools are back to what
+    // the idle instance held (a heartbeat or a recovery pass may hold one for a moment, so
+    // look until they are).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = idle(&server.metrics().await);
+        if now == baseline {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "with 1000 runs waiting (slots, worker, api connections) are {now:?}, idle {baseline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And each goes on once its signal arrives.
+    futures::stream::iter(ids.iter())
+        .map(|id| {
+            let request = server
+                .api(Method::POST, &format!("/v1/runs/{id}/signals/payment.succeeded"))
+                .json(&json!({"paid": true}));
+            async move {
+                let (status, body) = read(request.send().await.expect("signal")).await;
+                assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'completed'")
+            .fetch_one(server.pool())
+            .await
+            .expect("count");
+        if completed == 1000 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{completed} of 1000 completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}

@@ -200,7 +200,8 @@ async fn a_retryable_failure_is_retried_after_a_durable_backoff() {
 #[tokio::test]
 async fn a_backoff_is_waited_for_on_the_engine_clock() {
     let db = test_db().await;
-    let start = chrono::Utc::now();
+    // To the microsecond: the engine's times are kept as PostgreSQL keeps them.
+    let start = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let clock = std::sync::Arc::new(ManualClock::new(start));
     let hour = Duration::from_secs(3600);
     let workflow = Workflow::builder("hourly-retry", 1)

@@ -156,3 +156,82 @@ async fn the_example_order_saga_completes_compensates_and_refuses_a_wrong_signat
     );
     server.stop().await;
 }
+
+/// The README's waiting order: paid by a signal addressed by the order's key (delivered twice,
+/// consumed once) and shipped; an order nobody pays has its stock released at the deadline
+/// (shortened here from the file's 30 s to 1 s).
+#[tokio::test]
+async fn the_example_waiting_order_ships_once_paid_and_releases_its_stock_when_not() {
+    if !python3() {
+        return;
+    }
+    let port = common::process::free_port();
+    let _participant = participant(port).await;
+    let server = server::start_with(|config| {
+        config.defined.vars = Some(Arc::new(|name: &str| {
+            (name == "SAGAFLOW_SECRET_SHOP").then(|| SECRET.to_string())
+        }))
+    })
+    .await;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/order-saga/order-waits.json"
+    ))
+    .expect("order-waits.json");
+    let mut definition: Value = serde_json::from_str(&text).expect("json");
+    definition["endpoints"]["shop"]["base_url"] = json!(format!("http://127.0.0.1:{port}/saga"));
+    definition["steps"][1]["wait"]["timeout"] = json!("1s");
+    let (status, body) = read(
+        server
+            .admin(Method::PUT, "/v1/workflow-definitions/order-waits")
+            .json(&definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let trigger = |key: &'static str, id: &'static str| {
+        let server = &server;
+        async move {
+            let (status, body) = read(
+                server
+                    .api(Method::POST, "/v1/workflows/order-waits/runs")
+                    .header("idempotency-key", key)
+                    .json(&json!({"order": {"id": id, "email": format!("{id}@example.com")}}))
+                    .send()
+                    .await
+                    .expect("trigger"),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["id"].as_str().expect("id").to_string()
+        }
+    };
+    let paid = trigger("order-2001", "2001").await;
+    let unpaid = trigger("order-2002", "2002").await;
+    // Signalled at once: kept even if the run has not reached its wait yet.
+    let webhook = "/v1/workflows/order-waits/runs/by-key/order-2001/signals/payment.succeeded";
+    for expected in [StatusCode::ACCEPTED, StatusCode::OK] {
+        let (status, body) = read(
+            server
+                .api(Method::POST, webhook)
+                .header("idempotency-key", "evt_1")
+                .json(&json!({"amount": 4200}))
+                .send()
+                .await
+                .expect("signal"),
+        )
+        .await;
+        assert_eq!(status, expected, "{body}");
+    }
+    let shipped = server.wait_terminal(&paid).await;
+    assert_eq!(shipped["status"], "completed", "{shipped}");
+    assert_eq!(shipped["steps"][1]["output"], json!({"amount": 4200}));
+    assert_eq!(shipped["output"], json!({"shipment": "S-2001"}));
+    let released = server.wait_terminal(&unpaid).await;
+    assert_eq!(released["status"], "compensated", "{released}");
+    assert_eq!(released["error"]["step"], "await-payment");
+    assert_eq!(released["steps"][0]["status"], "compensated");
+    server.stop().await;
+}

@@ -654,3 +654,65 @@ async fn heartbeats_keep_an_asynchronous_step_alive_and_a_missing_one_lets_it_ti
     assert!(matches!(refused, Err(EngineError::RunFinished { .. })), "{refused:?}");
     s.worker.expect("worker").shutdown().await;
 }
+
+#[tokio::test]
+async fn the_checker_holds_waits_to_their_rules_and_sees_each_broken() {
+    let db = test_db().await;
+    let s = setup(&db.pool, true).await;
+    let signalled = trigger(&s.engine, "order", json!({})).await;
+    let completed = trigger(&s.engine, "capture", json!({})).await;
+    let waits = trigger(&s.engine, "order", json!({})).await;
+    waiting(&s.engine, signalled).await;
+    waiting(&s.engine, completed).await;
+    waiting(&s.engine, waits).await;
+    s.engine
+        .signal(signalled, "payment.succeeded", &json!({}), None)
+        .await
+        .expect("signal");
+    let completion = Completion {
+        attempt: 1,
+        outcome: Ok(json!({})),
+        key: None,
+    };
+    s.engine
+        .complete_step(completed, "submit", completion)
+        .await
+        .expect("complete");
+    finish(&s.engine, signalled).await;
+    finish(&s.engine, completed).await;
+    let rules = |found: &[sagaflow::check::Violation]| found.iter().map(|v| (v.rule, v.run_id)).collect::<Vec<_>>();
+    let clean = sagaflow::check::violations(&db.pool, &s.engine).await.expect("check");
+    assert_eq!(rules(&clean), [], "{clean:?}");
+    s.worker.expect("worker").shutdown().await;
+
+    // A wait whose due time is past its deadline (recovery would end it late, or never).
+    sqlx::query("UPDATE runs SET ready_at = wait_deadline + interval '1 day' WHERE id = $1")
+        .bind(waits)
+        .execute(&db.pool)
+        .await
+        .expect("tamper");
+    // A delivery marked consumed that no wait consumed.
+    sqlx::query(
+        "INSERT INTO run_inbox (run_id, kind, name, consumed_at, consumed_by)
+         VALUES ($1, 'signal', 'payment.succeeded', now(), 'await-payment')",
+    )
+    .bind(signalled)
+    .execute(&db.pool)
+    .await
+    .expect("tamper");
+    // The completion recorded as if for another attempt than the one that waited.
+    sqlx::query("UPDATE run_inbox SET attempt = 7 WHERE run_id = $1")
+        .bind(completed)
+        .execute(&db.pool)
+        .await
+        .expect("tamper");
+    let found = sagaflow::check::violations(&db.pool, &s.engine).await.expect("check");
+    let found = rules(&found);
+    for expected in [
+        ("wait-has-deadline", Some(waits)),
+        ("signal-consumed-once", Some(signalled)),
+        ("completion-for-current-attempt", Some(completed)),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} not in {found:?}");
+    }
+}

@@ -375,6 +375,11 @@ impl RunTask {
             w.deadline = deadline;
             self.copy.run.wait_deadline = Some(deadline);
         }
+        if arrival.is_some() {
+            // What the wait waited for is taken, not yet consumed: a crash here keeps it.
+            let name = &self.workflow.steps[step].name;
+            self.engine.inner.faults.checkpoint(FaultPoint::AfterEffect, name);
+        }
         self.record(Event::WaitPolled { step, arrival }, Some(tx)).await
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Syntax: a comma list of `POINT:STEP[:N]`.
 //! - `before:STEP` aborts once the attempt is recorded as started, before the step runs.
-//! - `after-effect:STEP` aborts after the step did its work, before its outcome commits.
+//! - `after-effect:STEP` aborts after the step did its work, before its outcome commits (for
+//!   a step that waits: once the signal or completion it waits for was taken from the run's
+//!   inbox, before its consumption commits).
 //! - `after-commit:STEP` aborts right after the outcome of the step's attempt committed.
 //! - `compensate:STEP` aborts after the step's compensation did its work, before it commits.
 //! - `fail:STEP` makes the step return a retryable error instead of running.

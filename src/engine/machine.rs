@@ -690,7 +690,10 @@ impl<'a> Machine<'a> {
                         self.succeeded(state, step, output, json!({}), t);
                         None
                     }
-                    Err(error) => self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t),
+                    Err(error) => {
+                        let error = with_accepted_work(state, step, error);
+                        self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t)
+                    }
                 }
             }
             None if cond.now < waiting.deadline => Some(Next::Release {
@@ -728,6 +731,7 @@ impl<'a> Machine<'a> {
                             "waited for {what} until {}; nothing arrived",
                             waiting.deadline.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                         ));
+                        let error = with_accepted_work(state, step, error);
                         self.attempt_failed(state, (step, Phase::Invoke), error, Failure::Attempt, cond, t)
                     }
                 }
@@ -746,11 +750,15 @@ impl<'a> Machine<'a> {
         s.status = StepStatus::Failed;
         s.error = Some(StepError::permanent(message.clone()));
         t.marks.insert(waiting.step, TimeMark::Finished);
+        let mut detail = json!({"error": message, "retryable": false, "waiting_for": waiting.name});
+        if let Some(partial) = &s.partial {
+            detail["partial"] = partial.clone();
+        }
         t.log(
             EventKind::StepFailed,
             Some(self.name(waiting.step)),
             Some(waiting.attempt),
-            json!({"error": message, "retryable": false, "waiting_for": waiting.name}),
+            detail,
         );
     }
 
@@ -861,6 +869,16 @@ fn schedule_retry(
         json!({"at": ready_at, "delay_ms": delay.as_millis() as u64, "phase": phase}),
     );
     Next::Release { ready_at }
+}
+
+/// An asynchronous attempt that ends without success keeps what it was accepted to do as its
+/// partial work (unless the failure reports its own), so that its compensation runs and the
+/// log says why.
+fn with_accepted_work(state: &RunState, step: usize, error: StepError) -> StepError {
+    match (&error.partial, &state.steps[step].partial) {
+        (None, Some(accepted)) => error.with_partial(accepted.clone()),
+        _ => error,
+    }
 }
 
 fn after(now: DateTime<Utc>, duration: std::time::Duration) -> DateTime<Utc> {

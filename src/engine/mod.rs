@@ -52,7 +52,9 @@ pub use inbox::{Completion, Delivery, DeliveryOutcome};
 pub use retry::RetryPolicy;
 pub use state::{RunError, RunState, StepError, StepState, Waiting};
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger, WaitKind};
-pub use store::{Cursor, DurationBucket, EventRow, FinishedMinute, RunFilter, RunRow, StepBrief, StepRow};
+pub use store::{
+    Cursor, DurationBucket, EventRow, FinishedMinute, InboxRow, RunFilter, RunRow, StepBrief, StepRow, WaitingRun,
+};
 pub use worker::WorkerHandle;
 
 /// The engine's SQL internals, for tests that must write past the engine's own checks (an
@@ -97,6 +99,10 @@ pub mod metrics_names {
     pub const RUNS_DELETED: &str = "sagaflow_runs_deleted_total";
     /// Runs set aside because their steps did not match their plan (they need an operator).
     pub const RUNS_PARKED: &str = "sagaflow_runs_parked_total";
+    /// Worker slots in use now (a run being driven holds one; a waiting run holds none).
+    pub const SLOTS_BUSY: &str = "sagaflow_worker_slots_busy";
+    /// Database connections in use now, by pool (`worker`, `api`).
+    pub const CONNECTIONS_BUSY: &str = "sagaflow_db_connections_busy";
 }
 
 /// Everything that can go wrong in an engine call.
@@ -382,6 +388,18 @@ impl EngineBuilder {
             }),
         })
     }
+}
+
+/// What an instance holds at one moment (see [`Engine::load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Worker slots in use: runs an executor drives now (claimed, in an attempt or being
+    /// recorded).
+    pub slots_busy: usize,
+    /// Connections of the worker's pool in use.
+    pub worker_connections_busy: u32,
+    /// Connections of the API's pool in use.
+    pub api_connections_busy: u32,
 }
 
 /// The durable saga engine: cheap to clone, shared by the API and the worker.
@@ -697,6 +715,22 @@ impl Engine {
     pub(crate) fn now(&self) -> DateTime<Utc> {
         use chrono::SubsecRound;
         self.inner.clock.now().trunc_subsecs(6)
+    }
+
+    /// What this instance holds right now: worker slots and database connections in use.
+    pub fn load(&self) -> Load {
+        let busy = |pool: &PgPool| {
+            pool.size()
+                .saturating_sub(u32::try_from(pool.num_idle()).unwrap_or(u32::MAX))
+        };
+        let worker = self.inner.worker.read().ok().and_then(|w| w.clone());
+        Load {
+            // The executors alive, not the permits taken: a claim in flight holds a batch
+            // of permits for a moment, whatever it finds.
+            slots_busy: worker.as_ref().map_or(0, |w| w.driving()),
+            worker_connections_busy: busy(&self.inner.worker_pool),
+            api_connections_busy: busy(&self.inner.pool),
+        }
     }
 
     pub(crate) fn lease_ms(&self) -> i64 {

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::status::RunStatus;
-use super::store::{self, DurationBucket, FinishedMinute, RunFilter, StepBrief};
+use super::store::{self, DurationBucket, FinishedMinute, RunFilter, StepBrief, WaitingRun};
 use super::{Engine, EngineError};
 
 /// Reads over the runs of one engine's database.
@@ -33,6 +33,17 @@ impl RunReads {
     /// Unfinished runs per `(workflow, version)`.
     pub async fn unfinished_by_version(&self) -> Result<Vec<(String, i32, i64)>, EngineError> {
         Ok(store::unfinished_by_version(&self.pool).await?)
+    }
+
+    /// Waiting runs, soonest deadline first (the overdue ones at the top), at most `limit`.
+    pub async fn waiting_runs(&self, limit: i64) -> Result<Vec<WaitingRun>, EngineError> {
+        Ok(store::waiting_runs(&self.pool, limit).await?)
+    }
+
+    /// How many runs wait, and how many of them are past their deadline at `now` (a worker
+    /// should have ended those waits: many overdue ones mean no worker is claiming).
+    pub async fn count_waiting(&self, now: DateTime<Utc>) -> Result<(i64, i64), EngineError> {
+        Ok(store::count_waiting(&self.pool, now).await?)
     }
 
     /// The steps of several runs without their outputs (for lists showing progress).

@@ -1584,16 +1584,6 @@ pub(crate) async fn extend_wait(
     Ok(done.rows_affected() == 1)
 }
 
-/// What was received for a run, oldest first.
-pub async fn inbox_of<'e>(db: impl PgExecutor<'e>, run_id: Uuid) -> Result<Vec<InboxRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {INBOX_COLUMNS} FROM run_inbox WHERE run_id = $1 ORDER BY id"
-    )))
-    .bind(run_id)
-    .fetch_all(db)
-    .await
-}
-
 /// A waiting run, for the dashboard's list.
 #[derive(Debug, Clone, FromRow)]
 pub struct WaitingRun {

@@ -138,6 +138,11 @@ impl WorkerShared {
         self.spawn(RunTask::new(engine.clone(), worker, workflow, lease, slot));
     }
 
+    /// How many runs an executor of this worker is driving now (a waiting run is not one).
+    pub(crate) fn driving(&self) -> usize {
+        self.active().len()
+    }
+
     fn spawn(self: &Arc<Self>, task: RunTask) {
         let abort = self.abort.clone();
         let (run, epoch) = (task.run_id, task.epoch);

@@ -190,6 +190,20 @@ impl Params {
     }
 }
 
+/// The `Idempotency-Key` header, if sent. The engine holds the rule for keys; a header that
+/// is not even text breaks it too.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|value| {
+            value
+                .to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::from(crate::engine::EngineError::InvalidIdempotencyKey))
+        })
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,18 +220,4 @@ mod tests {
         assert_eq!(field(json!("\u{0}")), Some(".".into()));
         assert_eq!(field(json!({"a": ["fine"], "b": {"c": "fine"}})), None);
     }
-}
-
-/// The `Idempotency-Key` header, if sent. The engine holds the rule for keys; a header that
-/// is not even text breaks it too.
-pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get("idempotency-key")
-        .map(|value| {
-            value
-                .to_str()
-                .map(str::to_string)
-                .map_err(|_| ApiError::from(crate::engine::EngineError::InvalidIdempotencyKey))
-        })
-        .transpose()
 }

@@ -47,6 +47,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
+    metrics::describe_gauge!(
+        m::SLOTS_BUSY,
+        "Worker slots in use (a run being driven holds one; a waiting run none)"
+    );
+    metrics::describe_gauge!(m::CONNECTIONS_BUSY, "Database connections in use, by pool");
     metrics::describe_counter!(m::RUNS_STARTED, "Runs accepted, by workflow and trigger");
     metrics::describe_counter!(
         m::RUNS_FINISHED,

@@ -184,7 +184,13 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<Health>, Api
 #[utoipa::path(get, path = "/metrics", tag = "system",
     security(("bearer" = [])),
     responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorBody)))]
-async fn metrics_text(_: ApiAccess) -> Response {
+async fn metrics_text(_: ApiAccess, State(state): State<Arc<AppState>>) -> Response {
+    let load = state.engine.load();
+    ::metrics::gauge!(crate::engine::metrics_names::SLOTS_BUSY).set(load.slots_busy as f64);
+    ::metrics::gauge!(crate::engine::metrics_names::CONNECTIONS_BUSY, "pool" => "worker")
+        .set(f64::from(load.worker_connections_busy));
+    ::metrics::gauge!(crate::engine::metrics_names::CONNECTIONS_BUSY, "pool" => "api")
+        .set(f64::from(load.api_connections_busy));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

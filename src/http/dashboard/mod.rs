@@ -6,6 +6,7 @@
 //! - [`runs`]: the runs list with its filters, counts and overview charts.
 //! - [`run`]: a run's page, and the Retry and Cancel actions.
 //! - [`schedules`]: the schedules page, and the Enable, Disable and Fire now actions.
+//! - [`waiting`]: the runs that wait (for a signal, a completion or time), overdue flagged.
 //! - [`timeline`] and [`charts`]: SVG geometry computed from runs and their logs (pure).
 //! - [`live`]: one LISTEN per process fanned out to pages as server-sent events.
 //! - [`assets`]: the stylesheet and script, embedded in the binary.
@@ -27,6 +28,7 @@ pub mod schedules;
 pub mod session;
 pub mod store;
 pub mod timeline;
+pub mod waiting;
 pub mod workflows;
 
 use std::collections::HashMap;
@@ -74,6 +76,7 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/runs/{id}/cancel", post(run::cancel))
         .route("/schedules", get(schedules::page))
         .route("/workflows", get(workflows::page))
+        .route("/waiting", get(waiting::page))
         .route("/schedules/{name}/enable", post(schedules::enable))
         .route("/schedules/{name}/disable", post(schedules::disable))
         .route("/schedules/{name}/fire", post(schedules::fire))

@@ -145,6 +145,8 @@ pub struct Summary {
     pub error: Option<ErrorLine>,
     /// Why it is set aside (its steps do not match its plan), if it is.
     pub parked: Option<String>,
+    /// What it waits for and until when (UTC), and whether that deadline has passed.
+    pub waiting: Option<(String, bool)>,
     /// The run it retries: id and short id.
     pub retry_of: Option<(String, String)>,
     /// The run that retried it.
@@ -335,6 +337,27 @@ pub fn build(
         duration,
         error,
         parked: run.parked_reason.as_deref().map(|r| format::clip(r, budget.text)),
+        waiting: run.waiting().map(|w| {
+            let step = steps.get(w.step).map_or("?", |s| s.name.as_str());
+            let what = match w.kind {
+                crate::engine::WaitKind::Signal => format!("signal {}", format::clip(&w.name, 120)),
+                crate::engine::WaitKind::Completion => format!("the completion of attempt {}", w.attempt),
+                crate::engine::WaitKind::Sleep => "time".to_string(),
+            };
+            let now = Utc::now();
+            let left = if w.deadline < now {
+                format!("overdue by {}", format::between(w.deadline, now))
+            } else {
+                format!("in {}", format::between(now, w.deadline))
+            };
+            (
+                format!(
+                    "Step {step} waits for {what} until {} ({left}).",
+                    format::time(w.deadline)
+                ),
+                w.deadline < now,
+            )
+        }),
         retry_of: link(run.retry_of),
         retried_by: link(run.retried_by),
     };

@@ -73,6 +73,8 @@ pub struct RunsPage {
     pub filtered: bool,
     /// The overview of the last hour.
     pub overview: Arc<Overview>,
+    /// Runs waiting (for a signal, a completion or time), and how many are overdue.
+    pub waiting: (i64, i64),
 }
 
 /// A row of the list.
@@ -216,6 +218,7 @@ pub async fn page(
 
     let counts = counts(&dashboard, &filter, &kept).await?;
     let overview = charts::load(&dashboard).await?;
+    let waiting = RunReads::of(engine).count_waiting(engine.now()).await?;
     let mut workflows: Vec<String> = engine.workflows().iter().map(|w| w.name().to_string()).collect();
     workflows.dedup();
     let form = FilterForm {
@@ -252,6 +255,7 @@ pub async fn page(
             || kept.from.is_some()
             || kept.to.is_some(),
         overview,
+        waiting,
     })
 }
 
@@ -411,6 +415,11 @@ mod tests {
             updated_at: now,
             finished_at: status.is_terminal().then_some(now),
             parked_reason: None,
+            wait_kind: None,
+            wait_name: None,
+            wait_step: None,
+            wait_attempt: None,
+            wait_deadline: None,
         }
     }
 
