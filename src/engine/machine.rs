@@ -1601,4 +1601,225 @@ mod tests {
         assert_eq!(state.status, RunStatus::Cancelled);
         assert!(state.steps.iter().all(|s| s.attempts == 0));
     }
+
+    /// a (compensable) → pay (signal `paid`, an hour) → b; and `c` asynchronous (an hour, a
+    /// heartbeat every minute) with a compensation.
+    fn waiting_workflow(on_timeout: crate::engine::definition::OnTimeout) -> Workflow {
+        Workflow::builder("waits", 1)
+            .step(StepDef::compensable("a", Plain))
+            .step(StepDef::signal("pay", "paid", Duration::from_secs(3600)).on_timeout(on_timeout))
+            .step(
+                StepDef::compensable("c", Plain).asynchronous(Duration::from_secs(3600), Some(Duration::from_secs(60))),
+            )
+            .build()
+            .expect("valid workflow")
+    }
+
+    fn later(seconds: i64) -> Conditions {
+        Conditions {
+            now: cond().now + chrono::Duration::seconds(seconds),
+            ..cond()
+        }
+    }
+
+    /// The run of `waiting_workflow` waiting at `pay`.
+    fn at_the_wait(wf: &Workflow, input: &Value) -> RunState {
+        let m = Machine::new(wf, input);
+        let (mut state, _) = claimed(wf, input);
+        let t = m.handle(&mut state, ok(0), &cond());
+        assert_eq!(t.kinds(), [K::StepSucceeded, K::StepStarted, K::StepWaiting]);
+        assert_eq!(t.next, Next::Await(1));
+        let w = state.waiting.clone().expect("waiting");
+        assert_eq!(
+            (w.step, w.kind, w.name.as_str(), w.attempt),
+            (1, WaitKind::Signal, "paid", 1)
+        );
+        assert_eq!(w.deadline, cond().now + chrono::Duration::hours(1));
+        state
+    }
+
+    #[test]
+    fn a_signal_wait_ends_with_its_signal_consumed_or_hands_the_run_back_until_its_deadline() {
+        let wf = waiting_workflow(Default::default());
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let mut state = at_the_wait(&wf, &input);
+        // Nothing yet: handed back until the deadline, nothing logged, nothing consumed.
+        let t = m.handle(
+            &mut state.clone(),
+            Event::WaitPolled { step: 1, arrival: None },
+            &later(60),
+        );
+        assert_eq!(
+            t.next,
+            Next::Release {
+                ready_at: cond().now + chrono::Duration::hours(1)
+            }
+        );
+        assert!(t.events.is_empty() && t.consume.is_none());
+        let signal = Arrival::Signal {
+            id: 7,
+            payload: json!({"amount": 5}),
+            received_at: cond().now,
+            key: Some("evt".into()),
+        };
+        let t = m.handle(
+            &mut state,
+            Event::WaitPolled {
+                step: 1,
+                arrival: Some(signal),
+            },
+            &later(60),
+        );
+        assert_eq!(t.kinds(), [K::SignalReceived, K::StepSucceeded, K::StepStarted]);
+        assert_eq!(t.consume, Some(7));
+        assert_eq!(state.steps[1].output, Some(json!({"amount": 5})));
+        assert!(state.waiting.is_none());
+        assert_eq!(t.next, Next::Invoke(2));
+    }
+
+    #[test]
+    fn at_its_deadline_a_wait_fails_permanently_or_goes_on_with_null_as_declared() {
+        use crate::engine::definition::OnTimeout;
+        for (on_timeout, expected) in [
+            (OnTimeout::Fail, StepStatus::Failed),
+            (OnTimeout::Continue, StepStatus::Succeeded),
+        ] {
+            let wf = waiting_workflow(on_timeout);
+            let input = json!({});
+            let m = Machine::new(&wf, &input);
+            let mut state = at_the_wait(&wf, &input);
+            let t = m.handle(&mut state, Event::WaitPolled { step: 1, arrival: None }, &later(3600));
+            assert_eq!(state.steps[1].status, expected, "{on_timeout:?}");
+            assert!(state.waiting.is_none());
+            assert_eq!(t.kinds()[0], K::WaitTimedOut);
+            match on_timeout {
+                OnTimeout::Fail => {
+                    assert_eq!(state.status, RunStatus::Compensating);
+                    assert_eq!(t.next, Next::Compensate(0));
+                    assert!(!state.steps[1].error.as_ref().expect("error").retryable);
+                }
+                OnTimeout::Continue => {
+                    assert_eq!(state.steps[1].output, Some(Value::Null));
+                    assert_eq!(t.next, Next::Invoke(2));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_waiting_step_is_not_lost_with_its_worker_and_a_cancel_ends_the_wait_at_once() {
+        let wf = waiting_workflow(Default::default());
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let state = at_the_wait(&wf, &input);
+        let claim = Event::Claimed {
+            by: "w2".into(),
+            taken_over_from: Some("w1".into()),
+        };
+        let mut taken = state.clone();
+        let t = m.handle(&mut taken, claim.clone(), &later(5));
+        assert_eq!(t.kinds(), [K::LeaseTakenOver], "no lost attempt is recorded");
+        assert_eq!((t.next, taken.steps[1].lost_attempts), (Next::Await(1), 0));
+
+        let mut cancelled = state;
+        m.request_cancel(&mut cancelled, "ops", cond().now).expect("allowed");
+        let t = m.handle(&mut cancelled, claim, &later(5));
+        assert_eq!(
+            t.kinds(),
+            [
+                K::LeaseTakenOver,
+                K::StepFailed,
+                K::CompensationStarted,
+                K::StepCompensationStarted
+            ]
+        );
+        assert!(cancelled.waiting.is_none());
+        assert_eq!(cancelled.steps[1].status, StepStatus::Failed);
+        assert_eq!(t.next, Next::Compensate(0));
+    }
+
+    #[test]
+    fn an_accepted_attempt_waits_for_its_completion_and_its_accepted_work_is_compensated_if_it_fails() {
+        let wf = waiting_workflow(Default::default());
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let mut state = at_the_wait(&wf, &input);
+        let signal = Arrival::Signal {
+            id: 1,
+            payload: json!({}),
+            received_at: cond().now,
+            key: None,
+        };
+        m.handle(
+            &mut state,
+            Event::WaitPolled {
+                step: 1,
+                arrival: Some(signal),
+            },
+            &cond(),
+        );
+        let t = m.handle(
+            &mut state,
+            Event::StepAccepted {
+                step: 2,
+                accepted: json!({"ticket": 1}),
+            },
+            &cond(),
+        );
+        assert_eq!(t.kinds(), [K::StepWaiting]);
+        assert_eq!(t.next, Next::Await(2));
+        let w = state.waiting.clone().expect("waiting");
+        assert_eq!((w.kind, w.name.as_str()), (WaitKind::Completion, "c"));
+        assert_eq!(
+            w.deadline,
+            cond().now + chrono::Duration::minutes(1),
+            "the heartbeat timeout is sooner"
+        );
+        let failed = Arrival::Completion {
+            id: 9,
+            outcome: Err(StepError::permanent("declined")),
+        };
+        let t = m.handle(
+            &mut state,
+            Event::WaitPolled {
+                step: 2,
+                arrival: Some(failed),
+            },
+            &cond(),
+        );
+        assert_eq!(t.consume, Some(9));
+        assert_eq!(t.kinds()[..2], [K::StepCompletedExternally, K::StepFailed]);
+        assert_eq!(
+            t.events[1].detail["partial"],
+            json!({"ticket": 1}),
+            "the log says what is undone"
+        );
+        assert_eq!(t.next, Next::Compensate(2), "the accepted work is compensated first");
+    }
+
+    #[test]
+    fn a_step_that_is_not_asynchronous_cannot_complete_later() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        let t = m.handle(
+            &mut state,
+            Event::StepAccepted {
+                step: 0,
+                accepted: json!({}),
+            },
+            &cond(),
+        );
+        assert_eq!(state.steps[0].status, StepStatus::Failed);
+        let error = state.steps[0].error.clone().expect("error");
+        assert!(
+            !error.retryable && error.message.contains("not declared asynchronous"),
+            "{}",
+            error.message
+        );
+        assert!(state.waiting.is_none());
+        assert!(!matches!(t.next, Next::Await(_)));
+    }
 }

@@ -82,8 +82,10 @@ pub struct WaitingBody {
     pub name: String,
     /// When the wait ends with nothing received (for a sleep: when it is over).
     pub deadline: DateTime<Utc>,
-    /// The waiting step.
-    pub step: String,
+    /// The waiting step's name (in a run's own answer; absent in lists, which carry no
+    /// steps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
     /// The waiting attempt (a completion names it).
     pub attempt: i32,
 }
@@ -144,10 +146,7 @@ impl RunBody {
         });
         let waiting = run.waiting().map(|w| WaitingBody {
             kind: w.kind,
-            step: steps
-                .as_ref()
-                .and_then(|steps| steps.get(w.step))
-                .map_or_else(|| w.step.to_string(), |s| s.name.clone()),
+            step: steps.as_ref().and_then(|steps| steps.get(w.step)).map(|s| s.name.clone()),
             name: w.name,
             deadline: w.deadline,
             attempt: i32::try_from(w.attempt).unwrap_or(i32::MAX),
