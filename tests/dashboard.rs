@@ -1970,5 +1970,22 @@ async fn the_waiting_page_lists_each_wait_with_its_deadline_and_flags_the_overdu
         run.contains("Waiting: Step await-payment waits for signal payment.succeeded until"),
         "{run}"
     );
+    // A signal of a name the run waits for is consumed; the page says so, and lists it.
+    let (status, body) = read(
+        server
+            .api(Method::POST, &format!("/v1/runs/{}/signals/payment.succeeded", ids[0]))
+            .header("idempotency-key", "evt_42")
+            .json(&json!({"paid": true}))
+            .send()
+            .await
+            .expect("signal"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    server.wait_terminal(&ids[0]).await;
+    let run = words_of(&session.get(&server, &format!("/runs/{}", ids[0])).await.body);
+    assert!(run.contains("signal payment.succeeded"), "{run}");
+    assert!(run.contains("evt_42 consumed by await-payment at"), "{run}");
+    assert!(!run.contains("Waiting:"), "{run}");
     server.stop().await;
 }

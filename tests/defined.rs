@@ -1134,6 +1134,31 @@ async fn a_defined_order_waits_for_its_signal_and_an_asynchronous_completion() {
     let attempt = call.header("sagaflow-attempt");
     assert_eq!(attempt, "1");
     let complete = format!("/v1/runs/{run}/steps/capture/complete");
+    let beat = format!("/v1/runs/{run}/steps/capture/heartbeat");
+    let garbled = read(
+        server
+            .api(Method::POST, &beat)
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .expect("heartbeat"),
+    )
+    .await;
+    assert_eq!(
+        (garbled.0, garbled.1["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("malformed_json"))
+    );
+    let unnamed = read(server.api(Method::POST, &beat).send().await.expect("heartbeat")).await;
+    assert_eq!(
+        (unnamed.0, unnamed.1["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("attempt"))
+    );
+    let stale = post(&server, &beat, None, json!({"attempt": 3})).await;
+    assert_eq!(
+        (stale.0, stale.1["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("stale_attempt"))
+    );
     let heartbeat = read(
         server
             .api(Method::POST, &format!("/v1/runs/{run}/steps/capture/heartbeat"))

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::status::RunStatus;
-use super::store::{self, DurationBucket, FinishedMinute, RunFilter, StepBrief, WaitingRun};
+use super::store::{self, DurationBucket, FinishedMinute, InboxRow, RunFilter, StepBrief, WaitingRun};
 use super::{Engine, EngineError};
 
 /// Reads over the runs of one engine's database.
@@ -33,6 +33,12 @@ impl RunReads {
     /// Unfinished runs per `(workflow, version)`.
     pub async fn unfinished_by_version(&self) -> Result<Vec<(String, i32, i64)>, EngineError> {
         Ok(store::unfinished_by_version(&self.pool).await?)
+    }
+
+    /// What was delivered to a run (signals, completions): the newest `limit`, newest first,
+    /// and how many in all.
+    pub async fn inbox(&self, run: Uuid, limit: i64) -> Result<(Vec<InboxRow>, i64), EngineError> {
+        Ok(store::inbox_of(&self.pool, run, limit).await?)
     }
 
     /// Waiting runs, soonest deadline first (the overdue ones at the top), at most `limit`.

@@ -1584,6 +1584,22 @@ pub(crate) async fn extend_wait(
     Ok(done.rows_affected() == 1)
 }
 
+/// The newest `limit` deliveries kept for a run (newest first), and how many it has in all.
+pub async fn inbox_of(pool: &PgPool, run_id: Uuid, limit: i64) -> Result<(Vec<InboxRow>, i64), sqlx::Error> {
+    let rows: Vec<InboxRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {INBOX_COLUMNS} FROM run_inbox WHERE run_id = $1 ORDER BY id DESC LIMIT $2"
+    )))
+    .bind(run_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM run_inbox WHERE run_id = $1")
+        .bind(run_id)
+        .fetch_one(pool)
+        .await?;
+    Ok((rows, total))
+}
+
 /// A waiting run, for the dashboard's list.
 #[derive(Debug, Clone, FromRow)]
 pub struct WaitingRun {

@@ -23,6 +23,23 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match OptionalJsonBody::from_request(req, state).await? {
+            OptionalJsonBody(Some(value)) => Ok(Self(value)),
+            OptionalJsonBody(None) => Err(ApiError::MalformedJson(
+                "the request body is empty; send a JSON document".into(),
+            )),
+        }
+    }
+}
+
+/// A request body parsed as JSON, or nothing when the body is empty (a heartbeat may name
+/// its attempt in a header alone). Refused as [`JsonBody`] is otherwise.
+pub struct OptionalJsonBody(pub Option<Value>);
+
+impl<S: Send + Sync> FromRequest<S> for OptionalJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit: BODY_LIMIT }
@@ -31,13 +48,11 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::MalformedJson(
-                "the request body is empty; send a JSON document".into(),
-            ));
+            return Ok(Self(None));
         }
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
         reject_nul(&value, ".")?;
-        Ok(Self(value))
+        Ok(Self(Some(value)))
     }
 }
 

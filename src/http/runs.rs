@@ -146,7 +146,10 @@ impl RunBody {
         });
         let waiting = run.waiting().map(|w| WaitingBody {
             kind: w.kind,
-            step: steps.as_ref().and_then(|steps| steps.get(w.step)).map(|s| s.name.clone()),
+            step: steps
+                .as_ref()
+                .and_then(|steps| steps.get(w.step))
+                .map(|s| s.name.clone()),
             name: w.name,
             deadline: w.deadline,
             attempt: i32::try_from(w.attempt).unwrap_or(i32::MAX),

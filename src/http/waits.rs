@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::ApiAccess;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, PathPair, PathTriple, idempotency_key};
+use super::extract::{JsonBody, OptionalJsonBody, PathPair, PathTriple, idempotency_key};
 use super::runs::parse_run_id;
 use crate::engine::{Completion, Delivery, DeliveryOutcome, StepError};
 
@@ -240,9 +240,11 @@ pub async fn complete_step(
     request_body = HeartbeatBody,
     responses(
         (status = 200, body = HeartbeatAnswer),
+        (status = 400, description = "A body that is not JSON", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "`stale_attempt`, `run_finished` or `not_asynchronous`", body = ErrorBody),
+        (status = 413, body = ErrorBody),
         (status = 422, body = ErrorBody),
     ))]
 pub async fn heartbeat_step(
@@ -250,15 +252,13 @@ pub async fn heartbeat_step(
     State(state): State<Arc<AppState>>,
     PathPair(id, step): PathPair,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<Json<HeartbeatAnswer>, ApiError> {
     let run = parse_run_id(&id)?;
     // A heartbeat may come without a body (the attempt in its header).
-    let body: HeartbeatBody = if body.iter().all(u8::is_ascii_whitespace) {
-        HeartbeatBody::default()
-    } else {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-        JsonBody(value).parse()?
+    let body: HeartbeatBody = match body {
+        Some(value) => JsonBody(value).parse()?,
+        None => HeartbeatBody::default(),
     };
     let attempt = attempt_of(body.attempt, &headers)?;
     let deadline = state.engine.heartbeat(run, &step, attempt).await?;

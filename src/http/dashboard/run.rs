@@ -16,6 +16,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::engine::read::RunReads;
+
 use super::Dashboard;
 use super::error::PageError;
 use super::format::{self, JsonText};
@@ -110,6 +112,28 @@ pub struct RunPage {
     pub events_omitted: usize,
     /// Where the log is cut (entries before this index are the head).
     pub events_cut_at: usize,
+    /// What was delivered to the run (signals, completions), newest first.
+    pub inbox: Vec<InboxLine>,
+    /// Deliveries not shown (older than those listed).
+    pub inbox_omitted: i64,
+}
+
+/// The most deliveries a run's page lists.
+pub const INBOX_SHOWN: i64 = 20;
+
+/// A signal or a completion delivered to the run.
+#[derive(Debug, Clone)]
+pub struct InboxLine {
+    /// `signal payment.succeeded` or `completion of capture, attempt 2`.
+    pub what: String,
+    /// When it arrived (UTC).
+    pub received: String,
+    /// The delivery's idempotency key, or empty.
+    pub key: String,
+    /// `consumed by await-payment at ...`, or `kept: no wait has consumed it`.
+    pub state: String,
+    /// Whether a wait consumed it.
+    pub consumed: bool,
 }
 
 /// The facts about a run.
@@ -249,10 +273,37 @@ pub async fn page(
         Some("cancel") => Some("Cancel requested: the run stops after the attempt in flight and compensates."),
         _ => None,
     };
+    let (inbox, inbox_total) = RunReads::of(engine).inbox(id, INBOX_SHOWN).await?;
     let now = Utc::now();
     render_within_limit(&format!("run {id}"), Budget::FULL, Budget::halved, |budget| {
-        build(&viewer, &detail.run, &detail.steps, &events, notice, now, budget).render()
+        let mut page = build(&viewer, &detail.run, &detail.steps, &events, notice, now, budget);
+        page.inbox = inbox.iter().map(|row| inbox_line(row, budget.text)).collect();
+        page.inbox_omitted = inbox_total - i64::try_from(inbox.len()).unwrap_or(0);
+        page.render()
     })
+}
+
+/// A delivery as the page shows it (pure).
+pub fn inbox_line(row: &crate::engine::InboxRow, max_text: usize) -> InboxLine {
+    InboxLine {
+        what: match (row.kind, row.attempt) {
+            (crate::engine::WaitKind::Completion, Some(attempt)) => {
+                let outcome = if row.error.is_some() { "an error" } else { "an output" };
+                format!(
+                    "completion of {}, attempt {attempt}, with {outcome}",
+                    format::clip(&row.name, 120)
+                )
+            }
+            _ => format!("signal {}", format::clip(&row.name, 120)),
+        },
+        received: format::time(row.received_at),
+        key: format::clip(row.idempotency_key.as_deref().unwrap_or_default(), max_text.min(255)),
+        state: match (&row.consumed_by, row.consumed_at) {
+            (Some(step), Some(at)) => format!("consumed by {} at {}", format::clip(step, 120), format::time(at)),
+            _ => "kept: no wait has consumed it".into(),
+        },
+        consumed: row.consumed_at.is_some(),
+    }
 }
 
 /// Renders a page with `budget`, and again with halved budgets while it is over
@@ -384,6 +435,8 @@ pub fn build(
         events,
         events_omitted,
         events_cut_at,
+        inbox: Vec::new(),
+        inbox_omitted: 0,
     }
 }
 
