@@ -125,7 +125,7 @@ const RULES: &[Rule] = &[
               SELECT r.id, format('%s run whose log does not end with its outcome (%s)', r.status, e.kind)
               FROM runs r JOIN run_events e ON e.run_id = r.id AND e.seq = r.log_seq
               WHERE run_status_is_terminal(r.status)
-                AND e.kind::text <> 'run_' || r.status::text AND e.kind <> 'operator_retry'",
+                AND e.kind::text <> 'run_' || r.status::text AND e.kind NOT IN ('operator_retry', 'operator_restart')",
     },
     Rule {
         name: "wait-has-deadline",
@@ -207,15 +207,22 @@ const RULES: &[Rule] = &[
     },
     Rule {
         name: "completed-registration-has-its-customer",
-        // Exactly one account customer created by the run, and the identity points at it.
-        sql: "SELECT r.id, format('%s account customers created; identity %s has customer_id %s (run output %s)',
-                                  (SELECT count(*) FROM customers c WHERE c.created_by_run = r.id AND c.has_account),
+        // Exactly one account customer created by the run (or, for a run restarted after
+        // `create-customers`, by the run whose step it reused), and the identity points at it.
+        sql: "WITH reg AS (
+                  SELECT r.*, coalesce((SELECT (e.detail->>'reused_from')::uuid FROM run_events e
+                                        WHERE e.run_id = r.id AND e.kind = 'step_succeeded'
+                                          AND e.step = 'create-customers' AND e.detail ? 'reused_from'
+                                        LIMIT 1), r.id) AS creator
+                  FROM runs r WHERE r.workflow = 'create-customer-account' AND r.status = 'completed'
+              )
+              SELECT r.id, format('%s account customers created; identity %s has customer_id %s (run output %s)',
+                                  (SELECT count(*) FROM customers c WHERE c.created_by_run = r.creator AND c.has_account),
                                   r.input->>'authIdentityId', a.app_metadata->>'customer_id', r.output->>'id')
-              FROM runs r LEFT JOIN auth_identities a ON a.id = r.input->>'authIdentityId'
-              WHERE r.workflow = 'create-customer-account' AND r.status = 'completed'
-                AND ((SELECT count(*) FROM customers c WHERE c.created_by_run = r.id AND c.has_account) <> 1
+              FROM reg r LEFT JOIN auth_identities a ON a.id = r.input->>'authIdentityId'
+              WHERE (SELECT count(*) FROM customers c WHERE c.created_by_run = r.creator AND c.has_account) <> 1
                      OR a.app_metadata->>'customer_id' IS DISTINCT FROM r.output->>'id'
-                     OR NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = r.output->>'id' AND c.created_by_run = r.id))",
+                     OR NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = r.output->>'id' AND c.created_by_run = r.creator)",
     },
     Rule {
         name: "undone-registration-left-nothing",
@@ -230,7 +237,13 @@ const RULES: &[Rule] = &[
               FROM auth_identities a
               WHERE a.app_metadata ? 'customer_id'
                 AND NOT EXISTS (SELECT 1 FROM customers c JOIN runs r ON r.id = c.created_by_run
-                                WHERE c.id = a.app_metadata->>'customer_id' AND r.status = 'completed')",
+                                WHERE c.id = a.app_metadata->>'customer_id' AND r.status = 'completed')
+                -- ...or that a completed restart of that run reused.
+                AND NOT EXISTS (SELECT 1 FROM customers c
+                                JOIN run_events e ON e.kind = 'step_succeeded' AND e.step = 'create-customers'
+                                                 AND e.detail->>'reused_from' = c.created_by_run::text
+                                JOIN runs r ON r.id = e.run_id AND r.status = 'completed'
+                                WHERE c.id = a.app_metadata->>'customer_id')",
     },
     Rule {
         name: "one-account-per-email",

@@ -1243,3 +1243,87 @@ async fn an_embedding_application_serves_its_own_workflows_and_hooks() {
     assert_eq!(hooked.load(Ordering::SeqCst), 1);
     running.shutdown().await;
 }
+
+/// A restart from a step of a compensated registration (§11): refused after a step that was
+/// undone, accepted from it with an edited input, reusing only what was not undone.
+#[tokio::test]
+async fn a_compensated_registration_restarts_from_a_step_reusing_only_what_was_not_undone() {
+    // The last step fails its three attempts, once: the registration is compensated, the
+    // customer it created deleted again.
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
+    let identity = server.identity("restart@example.com").await;
+    let failed = server.register(&identity, "restart@example.com").await;
+    assert_eq!(failed["status"], "compensated", "{failed}");
+    assert_eq!(failed["error"]["step"], "set-auth-app-metadata");
+    let id = failed["id"].as_str().expect("id").to_string();
+    let restart = format!("/v1/runs/{id}/restart");
+    let post = |token_admin: bool, body: Value| {
+        let request = if token_admin {
+            server.admin(Method::POST, &restart)
+        } else {
+            server.api(Method::POST, &restart)
+        };
+        async move { read(request.json(&body).send().await.expect("restart")).await }
+    };
+    let before = server.row_counts().await;
+    let (status, _) = post(false, json!({"from_step": "create-customers"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = post(true, json!({"from_step": "customers-created"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("cannot_restart_from"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("`create-customers` was compensated")),
+        "{body}"
+    );
+    let (status, _) = post(true, json!({"from_step": "no-such-step"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = post(true, json!({"step": "create-customers"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = post(
+        true,
+        json!({"from_step": "create-customers", "input": {"customerData": {}}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(server.row_counts().await, before, "refusals write nothing");
+
+    // From create-customers, the name corrected: validation (of the same email) is reused.
+    let mut edited = registration(&identity, "restart@example.com");
+    edited["customerData"]["first_name"] = json!("Edited");
+    let (status, created) = post(
+        true,
+        json!({"from_step": "create-customers", "input": edited, "note": "the metadata service is back"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["retry_of"], json!(id));
+    let restarted = server.wait_terminal(created["id"].as_str().expect("id")).await;
+    assert_eq!(restarted["status"], "completed", "{restarted}");
+    assert_eq!(
+        restarted["steps"][0]["output"], failed["steps"][0]["output"],
+        "validation reused"
+    );
+    assert_eq!(restarted["steps"][0]["attempts"], 0, "and not run again");
+    assert_eq!(restarted["steps"][1]["attempts"], 1);
+    let (_, customers) = get(&server, "/v1/customers?email=restart@example.com").await;
+    assert_eq!(customers["customers"][0]["first_name"], "Edited", "{customers}");
+    let (_, linked) = get(&server, &format!("/v1/runs/{id}")).await;
+    assert_eq!(linked["retried_by"], created["id"]);
+    let (status, body) = post(true, json!({"from_step": "create-customers"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("already_retried"))
+    );
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    server.stop().await;
+}

@@ -1989,3 +1989,131 @@ async fn the_waiting_page_lists_each_wait_with_its_deadline_and_flags_the_overdu
     assert!(!run.contains("Waiting:"), "{run}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_operator_resolves_a_failed_compensation_and_restarts_the_run_from_the_dashboard() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    participant.script(
+        "/charge",
+        [Answer::Json(422, json!({"error": {"message": "declined"}}))],
+    );
+    participant.script("/release", [Answer::Json(422, json!({"error": {"message": "lost"}}))]);
+    let server = server::start().await;
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": [
+            {"name": "reserve", "invoke": {"endpoint": "shop", "path": "/reserve"},
+             "compensate": {"endpoint": "shop", "path": "/release"}},
+            {"name": "charge", "invoke": {"endpoint": "shop", "path": "/charge"}}
+        ]
+    });
+    let (status, body) = read(
+        server
+            .admin(Method::PUT, "/v1/workflow-definitions/shop")
+            .json(&definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, run) = read(
+        server
+            .api(Method::POST, "/v1/workflows/shop/runs")
+            .json(&json!({"order": 1}))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    let id = id_of(&run);
+    assert_eq!(server.wait_terminal(&id).await["status"], "failed");
+
+    let session = login(&server, "ada").await;
+    let page = session.get(&server, &format!("/runs/{id}")).await;
+    assert!(page.body.contains("id=\"resolve-button-reserve\""), "{}", page.body);
+    let restart_options = words_of(&page.body);
+    assert!(restart_options.contains("Restart from a step…"), "{restart_options}");
+    let resolve = format!("/runs/{id}/steps/reserve/resolve");
+    // No CSRF token, or no note: nothing happens.
+    let forged = session.post(&server, &resolve, &[("note", "x")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let blank = session
+        .post(&server, &resolve, &[("csrf", &session.csrf), ("note", " ")])
+        .await;
+    assert_eq!(blank.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", blank.body);
+    assert_eq!(api_run(&server, &id).await["status"], "failed");
+
+    let done = session
+        .post(
+            &server,
+            &resolve,
+            &[("csrf", &session.csrf), ("note", "released in the warehouse UI")],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.location(), format!("/runs/{id}?done=resolved"));
+    assert_eq!(server.wait_terminal(&id).await["status"], "compensated");
+    let page = words_of(&session.get(&server, &format!("/runs/{id}?done=resolved")).await.body);
+    assert!(page.contains("Resolved by hand"), "{page}");
+    assert!(page.contains("released in the warehouse UI"), "{page}");
+
+    // The compensated run restarts from its first step, with an edited input.
+    let restarted = session
+        .post(
+            &server,
+            &format!("/runs/{id}/restart"),
+            &[
+                ("csrf", &session.csrf),
+                ("from_step", "reserve"),
+                ("input", "{\"order\": 2}"),
+                ("note", "card updated"),
+            ],
+        )
+        .await;
+    assert_eq!(restarted.status, StatusCode::SEE_OTHER, "{}", restarted.body);
+    let new = restarted
+        .location()
+        .trim_start_matches("/runs/")
+        .trim_end_matches("?done=restarted")
+        .to_string();
+    let finished = server.wait_terminal(&new).await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    assert_eq!(
+        (finished["input"].clone(), finished["retry_of"].clone()),
+        (json!({"order": 2}), json!(id))
+    );
+    let bad_json = session
+        .post(
+            &server,
+            &format!("/runs/{new}/restart"),
+            &[("csrf", &session.csrf), ("from_step", "reserve"), ("input", "{")],
+        )
+        .await;
+    assert_eq!(bad_json.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad_json.body);
+    assert!(
+        words_of(&bad_json.body).contains("the input is not JSON"),
+        "{}",
+        bad_json.body
+    );
+    let completed = session
+        .post(
+            &server,
+            &format!("/runs/{new}/restart"),
+            &[("csrf", &session.csrf), ("from_step", "reserve")],
+        )
+        .await;
+    assert_eq!(
+        completed.status,
+        StatusCode::CONFLICT,
+        "a completed run is not restarted: {}",
+        completed.body
+    );
+    let page = session.get(&server, &format!("/runs/{new}")).await;
+    assert!(
+        !page.body.contains("id=\"restart-button\""),
+        "a completed run offers no restart"
+    );
+    server.stop().await;
+}

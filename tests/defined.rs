@@ -1465,3 +1465,116 @@ async fn a_thousand_waiting_runs_hold_no_worker_slot_and_no_connection() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_compensation_that_gave_up_is_resolved_by_hand_over_http_and_the_run_ends_compensated() {
+    let participant = Participant::start().await;
+    participant.script(
+        "/payments/charge",
+        [Answer::Json(
+            422,
+            json!({"error": {"code": "card_declined", "message": "declined"}}),
+        )],
+    );
+    participant.script(
+        "/stock/release",
+        [Answer::Json(
+            422,
+            json!({"error": {"message": "the warehouse lost the reservation"}}),
+        )],
+    );
+    let server = start().await;
+    assert_eq!(put(&server, "order", &order(&participant)).await.0, StatusCode::CREATED);
+    let failed = run(&server, "order", &an_order("o-9", false)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["steps"][0]["status"], "compensation_failed");
+    let id = failed["id"].as_str().expect("id").to_string();
+    let resolve = |step: &str| format!("/v1/runs/{id}/steps/{step}/resolve");
+    let refusals = [
+        (
+            server
+                .api(Method::POST, &resolve("reserve-stock"))
+                .json(&json!({"note": "x"})),
+            StatusCode::FORBIDDEN,
+            None,
+        ),
+        (
+            server.admin(Method::POST, &resolve("reserve-stock")).json(&json!({})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("note"),
+        ),
+        (
+            server
+                .admin(Method::POST, &resolve("reserve-stock"))
+                .json(&json!({"note": "  "})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("note"),
+        ),
+        (
+            server
+                .admin(Method::POST, &resolve("charge-card"))
+                .json(&json!({"note": "x"})),
+            StatusCode::CONFLICT,
+            None,
+        ),
+        (
+            server.admin(Method::POST, &resolve("nope")).json(&json!({"note": "x"})),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+    ];
+    for (request, expected, field) in refusals {
+        let (status, body) = read(request.send().await.expect("resolve")).await;
+        assert_eq!(status, expected, "{body}");
+        if let Some(field) = field {
+            assert_eq!(body["error"]["field"], field, "{body}");
+        }
+    }
+    let (status, body) = read(
+        server
+            .admin(Method::POST, &resolve("reserve-stock"))
+            .header("x-sagaflow-operator", "ada@ops")
+            .json(&json!({"note": "released the reservation by hand in the warehouse system"}))
+            .send()
+            .await
+            .expect("resolve"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let done = server.wait_terminal(&id).await;
+    assert_eq!(done["status"], "compensated", "{done}");
+    assert_eq!(done["steps"][0]["status"], "compensated");
+    assert_eq!(done["error"]["step"], "charge-card", "the original error is kept");
+    let resolved: Vec<Value> = events(&server, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "step_resolved_by_hand")
+        .collect();
+    assert_eq!(resolved.len(), 1);
+    assert_eq!(resolved[0]["detail"]["by"], "ada@ops");
+    assert_eq!(
+        resolved[0]["detail"]["note"],
+        "released the reservation by hand in the warehouse system"
+    );
+    let (status, body) = read(
+        server
+            .admin(Method::POST, &resolve("reserve-stock"))
+            .json(&json!({"note": "again"}))
+            .send()
+            .await
+            .expect("resolve"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_allowed"))
+    );
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    server.stop().await;
+}

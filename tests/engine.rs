@@ -1727,3 +1727,193 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         assert_eq!(fused, per_attempt, "fused, then per attempt, for input {}", fused.0);
     }
 }
+
+/// Operator repair (DESIGN.md §11): a compensation that gave up is resolved by hand with a
+/// note, and the unwind finishes; every refusal changes nothing.
+#[tokio::test]
+async fn a_compensation_resolved_by_hand_lets_the_unwind_finish_compensated() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    // d fails for good; undoing c is impossible: the run ends failed with b still done.
+    let run = trigger(
+        &engine,
+        json!({"permanent": {"d": true}, "comp_permanent": {"c": true}}),
+    )
+    .await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Failed);
+    let before = log(&engine, run).await.len();
+
+    let refused = [
+        (engine.resolve_by_hand(run, "c", "ops", "   ").await, "a blank note"),
+        (engine.resolve_by_hand(run, "b", "ops", "done").await, "b never gave up"),
+        (engine.resolve_by_hand(run, "zz", "ops", "done").await, "no such step"),
+        (
+            engine.resolve_by_hand(Uuid::now_v7(), "c", "ops", "done").await,
+            "no such run",
+        ),
+    ];
+    assert!(
+        matches!(refused[0].0, Err(EngineError::InvalidNote)),
+        "{:?}",
+        refused[0]
+    );
+    assert!(
+        matches!(refused[1].0, Err(EngineError::NothingToResolve { .. })),
+        "{:?}",
+        refused[1]
+    );
+    assert!(
+        matches!(refused[2].0, Err(EngineError::StepNotFound { .. })),
+        "{:?}",
+        refused[2]
+    );
+    assert!(
+        matches!(refused[3].0, Err(EngineError::RunNotFound(_))),
+        "{:?}",
+        refused[3]
+    );
+    assert_eq!(log(&engine, run).await.len(), before, "a refusal writes nothing");
+
+    engine
+        .resolve_by_hand(
+            run,
+            "c",
+            "ops@example.com",
+            "refunded in the payment provider's console",
+        )
+        .await
+        .expect("resolve");
+    assert_eq!(finish(&engine, run).await, RunStatus::Compensated);
+    let detail = engine.run(run).await.expect("run").expect("exists");
+    assert_eq!(
+        detail.steps.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [
+            StepStatus::Succeeded,
+            StepStatus::Compensated,
+            StepStatus::Compensated,
+            StepStatus::Failed
+        ]
+    );
+    assert_eq!(
+        detail.run.run_error().and_then(|e| e.step).as_deref(),
+        Some("d"),
+        "the run keeps its original error"
+    );
+    let events = engine.events(run).await.expect("events").expect("run");
+    let resolved = events
+        .iter()
+        .find(|e| e.kind == K::StepResolvedByHand)
+        .expect("the resolution is in the log");
+    assert_eq!(resolved.step.as_deref(), Some("c"));
+    assert_eq!(resolved.detail["by"], "ops@example.com");
+    assert_eq!(resolved.detail["note"], "refunded in the payment provider's console");
+    let tail: Vec<_> = log(&engine, run).await[before..].to_vec();
+    assert_eq!(
+        tail,
+        [
+            at(K::StepResolvedByHand, "c", 1),
+            run_level(K::RunClaimed),
+            at(K::StepCompensationStarted, "b", 1),
+            at(K::StepCompensationSucceeded, "b", 1),
+            run_level(K::RunCompensated),
+        ]
+    );
+    // Once compensated there is nothing left to resolve.
+    let again = engine.resolve_by_hand(run, "c", "ops", "again").await;
+    assert!(matches!(again, Err(EngineError::NotAllowed { .. })), "{again:?}");
+    worker.shutdown().await;
+}
+
+/// A restart from a step reuses the recorded outputs of the steps before it (their work is
+/// not done again) and is refused when one of them was compensated.
+#[tokio::test]
+async fn a_restart_from_a_step_reuses_the_outputs_before_it_and_refuses_what_was_undone() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    // Failed: a and b succeeded and were not undone (undoing c gave up first).
+    let failed = trigger(
+        &engine,
+        json!({"permanent": {"d": true}, "comp_permanent": {"c": true}}),
+    )
+    .await;
+    assert_eq!(finish(&engine, failed).await, RunStatus::Failed);
+    let old = engine.run(failed).await.expect("run").expect("exists");
+
+    let bad = engine.restart(failed, "nope", None, "ops", None).await;
+    assert!(matches!(bad, Err(EngineError::StepNotFound { .. })), "{bad:?}");
+    let bad_note = engine.restart(failed, "c", None, "ops", Some(&"x".repeat(3000))).await;
+    assert!(matches!(bad_note, Err(EngineError::InvalidNote)), "{bad_note:?}");
+    let from_d = engine.restart(failed, "d", None, "ops", None).await;
+    assert!(
+        matches!(from_d, Err(EngineError::CannotRestartFrom { ref why, .. }) if why.contains("`c` was compensated")),
+        "{from_d:?}"
+    );
+
+    let fixed = json!({"subject": "fixed"});
+    let new = engine
+        .restart(failed, "c", Some(fixed.clone()), "ops", Some("d's service is back"))
+        .await
+        .expect("restart");
+    assert_eq!(finish(&engine, new).await, RunStatus::Completed);
+    let restarted = engine.run(new).await.expect("run").expect("exists");
+    assert_eq!(
+        (restarted.run.retry_of, restarted.run.input.clone()),
+        (Some(failed), fixed.clone())
+    );
+    assert_eq!(
+        engine.run(failed).await.expect("run").expect("exists").run.retried_by,
+        Some(new)
+    );
+    assert_eq!(restarted.steps[0].output, old.steps[0].output, "a's output is reused");
+    assert_eq!(restarted.steps[1].output, old.steps[1].output, "b's output is reused");
+    assert_eq!(restarted.run.workflow_version, old.run.workflow_version);
+    // a and b did no work in the new run; c and d did.
+    let new_effects: Vec<String> = effects(&db.pool, new).await.into_iter().map(|(s, _, _)| s).collect();
+    assert_eq!(new_effects, ["c", "d"]);
+    let events = engine.events(new).await.expect("events").expect("run");
+    assert_eq!(events[0].detail["restart_of"], json!(failed));
+    assert_eq!(events[0].detail["from_step"], "c");
+    assert_eq!(events[0].detail["input_changed"], true);
+    assert_eq!(events[0].detail["previous_input"], old.run.input);
+    assert_eq!(events[0].detail["note"], "d's service is back");
+    assert_eq!(
+        log(&engine, new).await[..4],
+        [
+            run_level(K::RunCreated),
+            ev(K::StepSucceeded, Some("a"), None),
+            ev(K::StepSucceeded, Some("b"), None),
+            run_level(K::RunClaimed),
+        ]
+    );
+    assert_eq!(events[1].detail["reused_from"], json!(failed));
+    let linked = engine.events(failed).await.expect("events").expect("run");
+    let restart = linked.last().expect("entry");
+    assert_eq!(
+        (restart.kind, restart.detail["new_run"].clone()),
+        (K::OperatorRestart, json!(new))
+    );
+    let twice = engine.restart(failed, "c", None, "ops", None).await;
+    assert!(matches!(twice, Err(EngineError::AlreadyRetried { .. })), "{twice:?}");
+    let completed = engine.restart(new, "c", None, "ops", None).await;
+    assert!(
+        matches!(completed, Err(EngineError::NotAllowed { .. })),
+        "{completed:?}"
+    );
+
+    // Compensated: b was undone, so a restart must start at b; a's output is still reused.
+    let compensated = trigger(&engine, json!({"permanent": {"d": true}})).await;
+    assert_eq!(finish(&engine, compensated).await, RunStatus::Compensated);
+    let from_c = engine.restart(compensated, "c", None, "ops", None).await;
+    assert!(
+        matches!(from_c, Err(EngineError::CannotRestartFrom { ref why, .. }) if why.contains("`b` was compensated")),
+        "{from_c:?}"
+    );
+    let again = engine
+        .restart(compensated, "b", Some(json!({})), "ops", None)
+        .await
+        .expect("restart");
+    assert_eq!(finish(&engine, again).await, RunStatus::Completed);
+    let effects_again: Vec<String> = effects(&db.pool, again).await.into_iter().map(|(s, _, _)| s).collect();
+    assert_eq!(effects_again, ["b", "c", "d"]);
+    worker.shutdown().await;
+}

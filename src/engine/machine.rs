@@ -838,6 +838,35 @@ impl<'a> Machine<'a> {
         Ok(t.decided(Next::Release { ready_at: now }))
     }
 
+    /// An operator marks the compensation of `step` that gave up (the run is `failed`) as
+    /// done by hand, with a note saying what they did: the step is `compensated`, and the
+    /// unwind goes on with the steps before it, at once. The run keeps its original error.
+    pub fn resolve_by_hand(
+        &self,
+        state: &mut RunState,
+        step: usize,
+        by: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Transition, NotAllowed> {
+        let gave_up = state.steps.get(step).map(|s| s.status) == Some(StepStatus::CompensationFailed);
+        if state.status != RunStatus::Failed || !gave_up {
+            return Err(NotAllowed(state.status));
+        }
+        let mut t = Draft::default();
+        let s = &mut state.steps[step];
+        s.status = StepStatus::Compensated;
+        let attempt = s.compensation_attempts;
+        state.status = RunStatus::Compensating;
+        t.log(
+            EventKind::StepResolvedByHand,
+            Some(self.name(step)),
+            Some(attempt),
+            json!({"by": by, "note": note}),
+        );
+        Ok(t.decided(Next::Release { ready_at: now }))
+    }
+
     /// An operator asks to cancel: the run stops after the attempt in flight and compensates.
     /// Asking again changes nothing.
     pub fn request_cancel(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {

@@ -26,6 +26,7 @@ mod inbox;
 pub mod lane;
 pub mod machine;
 pub mod read;
+mod repair;
 pub mod retry;
 pub mod scheduler;
 pub mod state;
@@ -49,6 +50,7 @@ pub use definition::{
 };
 pub use faults::Faults;
 pub use inbox::{Completion, Delivery, DeliveryOutcome};
+pub use repair::MAX_NOTE_CHARS;
 pub use retry::RetryPolicy;
 pub use state::{RunError, RunState, StepError, StepState, Waiting};
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger, WaitKind};
@@ -172,6 +174,28 @@ pub enum EngineError {
         workflow: String,
         /// The key.
         key: String,
+    },
+    /// An operator action that needs a note (what was done by hand, and why) got none, or
+    /// one too long to keep.
+    #[error("a note is required: 1 to {MAX_NOTE_CHARS} characters saying what was done and why")]
+    InvalidNote,
+    /// The step's compensation did not give up: there is nothing to resolve by hand.
+    #[error(
+        "step `{step}` is {status}: only a compensation that gave up (compensation_failed) can be resolved by hand"
+    )]
+    NothingToResolve {
+        /// The step.
+        step: String,
+        /// Its status.
+        status: StepStatus,
+    },
+    /// A restart from this step would reuse what no longer exists, or what never was.
+    #[error("cannot restart from step `{from}`: {why}")]
+    CannotRestartFrom {
+        /// The step asked for.
+        from: String,
+        /// Why not (and from where it can).
+        why: String,
     },
     /// The run finished: it waits for nothing any more.
     #[error("run {run} is {status}: it takes no more signals or completions")]
@@ -910,7 +934,7 @@ impl Engine {
             }
         }
         let mut conn = self.inner.pool.acquire().await?;
-        let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}));
+        let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
         if let Some(created_at) = self.insert_prepared(&mut conn, &prepared).await? {
             drop(conn);
@@ -934,6 +958,7 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn prepare_run(
         &self,
         wf: &Arc<Workflow>,
@@ -942,6 +967,7 @@ impl Engine {
         trigger: Trigger,
         retry_of: Option<Uuid>,
         extra: Value,
+        reused: Option<repair::Reused>,
     ) -> PreparedRun {
         let id = Uuid::now_v7();
         let mut state = RunState::new(wf.steps.len());
@@ -961,6 +987,15 @@ impl Engine {
             attempt: None,
             detail,
         }];
+        // A restart starts with the steps before its first as they were recorded.
+        if let Some(reused) = reused {
+            for (i, step) in reused.steps {
+                if let Some(slot) = state.steps.get_mut(i) {
+                    *slot = step;
+                }
+            }
+            events.extend(reused.events);
+        }
         // Lease it to our own worker at once when it has room: no claim round trip, no NOTIFY.
         let mut marks = Default::default();
         let mut local = None;
@@ -1174,6 +1209,7 @@ impl Engine {
                     Trigger::Retry,
                     Some(run_id),
                     json!({"by": operator}),
+                    None,
                 );
                 let Some(created_at) = self.insert_prepared(&mut tx, &prepared).await? else {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
@@ -1198,7 +1234,7 @@ impl Engine {
 
 /// An operator's change, applied on the run's row locked `FOR UPDATE`: nothing can have moved
 /// it since it was read, so anything but written is a broken invariant.
-fn applied_by_operator(
+pub(crate) fn applied_by_operator(
     applied: Result<apply::Applied, apply::ApplyError>,
     action: &str,
     run_id: Uuid,

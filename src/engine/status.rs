@@ -146,6 +146,12 @@ pub enum EventKind in "event_kind" {
     StepCompletedExternally = "step_completed_externally",
     /// A wait reached its deadline with nothing received.
     WaitTimedOut = "wait_timed_out",
+    /// An operator marked a compensation that gave up as done by hand (who, and their
+    /// note); the unwind went on.
+    StepResolvedByHand = "step_resolved_by_hand",
+    /// An operator restarted the run from a step, as a new run (who, from which step, the
+    /// new run, the note).
+    OperatorRestart = "operator_restart",
 }
 }
 

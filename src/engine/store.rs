@@ -413,11 +413,12 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
              ON CONFLICT (workflow, idempotency_key) DO NOTHING
              RETURNING id, created_at
          ), steps AS (
-             INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at)
+             INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at, output)
              SELECT run.id, c.idx, c.name, c.status, c.attempts,
-                    CASE WHEN c.started_ago IS NOT NULL THEN run.created_at END
-             FROM run, unnest($12::smallint[], $13::text[], $14::step_status[], $15::int4[], $16::int8[])
-                       AS c(idx, name, status, attempts, started_ago)
+                    CASE WHEN c.started_ago IS NOT NULL THEN run.created_at END, c.output
+             FROM run, unnest($12::smallint[], $13::text[], $14::step_status[], $15::int4[], $16::int8[],
+                              $27::jsonb[])
+                       AS c(idx, name, status, attempts, started_ago, output)
          ), events AS (
              INSERT INTO run_events (run_id, seq, at, kind, step, attempt, detail)
              SELECT run.id, c.ord, run.created_at, c.kind, c.step, c.attempt, c.detail
@@ -452,6 +453,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .bind(wait.step)
     .bind(wait.attempt)
     .bind(wait.deadline)
+    .bind(&steps.output)
     .fetch_optional(conn)
     .await?;
     Ok(inserted)
@@ -509,7 +511,7 @@ impl NewRun<'_> {
                 lost_compensation_attempts: 0,
                 started_at: matches!(self.marks.get(&i), Some(TimeMark::Started)).then_some(created_at),
                 finished_at: None,
-                output: None,
+                output: step.output.clone(),
                 error: None,
                 partial: None,
             })
@@ -1644,6 +1646,24 @@ pub async fn count_waiting(pool: &PgPool, now: DateTime<Utc>) -> Result<(i64, i6
 // ---------------------------------------------------------------------------------------
 // Operator actions
 // ---------------------------------------------------------------------------------------
+
+/// Links a run to the run restarting it from a step and logs the operator's restart on it.
+pub async fn link_restart(conn: &mut PgConnection, old: Uuid, new: Uuid, detail: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH linked AS (
+             UPDATE runs SET retried_by = $2, log_seq = log_seq + 1, updated_at = now()
+             WHERE id = $1 RETURNING id, log_seq
+         )
+         INSERT INTO run_events (run_id, seq, kind, detail)
+         SELECT id, log_seq, 'operator_restart', $3 FROM linked",
+    )
+    .bind(old)
+    .bind(new)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
 
 /// Links a compensated or cancelled run to the run retrying it and logs the operator's retry.
 pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, by: &str) -> Result<(), sqlx::Error> {

@@ -247,6 +247,15 @@ impl From<EngineError> for ApiError {
                 what: "run with idempotency key",
                 id: key,
             },
+            e @ EngineError::InvalidNote => Self::invalid("note", e.to_string()),
+            e @ EngineError::NothingToResolve { .. } => Self::Conflict {
+                code: "nothing_to_resolve",
+                message: e.to_string(),
+            },
+            e @ EngineError::CannotRestartFrom { .. } => Self::Conflict {
+                code: "cannot_restart_from",
+                message: e.to_string(),
+            },
             e @ EngineError::RunFinished { .. } => Self::Conflict {
                 code: "run_finished",
                 message: e.to_string(),

@@ -111,6 +111,8 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::run_events))
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(runs::restart_run))
+        .routes(routes!(runs::resolve_step))
         .routes(routes!(waits::signal_run))
         .routes(routes!(waits::signal_by_key))
         .routes(routes!(waits::complete_step))

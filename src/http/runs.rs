@@ -674,6 +674,102 @@ pub async fn cancel_run(
     Ok((StatusCode::ACCEPTED, Json(run_body(&state, run).await?)).into_response())
 }
 
+/// What a restart asks for.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBody {
+    /// The step the new run starts at; the steps before it keep their recorded outputs.
+    pub from_step: String,
+    /// A new input (checked like a trigger's); the run's own when absent.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<Value>,
+    /// Why, for the log.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// What a resolution by hand says.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// What was done by hand, and why (required).
+    pub note: String,
+}
+
+/// Restarts a `compensated`, `cancelled` or `failed` run from a step (admin token): a new
+/// run of the same workflow version, linked both ways, that keeps the recorded outputs of
+/// the steps before `from_step` and starts there. 201: the new run. Refused (409
+/// `cannot_restart_from`) when a step before it did not succeed or was compensated: its
+/// effects no longer exist, so start at it or earlier.
+#[utoipa::path(post, path = "/v1/runs/{id}/restart", tag = "operators",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The run's id"),
+        ("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)"),
+    ),
+    request_body = RestartBody,
+    responses(
+        (status = 201, description = "The new run", body = RunBody),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The API token cannot do this", body = ErrorBody),
+        (status = 404, description = "No such run or step", body = ErrorBody),
+        (status = 409, description = "Not allowed in the run's status, already retried, or `cannot_restart_from`", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "A bad body, input or note", body = ErrorBody),
+    ))]
+pub async fn restart_run(
+    admin: AdminAccess,
+    State(state): State<Arc<AppState>>,
+    PathText(id): PathText,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let run = parse_run_id(&id)?;
+    let body: RestartBody = body.parse()?;
+    let new = state
+        .engine
+        .restart(run, &body.from_step, body.input, &admin.operator, body.note.as_deref())
+        .await?;
+    Ok(with_location(StatusCode::CREATED, run_body(&state, new).await?))
+}
+
+/// Resolves by hand the compensation of `step` that gave up (admin token; the run is
+/// `failed`): the step is marked `compensated` with the operator's note, and the unwind
+/// goes on with the steps before it. 200: the run, `compensating` again.
+#[utoipa::path(post, path = "/v1/runs/{id}/steps/{step}/resolve", tag = "operators",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The run's id"),
+        ("step" = String, Path, description = "The step whose compensation gave up"),
+        ("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)"),
+    ),
+    request_body = ResolveBody,
+    responses(
+        (status = 200, body = RunBody),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The API token cannot do this", body = ErrorBody),
+        (status = 404, description = "No such run or step", body = ErrorBody),
+        (status = 409, description = "The run is not failed, or the step's compensation did not give up", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "No note, or a bad body", body = ErrorBody),
+    ))]
+pub async fn resolve_step(
+    admin: AdminAccess,
+    State(state): State<Arc<AppState>>,
+    super::extract::PathPair(id, step): super::extract::PathPair,
+    body: JsonBody,
+) -> Result<Json<RunBody>, ApiError> {
+    let run = parse_run_id(&id)?;
+    let body: ResolveBody = body.parse()?;
+    state
+        .engine
+        .resolve_by_hand(run, &step, &admin.operator, &body.note)
+        .await?;
+    Ok(Json(run_body(&state, run).await?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,8 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/runs/{id}", get(run::page))
         .route("/runs/{id}/retry", post(run::retry))
         .route("/runs/{id}/cancel", post(run::cancel))
+        .route("/runs/{id}/restart", post(run::restart))
+        .route("/runs/{id}/steps/{step}/resolve", post(run::resolve))
         .route("/schedules", get(schedules::page))
         .route("/workflows", get(workflows::page))
         .route("/waiting", get(waiting::page))

@@ -112,6 +112,13 @@ pub struct RunPage {
     pub events_omitted: usize,
     /// Where the log is cut (entries before this index are the head).
     pub events_cut_at: usize,
+    /// The steps whose compensation gave up, offered for a resolution by hand (a failed run).
+    pub resolvable: Vec<String>,
+    /// The steps a restart may start at (a finished run that did not complete and was not
+    /// retried): the first step, and each whose predecessors all succeeded or were skipped.
+    pub restart_from: Vec<String>,
+    /// The input as editable JSON for a restart (empty when too large to edit here).
+    pub input_edit: String,
     /// What was delivered to the run (signals, completions), newest first.
     pub inbox: Vec<InboxLine>,
     /// Deliveries not shown (older than those listed).
@@ -120,6 +127,10 @@ pub struct RunPage {
 
 /// The most deliveries a run's page lists.
 pub const INBOX_SHOWN: i64 = 20;
+
+/// The largest input offered for editing on the page (a larger one is restarted as it is,
+/// or edited through the API).
+pub const MAX_INPUT_EDIT: usize = 16 * 1024;
 
 /// A signal or a completion delivered to the run.
 #[derive(Debug, Clone)]
@@ -271,6 +282,12 @@ pub async fn page(
         Some("retried") => Some("Retry started: this is the new run, with the same input as the run it retries."),
         Some("resumed") => Some("Retry accepted: the compensation that gave up is being attempted again."),
         Some("cancel") => Some("Cancel requested: the run stops after the attempt in flight and compensates."),
+        Some("resolved") => {
+            Some("Resolved by hand: the step is marked compensated with your note, and the unwind goes on.")
+        }
+        Some("restarted") => {
+            Some("Restarted: this is the new run. The steps before the one chosen kept their recorded outputs.")
+        }
         _ => None,
     };
     let (inbox, inbox_total) = RunReads::of(engine).inbox(id, INBOX_SHOWN).await?;
@@ -413,6 +430,32 @@ pub fn build(
         retried_by: link(run.retried_by),
     };
 
+    let resolvable = if run.status == RunStatus::Failed {
+        steps
+            .iter()
+            .filter(|s| s.status == StepStatus::CompensationFailed)
+            .map(|s| s.name.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let restartable = matches!(
+        run.status,
+        RunStatus::Compensated | RunStatus::Cancelled | RunStatus::Failed
+    ) && run.retried_by.is_none();
+    let restart_from = if restartable {
+        let reusable = steps
+            .iter()
+            .take_while(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
+            .count();
+        steps.iter().take(reusable + 1).map(|s| s.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let input_edit = serde_json::to_string_pretty(&run.input)
+        .ok()
+        .filter(|text| text.len() <= MAX_INPUT_EDIT)
+        .unwrap_or_default();
     let mut outputs_left = budget.step_outputs;
     let steps = steps
         .iter()
@@ -422,6 +465,9 @@ pub fn build(
 
     let (events, events_omitted, events_cut_at) = log_lines(events, run.created_at, budget);
     RunPage {
+        resolvable,
+        restart_from,
+        input_edit,
         operator: viewer.session.operator.clone(),
         csrf: viewer.csrf.clone(),
         can_cancel: run.status.can_cancel() && !run.cancel_requested,
@@ -557,6 +603,81 @@ pub async fn retry(
             Redirect::to(&format!("/runs/{run}?done=resumed"))
         }
     })
+}
+
+/// The form of a resolution by hand.
+#[derive(Debug, Deserialize)]
+pub struct ResolveForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+    /// What was done by hand (required).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// `POST /runs/{id}/steps/{step}/resolve`: marks the compensation that gave up as done by
+/// hand, with the operator's note; the unwind goes on.
+pub async fn resolve(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<super::super::extract::PathPair, ApiError>,
+    form: Result<Form<ResolveForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    let form = form.ok().map(|Form(f)| f);
+    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let super::super::extract::PathPair(id, step) = path?;
+    let id = parse_id(&id)?;
+    let note = form.map(|f| f.note).unwrap_or_default();
+    let by = &operator.session.operator;
+    dashboard.app.engine.resolve_by_hand(id, &step, by, &note).await?;
+    tracing::info!(run_id = %id, %step, operator = %by, "dashboard: compensation resolved by hand");
+    Ok(Redirect::to(&format!("/runs/{id}?done=resolved")))
+}
+
+/// The form of a restart from a step.
+#[derive(Debug, Deserialize)]
+pub struct RestartForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+    /// The step to start at.
+    #[serde(default)]
+    pub from_step: String,
+    /// The input, as JSON (the run's own when unchanged or absent).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Why, for the log.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// `POST /runs/{id}/restart`: starts the run again from a step, as a new run, and shows it.
+pub async fn restart(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<RestartForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    let form = form.ok().map(|Form(f)| f);
+    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let PathText(id) = path?;
+    let id = parse_id(&id)?;
+    let form = form.ok_or_else(|| ApiError::invalid("from_step", "choose the step to restart from"))?;
+    let input = match form.input.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        Some(text) => Some(
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| ApiError::invalid("input", format!("the input is not JSON: {e}")))?,
+        ),
+        None => None,
+    };
+    let note = form.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
+    let by = &operator.session.operator;
+    let new = dashboard
+        .app
+        .engine
+        .restart(id, &form.from_step, input, by, note)
+        .await?;
+    tracing::info!(run_id = %id, new_run = %new, from = %form.from_step, operator = %by, "dashboard: run restarted from a step");
+    Ok(Redirect::to(&format!("/runs/{new}?done=restarted")))
 }
 
 /// `POST /runs/{id}/cancel`: asks the run to stop and compensate.
