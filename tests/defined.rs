@@ -1578,3 +1578,201 @@ async fn a_compensation_that_gave_up_is_resolved_by_hand_over_http_and_the_run_e
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_bulk_retry_of_500_compensated_runs_after_an_outage_and_a_bulk_cancel_of_waiting_ones() {
+    use futures::StreamExt;
+    let participant = Participant::start().await;
+    // The outage: the first 500 charges are refused; after it, every charge succeeds.
+    participant.script(
+        "/charge",
+        (0..500).map(|_| Answer::Json(422, json!({"error": {"message": "down"}}))),
+    );
+    let server = start().await;
+    let flaky = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": [{"name": "charge", "invoke": {"endpoint": "shop", "path": "/charge"}}]
+    });
+    assert_eq!(put(&server, "flaky", &flaky).await.0, StatusCode::CREATED);
+    futures::stream::iter(0..500)
+        .map(|i| {
+            let request = server
+                .api(Method::POST, "/v1/workflows/flaky/runs")
+                .json(&json!({"n": i}));
+            async move {
+                let (status, body) = read(request.send().await.expect("trigger")).await;
+                assert!(status.is_success(), "{status}: {body}");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let count = |status: &'static str| {
+        let pool = server.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs WHERE workflow = 'flaky' AND status::text = $1")
+                .bind(status)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count("compensated").await < 500 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outage's runs did not all compensate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bulk = |body: Value, admin: bool| {
+        let request = if admin {
+            server.admin(Method::POST, "/v1/runs/bulk")
+        } else {
+            server.api(Method::POST, "/v1/runs/bulk")
+        };
+        async move {
+            read(
+                request
+                    .header("x-sagaflow-operator", "ada")
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("bulk"),
+            )
+            .await
+        }
+    };
+    let filter = json!({"workflow": "flaky", "status": "compensated"});
+    let before = server.row_counts().await;
+    let refusals = [
+        (
+            json!({"action": "retry", "filter": filter, "dry_run": true}),
+            false,
+            StatusCode::FORBIDDEN,
+            None,
+        ),
+        (
+            json!({"action": "retry", "filter": filter, "limit": 5000}),
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limit"),
+        ),
+        (
+            json!({"action": "retry", "filter": {"status": "done"}}),
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("filter.status"),
+        ),
+        (
+            json!({"action": "retry", "filter": {"colour": "red"}}),
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            json!({"action": "explode", "filter": filter}),
+            true,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("action"),
+        ),
+        (
+            json!({"action": "pause", "filter": filter}),
+            true,
+            StatusCode::CONFLICT,
+            None,
+        ),
+    ];
+    for (body, admin, expected, field) in refusals {
+        let (status, answer) = bulk(body.clone(), admin).await;
+        assert_eq!(status, expected, "{body}: {answer}");
+        if let Some(field) = field {
+            assert_eq!(answer["error"]["field"], field, "{answer}");
+        }
+    }
+    // The dry run counts and samples, and writes nothing.
+    let (status, dry) = bulk(
+        json!({"action": "retry", "filter": filter, "dry_run": true, "limit": 1000}),
+        true,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{dry}");
+    assert_eq!((dry["matched"].clone(), dry["acted"].clone()), (json!(500), json!(0)));
+    assert_eq!(dry["sample"].as_array().map(Vec::len), Some(20));
+    assert_eq!(server.row_counts().await, before, "a dry run writes nothing");
+
+    let (status, done) = bulk(json!({"action": "retry", "filter": filter, "limit": 1000}), true).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(
+        (done["matched"].clone(), done["acted"].clone()),
+        (json!(500), json!(500))
+    );
+    let bulk_id = done["bulk_id"].as_str().expect("bulk id").to_string();
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE kind = 'operator_retry' AND detail->>'bulk_id' = $1 AND detail->>'by' = 'ada'",
+    )
+    .bind(&bulk_id)
+    .fetch_one(server.pool())
+    .await
+    .expect("count");
+    assert_eq!(logged, 500, "one log entry per run, with the operator and the bulk id");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count("completed").await < 500 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retries did not all complete"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, again) = bulk(json!({"action": "retry", "filter": filter, "dry_run": true}), true).await;
+    assert_eq!(again["matched"], 0, "retried runs are not retried twice: {again}");
+
+    // A bulk cancel of runs that wait: each compensates at once.
+    let patient = json!({
+        "endpoints": {"shop": {"base_url": participant.base_url()}},
+        "steps": [{"name": "wait", "wait": {"signal": "go", "timeout": "1h"}}]
+    });
+    assert_eq!(put(&server, "patient", &patient).await.0, StatusCode::CREATED);
+    for i in 0..3 {
+        let (status, _) = read(
+            server
+                .api(Method::POST, "/v1/workflows/patient/runs")
+                .json(&json!({"n": i}))
+                .send()
+                .await
+                .expect("trigger"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (status, cancelled) = bulk(json!({"action": "cancel", "filter": {"workflow": "patient"}}), true).await;
+    assert_eq!(
+        (status, cancelled["acted"].clone()),
+        (StatusCode::OK, json!(3)),
+        "{cancelled}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let cancelled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE workflow = 'patient' AND status = 'cancelled'")
+                .fetch_one(server.pool())
+                .await
+                .expect("count");
+        if cancelled == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{cancelled} of 3 cancels finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+    server.stop().await;
+}

@@ -237,6 +237,33 @@ enum Failure {
     Lost,
 }
 
+/// Who acts on a run from outside (an operator, maybe within a bulk action), as the log
+/// names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor<'a> {
+    /// The operator.
+    pub by: &'a str,
+    /// The bulk action this is part of, if any.
+    pub bulk: Option<uuid::Uuid>,
+}
+
+impl<'a> From<&'a str> for Actor<'a> {
+    fn from(by: &'a str) -> Self {
+        Self { by, bulk: None }
+    }
+}
+
+impl Actor<'_> {
+    /// `fields` with who acted (`by`, and `bulk_id` within a bulk action).
+    pub fn detail(&self, mut fields: Value) -> Value {
+        fields["by"] = json!(self.by);
+        if let Some(bulk) = self.bulk {
+            fields["bulk_id"] = json!(bulk);
+        }
+        fields
+    }
+}
+
 /// An operator action the run's status does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("not allowed while the run is {0}")]
@@ -696,6 +723,8 @@ impl<'a> Machine<'a> {
                     }
                 }
             }
+            // A cancel asked for meanwhile ends the wait now (see `advance`).
+            None if state.cancel_requested => None,
             None if cond.now < waiting.deadline => Some(Next::Release {
                 ready_at: waiting.deadline,
             }),
@@ -815,7 +844,13 @@ impl<'a> Machine<'a> {
 
     /// An operator resumes a `failed` run: the compensation that gave up gets a fresh budget
     /// of attempts, and the run is due at once.
-    pub fn operator_retry(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {
+    pub fn operator_retry<'b>(
+        &self,
+        state: &mut RunState,
+        by: impl Into<Actor<'b>>,
+        now: DateTime<Utc>,
+    ) -> Result<Transition, NotAllowed> {
+        let by = by.into();
         if state.status != RunStatus::Failed {
             return Err(NotAllowed(state.status));
         }
@@ -833,7 +868,7 @@ impl<'a> Machine<'a> {
             EventKind::OperatorRetry,
             None,
             None,
-            json!({"by": by, "action": "resume", "steps": resumed}),
+            by.detail(json!({"action": "resume", "steps": resumed})),
         );
         Ok(t.decided(Next::Release { ready_at: now }))
     }
@@ -869,14 +904,20 @@ impl<'a> Machine<'a> {
 
     /// An operator asks to cancel: the run stops after the attempt in flight and compensates.
     /// Asking again changes nothing.
-    pub fn request_cancel(&self, state: &mut RunState, by: &str, now: DateTime<Utc>) -> Result<Transition, NotAllowed> {
+    pub fn request_cancel<'b>(
+        &self,
+        state: &mut RunState,
+        by: impl Into<Actor<'b>>,
+        now: DateTime<Utc>,
+    ) -> Result<Transition, NotAllowed> {
+        let by = by.into();
         if !state.status.can_cancel() {
             return Err(NotAllowed(state.status));
         }
         let mut t = Draft::default();
         if !state.cancel_requested {
             state.cancel_requested = true;
-            t.log(EventKind::CancelRequested, None, None, json!({"by": by}));
+            t.log(EventKind::CancelRequested, None, None, by.detail(json!({})));
         }
         Ok(t.decided(Next::Release { ready_at: now }))
     }
@@ -1750,6 +1791,16 @@ mod tests {
         let t = m.handle(&mut taken, claim.clone(), &later(5));
         assert_eq!(t.kinds(), [K::LeaseTakenOver], "no lost attempt is recorded");
         assert_eq!((t.next, taken.steps[1].lost_attempts), (Next::Await(1), 0));
+
+        // A cancel that lands while the owner looks in the inbox ends the wait too.
+        let mut looking = state.clone();
+        looking.cancel_requested = true;
+        let t = m.handle(&mut looking, Event::WaitPolled { step: 1, arrival: None }, &later(5));
+        assert_eq!(
+            t.kinds(),
+            [K::StepFailed, K::CompensationStarted, K::StepCompensationStarted]
+        );
+        assert_eq!(t.next, Next::Compensate(0));
 
         let mut cancelled = state;
         m.request_cancel(&mut cancelled, "ops", cond().now).expect("allowed");

@@ -17,6 +17,7 @@
 //! runs, and act on them as an operator.
 
 pub(crate) mod apply;
+mod bulk;
 pub mod changes;
 pub mod clock;
 pub mod definition;
@@ -43,6 +44,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use bulk::{BULK_COUNT_CAP, BULK_SAMPLE, BulkAction, BulkOutcome, BulkSkip, MAX_BULK_RUNS};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use definition::{
     Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, OnTimeout, Phase, RunView, Source,
@@ -175,6 +177,17 @@ pub enum EngineError {
         /// The key.
         key: String,
     },
+    /// A bulk call's limit is outside what one call may act on.
+    #[error("limit must be from 1 to {max} (got {limit}); call again for the rest")]
+    BulkLimit {
+        /// The limit asked for.
+        limit: i64,
+        /// The most allowed.
+        max: i64,
+    },
+    /// Part of the contract this version does not provide yet.
+    #[error("{0} is not available in this version")]
+    NotAvailable(String),
     /// An operator action that needs a note (what was done by hand, and why) got none, or
     /// one too long to keep.
     #[error("a note is required: 1 to {MAX_NOTE_CHARS} characters saying what was done and why")]
@@ -1136,6 +1149,11 @@ impl Engine {
     /// Asks to cancel a `pending` or `running` run: it stops after the attempt in flight and
     /// compensates, ending `cancelled`. Recorded in the log with the operator's identity.
     pub async fn cancel(&self, run_id: Uuid, operator: &str) -> Result<(), EngineError> {
+        self.cancel_as(run_id, operator.into()).await
+    }
+
+    /// [`Engine::cancel`] by `actor` (an operator within a bulk action, say).
+    pub async fn cancel_as(&self, run_id: Uuid, operator: machine::Actor<'_>) -> Result<(), EngineError> {
         let mut tx = self.inner.pool.begin().await?;
         let run = store::run_for_update(&mut tx, run_id)
             .await?
@@ -1168,6 +1186,11 @@ impl Engine {
     /// fresh budget of attempts; a `compensated` or `cancelled` run is started again as a new
     /// run with the same input, linked both ways.
     pub async fn retry(&self, run_id: Uuid, operator: &str) -> Result<Retried, EngineError> {
+        self.retry_as(run_id, operator.into()).await
+    }
+
+    /// [`Engine::retry`] by `actor` (an operator within a bulk action, say).
+    pub async fn retry_as(&self, run_id: Uuid, operator: machine::Actor<'_>) -> Result<Retried, EngineError> {
         let mut tx = self.inner.pool.begin().await?;
         let run = store::run_for_update(&mut tx, run_id)
             .await?
@@ -1208,14 +1231,20 @@ impl Engine {
                     None,
                     Trigger::Retry,
                     Some(run_id),
-                    json!({"by": operator}),
+                    operator.detail(json!({})),
                     None,
                 );
                 let Some(created_at) = self.insert_prepared(&mut tx, &prepared).await? else {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
                 };
                 let new_id = prepared.id;
-                store::link_retry(&mut tx, run_id, new_id, operator).await?;
+                store::link_retry(
+                    &mut tx,
+                    run_id,
+                    new_id,
+                    &operator.detail(json!({"action": "new_run", "new_run": new_id})),
+                )
+                .await?;
                 tx.commit().await?;
                 self.inner.changes.touch(run_id);
                 self.inner.changes.touch(new_id);

@@ -1330,6 +1330,53 @@ pub async fn durations(
     .await
 }
 
+/// Which runs a bulk action can act on at all (beyond the operator's filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Eligible {
+    /// A failed run, or a compensated or cancelled one not yet retried.
+    Retry,
+    /// A pending or running run not yet asked to cancel.
+    Cancel,
+}
+
+fn push_eligible(sql: &mut QueryBuilder<Postgres>, eligible: Eligible) {
+    sql.push(match eligible {
+        Eligible::Retry => {
+            " AND (status = 'failed' OR (status IN ('compensated', 'cancelled') AND retried_by IS NULL))"
+        }
+        Eligible::Cancel => " AND status IN ('pending', 'running') AND NOT cancel_requested",
+    });
+}
+
+/// How many runs match `filter` and are eligible, counting at most `cap`.
+pub(crate) async fn count_eligible(
+    pool: &PgPool,
+    filter: &RunFilter,
+    eligible: Eligible,
+    cap: i64,
+) -> Result<i64, sqlx::Error> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM runs WHERE true");
+    push_filter(&mut sql, filter);
+    push_eligible(&mut sql, eligible);
+    sql.push(" LIMIT ").push_bind(cap).push(") capped");
+    sql.build_query_scalar().fetch_one(pool).await
+}
+
+/// The first `limit` runs matching `filter` that are eligible, oldest first (a morning's
+/// runs are acted on in the order they came).
+pub(crate) async fn eligible_runs(
+    pool: &PgPool,
+    filter: &RunFilter,
+    eligible: Eligible,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id FROM runs WHERE true");
+    push_filter(&mut sql, filter);
+    push_eligible(&mut sql, eligible);
+    sql.push(" ORDER BY created_at, id LIMIT ").push_bind(limit);
+    sql.build_query_scalar().fetch_all(pool).await
+}
+
 fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &RunFilter) {
     if let Some(workflow) = &filter.workflow {
         sql.push(" AND workflow = ").push_bind(workflow.clone());
@@ -1666,19 +1713,18 @@ pub async fn link_restart(conn: &mut PgConnection, old: Uuid, new: Uuid, detail:
 }
 
 /// Links a compensated or cancelled run to the run retrying it and logs the operator's retry.
-pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, by: &str) -> Result<(), sqlx::Error> {
+pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, detail: &Value) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH linked AS (
              UPDATE runs SET retried_by = $2, log_seq = log_seq + 1, updated_at = now()
              WHERE id = $1 RETURNING id, log_seq
          )
          INSERT INTO run_events (run_id, seq, kind, detail)
-         SELECT id, log_seq, 'operator_retry', jsonb_build_object('by', $3::text, 'action', 'new_run', 'new_run', $2)
-         FROM linked",
+         SELECT id, log_seq, 'operator_retry', $3 FROM linked",
     )
     .bind(old)
     .bind(new)
-    .bind(by)
+    .bind(detail)
     .execute(conn)
     .await?;
     Ok(())

@@ -248,6 +248,11 @@ impl From<EngineError> for ApiError {
                 id: key,
             },
             e @ EngineError::InvalidNote => Self::invalid("note", e.to_string()),
+            e @ EngineError::BulkLimit { .. } => Self::invalid("limit", e.to_string()),
+            e @ EngineError::NotAvailable(_) => Self::Conflict {
+                code: "not_available",
+                message: e.to_string(),
+            },
             e @ EngineError::NothingToResolve { .. } => Self::Conflict {
                 code: "nothing_to_resolve",
                 message: e.to_string(),

@@ -112,6 +112,7 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::retry_run))
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::restart_run))
+        .routes(routes!(runs::bulk_action))
         .routes(routes!(runs::resolve_step))
         .routes(routes!(waits::signal_run))
         .routes(routes!(waits::signal_by_key))

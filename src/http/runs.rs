@@ -770,6 +770,110 @@ pub async fn resolve_step(
     Ok(Json(run_body(&state, run).await?))
 }
 
+/// The runs a bulk action applies to: the filter of `GET /v1/runs`.
+#[derive(Debug, Default, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    /// Only this workflow.
+    #[serde(default)]
+    pub workflow: Option<String>,
+    /// A status or a comma list of statuses.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// A run id, an idempotency key or a subject, exactly.
+    #[serde(default)]
+    pub q: Option<String>,
+    /// Only runs created at or after this time (RFC 3339).
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    /// Only runs created before this time (RFC 3339).
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// A bulk action.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    /// `retry` or `cancel` (`pause` and `resume` are refused: not available yet).
+    pub action: crate::engine::BulkAction,
+    /// Which runs (all, when absent: mind the limit).
+    #[serde(default)]
+    pub filter: BulkFilter,
+    /// Count and sample only; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The most runs acted on by this call (1 to 1000, default 100); call again for more.
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// Retries or cancels every run a filter matches (admin token), at most `limit` per call,
+/// oldest first: each run is acted on as by its own route, with one log entry naming the
+/// operator and the call's `bulk_id`. Only runs the action applies to are counted (a retry:
+/// failed runs, and compensated or cancelled ones not yet retried; a cancel: pending or
+/// running ones not yet cancelled), so calling again goes on with the rest. `dry_run`
+/// answers the count and a sample and writes nothing.
+#[utoipa::path(post, path = "/v1/runs/bulk", tag = "operators",
+    security(("bearer" = [])),
+    params(("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)")),
+    request_body = BulkBody,
+    responses(
+        (status = 200, body = crate::engine::BulkOutcome),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The API token cannot do this", body = ErrorBody),
+        (status = 409, description = "`not_available` (pause, resume)", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "A bad filter or limit", body = ErrorBody),
+    ))]
+pub async fn bulk_action(
+    admin: AdminAccess,
+    State(state): State<Arc<AppState>>,
+    body: JsonBody,
+) -> Result<Json<crate::engine::BulkOutcome>, ApiError> {
+    let body: BulkBody = body.parse()?;
+    let filter = bulk_filter(body.filter)?;
+    let limit = body.limit.unwrap_or(100);
+    let outcome = state
+        .engine
+        .bulk(body.action, &filter, body.dry_run, limit, &admin.operator)
+        .await?;
+    Ok(Json(outcome))
+}
+
+/// The engine's filter of a bulk body, checked as `GET /v1/runs` checks its parameters.
+pub fn bulk_filter(filter: BulkFilter) -> Result<RunFilter, ApiError> {
+    let statuses = match filter.status {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                RunStatus::parse(s).ok_or_else(|| {
+                    let all: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::invalid("filter.status", format!("`{s}` is not one of {}", all.join(", ")))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let text = |field: &str, value: Option<String>, max: usize| match value {
+        Some(v) if v.chars().count() > max || v.contains('\0') => Err(ApiError::invalid(
+            format!("filter.{field}"),
+            format!("at most {max} characters, no NUL"),
+        )),
+        other => Ok(other),
+    };
+    Ok(RunFilter {
+        workflow: text("workflow", filter.workflow, 200)?,
+        statuses,
+        query: text("q", filter.q, 300)?,
+        created_from: filter.from,
+        created_to: filter.to,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
