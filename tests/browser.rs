@@ -167,7 +167,7 @@ async fn fill(page: &Page, selector: &str, text: &str) {
 
 /// Runs for the pictures and the story: a registration whose last step fails all its
 /// attempts (compensated), completed ones, and a duplicate email (compensated at once).
-async fn seed(server: &TestServer) -> String {
+async fn seed(server: &TestServer) -> (String, String, String) {
     let ada = server.identity("ada@example.com").await;
     let failed = server.register(&ada, "ada@example.com").await;
     assert_eq!(failed["status"], "compensated", "{failed}");
@@ -179,7 +179,8 @@ async fn seed(server: &TestServer) -> String {
     let again = server.identity("grace.again@example.com").await;
     let duplicate = server.register(&again, "grace@example.com").await;
     assert_eq!(duplicate["status"], "compensated", "{duplicate}");
-    failed["id"].as_str().expect("id").to_string()
+    let id = |run: &serde_json::Value| run["id"].as_str().expect("id").to_string();
+    (id(&failed), id(&duplicate), again)
 }
 
 /// Chromium's fresh profile, removed however the test ends.
@@ -197,7 +198,7 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     // compensated, and its retry later succeeds.
     let Some(chromium) = chromium() else { return };
     let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
-    let failed = seed(&server).await;
+    let (failed, duplicate, again) = seed(&server).await;
 
     let profile = Profile(std::env::temp_dir().join(format!("sagaflow-chromium-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&profile.0);
@@ -294,6 +295,57 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
         "linked to the run it retries"
     );
     screenshot(&page, "run-retried.png", None).await;
+
+    // The duplicate registration, restarted from its first step with the email corrected:
+    // the input is edited in the confirmation, and the new run completes.
+    page.goto(server.url(&format!("/runs/{duplicate}")))
+        .await
+        .expect("run page");
+    page.wait_for_navigation().await.expect("navigation");
+    until(&page, "the restart offered", |html| {
+        html.contains("id=\"restart-button\"")
+    })
+    .await;
+    click(&page, "#restart-button").await;
+    let edited = serde_json::json!({"authIdentityId": again,
+        "customerData": {"email": "grace.again@example.com", "first_name": "Grace", "last_name": "Again"}});
+    page.evaluate(format!(
+        "document.querySelector('#restart-input').value = {}",
+        serde_json::to_string(&edited.to_string()).expect("json")
+    ))
+    .await
+    .expect("edit the input");
+    fill(&page, "#restart-note", "the customer corrected their email").await;
+    click_and_wait(&page, "#confirm-restart-button").await;
+    let path = path_of(&page).await;
+    assert!(path.ends_with("?done=restarted"), "landed on {path}");
+    let html = until(&page, "the restarted run completed", |html| {
+        html.contains("id=\"run-status\">completed<")
+    })
+    .await;
+    assert!(html.contains("Restarted: this is the new run"));
+    assert!(
+        html.contains(&format!("href=\"/runs/{duplicate}\"")),
+        "linked to the run it restarts"
+    );
+
+    // A bulk retry of the list's compensated runs, seen and confirmed with its count.
+    let late = server.identity("alan.again@example.com").await;
+    let refused = server.register(&late, "alan@example.com").await;
+    assert_eq!(refused["status"], "compensated", "{refused}");
+    page.goto(server.url("/?status=compensated")).await.expect("list");
+    page.wait_for_navigation().await.expect("navigation");
+    until(&page, "the bulk form", |html| html.contains("id=\"bulk-button\"")).await;
+    click_and_wait(&page, "#bulk-button").await;
+    let html = until(&page, "the bulk preview", |html| {
+        html.contains("id=\"confirm-bulk-button\"")
+    })
+    .await;
+    assert!(html.contains("Yes, retry 1 run<"), "the count is in the confirmation");
+    screenshot(&page, "bulk-retry.png", None).await;
+    click_and_wait(&page, "#confirm-bulk-button").await;
+    let html = until(&page, "the bulk result", |html| html.contains("id=\"bulk-done\"")).await;
+    assert!(html.contains("<strong>1</strong> run retried"), "{html}");
 
     // The list updates itself: a registration triggered now appears without a reload.
     page.goto(server.url("/")).await.expect("list");

@@ -2117,3 +2117,59 @@ async fn an_operator_resolves_a_failed_compensation_and_restarts_the_run_from_th
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_bulk_retry_from_the_runs_list_shows_the_count_and_acts_only_once_confirmed() {
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:9".into())).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let email = format!("bulk{i}@example.com");
+        let identity = server.identity(&email).await;
+        let run = server.register(&identity, &email).await;
+        assert_eq!(run["status"], "compensated", "{run}");
+        ids.push(id_of(&run));
+    }
+    let session = login(&server, "ops").await;
+    let list = session.get(&server, "/?status=compensated&range=1h").await;
+    assert!(list.body.contains("id=\"bulk-form\""), "{}", list.body);
+    let from = hidden(&list.body, "from").expect("the range is carried as an absolute time");
+    let fields = [
+        ("csrf", session.csrf.as_str()),
+        ("action", "retry"),
+        ("status", "compensated"),
+        ("from", from.as_str()),
+    ];
+    let forged = session.post(&server, "/bulk", &fields[1..]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let preview = session.post(&server, "/bulk", &fields).await;
+    assert_eq!(preview.status, StatusCode::OK, "{}", preview.body);
+    let text = words_of(&preview.body);
+    assert!(text.contains("3 runs matching status = compensated"), "{text}");
+    assert!(text.contains("Yes, retry 3 runs"), "{text}");
+    for id in &ids {
+        assert_eq!(
+            api_run(&server, id).await["retried_by"],
+            Value::Null,
+            "a preview acts on nothing"
+        );
+    }
+    let done = session.post(&server, "/bulk/confirm", &fields).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let text = words_of(&done.body);
+    assert!(text.contains("3 runs retried"), "{text}");
+    for id in &ids {
+        let retried = api_run(&server, id).await["retried_by"].clone();
+        assert!(retried.is_string(), "{id} was not retried");
+        let new = server.wait_terminal(retried.as_str().expect("id")).await;
+        assert_eq!(new["status"], "completed", "{new}");
+    }
+    let bad = session
+        .post(
+            &server,
+            "/bulk",
+            &[("csrf", session.csrf.as_str()), ("action", "explode")],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    server.stop().await;
+}

@@ -6,6 +6,7 @@
 //! - [`runs`]: the runs list with its filters, counts and overview charts.
 //! - [`run`]: a run's page, and the Retry and Cancel actions.
 //! - [`schedules`]: the schedules page, and the Enable, Disable and Fire now actions.
+//! - [`bulk`]: bulk retry and cancel of the runs list's filter, previewed, then confirmed.
 //! - [`waiting`]: the runs that wait (for a signal, a completion or time), overdue flagged.
 //! - [`timeline`] and [`charts`]: SVG geometry computed from runs and their logs (pure).
 //! - [`live`]: one LISTEN per process fanned out to pages as server-sent events.
@@ -17,6 +18,7 @@
 //! styles from this origin only), so even a missed escape could not run a script.
 
 pub mod assets;
+pub mod bulk;
 pub mod charts;
 pub mod error;
 pub mod format;
@@ -79,6 +81,8 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/schedules", get(schedules::page))
         .route("/workflows", get(workflows::page))
         .route("/waiting", get(waiting::page))
+        .route("/bulk", post(bulk::preview))
+        .route("/bulk/confirm", post(bulk::confirm))
         .route("/schedules/{name}/enable", post(schedules::enable))
         .route("/schedules/{name}/disable", post(schedules::disable))
         .route("/schedules/{name}/fire", post(schedules::fire))

@@ -75,6 +75,9 @@ pub struct RunsPage {
     pub overview: Arc<Overview>,
     /// Runs waiting (for a signal, a completion or time), and how many are overdue.
     pub waiting: (i64, i64),
+    /// The list's filter for a bulk action, its time range made absolute (so that the
+    /// confirmation acts on the runs previewed, however long it takes to confirm).
+    pub bulk_fields: Vec<(&'static str, String)>,
 }
 
 /// A row of the list.
@@ -240,6 +243,17 @@ pub async fn page(
             .collect(),
     };
     let count_links = count_links(&counts, &filter, &kept);
+    let time = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let bulk_fields = [
+        ("workflow", filter.workflow.clone()),
+        ("status", kept.status.clone()),
+        ("q", filter.query.clone()),
+        ("from", time(filter.created_from)),
+        ("to", time(filter.created_to)),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v?)))
+    .collect();
     Ok(RunsPage {
         operator: viewer.session.operator,
         csrf: viewer.csrf,
@@ -256,6 +270,7 @@ pub async fn page(
             || kept.to.is_some(),
         overview,
         waiting,
+        bulk_fields,
     })
 }
 

@@ -286,6 +286,11 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// The CSRF token of this session, for the forms of a page rendered in answer to a post.
+    pub fn csrf(&self) -> String {
+        self.keys.csrf_token(&self.session)
+    }
+
     /// Refuses a form whose CSRF token is not this session's.
     pub fn check_csrf(&self, token: Option<&str>) -> Result<(), PageError> {
         match token {
