@@ -2173,3 +2173,53 @@ async fn a_bulk_retry_from_the_runs_list_shows_the_count_and_acts_only_once_conf
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_operator_actions_page_lists_every_action_with_who_and_the_note() {
+    let server = server::start_with(|c| c.faults = Some("fail:set-auth-app-metadata:3".into())).await;
+    let identity = server.identity("audit@example.com").await;
+    let compensated = server.register(&identity, "audit@example.com").await;
+    assert_eq!(compensated["status"], "compensated");
+    let id = id_of(&compensated);
+    let act = |path: String, operator: &'static str| {
+        let request = server
+            .admin(Method::POST, &path)
+            .header("x-sagaflow-operator", operator);
+        async move { read(request.send().await.expect("act")).await.0 }
+    };
+    assert_eq!(
+        act("/v1/schedules/retention-sweep/disable".into(), "ada").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        act("/v1/schedules/retention-sweep/enable".into(), "alan").await,
+        StatusCode::OK
+    );
+    let audited = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM operator_actions")
+            .fetch_one(server.pool())
+            .await
+            .expect("count")
+    };
+    assert_eq!(audited().await, 2);
+    // A refused action is not an action: nothing recorded.
+    assert_eq!(act(format!("/v1/runs/{id}/cancel"), "eve").await, StatusCode::CONFLICT);
+    assert_eq!(audited().await, 2);
+
+    let session = login(&server, "grace").await;
+    let retried = session
+        .post(&server, &format!("/runs/{id}/retry"), &[("csrf", &session.csrf)])
+        .await;
+    assert_eq!(retried.status, StatusCode::SEE_OTHER);
+    let page = session.get(&server, "/actions").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let text = words_of(&page.body);
+    // Newest first.
+    let retry = text.find("grace run.retry").expect("the retry, by grace");
+    let enable = text.find("alan schedule.enable").expect("the enable, by alan");
+    let disable = text.find("ada schedule.disable").expect("the disable, by ada");
+    assert!(retry < enable && enable < disable, "{text}");
+    assert!(page.body.contains(&format!("href=\"/runs/{id}\"")), "the run is linked");
+    assert!(!text.contains("eve run.cancel"), "{text}");
+    server.stop().await;
+}

@@ -140,7 +140,7 @@ async fn two_instances_with_an_every_second_schedule_fire_each_tick_once() {
         (fired_ticks(&db.pool, "every-second").await.len() >= 4).then_some(())
     })
     .await;
-    b.delete_schedule("every-second").await.expect("delete");
+    b.delete_schedule("every-second", "ops").await.expect("delete");
     for s in schedulers {
         s.shutdown().await;
     }
@@ -413,7 +413,10 @@ async fn disabling_or_deleting_a_schedule_stops_it() {
     wait_next_fire(&engine, &["sentinel", "target"], "2030-01-01T00:02:00Z").await;
     assert_eq!(fired_ticks(&db.pool, "target").await, ["2030-01-01T00:01:00Z"]);
 
-    let disabled = engine.set_schedule_enabled("target", false).await.expect("disable");
+    let disabled = engine
+        .set_schedule_enabled("target", false, "ops")
+        .await
+        .expect("disable");
     assert_eq!(disabled.schedule.next_fire_at, None);
     assert!(disabled.upcoming.is_empty());
     for minute in ["00:02:00", "00:03:00"] {
@@ -430,7 +433,10 @@ async fn disabling_or_deleting_a_schedule_stops_it() {
 
     // Enabled again at 00:03:20: from the next tick on, without catching up 00:02 and 00:03.
     clock.set(t("2030-01-01T00:03:20Z"));
-    let enabled = engine.set_schedule_enabled("target", true).await.expect("enable");
+    let enabled = engine
+        .set_schedule_enabled("target", true, "ops")
+        .await
+        .expect("enable");
     assert_eq!(enabled.schedule.next_fire_at, Some(t("2030-01-01T00:04:00Z")));
     assert_eq!(enabled.upcoming.len(), 5);
     clock.set(t("2030-01-01T00:04:00Z"));
@@ -440,10 +446,10 @@ async fn disabling_or_deleting_a_schedule_stops_it() {
         ["2030-01-01T00:01:00Z", "2030-01-01T00:04:00Z"]
     );
 
-    engine.delete_schedule("target").await.expect("delete");
+    engine.delete_schedule("target", "ops").await.expect("delete");
     assert!(engine.schedule("target").await.expect("read").is_none());
     assert!(matches!(
-        engine.delete_schedule("target").await,
+        engine.delete_schedule("target", "ops").await,
         Err(ScheduleError::NotFound(_))
     ));
     clock.set(t("2030-01-01T00:05:00Z"));
@@ -510,10 +516,13 @@ async fn a_stored_expression_no_longer_understood_stops_the_schedule_and_says_wh
     assert!(fired_ticks(&db.pool, "legacy").await.is_empty());
     // It can be switched off, not on.
     assert!(matches!(
-        engine.set_schedule_enabled("legacy", true).await,
+        engine.set_schedule_enabled("legacy", true, "ops").await,
         Err(ScheduleError::Expression(_))
     ));
-    let off = engine.set_schedule_enabled("legacy", false).await.expect("disable");
+    let off = engine
+        .set_schedule_enabled("legacy", false, "ops")
+        .await
+        .expect("disable");
     assert!(!off.schedule.enabled);
 }
 
@@ -790,9 +799,12 @@ async fn declared_schedules_are_upserted_and_the_builtin_sweep_is_created_once()
     assert_eq!(sweep.schedule.expression, retention::DEFAULT_EXPRESSION);
 
     // An operator changes both; the next start re-declares the file's and keeps theirs.
-    engine.set_schedule_enabled("report", false).await.expect("disable");
     engine
-        .set_schedule_enabled(retention::NAME, false)
+        .set_schedule_enabled("report", false, "ops")
+        .await
+        .expect("disable");
+    engine
+        .set_schedule_enabled(retention::NAME, false, "ops")
         .await
         .expect("disable");
     let (engine, result) = declare(

@@ -57,7 +57,8 @@ pub use retry::RetryPolicy;
 pub use state::{RunError, RunState, StepError, StepState, Waiting};
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger, WaitKind};
 pub use store::{
-    Cursor, DurationBucket, EventRow, FinishedMinute, InboxRow, RunFilter, RunRow, StepBrief, StepRow, WaitingRun,
+    ActionRow, Cursor, DurationBucket, EventRow, FinishedMinute, InboxRow, RunFilter, RunRow, StepBrief, StepRow,
+    WaitingRun,
 };
 pub use worker::WorkerHandle;
 
@@ -1177,6 +1178,7 @@ impl Engine {
             ..apply::Change::of_row(&run, &wf, &old, &state, &transition)
         };
         let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "cancel", run_id)?;
+        store::record_action(&mut tx, &operator.action("run.cancel", run_id, json!({}))).await?;
         tx.commit().await?;
         after.publish(&self.inner);
         Ok(())
@@ -1213,6 +1215,7 @@ impl Engine {
                     })?;
                 let change = apply::Change::of_row(&run, &wf, &old, &state, &transition);
                 let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "retry", run_id)?;
+                store::record_action(&mut tx, &operator.action("run.retry", run_id, json!({"resumed": true}))).await?;
                 tx.commit().await?;
                 after.publish(&self.inner);
                 Ok(Retried::Resumed(run_id))
@@ -1243,6 +1246,11 @@ impl Engine {
                     run_id,
                     new_id,
                     &operator.detail(json!({"action": "new_run", "new_run": new_id})),
+                )
+                .await?;
+                store::record_action(
+                    &mut tx,
+                    &operator.action("run.retry", run_id, json!({"new_run": new_id})),
                 )
                 .await?;
                 tx.commit().await?;

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::status::RunStatus;
-use super::store::{self, DurationBucket, FinishedMinute, InboxRow, RunFilter, StepBrief, WaitingRun};
+use super::store::{self, ActionRow, DurationBucket, FinishedMinute, InboxRow, RunFilter, StepBrief, WaitingRun};
 use super::{Engine, EngineError};
 
 /// Reads over the runs of one engine's database.
@@ -39,6 +39,11 @@ impl RunReads {
     /// and how many in all.
     pub async fn inbox(&self, run: Uuid, limit: i64) -> Result<(Vec<InboxRow>, i64), EngineError> {
         Ok(store::inbox_of(&self.pool, run, limit).await?)
+    }
+
+    /// The newest `limit` operator actions across runs and schedules, newest first.
+    pub async fn recent_actions(&self, limit: i64) -> Result<Vec<ActionRow>, EngineError> {
+        Ok(store::recent_actions(&self.pool, limit).await?)
     }
 
     /// Waiting runs, soonest deadline first (the overdue ones at the top), at most `limit`.

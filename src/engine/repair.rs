@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::apply::{self, Change};
-use super::machine::{Machine, NewEvent};
+use super::machine::{Actor, Machine, NewEvent};
 use super::state::StepState;
 use super::status::{EventKind, RunStatus, StepStatus, Trigger};
 use super::{Engine, EngineError, applied_by_operator, store};
@@ -85,6 +85,11 @@ impl Engine {
             })?;
         let change = Change::of_row(&run, &wf, &old, &state, &transition);
         let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "resolve", run_id)?;
+        let audit = store::OperatorAction {
+            note: Some(&note),
+            ..Actor::from(operator).action("run.resolve", run_id, json!({"step": step}))
+        };
+        store::record_action(&mut tx, &audit).await?;
         tx.commit().await?;
         after.publish(&self.inner);
         Ok(())
@@ -219,6 +224,15 @@ impl Engine {
         let linked = json!({"by": operator, "action": "restart", "from_step": from_step,
                             "new_run": new_id, "input_changed": changed, "note": note});
         store::link_restart(&mut tx, run_id, new_id, &linked).await?;
+        let audit = store::OperatorAction {
+            note: note.as_deref(),
+            ..Actor::from(operator).action(
+                "run.restart",
+                run_id,
+                json!({"from_step": from_step, "new_run": new_id, "input_changed": changed}),
+            )
+        };
+        store::record_action(&mut tx, &audit).await?;
         tx.commit().await?;
         self.inner.changes.touch(run_id);
         self.inner.changes.touch(new_id);

@@ -1731,6 +1731,82 @@ pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, detail: &
 }
 
 // ---------------------------------------------------------------------------------------
+// The operators' audit trail
+// ---------------------------------------------------------------------------------------
+
+/// An operator action to record, in the transaction that does it.
+#[derive(Debug, Clone)]
+pub struct OperatorAction<'a> {
+    /// Who (the operator's self-declared name).
+    pub operator: &'a str,
+    /// What: `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `runs.bulk`,
+    /// `schedule.enable`, `schedule.disable`, `schedule.fire`, `schedule.delete`.
+    pub action: &'a str,
+    /// The run acted on.
+    pub run_id: Option<Uuid>,
+    /// The schedule acted on.
+    pub schedule: Option<&'a str>,
+    /// The bulk action this is part of.
+    pub bulk_id: Option<Uuid>,
+    /// The operator's note.
+    pub note: Option<&'a str>,
+    /// What else the action says (the new run, the step, counts).
+    pub detail: Value,
+}
+
+/// Records an operator action.
+pub async fn record_action(conn: &mut PgConnection, a: &OperatorAction<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO operator_actions (operator, action, run_id, schedule, bulk_id, note, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(a.operator)
+    .bind(a.action)
+    .bind(a.run_id)
+    .bind(a.schedule)
+    .bind(a.bulk_id)
+    .bind(a.note)
+    .bind(&a.detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An operator action as recorded.
+#[derive(Debug, Clone, FromRow)]
+pub struct ActionRow {
+    /// Its id.
+    pub id: i64,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Who.
+    pub operator: String,
+    /// What.
+    pub action: String,
+    /// The run acted on.
+    pub run_id: Option<Uuid>,
+    /// The schedule acted on.
+    pub schedule: Option<String>,
+    /// The bulk action it was part of.
+    pub bulk_id: Option<Uuid>,
+    /// The note.
+    pub note: Option<String>,
+    /// The rest.
+    pub detail: Value,
+}
+
+/// The newest `limit` operator actions, newest first.
+pub async fn recent_actions(pool: &PgPool, limit: i64) -> Result<Vec<ActionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, at, operator, action, run_id, schedule, bulk_id, note, detail
+         FROM operator_actions ORDER BY at DESC, id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------------------
 

@@ -249,12 +249,12 @@ pub async fn replace_schedule(
         (status = 404, body = ErrorBody),
     ))]
 pub async fn delete_schedule(
-    _: AdminAccess,
+    admin: AdminAccess,
     State(state): State<Arc<AppState>>,
     path: PathText,
 ) -> Result<StatusCode, ApiError> {
     let name = path_name(path)?;
-    state.engine.delete_schedule(&name).await?;
+    state.engine.delete_schedule(&name, &admin.operator).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -271,12 +271,18 @@ pub async fn delete_schedule(
         (status = 422, description = "The stored expression is no longer understood", body = ErrorBody),
     ))]
 pub async fn enable_schedule(
-    _: AdminAccess,
+    admin: AdminAccess,
     State(state): State<Arc<AppState>>,
     path: PathText,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
-    Ok(Json(state.engine.set_schedule_enabled(&name, true).await?.into()))
+    Ok(Json(
+        state
+            .engine
+            .set_schedule_enabled(&name, true, &admin.operator)
+            .await?
+            .into(),
+    ))
 }
 
 /// Disables a schedule (admin token): no tick fires until it is enabled again.
@@ -291,12 +297,18 @@ pub async fn enable_schedule(
         (status = 422, description = "The stored expression is no longer understood", body = ErrorBody),
     ))]
 pub async fn disable_schedule(
-    _: AdminAccess,
+    admin: AdminAccess,
     State(state): State<Arc<AppState>>,
     path: PathText,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
-    Ok(Json(state.engine.set_schedule_enabled(&name, false).await?.into()))
+    Ok(Json(
+        state
+            .engine
+            .set_schedule_enabled(&name, false, &admin.operator)
+            .await?
+            .into(),
+    ))
 }
 
 /// Starts a run of the schedule now (admin token), enabled or not; the operator named in

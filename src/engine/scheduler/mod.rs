@@ -393,11 +393,12 @@ impl Engine {
     }
 
     /// Deletes a schedule. Runs it started stay.
-    pub async fn delete_schedule(&self, name: &str) -> Result<(), ScheduleError> {
+    pub async fn delete_schedule(&self, name: &str, operator: &str) -> Result<(), ScheduleError> {
         let mut tx = self.inner.pool.begin().await?;
         if !store::delete(&mut tx, name).await? {
             return Err(ScheduleError::NotFound(name.to_string()));
         }
+        record(&mut tx, operator, "schedule.delete", name, serde_json::json!({})).await?;
         store::notify_changed(&mut tx, name).await?;
         tx.commit().await?;
         Ok(())
@@ -405,7 +406,12 @@ impl Engine {
 
     /// Enables or disables a schedule. Enabling starts from the next tick after now: ticks
     /// while it was disabled are not caught up.
-    pub async fn set_schedule_enabled(&self, name: &str, enabled: bool) -> Result<ScheduleView, ScheduleError> {
+    pub async fn set_schedule_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        operator: &str,
+    ) -> Result<ScheduleView, ScheduleError> {
         let mut tx = self.inner.pool.begin().await?;
         let row = store::get_for_update(&mut tx, name)
             .await?
@@ -422,6 +428,15 @@ impl Engine {
             None
         };
         let row = store::set_enabled(&mut tx, name, enabled, next).await?;
+        let action = if enabled { "schedule.enable" } else { "schedule.disable" };
+        record(
+            &mut tx,
+            operator,
+            action,
+            name,
+            serde_json::json!({"next_fire_at": next}),
+        )
+        .await?;
         store::notify_changed(&mut tx, name).await?;
         tx.commit().await?;
         Ok(self.view(row, None).await?)
@@ -451,6 +466,14 @@ impl Engine {
             )
             .await?;
         store::record_fire(&mut tx, name, now, true, triggered.run_id, operator).await?;
+        record(
+            &mut tx,
+            operator,
+            "schedule.fire",
+            name,
+            serde_json::json!({"run": triggered.run_id}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(triggered)
     }
@@ -592,6 +615,26 @@ impl TickOutcome {
             Self::Refused(_) => "refused",
         }
     }
+}
+
+/// Records an operator's action on a schedule in the operators' audit trail.
+async fn record(
+    conn: &mut sqlx::PgConnection,
+    operator: &str,
+    action: &str,
+    schedule: &str,
+    detail: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    let audit = super::store::OperatorAction {
+        operator,
+        action,
+        run_id: None,
+        schedule: Some(schedule),
+        bulk_id: None,
+        note: None,
+        detail,
+    };
+    super::store::record_action(conn, &audit).await
 }
 
 #[cfg(test)]

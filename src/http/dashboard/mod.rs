@@ -6,6 +6,7 @@
 //! - [`runs`]: the runs list with its filters, counts and overview charts.
 //! - [`run`]: a run's page, and the Retry and Cancel actions.
 //! - [`schedules`]: the schedules page, and the Enable, Disable and Fire now actions.
+//! - [`actions`]: every operator action across runs and schedules (the audit trail).
 //! - [`bulk`]: bulk retry and cancel of the runs list's filter, previewed, then confirmed.
 //! - [`waiting`]: the runs that wait (for a signal, a completion or time), overdue flagged.
 //! - [`timeline`] and [`charts`]: SVG geometry computed from runs and their logs (pure).
@@ -17,6 +18,7 @@
 //! escapes everything they print. Pages carry a strict Content-Security-Policy (scripts and
 //! styles from this origin only), so even a missed escape could not run a script.
 
+pub mod actions;
 pub mod assets;
 pub mod bulk;
 pub mod charts;
@@ -81,6 +83,7 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/schedules", get(schedules::page))
         .route("/workflows", get(workflows::page))
         .route("/waiting", get(waiting::page))
+        .route("/actions", get(actions::page))
         .route("/bulk", post(bulk::preview))
         .route("/bulk/confirm", post(bulk::confirm))
         .route("/schedules/{name}/enable", post(schedules::enable))

@@ -518,7 +518,11 @@ async fn set_enabled(
     checked(&operator, form)?;
     let name = schedule_name(name)?;
     let list = ListParams::read(&params)?;
-    dashboard.app.engine.set_schedule_enabled(&name, enabled).await?;
+    dashboard
+        .app
+        .engine
+        .set_schedule_enabled(&name, enabled, &operator.session.operator)
+        .await?;
     tracing::info!(schedule = %name, enabled, operator = %operator.session.operator, "dashboard: schedule enabled or disabled");
     let done = if enabled { Done::Enabled } else { Done::Disabled };
     Ok(Redirect::to(&list.after_action(&name, done)))
