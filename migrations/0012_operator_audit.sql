@@ -7,8 +7,8 @@ CREATE TABLE operator_actions (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     operator  text        NOT NULL,
-    -- `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `runs.bulk`, `schedule.enable`,
-    -- `schedule.disable`, `schedule.fire`, `schedule.delete`.
+    -- `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `runs.bulk`, `schedule.create`,
+    -- `schedule.replace`, `schedule.enable`, `schedule.disable`, `schedule.fire`, `schedule.delete`.
     action    text        NOT NULL,
     run_id    uuid,
     schedule  text,

@@ -2187,6 +2187,14 @@ async fn the_operator_actions_page_lists_every_action_with_who_and_the_note() {
             .header("x-sagaflow-operator", operator);
         async move { read(request.send().await.expect("act")).await.0 }
     };
+    let created = server
+        .admin(Method::POST, "/v1/schedules")
+        .header("x-sagaflow-operator", "barbara")
+        .json(&json!({"name": "audited", "expression": "0 3 * * *", "workflow": "retention-sweep"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), StatusCode::CREATED);
     assert_eq!(
         act("/v1/schedules/retention-sweep/disable".into(), "ada").await,
         StatusCode::OK
@@ -2201,10 +2209,10 @@ async fn the_operator_actions_page_lists_every_action_with_who_and_the_note() {
             .await
             .expect("count")
     };
-    assert_eq!(audited().await, 2);
+    assert_eq!(audited().await, 3);
     // A refused action is not an action: nothing recorded.
     assert_eq!(act(format!("/v1/runs/{id}/cancel"), "eve").await, StatusCode::CONFLICT);
-    assert_eq!(audited().await, 2);
+    assert_eq!(audited().await, 3);
 
     let session = login(&server, "grace").await;
     let retried = session
@@ -2218,7 +2226,10 @@ async fn the_operator_actions_page_lists_every_action_with_who_and_the_note() {
     let retry = text.find("grace run.retry").expect("the retry, by grace");
     let enable = text.find("alan schedule.enable").expect("the enable, by alan");
     let disable = text.find("ada schedule.disable").expect("the disable, by ada");
-    assert!(retry < enable && enable < disable, "{text}");
+    let create = text
+        .find("barbara schedule.create schedule audited")
+        .expect("the create, by barbara");
+    assert!(retry < enable && enable < disable && disable < create, "{text}");
     assert!(page.body.contains(&format!("href=\"/runs/{id}\"")), "the run is linked");
     assert!(!text.contains("eve run.cancel"), "{text}");
     server.stop().await;

@@ -133,9 +133,12 @@ async fn two_instances_with_an_every_second_schedule_fire_each_tick_once() {
         a.start_scheduler(SchedulerConfig::default()).await.expect("scheduler"),
         b.start_scheduler(SchedulerConfig::default()).await.expect("scheduler"),
     ];
-    a.create_schedule(spec("every-second", "* * * * * *", Overlap::Allow, CatchUp::None))
-        .await
-        .expect("create");
+    a.create_schedule(
+        spec("every-second", "* * * * * *", Overlap::Allow, CatchUp::None),
+        "ops",
+    )
+    .await
+    .expect("create");
     eventually(WAIT, "four ticks", || async {
         (fired_ticks(&db.pool, "every-second").await.len() >= 4).then_some(())
     })
@@ -178,7 +181,7 @@ async fn instances_woken_by_the_same_tick_start_one_run_for_it() {
         .map(|n| engine_at(&db.pool, n, Some(Arc::clone(&clock))))
         .collect();
     engines[0]
-        .create_schedule(spec("shared", "* * * * * *", Overlap::Allow, CatchUp::None))
+        .create_schedule(spec("shared", "* * * * * *", Overlap::Allow, CatchUp::None), "ops")
         .await
         .expect("create");
     let mut schedulers = Vec::new();
@@ -219,7 +222,7 @@ async fn a_tick_started_before_a_crash_is_recorded_not_started_twice() {
     let first = t("2030-01-01T00:01:00Z");
     for name in ["same-input", "input-changed-since"] {
         engine
-            .create_schedule(spec(name, "* * * * *", Overlap::Allow, CatchUp::None))
+            .create_schedule(spec(name, "* * * * *", Overlap::Allow, CatchUp::None), "ops")
             .await
             .expect("create");
     }
@@ -269,7 +272,7 @@ async fn an_instance_down_across_several_ticks_honours_the_catch_up_policy() {
     let names = ["none", "latest", "all"];
     for (name, policy) in names.iter().zip([CatchUp::None, CatchUp::Latest, CatchUp::All]) {
         engine
-            .create_schedule(spec(name, "* * * * *", Overlap::Allow, policy))
+            .create_schedule(spec(name, "* * * * *", Overlap::Allow, policy), "ops")
             .await
             .expect("create");
     }
@@ -330,7 +333,7 @@ async fn overlap_skip_waits_for_the_run_in_flight_and_allow_does_not() {
             input: blocking.clone(),
             ..spec(name, "* * * * *", overlap, CatchUp::None)
         };
-        engine.create_schedule(spec).await.expect("create");
+        engine.create_schedule(spec, "ops").await.expect("create");
     }
     let scheduler = engine.start_scheduler(scheduler_config()).await.expect("scheduler");
     let runs_of = |name: &'static str| {
@@ -404,7 +407,7 @@ async fn disabling_or_deleting_a_schedule_stops_it() {
     // The sentinel fires at every tick, showing the scheduler did look at that minute.
     for name in ["sentinel", "target"] {
         engine
-            .create_schedule(spec(name, "* * * * *", Overlap::Allow, CatchUp::All))
+            .create_schedule(spec(name, "* * * * *", Overlap::Allow, CatchUp::All), "ops")
             .await
             .expect("create");
     }
@@ -465,7 +468,7 @@ async fn a_tick_the_engine_refuses_is_recorded_and_the_schedule_moves_on() {
     let clock = manual_clock();
     let engine = engine_at(&db.pool, "n", Some(Arc::clone(&clock)));
     engine
-        .create_schedule(spec("orphan", "* * * * *", Overlap::Allow, CatchUp::None))
+        .create_schedule(spec("orphan", "* * * * *", Overlap::Allow, CatchUp::None), "ops")
         .await
         .expect("create");
     // After a deploy that dropped the workflow: the same database, an engine without it.
@@ -494,7 +497,7 @@ async fn a_stored_expression_no_longer_understood_stops_the_schedule_and_says_wh
     let clock = manual_clock();
     let engine = engine_at(&db.pool, "n", Some(Arc::clone(&clock)));
     engine
-        .create_schedule(spec("legacy", "* * * * *", Overlap::Allow, CatchUp::None))
+        .create_schedule(spec("legacy", "* * * * *", Overlap::Allow, CatchUp::None), "ops")
         .await
         .expect("create");
     // As if written by a version that accepted more than this one does.
@@ -530,7 +533,7 @@ async fn a_stored_expression_no_longer_understood_stops_the_schedule_and_says_wh
 async fn two_creates_racing_for_a_name_make_one_schedule() {
     let db = test_db().await;
     let engine = engine_at(&db.pool, "n", Some(manual_clock()));
-    let make = || engine.create_schedule(spec("contested", "@daily", Overlap::Skip, CatchUp::Latest));
+    let make = || engine.create_schedule(spec("contested", "@daily", Overlap::Skip, CatchUp::Latest), "ops");
     let (a, b) = tokio::join!(make(), make());
     let outcomes = [a.is_ok(), b.is_ok()];
     assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{a:?} {b:?}");
@@ -737,7 +740,7 @@ async fn a_swept_run_leaves_its_schedule_consistent() {
     let clock = manual_clock();
     let engine = engine_at(&db.pool, "n", Some(Arc::clone(&clock)));
     engine
-        .create_schedule(spec("nightly", "* * * * *", Overlap::Skip, CatchUp::None))
+        .create_schedule(spec("nightly", "* * * * *", Overlap::Skip, CatchUp::None), "ops")
         .await
         .expect("create");
     let fired = engine.fire_schedule("nightly", "ops").await.expect("fire");
@@ -860,7 +863,7 @@ async fn listings_page_by_name_and_read_each_schedules_own_latest_runs() {
     let fires = [("alpha", 12), ("beta.sweep", 3), ("gamma", 0), ("zeta", 1)];
     for (name, _) in fires {
         engine
-            .create_schedule(spec(name, "0 3 * * *", Overlap::Allow, CatchUp::None))
+            .create_schedule(spec(name, "0 3 * * *", Overlap::Allow, CatchUp::None), "ops")
             .await
             .expect("create");
     }

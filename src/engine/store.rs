@@ -1740,7 +1740,8 @@ pub struct OperatorAction<'a> {
     /// Who (the operator's self-declared name).
     pub operator: &'a str,
     /// What: `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `runs.bulk`,
-    /// `schedule.enable`, `schedule.disable`, `schedule.fire`, `schedule.delete`.
+    /// `schedule.create`, `schedule.replace`, `schedule.enable`, `schedule.disable`,
+    /// `schedule.fire`, `schedule.delete`.
     pub action: &'a str,
     /// The run acted on.
     pub run_id: Option<Uuid>,

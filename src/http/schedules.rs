@@ -182,12 +182,12 @@ pub async fn list_schedules(_: ApiAccess, State(state): State<Arc<AppState>>) ->
         (status = 422, description = "A bad name, expression, time zone, workflow or input (the field is named)", body = ErrorBody),
     ))]
 pub async fn create_schedule(
-    _: AdminAccess,
+    admin: AdminAccess,
     State(state): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let spec: ScheduleSpec = body.parse()?;
-    let view = state.engine.create_schedule(spec).await?;
+    let view = state.engine.create_schedule(spec, &admin.operator).await?;
     Ok(created(view.into()))
 }
 
@@ -228,14 +228,20 @@ pub async fn get_schedule(
         (status = 422, description = "A bad expression, time zone, workflow or input, or another name", body = ErrorBody),
     ))]
 pub async fn replace_schedule(
-    _: AdminAccess,
+    admin: AdminAccess,
     State(state): State<Arc<AppState>>,
     path: PathText,
     body: JsonBody,
 ) -> Result<Json<ScheduleBody>, ApiError> {
     let name = path_name(path)?;
     let spec: ScheduleSpec = body.parse()?;
-    Ok(Json(state.engine.replace_schedule(&name, spec).await?.into()))
+    Ok(Json(
+        state
+            .engine
+            .replace_schedule(&name, spec, &admin.operator)
+            .await?
+            .into(),
+    ))
 }
 
 /// Deletes a schedule (admin token). The runs it started stay.

@@ -321,13 +321,19 @@ impl Engine {
     }
 
     /// Creates a schedule (from the API). An existing name is refused.
-    pub async fn create_schedule(&self, spec: ScheduleSpec) -> Result<ScheduleView, ScheduleError> {
-        self.write_schedule(spec, Origin::Api, Write::Create).await
+    pub async fn create_schedule(&self, spec: ScheduleSpec, operator: &str) -> Result<ScheduleView, ScheduleError> {
+        self.write_schedule(spec, Origin::Api, Write::Create, Some(operator))
+            .await
     }
 
     /// Replaces the definition of schedule `name`. A change of expression, time zone or
     /// enabled state starts from the next tick after now; other changes keep the next tick.
-    pub async fn replace_schedule(&self, name: &str, mut spec: ScheduleSpec) -> Result<ScheduleView, ScheduleError> {
+    pub async fn replace_schedule(
+        &self,
+        name: &str,
+        mut spec: ScheduleSpec,
+        operator: &str,
+    ) -> Result<ScheduleView, ScheduleError> {
         if spec.name.is_empty() {
             spec.name = name.to_string();
         } else if spec.name != name {
@@ -336,30 +342,37 @@ impl Engine {
                 body: spec.name,
             });
         }
-        self.write_schedule(spec, Origin::Api, Write::Replace).await
+        self.write_schedule(spec, Origin::Api, Write::Replace, Some(operator))
+            .await
     }
 
     /// Creates or replaces a schedule declared in the schedules file.
     pub async fn declare_schedule(&self, spec: ScheduleSpec) -> Result<ScheduleView, ScheduleError> {
-        self.write_schedule(spec, Origin::File, Write::Upsert).await
+        self.write_schedule(spec, Origin::File, Write::Upsert, None).await
     }
 
     /// Creates a built-in schedule unless one of that name exists (operators may have changed
     /// or disabled it: theirs stays). Returns whether it was created.
     pub async fn ensure_schedule(&self, spec: ScheduleSpec) -> Result<bool, ScheduleError> {
         let name = spec.name.clone();
-        match self.write_schedule(spec, Origin::Builtin, Write::CreateIfMissing).await {
+        match self
+            .write_schedule(spec, Origin::Builtin, Write::CreateIfMissing, None)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(ScheduleError::Duplicate(existing)) if existing == name => Ok(false),
             Err(e) => Err(e),
         }
     }
 
+    /// Writes a schedule; `operator`, when an operator asked (not the schedules file or a
+    /// built-in), is recorded in the audit trail with the change.
     async fn write_schedule(
         &self,
         spec: ScheduleSpec,
         origin: Origin,
         how: Write,
+        operator: Option<&str>,
     ) -> Result<ScheduleView, ScheduleError> {
         let cron = self.check_schedule(&spec)?;
         let now = self.inner.clock.now();
@@ -387,6 +400,15 @@ impl Engine {
                     .ok_or_else(|| ScheduleError::Duplicate(spec.name.clone()))?
             }
         };
+        if let Some(operator) = operator {
+            let action = match how {
+                Write::Replace => "schedule.replace",
+                _ => "schedule.create",
+            };
+            let detail = serde_json::json!({"expression": row.expression, "time_zone": row.time_zone,
+                                            "workflow": row.workflow, "enabled": row.enabled});
+            record(&mut tx, operator, action, &row.name, detail).await?;
+        }
         store::notify_changed(&mut tx, &row.name).await?;
         tx.commit().await?;
         Ok(self.view(row, Some(&cron)).await?)
