@@ -253,20 +253,7 @@ impl<'a> From<&'a str> for Actor<'a> {
     }
 }
 
-impl<'a> Actor<'a> {
-    /// The audit record of `action` on `run` by this actor.
-    pub(crate) fn action(&self, action: &'a str, run: uuid::Uuid, detail: Value) -> super::store::OperatorAction<'a> {
-        super::store::OperatorAction {
-            operator: self.by,
-            action,
-            run_id: Some(run),
-            schedule: None,
-            bulk_id: self.bulk,
-            note: None,
-            detail,
-        }
-    }
-
+impl Actor<'_> {
     /// `fields` with who acted (`by`, and `bulk_id` within a bulk action).
     pub fn detail(&self, mut fields: Value) -> Value {
         fields["by"] = json!(self.by);

@@ -1178,7 +1178,11 @@ impl Engine {
             ..apply::Change::of_row(&run, &wf, &old, &state, &transition)
         };
         let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "cancel", run_id)?;
-        store::record_action(&mut tx, &operator.action("run.cancel", run_id, json!({}))).await?;
+        store::record_action(
+            &mut tx,
+            &store::OperatorAction::on_run(operator, "run.cancel", run_id, json!({})),
+        )
+        .await?;
         tx.commit().await?;
         after.publish(&self.inner);
         Ok(())
@@ -1215,7 +1219,11 @@ impl Engine {
                     })?;
                 let change = apply::Change::of_row(&run, &wf, &old, &state, &transition);
                 let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "retry", run_id)?;
-                store::record_action(&mut tx, &operator.action("run.retry", run_id, json!({"resumed": true}))).await?;
+                store::record_action(
+                    &mut tx,
+                    &store::OperatorAction::on_run(operator, "run.retry", run_id, json!({"resumed": true})),
+                )
+                .await?;
                 tx.commit().await?;
                 after.publish(&self.inner);
                 Ok(Retried::Resumed(run_id))
@@ -1250,7 +1258,7 @@ impl Engine {
                 .await?;
                 store::record_action(
                     &mut tx,
-                    &operator.action("run.retry", run_id, json!({"new_run": new_id})),
+                    &store::OperatorAction::on_run(operator, "run.retry", run_id, json!({"new_run": new_id})),
                 )
                 .await?;
                 tx.commit().await?;

@@ -87,7 +87,7 @@ impl Engine {
         let after = applied_by_operator(apply::apply(&mut tx, change, None).await, "resolve", run_id)?;
         let audit = store::OperatorAction {
             note: Some(&note),
-            ..Actor::from(operator).action("run.resolve", run_id, json!({"step": step}))
+            ..store::OperatorAction::on_run(Actor::from(operator), "run.resolve", run_id, json!({"step": step}))
         };
         store::record_action(&mut tx, &audit).await?;
         tx.commit().await?;
@@ -226,7 +226,8 @@ impl Engine {
         store::link_restart(&mut tx, run_id, new_id, &linked).await?;
         let audit = store::OperatorAction {
             note: note.as_deref(),
-            ..Actor::from(operator).action(
+            ..store::OperatorAction::on_run(
+                Actor::from(operator),
                 "run.restart",
                 run_id,
                 json!({"from_step": from_step, "new_run": new_id, "input_changed": changed}),

@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::{FromRow, PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::machine::{NewEvent, TimeMark};
+use super::machine::{Actor, NewEvent, TimeMark};
 use super::state::{RunError, RunState, StepError, StepState, Waiting};
 use super::status::{EventKind, RunStatus, StepStatus, Trigger, WaitKind};
 
@@ -1753,6 +1753,21 @@ pub struct OperatorAction<'a> {
     pub note: Option<&'a str>,
     /// What else the action says (the new run, the step, counts).
     pub detail: Value,
+}
+
+impl<'a> OperatorAction<'a> {
+    /// The record of `action` on `run` by `actor`.
+    pub(crate) fn on_run(actor: Actor<'a>, action: &'a str, run: Uuid, detail: Value) -> Self {
+        Self {
+            operator: actor.by,
+            action,
+            run_id: Some(run),
+            schedule: None,
+            bulk_id: actor.bulk,
+            note: None,
+            detail,
+        }
+    }
 }
 
 /// Records an operator action.
