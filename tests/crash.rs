@@ -782,10 +782,31 @@ fn http_saga(participant: &common::participant::Participant) -> Value {
 
 async fn define_and_trigger(server: &ServerProcess, participant: &common::participant::Participant) -> String {
     define(server, participant).await;
+    trigger_defined(server, "http-saga", &json!({"order": 1})).await
+}
+
+async fn define(server: &ServerProcess, participant: &common::participant::Participant) {
+    define_as(server, "http-saga", &http_saga(participant)).await;
+}
+
+/// Stores `definition` as the workflow `name` (a new one: 201).
+async fn define_as(server: &ServerProcess, name: &str, definition: &Value) {
+    let defined = client()
+        .put(format!("{}/v1/workflow-definitions/{name}", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(definition)
+        .send()
+        .await
+        .expect("define");
+    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
+}
+
+/// Triggers a run of the workflow `name` and returns its id.
+async fn trigger_defined(server: &ServerProcess, name: &str, input: &Value) -> String {
     let triggered: Value = client()
-        .post(format!("{}/v1/workflows/http-saga/runs", server.url()))
+        .post(format!("{}/v1/workflows/{name}/runs", server.url()))
         .bearer_auth(API_TOKEN)
-        .json(&json!({"order": 1}))
+        .json(input)
         .send()
         .await
         .expect("trigger")
@@ -793,18 +814,6 @@ async fn define_and_trigger(server: &ServerProcess, participant: &common::partic
         .await
         .expect("json");
     triggered["id"].as_str().expect("id").to_string()
-}
-
-async fn define(server: &ServerProcess, participant: &common::participant::Participant) {
-    let client = client();
-    let defined = client
-        .put(format!("{}/v1/workflow-definitions/http-saga", server.url()))
-        .bearer_auth(common::server::ADMIN_TOKEN)
-        .json(&http_saga(participant))
-        .send()
-        .await
-        .expect("define");
-    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
 }
 
 /// Two server processes on `db` with 1.5 s leases: a run held past that by a frozen owner
@@ -1185,28 +1194,11 @@ fn waiting_saga(participant: &common::participant::Participant) -> Value {
 }
 
 async fn define_waiting(server: &ServerProcess, participant: &common::participant::Participant) {
-    let defined = client()
-        .put(format!("{}/v1/workflow-definitions/waiting-saga", server.url()))
-        .bearer_auth(common::server::ADMIN_TOKEN)
-        .json(&waiting_saga(participant))
-        .send()
-        .await
-        .expect("define");
-    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
+    define_as(server, "waiting-saga", &waiting_saga(participant)).await;
 }
 
 async fn trigger_waiting(server: &ServerProcess, n: usize) -> String {
-    let triggered: Value = client()
-        .post(format!("{}/v1/workflows/waiting-saga/runs", server.url()))
-        .bearer_auth(API_TOKEN)
-        .json(&json!({"order": n}))
-        .send()
-        .await
-        .expect("trigger")
-        .json()
-        .await
-        .expect("json");
-    triggered["id"].as_str().expect("id").to_string()
+    trigger_defined(server, "waiting-saga", &json!({"order": n})).await
 }
 
 async fn waiting_unleased(pool: &PgPool) -> i64 {
@@ -1351,25 +1343,8 @@ async fn a_completion_from_the_attempt_lost_in_a_takeover_is_stale_and_the_curre
     );
     let db = test_db().await;
     let mut server = ServerProcess::start(&db.url, Options::node("async")).await;
-    let defined = client()
-        .put(format!("{}/v1/workflow-definitions/async-saga", server.url()))
-        .bearer_auth(common::server::ADMIN_TOKEN)
-        .json(&async_saga(&participant))
-        .send()
-        .await
-        .expect("define");
-    assert_eq!(defined.status(), reqwest::StatusCode::CREATED);
-    let triggered: Value = client()
-        .post(format!("{}/v1/workflows/async-saga/runs", server.url()))
-        .bearer_auth(API_TOKEN)
-        .json(&json!({"order": 1}))
-        .send()
-        .await
-        .expect("trigger")
-        .json()
-        .await
-        .expect("json");
-    let run = triggered["id"].as_str().expect("id").to_string();
+    define_as(&server, "async-saga", &async_saga(&participant)).await;
+    let run = trigger_defined(&server, "async-saga", &json!({"order": 1})).await;
     eventually(Duration::from_secs(20), "the capture call to be held open", || async {
         (!participant.seen_at("/capture").is_empty()).then_some(())
     })

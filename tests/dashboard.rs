@@ -195,6 +195,35 @@ async fn compensated_registration(server: &TestServer, email: &str) -> (Value, V
     (done, failed)
 }
 
+/// Stores `definition` as the workflow `name` (a new one: 201).
+async fn define(server: &TestServer, name: &str, definition: &Value) {
+    let (status, body) = read(
+        server
+            .admin(Method::PUT, &format!("/v1/workflow-definitions/{name}"))
+            .json(definition)
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// Triggers a run of `workflow` and returns its id.
+async fn trigger(server: &TestServer, workflow: &str, input: &Value) -> String {
+    let (status, run) = read(
+        server
+            .api(Method::POST, &format!("/v1/workflows/{workflow}/runs"))
+            .json(input)
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert!(status.is_success(), "{status}: {run}");
+    id_of(&run)
+}
+
 fn id_of(run: &Value) -> String {
     run["id"].as_str().expect("run id").to_string()
 }
@@ -1848,26 +1877,8 @@ async fn the_workflows_page_shows_every_version_with_its_steps_and_no_secret() {
             {"name": "ship", "invoke": {"endpoint": "shop", "path": "/ship"}}
         ]
     });
-    let (status, body) = read(
-        server
-            .admin(Method::PUT, "/v1/workflow-definitions/shop-order")
-            .json(&definition)
-            .send()
-            .await
-            .expect("put"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, run) = read(
-        server
-            .api(Method::POST, "/v1/workflows/shop-order/runs")
-            .json(&json!({"order": 1}))
-            .send()
-            .await
-            .expect("trigger"),
-    )
-    .await;
-    let id = id_of(&run);
+    define(&server, "shop-order", &definition).await;
+    let id = trigger(&server, "shop-order", &json!({"order": 1})).await;
     common::eventually(Duration::from_secs(10), "the second reserve attempt", || async {
         (participant.seen_at("/reserve").len() == 2).then_some(())
     })
@@ -1911,28 +1922,10 @@ async fn the_waiting_page_lists_each_wait_with_its_deadline_and_flags_the_overdu
         "endpoints": {"shop": {"base_url": participant.base_url()}},
         "steps": [{"name": "await-payment", "wait": {"signal": "payment.succeeded", "timeout": "1h"}}]
     });
-    let (status, body) = read(
-        server
-            .admin(Method::PUT, "/v1/workflow-definitions/patient")
-            .json(&definition)
-            .send()
-            .await
-            .expect("put"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    define(&server, "patient", &definition).await;
     let mut ids = Vec::new();
     for n in 0..2 {
-        let (_, run) = read(
-            server
-                .api(Method::POST, "/v1/workflows/patient/runs")
-                .json(&json!({"n": n}))
-                .send()
-                .await
-                .expect("trigger"),
-        )
-        .await;
-        ids.push(id_of(&run));
+        ids.push(trigger(&server, "patient", &json!({"n": n})).await);
     }
     common::eventually(Duration::from_secs(10), "both runs to wait", || async {
         let waiting: i64 =
@@ -2008,26 +2001,8 @@ async fn an_operator_resolves_a_failed_compensation_and_restarts_the_run_from_th
             {"name": "charge", "invoke": {"endpoint": "shop", "path": "/charge"}}
         ]
     });
-    let (status, body) = read(
-        server
-            .admin(Method::PUT, "/v1/workflow-definitions/shop")
-            .json(&definition)
-            .send()
-            .await
-            .expect("put"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, run) = read(
-        server
-            .api(Method::POST, "/v1/workflows/shop/runs")
-            .json(&json!({"order": 1}))
-            .send()
-            .await
-            .expect("trigger"),
-    )
-    .await;
-    let id = id_of(&run);
+    define(&server, "shop", &definition).await;
+    let id = trigger(&server, "shop", &json!({"order": 1})).await;
     assert_eq!(server.wait_terminal(&id).await["status"], "failed");
 
     let session = login(&server, "ada").await;

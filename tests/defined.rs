@@ -107,6 +107,17 @@ async fn events(server: &TestServer, run: &str) -> Vec<Value> {
     body["events"].as_array().cloned().unwrap_or_default()
 }
 
+/// The invariant checker finds nothing wrong.
+async fn assert_no_violations(server: &TestServer) {
+    let engine = server.engine();
+    assert_eq!(
+        sagaflow::check::violations(server.pool(), &engine)
+            .await
+            .expect("check"),
+        []
+    );
+}
+
 async fn stored_definitions(server: &TestServer) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM workflow_definitions")
         .fetch_one(server.pool())
@@ -299,19 +310,13 @@ async fn a_4xx_is_permanent_and_compensations_run_in_reverse_with_each_output() 
     assert_eq!(release.body["output"], json!({"path": "/saga/stock/reserve", "n": 1}));
 
     // The checker agrees, and would see a compensation left undone.
-    let engine = server.engine();
-    assert_eq!(
-        sagaflow::check::violations(server.pool(), &engine)
-            .await
-            .expect("check"),
-        []
-    );
+    assert_no_violations(&server).await;
     sqlx::query("UPDATE run_steps SET status = 'succeeded' WHERE run_id = $1 AND name = 'charge-card'")
         .bind(uuid::Uuid::parse_str(done["id"].as_str().expect("id")).expect("uuid"))
         .execute(server.pool())
         .await
         .expect("tamper");
-    let found = sagaflow::check::violations(server.pool(), &engine)
+    let found = sagaflow::check::violations(server.pool(), &server.engine())
         .await
         .expect("check");
     assert!(
@@ -344,19 +349,13 @@ async fn the_checker_finds_an_unfinished_run_whose_version_is_gone() {
             .expect("trigger"),
     )
     .await;
-    let engine = server.engine();
-    assert_eq!(
-        sagaflow::check::violations(server.pool(), &engine)
-            .await
-            .expect("check"),
-        []
-    );
+    assert_no_violations(&server).await;
     // As if a version had been deleted by hand under its running run.
     sqlx::query("DELETE FROM workflow_definitions WHERE name = 'order'")
         .execute(server.pool())
         .await
         .expect("delete");
-    let found = sagaflow::check::violations(server.pool(), &engine)
+    let found = sagaflow::check::violations(server.pool(), &server.engine())
         .await
         .expect("check");
     assert!(
@@ -1233,13 +1232,7 @@ async fn a_defined_order_waits_for_its_signal_and_an_asynchronous_completion() {
         (after.0, after.1["error"]["code"].clone()),
         (StatusCode::CONFLICT, json!("run_finished"))
     );
-    let engine = server.engine();
-    assert_eq!(
-        sagaflow::check::violations(server.pool(), &engine)
-            .await
-            .expect("check"),
-        []
-    );
+    assert_no_violations(&server).await;
     server.stop().await;
 }
 
@@ -1569,13 +1562,7 @@ async fn a_compensation_that_gave_up_is_resolved_by_hand_over_http_and_the_run_e
         (status, body["error"]["code"].clone()),
         (StatusCode::CONFLICT, json!("not_allowed"))
     );
-    let engine = server.engine();
-    assert_eq!(
-        sagaflow::check::violations(server.pool(), &engine)
-            .await
-            .expect("check"),
-        []
-    );
+    assert_no_violations(&server).await;
     server.stop().await;
 }
 
@@ -1767,12 +1754,6 @@ async fn a_bulk_retry_of_500_compensated_runs_after_an_outage_and_a_bulk_cancel_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let engine = server.engine();
-    assert_eq!(
-        sagaflow::check::violations(server.pool(), &engine)
-            .await
-            .expect("check"),
-        []
-    );
+    assert_no_violations(&server).await;
     server.stop().await;
 }

@@ -1249,10 +1249,11 @@ impl Engine {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
                 };
                 let new_id = prepared.id;
-                store::link_retry(
+                store::link_successor(
                     &mut tx,
                     run_id,
                     new_id,
+                    EventKind::OperatorRetry,
                     &operator.detail(json!({"action": "new_run", "new_run": new_id})),
                 )
                 .await?;

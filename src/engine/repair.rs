@@ -223,7 +223,7 @@ impl Engine {
         let new_id = prepared.id;
         let linked = json!({"by": operator, "action": "restart", "from_step": from_step,
                             "new_run": new_id, "input_changed": changed, "note": note});
-        store::link_restart(&mut tx, run_id, new_id, &linked).await?;
+        store::link_successor(&mut tx, run_id, new_id, EventKind::OperatorRestart, &linked).await?;
         let audit = store::OperatorAction {
             note: note.as_deref(),
             ..store::OperatorAction::on_run(

@@ -1694,36 +1694,26 @@ pub async fn count_waiting(pool: &PgPool, now: DateTime<Utc>) -> Result<(i64, i6
 // Operator actions
 // ---------------------------------------------------------------------------------------
 
-/// Links a run to the run restarting it from a step and logs the operator's restart on it.
-pub async fn link_restart(conn: &mut PgConnection, old: Uuid, new: Uuid, detail: &Value) -> Result<(), sqlx::Error> {
+/// Links a run to the run that an operator started from it (a retry, `operator_retry`, or a
+/// restart from a step, `operator_restart`) and logs that action, with `detail`, on it.
+pub async fn link_successor(
+    conn: &mut PgConnection,
+    old: Uuid,
+    new: Uuid,
+    kind: EventKind,
+    detail: &Value,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH linked AS (
              UPDATE runs SET retried_by = $2, log_seq = log_seq + 1, updated_at = now()
              WHERE id = $1 RETURNING id, log_seq
          )
          INSERT INTO run_events (run_id, seq, kind, detail)
-         SELECT id, log_seq, 'operator_restart', $3 FROM linked",
+         SELECT id, log_seq, $3, $4 FROM linked",
     )
     .bind(old)
     .bind(new)
-    .bind(detail)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Links a compensated or cancelled run to the run retrying it and logs the operator's retry.
-pub async fn link_retry(conn: &mut PgConnection, old: Uuid, new: Uuid, detail: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH linked AS (
-             UPDATE runs SET retried_by = $2, log_seq = log_seq + 1, updated_at = now()
-             WHERE id = $1 RETURNING id, log_seq
-         )
-         INSERT INTO run_events (run_id, seq, kind, detail)
-         SELECT id, log_seq, 'operator_retry', $3 FROM linked",
-    )
-    .bind(old)
-    .bind(new)
+    .bind(kind)
     .bind(detail)
     .execute(conn)
     .await?;

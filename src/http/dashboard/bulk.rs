@@ -153,16 +153,7 @@ pub async fn preview(
     State(dashboard): State<Arc<Dashboard>>,
     form: Result<Form<BulkForm>, FormRejection>,
 ) -> Result<Html<String>, PageError> {
-    let form = form.ok().map(|Form(f)| f);
-    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
-    let form = form.ok_or_else(|| ApiError::invalid("action", "choose retry or cancel"))?;
-    let (action, filter) = parsed(&form)?;
-    let outcome = dashboard
-        .app
-        .engine
-        .bulk(action, &filter, true, MAX_BULK_RUNS, &operator.session.operator)
-        .await?;
-    render(page(&operator, &form, action, &outcome, false))
+    run(&operator, &dashboard, form, true).await
 }
 
 /// `POST /bulk/confirm`: acts on at most [`MAX_BULK_RUNS`] runs of the filter, and says
@@ -172,15 +163,28 @@ pub async fn confirm(
     State(dashboard): State<Arc<Dashboard>>,
     form: Result<Form<BulkForm>, FormRejection>,
 ) -> Result<Html<String>, PageError> {
+    run(&operator, &dashboard, form, false).await
+}
+
+/// Checks the form (its CSRF token first), then runs the bulk action, as a dry run or not.
+async fn run(
+    operator: &Operator,
+    dashboard: &Dashboard,
+    form: Result<Form<BulkForm>, FormRejection>,
+    dry_run: bool,
+) -> Result<Html<String>, PageError> {
     let form = form.ok().map(|Form(f)| f);
     operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
     let form = form.ok_or_else(|| ApiError::invalid("action", "choose retry or cancel"))?;
     let (action, filter) = parsed(&form)?;
+    let by = &operator.session.operator;
     let outcome = dashboard
         .app
         .engine
-        .bulk(action, &filter, false, MAX_BULK_RUNS, &operator.session.operator)
+        .bulk(action, &filter, dry_run, MAX_BULK_RUNS, by)
         .await?;
-    tracing::info!(bulk_id = %outcome.bulk_id, acted = outcome.acted, operator = %operator.session.operator, "dashboard: bulk action");
-    render(page(&operator, &form, action, &outcome, true))
+    if !dry_run {
+        tracing::info!(bulk_id = %outcome.bulk_id, acted = outcome.acted, operator = %by, "dashboard: bulk action");
+    }
+    render(page(operator, &form, action, &outcome, !dry_run))
 }
