@@ -128,15 +128,38 @@ const RULES: &[Rule] = &[
                 AND e.kind::text <> 'run_' || r.status::text AND e.kind NOT IN ('operator_retry', 'operator_restart')",
     },
     Rule {
+        name: "paused-runs-are-held",
+        // A paused run holds no lease and is not due, its log's last word on pausing is
+        // `run_paused` (a resume, a cancel or a later entry would have moved it), and a run
+        // held by its workflow is pending on a workflow that is paused.
+        sql: "SELECT r.id, format('paused run %s', CASE WHEN r.lease_owner IS NOT NULL THEN 'holds a lease'
+                                                      ELSE 'is due' END)
+              FROM runs r WHERE r.status = 'paused' AND (r.lease_owner IS NOT NULL OR r.ready_at IS NOT NULL)
+              UNION ALL
+              SELECT r.id, format('paused run whose last pause entry is %s', e.kind)
+              FROM runs r
+              CROSS JOIN LATERAL (SELECT kind FROM run_events e
+                                  WHERE e.run_id = r.id AND e.kind IN ('run_paused', 'run_resumed', 'cancel_requested')
+                                  ORDER BY seq DESC LIMIT 1) e
+              WHERE r.status = 'paused' AND e.kind <> 'run_paused'
+              UNION ALL
+              SELECT r.id, format('held run of %s, which is not paused', r.workflow)
+              FROM runs r WHERE r.held
+                AND NOT EXISTS (SELECT 1 FROM paused_workflows p WHERE p.workflow = r.workflow)",
+    },
+    Rule {
         name: "wait-has-deadline",
-        // A waiting run is running, names its deadline, and is due by it (or leased); its
-        // waiting step is running at the attempt the wait names; every wait logged a deadline.
+        // A waiting run is running (or paused from running), names its deadline, and is due
+        // by it (or leased, or paused: then it is looked at when resumed); its waiting step is
+        // running at the attempt the wait names; every wait logged a deadline.
         sql: "SELECT r.id, format('waits for %s %s but is %s', r.wait_kind, r.wait_name, r.status)
-              FROM runs r WHERE r.wait_kind IS NOT NULL AND (r.wait_deadline IS NULL OR r.status <> 'running')
+              FROM runs r WHERE r.wait_kind IS NOT NULL
+                AND (r.wait_deadline IS NULL
+                     OR NOT (r.status = 'running' OR (r.status = 'paused' AND r.paused_from = 'running')))
               UNION ALL
               SELECT r.id, format('waits for %s %s until %s, but is due at %s', r.wait_kind, r.wait_name,
                                   r.wait_deadline, coalesce(r.ready_at::text, 'no time'))
-              FROM runs r WHERE r.wait_kind IS NOT NULL AND r.lease_owner IS NULL
+              FROM runs r WHERE r.wait_kind IS NOT NULL AND r.lease_owner IS NULL AND r.status <> 'paused'
                 AND (r.ready_at IS NULL OR r.ready_at > r.wait_deadline)
               UNION ALL
               SELECT r.id, format('waits at step %s attempt %s, but the step is %s at attempt %s',

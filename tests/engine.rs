@@ -696,6 +696,7 @@ async fn a_write_under_an_old_epoch_changes_nothing() {
             run_id: run,
             epoch: old_epoch,
             cancel_requested: false,
+            pause_requested: false,
             state: &state,
             changed: vec![0, 1, 2, 3],
             times: &times,
@@ -1915,5 +1916,203 @@ async fn a_restart_from_a_step_reuses_the_outputs_before_it_and_refuses_what_was
     assert_eq!(finish(&engine, again).await, RunStatus::Completed);
     let effects_again: Vec<String> = effects(&db.pool, again).await.into_iter().map(|(s, _, _)| s).collect();
     assert_eq!(effects_again, ["b", "c", "d"]);
+    worker.shutdown().await;
+}
+
+async fn run_row(engine: &Engine, run: Uuid) -> sagaflow::engine::RunRow {
+    engine.run(run).await.expect("run").expect("exists").run
+}
+
+async fn assert_no_violations(pool: &PgPool, engine: &Engine) {
+    let violations = sagaflow::check::violations(pool, engine).await.expect("check");
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[tokio::test]
+async fn a_pause_stops_after_the_attempt_in_flight_holds_no_lease_and_a_resume_finishes_the_run() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "n1").await;
+    let run = trigger(&engine, json!({"block": {"c": 1}})).await;
+    let gate = gate(run);
+    gate.wait_entered().await;
+    engine.pause(run, "ops@example.com").await.expect("pause");
+    engine
+        .pause(run, "ops@example.com")
+        .await
+        .expect("asking twice is fine");
+    let asked = run_row(&engine, run).await;
+    assert_eq!((asked.status, asked.pause_requested), (RunStatus::Running, true));
+    gate.release();
+    let paused = eventually(WAIT, "the run to pause", || async {
+        let row = run_row(&engine, run).await;
+        (row.status == RunStatus::Paused).then_some(row)
+    })
+    .await;
+    assert_eq!(
+        (
+            paused.paused_from,
+            paused.lease_owner,
+            paused.ready_at,
+            paused.pause_requested
+        ),
+        (Some(RunStatus::Running), None, None, false)
+    );
+    // Nothing more happens while it is paused: d is not started.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(run_row(&engine, run).await.status, RunStatus::Paused);
+    assert_eq!(
+        step_statuses(&engine, run).await,
+        [
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Succeeded,
+            StepStatus::Pending
+        ]
+    );
+    assert_no_violations(&db.pool, &engine).await;
+    match engine.pause(run, "ops").await {
+        Err(EngineError::NotAllowed {
+            action: "pause",
+            status: RunStatus::Paused,
+        }) => {}
+        other => panic!("a paused run is not paused again: {other:?}"),
+    }
+
+    engine.resume(run, "ops@example.com").await.expect("resume");
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    let entries = log(&engine, run).await;
+    assert_eq!(
+        entries[6..],
+        [
+            at(K::StepStarted, "c", 1),
+            run_level(K::PauseRequested),
+            at(K::StepSucceeded, "c", 1),
+            run_level(K::RunPaused),
+            run_level(K::RunResumed),
+            run_level(K::RunClaimed),
+            at(K::StepStarted, "d", 1),
+            at(K::StepSucceeded, "d", 1),
+            run_level(K::RunCompleted),
+        ]
+    );
+    let events = engine.events(run).await.expect("events").expect("exists");
+    assert_eq!(events[7].detail["by"], json!("ops@example.com"));
+    assert_eq!(events[10].detail["to"], json!("running"));
+    assert_eq!(effects(&db.pool, run).await.len(), 4, "each step once");
+    for refused in [engine.pause(run, "ops").await, engine.resume(run, "ops").await] {
+        assert!(
+            matches!(
+                refused,
+                Err(EngineError::NotAllowed {
+                    status: RunStatus::Completed,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
+    let missing = Uuid::now_v7();
+    assert!(matches!(
+        engine.pause(missing, "ops").await,
+        Err(EngineError::RunNotFound(_))
+    ));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_run_without_a_worker_pauses_at_once_and_a_cancel_of_a_paused_run_compensates_it() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let run = trigger(&engine, json!({})).await;
+    engine.pause(run, "ops").await.expect("pause");
+    let row = run_row(&engine, run).await;
+    assert_eq!(
+        (row.status, row.paused_from),
+        (RunStatus::Paused, Some(RunStatus::Pending))
+    );
+    let worker = engine.start_worker().await.expect("worker");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        run_row(&engine, run).await.status,
+        RunStatus::Paused,
+        "not claimed while paused"
+    );
+    engine.cancel(run, "ops").await.expect("a paused run can be cancelled");
+    assert_eq!(finish(&engine, run).await, RunStatus::Cancelled);
+    assert_eq!(
+        log(&engine, run).await[..4],
+        [
+            run_level(K::RunCreated),
+            run_level(K::RunPaused),
+            run_level(K::CancelRequested),
+            run_level(K::RunClaimed),
+        ]
+    );
+    assert!(effects(&db.pool, run).await.is_empty());
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_paused_workflow_holds_its_new_runs_pending_until_it_is_resumed() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "n1");
+    let before = trigger(&engine, json!({})).await;
+    let ops = sagaflow::engine::machine::Actor::from("ops");
+    assert_eq!(
+        engine.pause_workflow(scripted::NAME, ops).await.expect("pause"),
+        1,
+        "the run not started"
+    );
+    match engine.pause_workflow(scripted::NAME, ops).await {
+        Err(EngineError::WorkflowPauseState { paused: true, .. }) => {}
+        other => panic!("paused already: {other:?}"),
+    }
+    assert!(matches!(
+        engine.pause_workflow("no-such-workflow", ops).await,
+        Err(EngineError::UnknownWorkflow(_))
+    ));
+    // A worker with free slots starts nothing of it, neither what was waiting nor what comes.
+    let worker = engine.start_worker().await.expect("worker");
+    let after = trigger(&engine, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for run in [before, after] {
+        let row = run_row(&engine, run).await;
+        assert_eq!(
+            (row.status, row.held, row.ready_at),
+            (RunStatus::Pending, true, None),
+            "{run}"
+        );
+    }
+    let paused = engine.paused_workflows().await.expect("paused");
+    assert_eq!(
+        paused
+            .iter()
+            .map(|p| (p.workflow.as_str(), p.held_runs))
+            .collect::<Vec<_>>(),
+        [(scripted::NAME, 2)]
+    );
+    assert_no_violations(&db.pool, &engine).await;
+
+    assert_eq!(engine.resume_workflow(scripted::NAME, ops).await.expect("resume"), 2);
+    for run in [before, after] {
+        assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+        assert!(!run_row(&engine, run).await.held);
+    }
+    match engine.resume_workflow(scripted::NAME, ops).await {
+        Err(EngineError::WorkflowPauseState { paused: false, .. }) => {}
+        other => panic!("not paused: {other:?}"),
+    }
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, operator FROM operator_actions WHERE action LIKE 'workflow.%' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("audit");
+    assert_eq!(
+        audit,
+        [
+            ("workflow.pause".into(), "ops".into()),
+            ("workflow.resume".into(), "ops".into())
+        ]
+    );
     worker.shutdown().await;
 }

@@ -3,7 +3,7 @@
 //! Every path that changes a run (an executor recording an attempt's outcome, a claim, a
 //! reload after a lost connection, an operator's cancel or resume) hands the machine's
 //! [`Transition`] to [`apply`], inside the caller's transaction. It writes the transition
-//! fenced by the lease epoch and the cancel flag the decision saw, and, whenever the run
+//! fenced by the lease epoch and the operator's requests (cancel, pause) the decision saw, and, whenever the run
 //! becomes terminal, whatever path got it there, runs the workflow's [`FinishHook`] in the
 //! same transaction. What must happen once the transaction commits (waking waiters,
 //! announcing the change, counting the finish) is returned as an [`AfterCommit`], never done
@@ -96,9 +96,15 @@ pub(crate) enum Applied {
     Written(AfterCommit),
     /// The lease was taken over: the writer must stop touching this run.
     Fenced,
-    /// An operator asked to cancel since the decision: decide again (the transaction is
-    /// intact, the step's own writes included).
-    CancelRequested,
+    /// An operator asked to cancel or to pause (or withdrew a pause) since the decision:
+    /// decide again with these flags (the transaction is intact, the step's own writes
+    /// included).
+    Requested {
+        /// The run's cancel flag now.
+        cancel: bool,
+        /// The run's pause flag now.
+        pause: bool,
+    },
 }
 
 /// Why [`apply`] failed. Either way the caller's transaction must not commit.
@@ -178,11 +184,13 @@ pub(crate) async fn apply(
         Next::Invoke(_) | Next::Compensate(_) | Next::Await(_) => LeaseWrite::Keep,
         Next::Release { ready_at } => LeaseWrite::Release(ready_at),
         Next::Finish(_) => LeaseWrite::Finish,
+        Next::Pause => LeaseWrite::Hold,
     });
     let persist = Persist {
         run_id: change.run_id,
         epoch: change.epoch,
         cancel_requested: change.old.cancel_requested,
+        pause_requested: change.old.pause_requested,
         state: change.new,
         changed,
         times,
@@ -192,7 +200,7 @@ pub(crate) async fn apply(
     };
     let at = match store::persist(conn, &persist).await? {
         Persisted::Fenced => return Ok(Applied::Fenced),
-        Persisted::CancelRequested => return Ok(Applied::CancelRequested),
+        Persisted::Requested { cancel, pause } => return Ok(Applied::Requested { cancel, pause }),
         Persisted::Applied { at } => at,
     };
     if let Some(id) = change.transition.consume {

@@ -1,4 +1,4 @@
-//! Bulk operator actions (DESIGN.md §11): retry or cancel every run a filter matches (the
+//! Bulk operator actions (DESIGN.md §11): retry, cancel, pause or resume every run a filter matches (the
 //! filter of `GET /v1/runs`), at most [`MAX_BULK_RUNS`] per call, each run acted on by the
 //! same path as a single action, in its own transaction, with one log entry naming the
 //! operator and the bulk action's id. A dry run counts and samples and writes nothing.
@@ -25,9 +25,9 @@ pub enum BulkAction {
     Retry,
     /// Cancel (stop after the attempt in flight and compensate).
     Cancel,
-    /// Pause: not available yet.
+    /// Pause (after the attempt in flight; no lease held while paused).
     Pause,
-    /// Resume: not available yet.
+    /// Resume a paused run (or withdraw a pause not yet taken).
     Resume,
 }
 
@@ -75,9 +75,8 @@ impl Engine {
         let eligible = match action {
             BulkAction::Retry => Eligible::Retry,
             BulkAction::Cancel => Eligible::Cancel,
-            BulkAction::Pause | BulkAction::Resume => {
-                return Err(EngineError::NotAvailable("pausing and resuming runs".into()));
-            }
+            BulkAction::Pause => Eligible::Pause,
+            BulkAction::Resume => Eligible::Resume,
         };
         let bulk_id = Uuid::now_v7();
         let matched = store::count_eligible(&self.inner.pool, filter, eligible, BULK_COUNT_CAP).await?;
@@ -94,6 +93,7 @@ impl Engine {
         let actor = Actor {
             by: operator,
             bulk: Some(bulk_id),
+            note: None,
         };
         let mut acted = Vec::new();
         let mut skipped = Vec::new();
@@ -101,7 +101,8 @@ impl Engine {
             let done = match action {
                 BulkAction::Retry => self.retry_as(run, actor).await.map(|_| ()),
                 BulkAction::Cancel => self.cancel_as(run, actor).await,
-                BulkAction::Pause | BulkAction::Resume => Ok(()),
+                BulkAction::Pause => self.pause_as(run, actor).await,
+                BulkAction::Resume => self.resume_as(run, actor).await,
             };
             match done {
                 Ok(()) => acted.push(run),

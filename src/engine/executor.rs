@@ -128,6 +128,10 @@ impl RunTask {
                         debug!(%ready_at, "run handed back");
                         break;
                     }
+                    Next::Pause => {
+                        info!("run paused by an operator");
+                        break;
+                    }
                     Next::Finish(status) => {
                         // Waiters were woken and the finish counted when it committed
                         // (`apply::AfterCommit`), whichever path finished the run.
@@ -222,7 +226,7 @@ impl RunTask {
             let (step, phase) = match next {
                 Next::Invoke(step) => (step, Phase::Invoke),
                 Next::Compensate(step) => (step, Phase::Compensate),
-                Next::Release { .. } | Next::Finish(_) | Next::Await(_) => break,
+                Next::Release { .. } | Next::Finish(_) | Next::Await(_) | Next::Pause => break,
             };
             if attempted.len() >= MAX_SEGMENT_ATTEMPTS || !self.fusable(step, phase) {
                 break;
@@ -300,10 +304,13 @@ impl RunTask {
                 discard(seat, Some(open)).await;
                 return Err(Stop::Fenced);
             }
-            Ok(Applied::CancelRequested) => {
+            Ok(Applied::Requested { cancel, pause }) => {
                 discard(seat, Some(open)).await;
-                debug!("an operator asked to cancel while the segment ran; its first attempt runs again alone");
-                self.state.cancel_requested = true;
+                debug!(
+                    "an operator asked to cancel or pause while the segment ran; its first attempt runs again alone"
+                );
+                self.state.cancel_requested = cancel;
+                self.state.pause_requested = pause;
                 self.alone = Some((first, first_phase));
                 return Ok(());
             }
@@ -546,10 +553,10 @@ impl RunTask {
                         tx.commit().await.map_err(|e| Stop::Database(e.to_string()))?;
                         Applied::Written(after)
                     }
-                    Ok(Applied::CancelRequested) => {
+                    Ok(requested @ Applied::Requested { .. }) => {
                         // Same transaction: the step's writes stay, the decision is redone.
                         step_tx = Some(tx);
-                        Applied::CancelRequested
+                        requested
                     }
                     Ok(Applied::Fenced) => {
                         let _ = tx.rollback().await;
@@ -600,9 +607,13 @@ impl RunTask {
                     after.publish(&self.engine.inner);
                     return Ok(());
                 }
-                Applied::CancelRequested => {
-                    debug!("an operator asked to cancel while the attempt ran; deciding again");
-                    self.state.cancel_requested = true;
+                Applied::Requested { cancel, pause } => {
+                    debug!(
+                        cancel,
+                        pause, "an operator asked to cancel or pause while the attempt ran; deciding again"
+                    );
+                    self.state.cancel_requested = cancel;
+                    self.state.pause_requested = pause;
                 }
                 Applied::Fenced => return Err(Stop::Fenced),
             }

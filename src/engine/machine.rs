@@ -122,6 +122,9 @@ pub enum Next {
     /// Look in the run's inbox for what this waiting step waits for (under the run's lock),
     /// and hand the run back until its deadline if nothing is there.
     Await(usize),
+    /// Give the lease back and hold the run `paused`: neither leased nor due until an
+    /// operator resumes it (a wait in progress is kept, deadline and all).
+    Pause,
     /// Give the lease back; the run is due again at `ready_at` (a retry delay, or shutdown).
     Release {
         /// When the run may be claimed again.
@@ -245,20 +248,29 @@ pub struct Actor<'a> {
     pub by: &'a str,
     /// The bulk action this is part of, if any.
     pub bulk: Option<uuid::Uuid>,
+    /// What the operator said of it, if anything.
+    pub note: Option<&'a str>,
 }
 
 impl<'a> From<&'a str> for Actor<'a> {
     fn from(by: &'a str) -> Self {
-        Self { by, bulk: None }
+        Self {
+            by,
+            bulk: None,
+            note: None,
+        }
     }
 }
 
 impl Actor<'_> {
-    /// `fields` with who acted (`by`, and `bulk_id` within a bulk action).
+    /// `fields` with who acted (`by`, `bulk_id` within a bulk action, and their `note`).
     pub fn detail(&self, mut fields: Value) -> Value {
         fields["by"] = json!(self.by);
         if let Some(bulk) = self.bulk {
             fields["bulk_id"] = json!(bulk);
+        }
+        if let Some(note) = self.note {
+            fields["note"] = json!(note);
         }
         fields
     }
@@ -333,7 +345,37 @@ impl<'a> Machine<'a> {
             Some(next) => next,
             None => self.advance(state, cond, &mut t),
         };
+        // A pause asked for takes effect whenever the run would otherwise be handed back or
+        // wait: after the attempt in flight, never in the middle of one.
+        let next = match next {
+            Next::Release { .. } | Next::Await(_) if state.pause_requested => self.pause(state, None, &mut t),
+            Next::Finish(status) => {
+                // Nothing is left to pause.
+                state.pause_requested = false;
+                Next::Finish(status)
+            }
+            other => other,
+        };
         t.decided(next)
+    }
+
+    /// The run is paused from where it is (`pending`, `running` or `compensating`): the
+    /// status a resume returns it to is kept. `by` names the operator when the pause takes
+    /// effect in their own request (an unleased run); otherwise their request was logged.
+    fn pause(&self, state: &mut RunState, by: Option<Actor<'_>>, t: &mut Draft) -> Next {
+        let from = state.status;
+        state.paused_from = Some(from);
+        state.status = RunStatus::Paused;
+        state.pause_requested = false;
+        let mut detail = json!({"from": from.as_str()});
+        if let Some(waiting) = &state.waiting {
+            detail["waiting_for"] = json!(waiting.name);
+        }
+        if let Some(by) = by {
+            detail = by.detail(detail);
+        }
+        t.log(EventKind::RunPaused, None, None, detail);
+        Next::Pause
     }
 
     /// Attempts in flight when their worker was lost are recorded as lost and retried at once,
@@ -558,6 +600,8 @@ impl<'a> Machine<'a> {
                 status @ (RunStatus::Completed | RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled) => {
                     return Next::Finish(status);
                 }
+                // Only a resume moves a paused run (no worker holds or claims one).
+                RunStatus::Paused => return Next::Pause,
             }
         }
     }
@@ -580,6 +624,9 @@ impl<'a> Machine<'a> {
     /// `None` when the wait could not even begin (a sleep whose moment the input lacks) and
     /// the failure decided nothing to do now: the run moves on.
     fn start_attempt(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Option<Next> {
+        if state.pause_requested {
+            return Some(self.pause(state, None, t));
+        }
         if cond.draining {
             return Some(release_for_shutdown(cond, t));
         }
@@ -792,6 +839,9 @@ impl<'a> Machine<'a> {
     }
 
     fn start_compensation(&self, state: &mut RunState, step: usize, cond: &Conditions, t: &mut Draft) -> Next {
+        if state.pause_requested {
+            return self.pause(state, None, t);
+        }
         if cond.draining {
             return release_for_shutdown(cond, t);
         }
@@ -911,13 +961,76 @@ impl<'a> Machine<'a> {
         now: DateTime<Utc>,
     ) -> Result<Transition, NotAllowed> {
         let by = by.into();
-        if !state.status.can_cancel() {
+        let paused_before_compensating =
+            state.status == RunStatus::Paused && state.paused_from != Some(RunStatus::Compensating);
+        if !state.status.can_cancel() || (state.status == RunStatus::Paused && !paused_before_compensating) {
             return Err(NotAllowed(state.status));
         }
         let mut t = Draft::default();
         if !state.cancel_requested {
             state.cancel_requested = true;
-            t.log(EventKind::CancelRequested, None, None, by.detail(json!({})));
+            let mut detail = json!({});
+            // Cancelling a paused run resumes it: the cancel is the operator's next instruction.
+            if let Some(from) = state.paused_from.take() {
+                state.status = from;
+                detail["resumed"] = json!(true);
+            }
+            t.log(EventKind::CancelRequested, None, None, by.detail(detail));
+        }
+        Ok(t.decided(Next::Release { ready_at: now }))
+    }
+
+    /// An operator asks to pause a `pending`, `running` or `compensating` run. An unleased
+    /// run (not yet claimed, between retries, or waiting) is paused at once; a leased one
+    /// pauses once the attempt in flight is recorded (its owner's next write sees the
+    /// request). Asking again changes nothing.
+    pub fn request_pause<'b>(
+        &self,
+        state: &mut RunState,
+        by: impl Into<Actor<'b>>,
+        leased: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Transition, NotAllowed> {
+        let by = by.into();
+        if !state.status.can_pause() {
+            return Err(NotAllowed(state.status));
+        }
+        let mut t = Draft::default();
+        if state.pause_requested {
+            return Ok(t.decided(Next::Release { ready_at: now }));
+        }
+        if leased {
+            state.pause_requested = true;
+            t.log(EventKind::PauseRequested, None, None, by.detail(json!({})));
+            return Ok(t.decided(Next::Release { ready_at: now }));
+        }
+        let next = self.pause(state, Some(by), &mut t);
+        Ok(t.decided(next))
+    }
+
+    /// An operator resumes a paused run (to the status it was paused from, due at once), or
+    /// withdraws a pause asked for while an attempt was still in flight.
+    pub fn resume<'b>(
+        &self,
+        state: &mut RunState,
+        by: impl Into<Actor<'b>>,
+        now: DateTime<Utc>,
+    ) -> Result<Transition, NotAllowed> {
+        let by = by.into();
+        let mut t = Draft::default();
+        if let Some(from) = state.paused_from.take().filter(|_| state.status == RunStatus::Paused) {
+            state.status = from;
+            t.log(
+                EventKind::RunResumed,
+                None,
+                None,
+                by.detail(json!({"to": from.as_str()})),
+            );
+        } else if state.pause_requested {
+            state.pause_requested = false;
+            t.log(EventKind::RunResumed, None, None, by.detail(json!({"withdrawn": true})));
+        } else {
+            return Err(NotAllowed(state.status));
         }
         Ok(t.decided(Next::Release { ready_at: now }))
     }
@@ -1595,6 +1708,139 @@ mod tests {
             m.request_cancel(&mut state, "ops", cond().now).err(),
             Some(NotAllowed(RunStatus::Cancelled))
         );
+    }
+
+    #[test]
+    fn a_pause_takes_effect_after_the_attempt_in_flight_and_a_resume_goes_on_from_there() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        let t = m.request_pause(&mut state, "ops", true, cond().now).expect("allowed");
+        assert_eq!((t.kinds(), state.status), (vec![K::PauseRequested], RunStatus::Running));
+        assert!(state.pause_requested);
+        assert!(
+            m.request_pause(&mut state, "ops", true, cond().now)
+                .is_ok_and(|t| t.events.is_empty()),
+            "idempotent"
+        );
+        // b's attempt in flight is recorded; c is not started.
+        let t = m.handle(&mut state, ok(1), &cond());
+        assert_eq!(t.kinds(), [K::StepSucceeded, K::RunPaused]);
+        assert_eq!(t.next, Next::Pause);
+        assert_eq!(
+            (state.status, state.paused_from, state.pause_requested),
+            (RunStatus::Paused, Some(RunStatus::Running), false)
+        );
+        assert_eq!(
+            (state.steps[2].status, state.steps[2].attempts),
+            (StepStatus::Pending, 0)
+        );
+        assert_eq!(
+            m.request_pause(&mut state, "ops", false, cond().now).err(),
+            Some(NotAllowed(RunStatus::Paused))
+        );
+        let t = m.resume(&mut state, "ops", cond().now).expect("allowed");
+        assert_eq!(t.kinds(), [K::RunResumed]);
+        assert_eq!(t.next, Next::Release { ready_at: cond().now });
+        assert_eq!((state.status, state.paused_from), (RunStatus::Running, None));
+        let claim = Event::Claimed {
+            by: "w".into(),
+            taken_over_from: None,
+        };
+        let t = m.handle(&mut state, claim, &cond());
+        assert_eq!(t.next, Next::Invoke(2));
+        assert_eq!(
+            m.resume(&mut state, "ops", cond().now).err(),
+            Some(NotAllowed(RunStatus::Running)),
+            "nothing to resume"
+        );
+    }
+
+    #[test]
+    fn a_pause_asked_for_during_an_attempt_can_be_withdrawn_and_one_during_a_retry_delay_pauses_instead() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.request_pause(&mut state, "ops", true, cond().now).expect("allowed");
+        let t = m.resume(&mut state, "ops", cond().now).expect("withdrawn");
+        assert_eq!(t.kinds(), [K::RunResumed]);
+        assert_eq!(t.events[0].detail["withdrawn"], json!(true));
+        assert!(!state.pause_requested);
+        assert_eq!(m.handle(&mut state, ok(0), &cond()).next, Next::Invoke(1));
+
+        // A retryable failure would hand the run back until its retry: it pauses instead.
+        m.request_pause(&mut state, "ops", true, cond().now).expect("allowed");
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 1,
+                error: StepError::retryable("busy"),
+            },
+            &cond(),
+        );
+        assert_eq!(t.next, Next::Pause);
+        assert_eq!(t.kinds().last(), Some(&K::RunPaused));
+        assert_eq!(state.status, RunStatus::Paused);
+    }
+
+    #[test]
+    fn an_unleased_run_pauses_at_once_keeping_its_wait_and_a_cancel_resumes_it_to_compensate() {
+        let wf = waiting_workflow(Default::default());
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let mut state = at_the_wait(&wf, &input);
+        let t = m.request_pause(&mut state, "ops", false, cond().now).expect("allowed");
+        assert_eq!(t.kinds(), [K::RunPaused]);
+        assert_eq!(t.events[0].detail["by"], json!("ops"));
+        assert_eq!(t.next, Next::Pause);
+        assert_eq!(state.status, RunStatus::Paused);
+        assert!(state.waiting.is_some(), "the wait is kept for the resume");
+
+        let t = m
+            .request_cancel(&mut state, "ops", cond().now)
+            .expect("a paused run can be cancelled");
+        assert_eq!(t.kinds(), [K::CancelRequested]);
+        assert_eq!(t.events[0].detail["resumed"], json!(true));
+        assert_eq!((state.status, state.paused_from), (RunStatus::Running, None));
+        let claim = Event::Claimed {
+            by: "w".into(),
+            taken_over_from: None,
+        };
+        let t = m.handle(&mut state, claim, &later(5));
+        assert_eq!(t.next, Next::Compensate(0), "the cancel ends the wait and compensates");
+    }
+
+    #[test]
+    fn a_compensating_run_pauses_before_its_next_compensation_and_cannot_be_cancelled_while_paused() {
+        let wf = workflow();
+        let input = json!({});
+        let m = Machine::new(&wf, &input);
+        let (mut state, _) = claimed(&wf, &input);
+        m.handle(&mut state, ok(0), &cond());
+        m.handle(&mut state, ok(1), &cond());
+        m.handle(&mut state, ok(2), &cond());
+        let t = m.handle(
+            &mut state,
+            Event::StepFailed {
+                step: 3,
+                error: StepError::permanent("no"),
+            },
+            &cond(),
+        );
+        assert_eq!((state.status, t.next), (RunStatus::Compensating, Next::Compensate(2)));
+        m.request_pause(&mut state, "ops", true, cond().now).expect("allowed");
+        let t = m.handle(&mut state, Event::CompensationSucceeded { step: 2 }, &cond());
+        assert_eq!(t.kinds(), [K::StepCompensationSucceeded, K::RunPaused]);
+        assert_eq!(state.paused_from, Some(RunStatus::Compensating));
+        assert_eq!(
+            m.request_cancel(&mut state, "ops", cond().now).err(),
+            Some(NotAllowed(RunStatus::Paused))
+        );
+        m.resume(&mut state, "ops", cond().now).expect("allowed");
+        assert_eq!(state.status, RunStatus::Compensating);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod faults;
 mod inbox;
 pub mod lane;
 pub mod machine;
+mod pause;
 pub mod read;
 mod repair;
 pub mod retry;
@@ -57,8 +58,8 @@ pub use retry::RetryPolicy;
 pub use state::{RunError, RunState, StepError, StepState, Waiting};
 pub use status::{EventKind, RetryAction, RunStatus, StepStatus, Trigger, WaitKind};
 pub use store::{
-    ActionRow, Cursor, DurationBucket, EventRow, FinishedMinute, InboxRow, RunFilter, RunRow, StepBrief, StepRow,
-    WaitingRun,
+    ActionRow, Cursor, DurationBucket, EventRow, FinishedMinute, InboxRow, PausedWorkflow, RunFilter, RunRow,
+    StepBrief, StepRow, WaitingRun,
 };
 pub use worker::WorkerHandle;
 
@@ -157,7 +158,7 @@ pub enum EngineError {
     /// The run's status does not allow the operator action.
     #[error("cannot {action} a run that is {status}")]
     NotAllowed {
-        /// `retry` or `cancel`.
+        /// `retry`, `cancel`, `pause`, `resume`.
         action: &'static str,
         /// The run's status.
         status: RunStatus,
@@ -186,9 +187,14 @@ pub enum EngineError {
         /// The most allowed.
         max: i64,
     },
-    /// Part of the contract this version does not provide yet.
-    #[error("{0} is not available in this version")]
-    NotAvailable(String),
+    /// The workflow is paused already (or, for a resume, is not paused).
+    #[error("workflow `{workflow}` is {}", if *.paused { "paused already" } else { "not paused" })]
+    WorkflowPauseState {
+        /// The workflow.
+        workflow: String,
+        /// Whether it is paused.
+        paused: bool,
+    },
     /// An operator action that needs a note (what was done by hand, and why) got none, or
     /// one too long to keep.
     #[error("a note is required: 1 to {MAX_NOTE_CHARS} characters saying what was done and why")]
@@ -950,12 +956,13 @@ impl Engine {
         let mut conn = self.inner.pool.acquire().await?;
         let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
-        if let Some(created_at) = self.insert_prepared(&mut conn, &prepared).await? {
+        let mut prepared = prepared;
+        if let Some(inserted) = self.insert_prepared(&mut conn, &mut prepared).await? {
             drop(conn);
             let run_id = prepared.id;
-            let (accepted, _) = self.new_run(&prepared).rows(created_at);
+            let (accepted, _) = self.new_run(&prepared).rows(inserted);
             self.inner.changes.touch(run_id);
-            self.start_prepared(prepared, created_at);
+            self.start_prepared(prepared, inserted);
             let triggered = Triggered {
                 run_id,
                 created: true,
@@ -1013,6 +1020,7 @@ impl Engine {
         // Lease it to our own worker at once when it has room: no claim round trip, no NOTIFY.
         let mut marks = Default::default();
         let mut local = None;
+        let mut unstarted = None;
         let slot = self.inner.local_worker().and_then(|w| Some((w.free_slot()?, w)));
         if let Some((slot, worker)) = slot {
             let mut claimed = state.clone();
@@ -1021,7 +1029,7 @@ impl Engine {
             // in unleased and due: an insert cannot also be a finish (output, finish time, the
             // workflow's finish hook), so a claim finishes it through `apply` like any other.
             if !matches!(t.next, Next::Finish(_)) {
-                state = claimed;
+                unstarted = Some((std::mem::replace(&mut state, claimed), events.len()));
                 events.extend(t.events);
                 marks = t.marks;
                 local = Some(LocalStart {
@@ -1044,6 +1052,7 @@ impl Engine {
             events,
             now: self.now(),
             local,
+            unstarted,
         }
     }
 
@@ -1068,22 +1077,28 @@ impl Engine {
         }
     }
 
-    /// Inserts a prepared run; its `created_at` when inserted, `None` when its key was taken.
+    /// Inserts a prepared run; how when inserted (a run of a paused workflow is inserted
+    /// unstarted and held), `None` when its key was taken.
     async fn insert_prepared(
         &self,
         conn: &mut sqlx::PgConnection,
-        p: &PreparedRun,
-    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let inserted = store::insert_run(conn, &self.new_run(p)).await?;
-        if inserted.is_some() {
-            metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => p.trigger.as_str()).increment(1);
+        p: &mut PreparedRun,
+    ) -> Result<Option<store::Inserted>, sqlx::Error> {
+        let mut inserted = store::insert_run(conn, &self.new_run(p)).await?;
+        if inserted == store::Inserted::WorkflowPaused {
+            p.unstart();
+            inserted = store::insert_run(conn, &self.new_run(p)).await?;
         }
-        Ok(inserted)
+        if !matches!(inserted, store::Inserted::Run { .. }) {
+            return Ok(None);
+        }
+        metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => p.trigger.as_str()).increment(1);
+        Ok(Some(inserted))
     }
 
     /// Hands a committed run that was leased to our worker to an executor.
-    fn start_prepared(&self, mut p: PreparedRun, created_at: DateTime<Utc>) {
-        let (run, steps) = self.new_run(&p).rows(created_at);
+    fn start_prepared(&self, mut p: PreparedRun, inserted: store::Inserted) {
+        let (run, steps) = self.new_run(&p).rows(inserted);
         let Some(local) = p.local.take() else {
             return;
         };
@@ -1245,7 +1260,8 @@ impl Engine {
                     operator.detail(json!({})),
                     None,
                 );
-                let Some(created_at) = self.insert_prepared(&mut tx, &prepared).await? else {
+                let mut prepared = prepared;
+                let Some(inserted) = self.insert_prepared(&mut tx, &mut prepared).await? else {
                     return Err(EngineError::Internal("the retry's run could not be inserted".into()));
                 };
                 let new_id = prepared.id;
@@ -1265,7 +1281,7 @@ impl Engine {
                 tx.commit().await?;
                 self.inner.changes.touch(run_id);
                 self.inner.changes.touch(new_id);
-                self.start_prepared(prepared, created_at);
+                self.start_prepared(prepared, inserted);
                 Ok(Retried::NewRun(new_id))
             }
         }
@@ -1311,6 +1327,21 @@ struct PreparedRun {
     now: DateTime<Utc>,
     /// Set when the run is leased to this instance's worker in its insert.
     local: Option<LocalStart>,
+    /// With `local`: the state before the local claim and how many log entries preceded it,
+    /// for a run that cannot start in its insert after all (its workflow is paused).
+    unstarted: Option<(RunState, usize)>,
+}
+
+impl PreparedRun {
+    /// Undoes the local claim: the run is inserted unstarted (its worker slot is given back).
+    fn unstart(&mut self) {
+        if let Some((state, events)) = self.unstarted.take() {
+            self.state = state;
+            self.events.truncate(events);
+            self.marks.clear();
+        }
+        self.local = None;
+    }
 }
 
 /// A run leased to this instance's worker in its insert: the slot it will run in and what

@@ -25,7 +25,7 @@ pub(crate) struct Reused {
     pub(crate) events: Vec<NewEvent>,
 }
 
-fn check_note(note: Option<&str>, required: bool) -> Result<Option<String>, EngineError> {
+pub(crate) fn check_note(note: Option<&str>, required: bool) -> Result<Option<String>, EngineError> {
     match note.map(str::trim) {
         Some(text) if !text.is_empty() && text.chars().count() <= MAX_NOTE_CHARS && !text.contains('\0') => {
             Ok(Some(text.to_string()))
@@ -216,8 +216,8 @@ impl Engine {
         if let Some(note) = &note {
             created["note"] = json!(note);
         }
-        let prepared = self.prepare_run(&wf, &input, None, Trigger::Retry, Some(run_id), created, Some(reused));
-        let Some(created_at) = self.insert_prepared(&mut tx, &prepared).await? else {
+        let mut prepared = self.prepare_run(&wf, &input, None, Trigger::Retry, Some(run_id), created, Some(reused));
+        let Some(inserted) = self.insert_prepared(&mut tx, &mut prepared).await? else {
             return Err(EngineError::Internal("the restart's run could not be inserted".into()));
         };
         let new_id = prepared.id;
@@ -237,7 +237,7 @@ impl Engine {
         tx.commit().await?;
         self.inner.changes.touch(run_id);
         self.inner.changes.touch(new_id);
-        self.start_prepared(prepared, created_at);
+        self.start_prepared(prepared, inserted);
         Ok(new_id)
     }
 }

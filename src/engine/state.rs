@@ -160,6 +160,10 @@ pub struct RunState {
     pub output: Option<Value>,
     /// An operator asked to cancel.
     pub cancel_requested: bool,
+    /// An operator asked to pause: the run pauses instead of starting its next attempt.
+    pub pause_requested: bool,
+    /// While `paused`: the status a resume returns the run to.
+    pub paused_from: Option<RunStatus>,
     /// What the run waits for, while one of its steps waits (no lease is held meanwhile).
     pub waiting: Option<Waiting>,
 }
@@ -188,6 +192,8 @@ impl RunState {
             error: None,
             output: None,
             cancel_requested: false,
+            pause_requested: false,
+            paused_from: None,
             waiting: None,
         }
     }

@@ -19,6 +19,9 @@ pub enum RunStatus in "run_status" {
     Failed = "failed",
     /// An operator cancelled it and every compensation succeeded.
     Cancelled = "cancelled",
+    /// An operator paused it: no lease, not due, until an operator resumes it (to the status
+    /// it was paused from).
+    Paused = "paused",
 }
 }
 
@@ -40,9 +43,15 @@ impl RunStatus {
         }
     }
 
-    /// Whether an operator may cancel a run in this status.
+    /// Whether an operator may cancel a run in this status (a paused run, if it was paused
+    /// before compensating: see `Machine::request_cancel`).
     pub fn can_cancel(self) -> bool {
-        matches!(self, Self::Pending | Self::Running)
+        matches!(self, Self::Pending | Self::Running | Self::Paused)
+    }
+
+    /// Whether an operator may pause a run in this status.
+    pub fn can_pause(self) -> bool {
+        matches!(self, Self::Pending | Self::Running | Self::Compensating)
     }
 }
 
@@ -152,6 +161,13 @@ pub enum EventKind in "event_kind" {
     /// An operator restarted the run from a step, as a new run (who, from which step, the
     /// new run, the note).
     OperatorRestart = "operator_restart",
+    /// An operator asked to pause the run while an attempt was in flight: it pauses once
+    /// that attempt is recorded.
+    PauseRequested = "pause_requested",
+    /// The run was paused: no lease, not due, until resumed (who asked, in the detail).
+    RunPaused = "run_paused",
+    /// An operator resumed the run (or withdrew a pause not yet taken).
+    RunResumed = "run_resumed",
 }
 }
 
@@ -193,11 +209,13 @@ mod tests {
     fn operator_actions_by_status() {
         use RunStatus::*;
         let cancellable: Vec<_> = RunStatus::ALL.into_iter().filter(|s| s.can_cancel()).collect();
-        assert_eq!(cancellable, [Pending, Running]);
+        assert_eq!(cancellable, [Pending, Running, Paused]);
+        let pausable: Vec<_> = RunStatus::ALL.into_iter().filter(|s| s.can_pause()).collect();
+        assert_eq!(pausable, [Pending, Running, Compensating]);
         assert_eq!(Failed.retry_action(), Some(RetryAction::Resume));
         assert_eq!(Compensated.retry_action(), Some(RetryAction::NewRun));
         assert_eq!(Cancelled.retry_action(), Some(RetryAction::NewRun));
-        for s in [Pending, Running, Compensating, Completed] {
+        for s in [Pending, Running, Compensating, Completed, Paused] {
             assert_eq!(s.retry_action(), None, "{s}");
         }
     }

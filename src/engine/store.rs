@@ -76,6 +76,12 @@ pub struct RunRow {
     pub wait_attempt: Option<i32>,
     /// When the wait ends with nothing received.
     pub wait_deadline: Option<DateTime<Utc>>,
+    /// An operator asked to pause it; it pauses after the attempt in flight.
+    pub pause_requested: bool,
+    /// While `paused`: the status a resume returns it to.
+    pub paused_from: Option<RunStatus>,
+    /// Pending on a paused workflow: accepted, neither leased nor due until it is resumed.
+    pub held: bool,
 }
 
 impl RunRow {
@@ -93,7 +99,8 @@ impl RunRow {
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output, error, subject, idempotency_key, \
      trigger, retry_of, retried_by, cancel_requested, ready_at, lease_owner, lease_epoch, lease_expires_at, \
-     created_at, updated_at, finished_at, parked_reason, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline";
+     created_at, updated_at, finished_at, parked_reason, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline, \
+     pause_requested, paused_from, held";
 
 /// A step of a run as stored.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -201,6 +208,8 @@ pub fn run_state(run: &RunRow, steps: &[StepRow]) -> RunState {
         error: run.run_error(),
         output: run.output.clone(),
         cancel_requested: run.cancel_requested,
+        pause_requested: run.pause_requested,
+        paused_from: run.paused_from,
         waiting: run.waiting(),
     }
 }
@@ -390,26 +399,31 @@ pub struct NewRun<'a> {
     pub lease_ms: i64,
 }
 
-/// Inserts a run unless its idempotency key is taken. Returns its `created_at` when it was
-/// inserted (the statement's one reading of the clock, which every time it records is), `None`
-/// when the key was taken.
-pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+/// Inserts a run unless its idempotency key is taken; a run of a paused workflow is held, and
+/// one that was to start in its insert is not inserted (see [`Inserted`]).
+pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Inserted, sqlx::Error> {
     let steps = StepArrays::from_state(run.state, &times_now(run.marks), (0..run.state.steps.len()).collect());
     let events = EventArrays::new(run.events, &[]);
     let wait = WaitColumns::of(run.state.waiting.as_ref());
-    let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
+    let inserted: (Option<DateTime<Utc>>, bool) = sqlx::query_as(
         "WITH t AS (
-             SELECT clock_timestamp() AS now
+             SELECT clock_timestamp() AS now,
+                    EXISTS (SELECT 1 FROM paused_workflows WHERE workflow = $2) AS paused
          ), run AS (
              INSERT INTO runs (id, workflow, workflow_version, status, input, subject, idempotency_key, trigger,
                                retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq,
-                               created_at, updated_at, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline)
+                               created_at, updated_at, wait_kind, wait_name, wait_step, wait_attempt, wait_deadline,
+                               held)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
-                    CASE WHEN $10::int4 IS NULL THEN $21::timestamptz END, $10,
+                    CASE WHEN $10::int4 IS NULL AND NOT t.paused THEN $21::timestamptz END, $10,
                     CASE WHEN $10::int4 IS NULL THEN 0 ELSE 1 END,
                     CASE WHEN $10::int4 IS NOT NULL THEN t.now + $11 * interval '1 millisecond' END,
-                    cardinality($17::event_kind[]), t.now, t.now, $22, $23, $24, $25, $26
+                    cardinality($17::event_kind[]), t.now, t.now, $22, $23, $24, $25, $26,
+                    t.paused
              FROM t
+             -- A run started in its insert (leased to our worker) is not inserted on a paused
+             -- workflow: the caller inserts it again unstarted, and it is held.
+             WHERE $10::int4 IS NULL OR NOT t.paused
              ON CONFLICT (workflow, idempotency_key) DO NOTHING
              RETURNING id, created_at
          ), steps AS (
@@ -425,7 +439,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
              FROM run, unnest($17::event_kind[], $18::text[], $19::int4[], $20::jsonb[])
                        WITH ORDINALITY AS c(kind, step, attempt, detail, ord)
          )
-         SELECT created_at FROM run",
+         SELECT (SELECT created_at FROM run), (SELECT paused FROM t)",
     )
     .bind(run.id)
     .bind(run.workflow)
@@ -454,15 +468,44 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Opt
     .bind(wait.attempt)
     .bind(wait.deadline)
     .bind(&steps.output)
-    .fetch_optional(conn)
+    .fetch_one(conn)
     .await?;
-    Ok(inserted)
+    Ok(match inserted {
+        (Some(created_at), paused) => Inserted::Run {
+            created_at,
+            held: paused,
+        },
+        (None, true) if run.owner.is_some() => Inserted::WorkflowPaused,
+        (None, _) => Inserted::KeyTaken,
+    })
+}
+
+/// What [`insert_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The run was inserted; every time it records is `created_at`, the statement's one
+    /// reading of the clock.
+    Run {
+        /// When it was accepted.
+        created_at: DateTime<Utc>,
+        /// Its workflow is paused: it is held `pending`, neither leased nor due.
+        held: bool,
+    },
+    /// Its idempotency key is taken: nothing was inserted.
+    KeyTaken,
+    /// It was to start in its insert, but its workflow is paused: nothing was inserted, and
+    /// the caller inserts it again unstarted.
+    WorkflowPaused,
 }
 
 impl NewRun<'_> {
-    /// The rows [`insert_run`] wrote, given the `created_at` it returned: what the run's first
-    /// owner starts its copy from, so that it can answer without reading them back.
-    pub fn rows(&self, created_at: DateTime<Utc>) -> (RunRow, Vec<StepRow>) {
+    /// The rows [`insert_run`] wrote, given what it answered (a run it inserted): what the
+    /// run's first owner starts its copy from, so that it can answer without reading them back.
+    pub fn rows(&self, inserted: Inserted) -> (RunRow, Vec<StepRow>) {
+        let (created_at, held) = match inserted {
+            Inserted::Run { created_at, held } => (created_at, held),
+            Inserted::KeyTaken | Inserted::WorkflowPaused => (self.now, false),
+        };
         let leased = self.owner.is_some();
         let run = RunRow {
             id: self.id,
@@ -478,7 +521,7 @@ impl NewRun<'_> {
             retry_of: self.retry_of,
             retried_by: None,
             cancel_requested: false,
-            ready_at: (!leased).then_some(self.now),
+            ready_at: (!leased && !held).then_some(self.now),
             lease_owner: self.owner,
             lease_epoch: i64::from(leased),
             lease_expires_at: leased.then(|| created_at + chrono::Duration::milliseconds(self.lease_ms)),
@@ -491,6 +534,9 @@ impl NewRun<'_> {
             wait_step: None,
             wait_attempt: None,
             wait_deadline: None,
+            pause_requested: false,
+            paused_from: None,
+            held,
         };
         let mut run = run;
         WaitColumns::of(self.state.waiting.as_ref()).mirror(&mut run);
@@ -631,12 +677,22 @@ pub async fn claim(
         previous_owner: Option<i32>,
     }
     let rows: Vec<Row> = sqlx::query_as(
-        "WITH candidates AS (
-             SELECT id, lease_owner AS previous_owner FROM runs
+        "WITH due AS (
+             SELECT id, lease_owner AS previous_owner,
+                    status = 'pending' AND EXISTS (SELECT 1 FROM paused_workflows p WHERE p.workflow = runs.workflow)
+                        AS on_paused_workflow
+             FROM runs
              WHERE ready_at <= $5 AND (workflow || '@' || workflow_version) = ANY($3)
              ORDER BY ready_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED
+         ), held AS (
+             -- Not started and its workflow is paused: held until the workflow is resumed
+             -- (the pause holds those it finds; this holds any that became due since).
+             UPDATE runs r SET ready_at = NULL, held = true, updated_at = now()
+             FROM due d WHERE r.id = d.id AND d.on_paused_workflow
+         ), candidates AS (
+             SELECT id, previous_owner FROM due WHERE NOT on_paused_workflow
          )
          UPDATE runs r SET lease_owner = $1, lease_epoch = r.lease_epoch + 1,
              lease_expires_at = now() + $4 * interval '1 millisecond', ready_at = NULL, updated_at = now()
@@ -644,7 +700,8 @@ pub async fn claim(
          RETURNING r.id, r.workflow, r.workflow_version, r.status, r.input, r.output, r.error, r.subject,
              r.idempotency_key, r.trigger, r.retry_of, r.retried_by, r.cancel_requested, r.ready_at, r.lease_owner,
              r.lease_epoch, r.lease_expires_at, r.created_at, r.updated_at, r.finished_at, r.parked_reason,
-             r.wait_kind, r.wait_name, r.wait_step, r.wait_attempt, r.wait_deadline, c.previous_owner",
+             r.wait_kind, r.wait_name, r.wait_step, r.wait_attempt, r.wait_deadline, r.pause_requested,
+             r.paused_from, r.held, c.previous_owner",
     )
     .bind(worker)
     .bind(limit)
@@ -710,12 +767,15 @@ pub enum LeaseWrite {
     Release(DateTime<Utc>),
     /// The run is finished: no lease, nothing due.
     Finish,
+    /// The run is paused: no lease, nothing due, until an operator resumes it.
+    Hold,
     /// Not the owner writing (an operator): leave the lease alone, and make an unleased run
     /// due by this time (the engine clock's now) so a worker acts on the change.
     Wake(DateTime<Utc>),
 }
 
-/// A transition to persist, fenced by the lease epoch and the cancel flag the decision saw.
+/// A transition to persist, fenced by the lease epoch and the operator's requests (cancel,
+/// pause) the decision saw.
 pub struct Persist<'a> {
     /// The run.
     pub run_id: Uuid,
@@ -724,6 +784,8 @@ pub struct Persist<'a> {
     /// The cancel flag the decision was made with: if an operator changed it since, nothing
     /// is written and the caller decides again.
     pub cancel_requested: bool,
+    /// The pause flag the decision was made with, fenced the same way.
+    pub pause_requested: bool,
     /// The new state.
     pub state: &'a RunState,
     /// Which steps changed (written in full from `state`).
@@ -803,8 +865,14 @@ pub enum Persisted {
     },
     /// The lease was taken over: the writer must stop touching this run.
     Fenced,
-    /// An operator requested a cancel since the decision: decide again.
-    CancelRequested,
+    /// An operator asked to cancel or pause (or withdrew a pause) since the decision:
+    /// decide again with the run's flags as they are now.
+    Requested {
+        /// The cancel flag now.
+        cancel: bool,
+        /// The pause flag now.
+        pause: bool,
+    },
 }
 
 impl Persist<'_> {
@@ -816,6 +884,9 @@ impl Persist<'_> {
         run.output = self.state.output.clone();
         run.error = self.state.error.as_ref().and_then(|e| serde_json::to_value(e).ok());
         run.cancel_requested = self.state.cancel_requested;
+        run.pause_requested = self.state.pause_requested;
+        run.paused_from = self.state.paused_from;
+        run.held = run.held && self.state.status == RunStatus::Pending;
         match self.lease {
             LeaseWrite::Keep => run.ready_at = None,
             LeaseWrite::Release(due) => {
@@ -823,7 +894,7 @@ impl Persist<'_> {
                 run.lease_owner = None;
                 run.lease_expires_at = None;
             }
-            LeaseWrite::Finish => {
+            LeaseWrite::Finish | LeaseWrite::Hold => {
                 run.ready_at = None;
                 run.lease_owner = None;
                 run.lease_expires_at = None;
@@ -862,8 +933,8 @@ impl Persist<'_> {
     }
 }
 
-/// Writes a transition in one statement: the run row (only if the epoch and cancel flag are
-/// still what the decision saw), the changed steps and the new log entries.
+/// Writes a transition in one statement: the run row (only if the epoch and the cancel and
+/// pause flags are still what the decision saw), the changed steps and the new log entries.
 pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persisted, sqlx::Error> {
     let steps = StepArrays::from_state(p.state, p.times, p.changed.clone());
     let events = EventArrays::new(p.events, p.events_ago_us);
@@ -871,6 +942,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         LeaseWrite::Keep => ("keep", None),
         LeaseWrite::Release(at) => ("release", Some(at)),
         LeaseWrite::Finish => ("finish", None),
+        LeaseWrite::Hold => ("hold", None),
         LeaseWrite::Wake(now) => ("wake", Some(now)),
     };
     let error = p
@@ -901,9 +973,11 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
                  -- Told, not computed: a function of a parameter is evaluated while planning.
                  finished_at = CASE WHEN $27 THEN t.now END,
                  updated_at = t.now,
-                 wait_kind = $28, wait_name = $29, wait_step = $30, wait_attempt = $31, wait_deadline = $32
+                 wait_kind = $28, wait_name = $29, wait_step = $30, wait_attempt = $31, wait_deadline = $32,
+                 pause_requested = $34, paused_from = $35,
+                 held = held AND $4 = 'pending'::run_status
              FROM t
-             WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3
+             WHERE id = $1 AND lease_epoch = $2 AND cancel_requested = $3 AND pause_requested = $33
              RETURNING id, log_seq - cardinality($18::event_kind[]) AS base, t.now AS at
          ), steps AS (
              UPDATE run_steps s SET
@@ -963,17 +1037,25 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
     .bind(wait.step)
     .bind(wait.attempt)
     .bind(wait.deadline)
+    .bind(p.pause_requested)
+    .bind(p.state.pause_requested)
+    .bind(p.state.paused_from)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(at) = applied {
         return Ok(Persisted::Applied { at });
     }
-    let current: Option<(i64, bool)> = sqlx::query_as("SELECT lease_epoch, cancel_requested FROM runs WHERE id = $1")
-        .bind(p.run_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let current: Option<(i64, bool, bool)> =
+        sqlx::query_as("SELECT lease_epoch, cancel_requested, pause_requested FROM runs WHERE id = $1")
+            .bind(p.run_id)
+            .fetch_optional(&mut *conn)
+            .await?;
     Ok(match current {
-        Some((epoch, cancel)) if epoch == p.epoch && cancel != p.cancel_requested => Persisted::CancelRequested,
+        Some((epoch, cancel, pause))
+            if epoch == p.epoch && (cancel != p.cancel_requested || pause != p.pause_requested) =>
+        {
+            Persisted::Requested { cancel, pause }
+        }
         _ => Persisted::Fenced,
     })
 }
@@ -1335,8 +1417,12 @@ pub async fn durations(
 pub(crate) enum Eligible {
     /// A failed run, or a compensated or cancelled one not yet retried.
     Retry,
-    /// A pending or running run not yet asked to cancel.
+    /// A pending or running run not yet asked to cancel (or one paused before compensating).
     Cancel,
+    /// A pending, running or compensating run not yet asked to pause.
+    Pause,
+    /// A paused run, or one asked to pause that has not yet.
+    Resume,
 }
 
 fn push_eligible(sql: &mut QueryBuilder<Postgres>, eligible: Eligible) {
@@ -1344,7 +1430,12 @@ fn push_eligible(sql: &mut QueryBuilder<Postgres>, eligible: Eligible) {
         Eligible::Retry => {
             " AND (status = 'failed' OR (status IN ('compensated', 'cancelled') AND retried_by IS NULL))"
         }
-        Eligible::Cancel => " AND status IN ('pending', 'running') AND NOT cancel_requested",
+        Eligible::Cancel => {
+            " AND (status IN ('pending', 'running') OR (status = 'paused' AND paused_from <> 'compensating'))
+              AND NOT cancel_requested"
+        }
+        Eligible::Pause => " AND status IN ('pending', 'running', 'compensating') AND NOT pause_requested",
+        Eligible::Resume => " AND (status = 'paused' OR pause_requested)",
     });
 }
 
@@ -1622,7 +1713,8 @@ pub(crate) async fn extend_wait(
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE runs SET wait_deadline = $3,
-                         ready_at = CASE WHEN lease_owner IS NULL THEN $3 ELSE ready_at END
+                         -- A paused run stays not due (its wait is looked at when resumed).
+                         ready_at = CASE WHEN lease_owner IS NULL AND status <> 'paused' THEN $3 ELSE ready_at END
          WHERE id = $1 AND wait_kind = 'completion' AND wait_attempt = $2",
     )
     .bind(run_id)
@@ -1729,8 +1821,8 @@ pub async fn link_successor(
 pub struct OperatorAction<'a> {
     /// Who (the operator's self-declared name).
     pub operator: &'a str,
-    /// What: `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `runs.bulk`,
-    /// `schedule.create`, `schedule.replace`, `schedule.enable`, `schedule.disable`,
+    /// What: `run.cancel`, `run.retry`, `run.resolve`, `run.restart`, `run.pause`,
+    /// `run.resume`, `runs.bulk`, `workflow.pause`, `workflow.resume`, `schedule.create`, `schedule.replace`, `schedule.enable`, `schedule.disable`,
     /// `schedule.fire`, `schedule.delete`.
     pub action: &'a str,
     /// The run acted on.
@@ -1754,7 +1846,7 @@ impl<'a> OperatorAction<'a> {
             run_id: Some(run),
             schedule: None,
             bulk_id: actor.bulk,
-            note: None,
+            note: actor.note,
             detail,
         }
     }
@@ -1815,6 +1907,89 @@ pub async fn recent_actions(pool: &PgPool, limit: i64) -> Result<Vec<ActionRow>,
 // ---------------------------------------------------------------------------------------
 // Retention
 // ---------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------
+// Paused workflows
+// ---------------------------------------------------------------------------------------
+
+/// A paused workflow, as listed.
+#[derive(Debug, Clone, FromRow, serde::Serialize, utoipa::ToSchema)]
+pub struct PausedWorkflow {
+    /// The workflow's name.
+    pub workflow: String,
+    /// When it was paused.
+    pub paused_at: DateTime<Utc>,
+    /// Who paused it.
+    pub paused_by: String,
+    /// Their note.
+    pub note: Option<String>,
+    /// How many of its runs are held, accepted and not started.
+    pub held_runs: i64,
+}
+
+/// Pauses `workflow`: its runs not yet started are held (neither leased nor due), and so is
+/// every run of it accepted until it is resumed. How many were held; `None` if it was
+/// paused already.
+pub async fn pause_workflow(
+    conn: &mut PgConnection,
+    workflow: &str,
+    by: &str,
+    note: Option<&str>,
+) -> Result<Option<u64>, sqlx::Error> {
+    let paused = sqlx::query(
+        "INSERT INTO paused_workflows (workflow, paused_by, note) VALUES ($1, $2, $3)
+         ON CONFLICT (workflow) DO NOTHING",
+    )
+    .bind(workflow)
+    .bind(by)
+    .bind(note)
+    .execute(&mut *conn)
+    .await?;
+    if paused.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let held = sqlx::query(
+        "UPDATE runs SET ready_at = NULL, held = true, updated_at = now()
+         WHERE workflow = $1 AND status = 'pending' AND lease_owner IS NULL AND ready_at IS NOT NULL",
+    )
+    .bind(workflow)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(held.rows_affected()))
+}
+
+/// Resumes `workflow`: its held runs are due at `now`. `None` if it was not paused.
+pub async fn resume_workflow(
+    conn: &mut PgConnection,
+    workflow: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<u64>, sqlx::Error> {
+    let resumed = sqlx::query("DELETE FROM paused_workflows WHERE workflow = $1")
+        .bind(workflow)
+        .execute(&mut *conn)
+        .await?;
+    if resumed.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let released =
+        sqlx::query("UPDATE runs SET held = false, ready_at = $2, updated_at = now() WHERE workflow = $1 AND held")
+            .bind(workflow)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    Ok(Some(released.rows_affected()))
+}
+
+/// The paused workflows, with how many runs each holds.
+pub async fn paused_workflows<'e>(db: impl PgExecutor<'e>) -> Result<Vec<PausedWorkflow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT p.workflow, p.paused_at, p.paused_by, p.note,
+                (SELECT count(*) FROM runs r WHERE r.workflow = p.workflow AND r.held) AS held_runs
+         FROM paused_workflows p ORDER BY p.workflow",
+    )
+    .fetch_all(db)
+    .await
+}
 
 /// Deletes up to `limit` terminal runs that finished before `cutoff`, oldest first, with their
 /// steps and log (deleted by the same statement: there are no foreign keys to cascade), and

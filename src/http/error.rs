@@ -249,8 +249,8 @@ impl From<EngineError> for ApiError {
             },
             e @ EngineError::InvalidNote => Self::invalid("note", e.to_string()),
             e @ EngineError::BulkLimit { .. } => Self::invalid("limit", e.to_string()),
-            e @ EngineError::NotAvailable(_) => Self::Conflict {
-                code: "not_available",
+            e @ EngineError::WorkflowPauseState { paused, .. } => Self::Conflict {
+                code: if paused { "already_paused" } else { "not_paused" },
                 message: e.to_string(),
             },
             e @ EngineError::NothingToResolve { .. } => Self::Conflict {

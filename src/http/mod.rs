@@ -20,6 +20,7 @@ pub mod definitions;
 pub mod error;
 pub mod extract;
 pub mod metrics;
+pub mod pause;
 pub mod runs;
 pub mod schedules;
 pub mod serve;
@@ -114,6 +115,10 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::restart_run))
         .routes(routes!(runs::bulk_action))
         .routes(routes!(runs::resolve_step))
+        .routes(routes!(pause::pause_run))
+        .routes(routes!(pause::resume_run))
+        .routes(routes!(pause::pause_workflow))
+        .routes(routes!(pause::resume_workflow))
         .routes(routes!(waits::signal_run))
         .routes(routes!(waits::signal_by_key))
         .routes(routes!(waits::complete_step))

@@ -56,6 +56,14 @@ pub struct RunBody {
     pub trigger: Trigger,
     /// An operator asked to cancel it.
     pub cancel_requested: bool,
+    /// An operator asked to pause it; it pauses once the attempt in flight is recorded.
+    pub pause_requested: bool,
+    /// While `paused`: the status a resume returns it to (`pending`, `running` or
+    /// `compensating`). Null otherwise.
+    pub paused_from: Option<RunStatus>,
+    /// Why a `pending` run is not started: `workflow_paused` while its workflow is paused
+    /// (it starts when the workflow is resumed). Null otherwise.
+    pub held: Option<&'static str>,
     /// Why it is set aside, neither leased nor due: its recorded steps do not match its
     /// workflow version's plan on the instance that claimed it. Null for every other run.
     pub parked_reason: Option<String>,
@@ -168,6 +176,9 @@ impl RunBody {
             retried_by: run.retried_by,
             trigger: run.trigger,
             cancel_requested: run.cancel_requested,
+            pause_requested: run.pause_requested,
+            paused_from: run.paused_from,
+            held: run.held.then_some("workflow_paused"),
             parked_reason: run.parked_reason,
             waiting,
             created_at: run.created_at,
@@ -267,6 +278,8 @@ pub struct WorkflowBody {
     pub source: Source,
     /// Its steps, in order.
     pub steps: Vec<StepPlanBody>,
+    /// Set while it is paused (every version): its new runs are accepted and held.
+    pub paused: Option<crate::engine::PausedWorkflow>,
 }
 
 /// A step of a plan.
@@ -347,6 +360,7 @@ impl From<&Workflow> for WorkflowBody {
                     compensation_retry: s.compensation_retry_policy().into(),
                 })
                 .collect(),
+            paused: None,
         }
     }
 }
@@ -365,15 +379,19 @@ pub struct WorkflowList {
         (status = 200, body = WorkflowList),
         (status = 401, body = ErrorBody),
     ))]
-pub async fn list_workflows(_: ApiAccess, State(state): State<Arc<AppState>>) -> Json<WorkflowList> {
-    Json(WorkflowList {
+pub async fn list_workflows(_: ApiAccess, State(state): State<Arc<AppState>>) -> Result<Json<WorkflowList>, ApiError> {
+    let paused = state.engine.paused_workflows().await?;
+    Ok(Json(WorkflowList {
         workflows: state
             .engine
             .workflows()
             .iter()
-            .map(|w| WorkflowBody::from(w.as_ref()))
+            .map(|w| WorkflowBody {
+                paused: paused.iter().find(|p| p.workflow == w.name()).cloned(),
+                ..WorkflowBody::from(w.as_ref())
+            })
             .collect(),
-    })
+    }))
 }
 
 pub(crate) fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
@@ -383,7 +401,7 @@ pub(crate) fn parse_run_id(id: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-async fn run_body(state: &AppState, id: Uuid) -> Result<RunBody, ApiError> {
+pub(crate) async fn run_body(state: &AppState, id: Uuid) -> Result<RunBody, ApiError> {
     let detail = state.engine.run(id).await?.ok_or(ApiError::NotFound {
         what: "run",
         id: id.to_string(),
@@ -795,7 +813,7 @@ pub struct BulkFilter {
 #[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkBody {
-    /// `retry` or `cancel` (`pause` and `resume` are refused: not available yet).
+    /// `retry`, `cancel`, `pause` or `resume`.
     pub action: crate::engine::BulkAction,
     /// Which runs (all, when absent: mind the limit).
     #[serde(default)]
@@ -808,12 +826,14 @@ pub struct BulkBody {
     pub limit: Option<i64>,
 }
 
-/// Retries or cancels every run a filter matches (admin token), at most `limit` per call,
-/// oldest first: each run is acted on as by its own route, with one log entry naming the
-/// operator and the call's `bulk_id`. Only runs the action applies to are counted (a retry:
-/// failed runs, and compensated or cancelled ones not yet retried; a cancel: pending or
-/// running ones not yet cancelled), so calling again goes on with the rest. `dry_run`
-/// answers the count and a sample and writes nothing.
+/// Retries, cancels, pauses or resumes every run a filter matches (admin token), at most
+/// `limit` per call, oldest first: each run is acted on as by its own route, with one log
+/// entry naming the operator and the call's `bulk_id`. Only runs the action applies to are
+/// counted (a retry: failed runs, and compensated or cancelled ones not yet retried; a
+/// cancel: pending or running ones not yet cancelled, or paused before compensating; a
+/// pause: pending, running or compensating ones not yet asked to pause; a resume: paused
+/// ones, or asked to pause), so calling again goes on with the rest. `dry_run` answers the
+/// count and a sample and writes nothing.
 #[utoipa::path(post, path = "/v1/runs/bulk", tag = "operators",
     security(("bearer" = [])),
     params(("X-Sagaflow-Operator" = Option<String>, Header, description = "Who is acting (recorded in the log)")),
@@ -823,7 +843,6 @@ pub struct BulkBody {
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The API token cannot do this", body = ErrorBody),
-        (status = 409, description = "`not_available` (pause, resume)", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "A bad filter or limit", body = ErrorBody),
     ))]

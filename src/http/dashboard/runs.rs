@@ -378,6 +378,7 @@ pub fn current_step(run: &RunRow, steps: &[StepBrief]) -> String {
             .map(|s| format!("failed at {}", format::clip(s, 80)))
     };
     let text = match run.status {
+        RunStatus::Pending if run.held => Some("waiting: its workflow is paused".to_string()),
         RunStatus::Pending => Some("waiting for a worker".to_string()),
         RunStatus::Running => find(&[StepStatus::Running])
             .map(|s| format!("{} (attempt {})", s.name, s.attempts))
@@ -397,6 +398,10 @@ pub fn current_step(run: &RunRow, steps: &[StepBrief]) -> String {
             .or_else(failed_step),
         RunStatus::Compensated => failed_step(),
         RunStatus::Cancelled => Some("cancelled by an operator".to_string()),
+        RunStatus::Paused => Some(match run.paused_from {
+            Some(RunStatus::Compensating) => "paused by an operator while undoing".to_string(),
+            _ => "paused by an operator".to_string(),
+        }),
     };
     text.map(|t| format::clip(&t, 120)).unwrap_or_default()
 }
@@ -435,6 +440,9 @@ mod tests {
             wait_step: None,
             wait_attempt: None,
             wait_deadline: None,
+            pause_requested: false,
+            paused_from: None,
+            held: false,
         }
     }
 
