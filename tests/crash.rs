@@ -1387,3 +1387,104 @@ async fn a_completion_from_the_attempt_lost_in_a_takeover_is_stale_and_the_curre
     assert_eq!(output, json!({"captured": "2"}));
     assert_invariants(&db.pool).await;
 }
+
+/// Posts an operator action (admin token) and returns its status.
+async fn operator_post(server: &ServerProcess, path: &str) -> reqwest::StatusCode {
+    client()
+        .post(format!("{}{path}", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .header("x-sagaflow-operator", "ops")
+        .send()
+        .await
+        .expect("operator action")
+        .status()
+}
+
+#[tokio::test]
+async fn a_pause_asked_for_during_a_call_survives_a_sigkill_and_the_run_resumes_once_resumed() {
+    use common::participant::{Answer, Participant};
+    let participant = Participant::start().await;
+    participant.script(
+        "/charge",
+        [Answer::After(
+            Duration::from_secs(30),
+            Box::new(Answer::Json(200, json!({"late": true}))),
+        )],
+    );
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("pause-crash")).await;
+    let run = define_and_trigger(&server, &participant).await;
+    eventually(Duration::from_secs(20), "the charge call to be held open", || async {
+        (!participant.seen_at("/charge").is_empty()).then_some(())
+    })
+    .await;
+    // The pause is asked for while the charge is in flight; the owner dies before recording it.
+    assert_eq!(
+        operator_post(&server, &format!("/v1/runs/{run}/pause")).await,
+        reqwest::StatusCode::ACCEPTED
+    );
+    server.kill9();
+    server.restart(Options::node("pause-crash")).await;
+    // The next owner records the lost attempt and pauses instead of calling again.
+    eventually(
+        Duration::from_secs(30),
+        "the run to pause after the restart",
+        || async { (run_status(&db.pool, &run).await == "paused").then_some(()) },
+    )
+    .await;
+    let (lease, ready): (Option<i32>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT lease_owner, ready_at FROM runs WHERE id = $1::uuid")
+            .bind(&run)
+            .fetch_one(&db.pool)
+            .await
+            .expect("row");
+    assert_eq!(
+        (lease, ready),
+        (None, None),
+        "a paused run holds no lease and is not due"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        participant.seen_at("/charge").len(),
+        1,
+        "nothing is called while paused"
+    );
+    assert_invariants(&db.pool).await;
+
+    assert_eq!(
+        operator_post(&server, &format!("/v1/runs/{run}/resume")).await,
+        reqwest::StatusCode::OK
+    );
+    eventually(Duration::from_secs(30), "the run to complete once resumed", || async {
+        (run_status(&db.pool, &run).await == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(participant.paths(), ["/reserve", "/charge", "/charge", "/ship"]);
+    let kinds: Vec<String> = log_of(&db.pool, uuid::Uuid::parse_str(&run).expect("uuid"))
+        .await
+        .into_iter()
+        .map(|(kind, ..)| kind)
+        .filter(|kind| {
+            [
+                "pause_requested",
+                "run_paused",
+                "run_resumed",
+                "lease_taken_over",
+                "run_claimed",
+            ]
+            .contains(&kind.as_str())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_claimed",
+            "pause_requested",
+            "lease_taken_over",
+            "run_paused",
+            "run_resumed",
+            "run_claimed"
+        ]
+    );
+    assert_invariants(&db.pool).await;
+}

@@ -2209,3 +2209,124 @@ async fn the_operator_actions_page_lists_every_action_with_who_and_the_note() {
     assert!(!text.contains("eve run.cancel"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_operator_pauses_and_resumes_a_run_and_a_workflow_from_the_dashboard() {
+    let server = server::start().await;
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": "http://127.0.0.1:9"}},
+        "steps": [{"name": "await-payment", "wait": {"signal": "paid", "timeout": "1h"}}]
+    });
+    define(&server, "patient", &definition).await;
+    let run = trigger(&server, "patient", &json!({"n": 1})).await;
+    common::eventually(Duration::from_secs(10), "the run to wait", || async {
+        (api_run(&server, &run).await["waiting"]["name"] == "paid").then_some(())
+    })
+    .await;
+    let session = login(&server, "ops").await;
+    let page = session.get(&server, &format!("/runs/{run}")).await;
+    assert!(page.body.contains("id=\"pause-button\""), "{}", page.body);
+    assert!(!page.body.contains("id=\"resume-button\""));
+
+    let forged = session
+        .post(&server, &format!("/runs/{run}/pause"), &[("note", "x")])
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api_run(&server, &run).await["status"],
+        "running",
+        "a forged pause does nothing"
+    );
+    let paused = session
+        .post(
+            &server,
+            &format!("/runs/{run}/pause"),
+            &[("csrf", session.csrf.as_str()), ("note", "payment provider incident")],
+        )
+        .await;
+    assert_eq!(paused.status, StatusCode::SEE_OTHER, "{}", paused.body);
+    let paused = session.get(&server, paused.location()).await;
+    let text = words_of(&paused.body);
+    assert!(text.contains("Pause requested"), "{text}");
+    assert!(text.contains("Paused by an operator while running"), "{text}");
+    assert!(paused.body.contains("id=\"resume-button\""));
+    assert_eq!(api_run(&server, &run).await["status"], "paused");
+    let again = session
+        .post(
+            &server,
+            &format!("/runs/{run}/pause"),
+            &[("csrf", session.csrf.as_str())],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "a paused run is not paused again");
+
+    let resumed = session
+        .post(
+            &server,
+            &format!("/runs/{run}/resume"),
+            &[("csrf", session.csrf.as_str())],
+        )
+        .await;
+    assert_eq!(resumed.status, StatusCode::SEE_OTHER, "{}", resumed.body);
+    let resumed = session.get(&server, resumed.location()).await;
+    assert!(words_of(&resumed.body).contains("Resumed"), "{}", resumed.body);
+    let body = api_run(&server, &run).await;
+    assert_eq!(
+        (body["status"].clone(), body["waiting"]["name"].clone()),
+        (json!("running"), json!("paid"))
+    );
+
+    // The workflow: paused from its page, a new run is held, the runs list says why.
+    let workflows = session.get(&server, "/workflows").await;
+    assert!(
+        workflows.body.contains("id=\"pause-workflow-patient-v1\""),
+        "{}",
+        workflows.body
+    );
+    let forged = session.post(&server, "/workflows/patient/pause", &[]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let done = session
+        .post(
+            &server,
+            "/workflows/patient/pause",
+            &[("csrf", session.csrf.as_str()), ("note", "maintenance")],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.location(), "/workflows?done=paused");
+    let done = session.get(&server, done.location()).await;
+    let text = words_of(&done.body);
+    assert!(text.contains("Workflow paused"), "{text}");
+    assert!(text.contains("Paused by ops"), "{text}");
+    assert!(text.contains("(maintenance)"), "{text}");
+    let held = trigger(&server, "patient", &json!({"n": 2})).await;
+    let list = session.get(&server, "/?workflow=patient").await;
+    assert!(
+        words_of(&list.body).contains("waiting: its workflow is paused"),
+        "{}",
+        list.body
+    );
+    let page = session.get(&server, &format!("/runs/{held}")).await;
+    assert!(words_of(&page.body).contains("Its workflow is paused"), "{}", page.body);
+    let missing = session
+        .post(&server, "/workflows/no-such/pause", &[("csrf", session.csrf.as_str())])
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let done = session
+        .post(&server, "/workflows/patient/resume", &[("csrf", session.csrf.as_str())])
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    let done = session.get(&server, done.location()).await;
+    assert!(words_of(&done.body).contains("Workflow resumed"), "{}", done.body);
+    common::eventually(Duration::from_secs(10), "the held run to start and wait", || async {
+        (api_run(&server, &held).await["waiting"]["name"] == "paid").then_some(())
+    })
+    .await;
+    let actions = session.get(&server, "/actions").await;
+    let text = words_of(&actions.body);
+    for action in ["run.pause", "run.resume", "workflow.pause", "workflow.resume"] {
+        assert!(text.contains(action), "{action} is audited: {text}");
+    }
+    assert!(text.contains("payment provider incident"), "{text}");
+    server.stop().await;
+}

@@ -1664,10 +1664,10 @@ async fn a_bulk_retry_of_500_compensated_runs_after_an_outage_and_a_bulk_cancel_
             Some("action"),
         ),
         (
-            json!({"action": "pause", "filter": filter}),
+            json!({"action": "pause", "filter": filter, "limit": 0}),
             true,
-            StatusCode::CONFLICT,
-            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limit"),
         ),
     ];
     for (body, admin, expected, field) in refusals {
@@ -1754,6 +1754,263 @@ async fn a_bulk_retry_of_500_compensated_runs_after_an_outage_and_a_bulk_cancel_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_no_violations(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn waiting_runs_paused_in_bulk_keep_their_signals_and_a_paused_workflow_holds_its_new_runs() {
+    let server = start().await;
+    let patient = json!({
+        "endpoints": {"shop": {"base_url": "http://127.0.0.1:9"}},
+        "steps": [{"name": "wait", "wait": {"signal": "go", "timeout": "1h"}}]
+    });
+    let (status, body) = put(&server, "patient", &patient).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        let (status, created) = post(&server, "/v1/workflows/patient/runs", None, json!({"n": i})).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        runs.push(created["id"].as_str().expect("id").to_string());
+    }
+    for id in &runs {
+        waiting_for(&server, id, "signal").await;
+    }
+    let admin = |method: Method, path: String, body: Option<Value>| {
+        let mut request = server.admin(method, &path).header("x-sagaflow-operator", "grace");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move { read(request.send().await.expect("request")).await }
+    };
+    let filter = json!({"workflow": "patient"});
+    let before = server.row_counts().await;
+    let (status, dry) = admin(
+        Method::POST,
+        "/v1/runs/bulk".into(),
+        Some(json!({"action": "pause", "filter": filter, "dry_run": true})),
+    )
+    .await;
+    assert_eq!((status, dry["matched"].clone()), (StatusCode::OK, json!(3)), "{dry}");
+    assert_eq!(server.row_counts().await, before, "a dry run writes nothing");
+    let (status, paused) = admin(
+        Method::POST,
+        "/v1/runs/bulk".into(),
+        Some(json!({"action": "pause", "filter": filter})),
+    )
+    .await;
+    assert_eq!(
+        (status, paused["acted"].clone()),
+        (StatusCode::OK, json!(3)),
+        "{paused}"
+    );
+    let bulk_id = paused["bulk_id"].as_str().expect("bulk id").to_string();
+    for id in &runs {
+        let (_, body) = read(
+            server
+                .api(Method::GET, &format!("/v1/runs/{id}"))
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert_eq!(
+            (
+                body["status"].clone(),
+                body["paused_from"].clone(),
+                body["waiting"]["name"].clone()
+            ),
+            (json!("paused"), json!("running"), json!("go")),
+            "a paused waiting run keeps its wait: {body}"
+        );
+    }
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE kind = 'run_paused' AND detail->>'bulk_id' = $1 AND detail->>'by' = 'grace'",
+    )
+    .bind(&bulk_id)
+    .fetch_one(server.pool())
+    .await
+    .expect("count");
+    assert_eq!(logged, 3, "one log entry per run, with the operator and the bulk id");
+
+    // A signal sent while paused is kept; the run does not move until it is resumed.
+    let (status, _) = post(
+        &server,
+        &format!("/v1/runs/{}/signals/go", runs[0]),
+        None,
+        json!({"ok": true}),
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/runs/{}", runs[0]))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(body["status"], "paused", "{body}");
+
+    // Refusals: the API token, a bad body, a bad note, the wrong status, no such run.
+    let before = server.row_counts().await;
+    let resume_first = format!("/v1/runs/{}/resume", runs[0]);
+    let (status, _) = read(server.api(Method::POST, &resume_first).send().await.expect("post")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = read(
+        server
+            .admin(Method::POST, &resume_first)
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, answer) = admin(
+        Method::POST,
+        resume_first.clone(),
+        Some(json!({"note": "x".repeat(3000)})),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("note"))
+    );
+    let (status, answer) = admin(Method::POST, format!("/v1/runs/{}/pause", runs[0]), None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_allowed"))
+    );
+    let (status, _) = admin(Method::POST, format!("/v1/runs/{}/pause", uuid::Uuid::now_v7()), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(server.row_counts().await, before, "a refusal writes nothing");
+
+    // One resumed by hand, with a note; the others in bulk.
+    let (status, body) = admin(Method::POST, resume_first, Some(json!({"note": "partner is back"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, resumed) = admin(
+        Method::POST,
+        "/v1/runs/bulk".into(),
+        Some(json!({"action": "resume", "filter": filter})),
+    )
+    .await;
+    assert_eq!(
+        (status, resumed["acted"].clone()),
+        (StatusCode::OK, json!(2)),
+        "{resumed}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = read(
+            server
+                .api(Method::GET, &format!("/v1/runs/{}", runs[0]))
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        if body["status"] == "completed" {
+            assert!(!body["output"].is_null(), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the signalled run did not complete: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &runs[1..] {
+        let body = waiting_for(&server, id, "signal").await;
+        assert_eq!(body["status"], "running", "resumed to its wait: {body}");
+    }
+    let noted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE run_id = $1::uuid AND kind = 'run_resumed' AND detail->>'note' = 'partner is back'",
+    )
+    .bind(&runs[0])
+    .fetch_one(server.pool())
+    .await
+    .expect("count");
+    assert_eq!(noted, 1);
+
+    // The workflow paused: a new run is accepted and held; the list says so.
+    let (status, body) = admin(
+        Method::POST,
+        "/v1/workflows/patient/pause".into(),
+        Some(json!({"note": "partner maintenance"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["paused"].clone(), body["runs"].clone()),
+        (StatusCode::OK, json!(true), json!(0)),
+        "{body}"
+    );
+    let (status, answer) = admin(Method::POST, "/v1/workflows/patient/pause".into(), None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("already_paused"))
+    );
+    let (status, _) = admin(Method::POST, "/v1/workflows/no-such/pause".into(), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = read(
+        server
+            .api(Method::POST, "/v1/workflows/patient/pause")
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, held) = post(&server, "/v1/workflows/patient/runs", None, json!({"n": 9})).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    assert_eq!(
+        (held["status"].clone(), held["held"].clone()),
+        (json!("pending"), json!("workflow_paused")),
+        "{held}"
+    );
+    let (_, workflows) = read(server.api(Method::GET, "/v1/workflows").send().await.expect("list")).await;
+    let listed = workflows["workflows"]
+        .as_array()
+        .and_then(|all| all.iter().find(|w| w["name"] == "patient"))
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        (
+            listed["paused"]["paused_by"].clone(),
+            listed["paused"]["held_runs"].clone(),
+            listed["paused"]["note"].clone()
+        ),
+        (json!("grace"), json!(1), json!("partner maintenance")),
+        "{listed}"
+    );
+    let (status, body) = admin(Method::POST, "/v1/workflows/patient/resume".into(), None).await;
+    assert_eq!((status, body["runs"].clone()), (StatusCode::OK, json!(1)), "{body}");
+    let (status, answer) = admin(Method::POST, "/v1/workflows/patient/resume".into(), None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_paused"))
+    );
+    waiting_for(&server, held["id"].as_str().expect("id"), "signal").await;
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM operator_actions WHERE operator = 'grace' AND action <> 'run.pause' ORDER BY id",
+    )
+    .fetch_all(server.pool())
+    .await
+    .expect("audit");
+    assert_eq!(
+        actions,
+        [
+            "runs.bulk",
+            "run.resume",
+            "run.resume",
+            "run.resume",
+            "runs.bulk",
+            "workflow.pause",
+            "workflow.resume"
+        ]
+    );
     assert_no_violations(&server).await;
     server.stop().await;
 }

@@ -1758,12 +1758,16 @@ pub struct WaitingRun {
     pub step: String,
     /// When the wait ends with nothing received.
     pub wait_deadline: DateTime<Utc>,
+    /// An operator paused it: its wait is looked at when it is resumed, so it is never
+    /// overdue.
+    pub paused: bool,
 }
 
 /// Waiting runs, soonest deadline first (overdue ones first of all), at most `limit`.
 pub async fn waiting_runs(pool: &PgPool, limit: i64) -> Result<Vec<WaitingRun>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.id, r.workflow, r.subject, r.wait_kind, r.wait_name, s.name AS step, r.wait_deadline
+        "SELECT r.id, r.workflow, r.subject, r.wait_kind, r.wait_name, s.name AS step, r.wait_deadline,
+                r.status = 'paused' AS paused
          FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.idx = r.wait_step
          WHERE r.wait_kind IS NOT NULL
          ORDER BY r.wait_deadline, r.id LIMIT $1",
@@ -1776,10 +1780,14 @@ pub async fn waiting_runs(pool: &PgPool, limit: i64) -> Result<Vec<WaitingRun>, 
 /// How many runs wait, and how many of them are past their deadline at `now` (not yet
 /// picked up: a worker should end those waits at once).
 pub async fn count_waiting(pool: &PgPool, now: DateTime<Utc>) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE wait_deadline < $1) FROM runs WHERE wait_kind IS NOT NULL")
-        .bind(now)
-        .fetch_one(pool)
-        .await
+    // A paused run's wait is not overdue: nothing is meant to end it until it is resumed.
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE wait_deadline < $1 AND status <> 'paused')
+         FROM runs WHERE wait_kind IS NOT NULL",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await
 }
 
 // ---------------------------------------------------------------------------------------

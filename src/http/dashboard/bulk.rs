@@ -24,7 +24,7 @@ use crate::http::runs::{BulkFilter, bulk_filter};
 pub struct BulkForm {
     /// The session's CSRF token.
     pub csrf: Option<String>,
-    /// `retry` or `cancel`.
+    /// `retry`, `cancel`, `pause` or `resume`.
     #[serde(default)]
     pub action: String,
     /// The list's filter.
@@ -52,8 +52,12 @@ pub struct BulkPage {
     pub operator: String,
     /// For the forms.
     pub csrf: String,
-    /// `retry` or `cancel`.
+    /// `retry`, `cancel`, `pause` or `resume`.
     pub action: &'static str,
+    /// Which runs the action applies to, in words.
+    pub applies_to: &'static str,
+    /// What was done to each, in words.
+    pub did: &'static str,
     /// The filter, in words.
     pub filter_text: String,
     /// The filter's fields, carried to the confirmation.
@@ -74,7 +78,9 @@ fn parsed(form: &BulkForm) -> Result<(BulkAction, crate::engine::RunFilter), Api
     let action = match form.action.as_str() {
         "retry" => BulkAction::Retry,
         "cancel" => BulkAction::Cancel,
-        _ => return Err(ApiError::invalid("action", "choose retry or cancel")),
+        "pause" => BulkAction::Pause,
+        "resume" => BulkAction::Resume,
+        _ => return Err(ApiError::invalid("action", "choose retry, cancel, pause or resume")),
     };
     let time = |field: &str, text: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
         if text.trim().is_empty() {
@@ -121,7 +127,25 @@ fn page(operator: &Operator, form: &BulkForm, action: BulkAction, outcome: &Bulk
         csrf: operator.csrf(),
         action: match action {
             BulkAction::Retry => "retry",
-            _ => "cancel",
+            BulkAction::Cancel => "cancel",
+            BulkAction::Pause => "pause",
+            BulkAction::Resume => "resume",
+        },
+        applies_to: match action {
+            BulkAction::Retry => {
+                "retried (failed runs resume; compensated and cancelled ones not retried yet start again)"
+            }
+            BulkAction::Cancel => "cancelled (pending or running, not already cancelled)",
+            BulkAction::Pause => {
+                "paused (pending, running or compensating, not already asked to pause): each after its attempt in flight"
+            }
+            BulkAction::Resume => "resumed (paused, or asked to pause)",
+        },
+        did: match action {
+            BulkAction::Retry => "retried",
+            BulkAction::Cancel => "asked to cancel",
+            BulkAction::Pause => "paused or asked to pause",
+            BulkAction::Resume => "resumed",
         },
         filter_text,
         fields,
@@ -175,7 +199,7 @@ async fn run(
 ) -> Result<Html<String>, PageError> {
     let form = form.ok().map(|Form(f)| f);
     operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
-    let form = form.ok_or_else(|| ApiError::invalid("action", "choose retry or cancel"))?;
+    let form = form.ok_or_else(|| ApiError::invalid("action", "choose retry, cancel, pause or resume"))?;
     let (action, filter) = parsed(&form)?;
     let by = &operator.session.operator;
     let outcome = dashboard

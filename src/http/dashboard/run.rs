@@ -98,6 +98,10 @@ pub struct RunPage {
     pub retry: Option<RetryOffer>,
     /// Whether Cancel is offered.
     pub can_cancel: bool,
+    /// Whether Pause is offered (pending, running or compensating, not yet asked to pause).
+    pub can_pause: bool,
+    /// Whether Resume is offered (paused, or asked to pause).
+    pub can_resume: bool,
     /// The input.
     pub input: JsonText,
     /// The output, once completed.
@@ -164,6 +168,10 @@ pub struct Summary {
     pub in_flight: bool,
     /// An operator asked to cancel it.
     pub cancel_requested: bool,
+    /// An operator asked to pause it (it pauses after the attempt in flight).
+    pub pause_requested: bool,
+    /// Why it does not move, while paused or held by its paused workflow.
+    pub paused: Option<String>,
     /// The customer's email (the subject).
     pub subject: String,
     /// The idempotency key.
@@ -282,6 +290,8 @@ pub async fn page(
         Some("retried") => Some("Retry started: this is the new run, with the same input as the run it retries."),
         Some("resumed") => Some("Retry accepted: the compensation that gave up is being attempted again."),
         Some("cancel") => Some("Cancel requested: the run stops after the attempt in flight and compensates."),
+        Some("paused") => Some("Pause requested: the run pauses after the attempt in flight, holding no lease."),
+        Some("unpaused") => Some("Resumed: the run goes on from where it was paused."),
         Some("resolved") => {
             Some("Resolved by hand: the step is marked compensated with your note, and the unwind goes on.")
         }
@@ -397,6 +407,18 @@ pub fn build(
         status: run.status.as_str(),
         in_flight: !over,
         cancel_requested: run.cancel_requested,
+        pause_requested: run.pause_requested,
+        paused: match (run.status, run.paused_from, run.held) {
+            (RunStatus::Paused, Some(from), _) => Some(format!(
+                "Paused by an operator while {}. It holds no lease and nothing runs until it is resumed; \
+                 a wait keeps its deadline, and what arrives meanwhile is kept.",
+                from.as_str()
+            )),
+            (_, _, true) => {
+                Some("Its workflow is paused: the run is accepted and starts when the workflow is resumed.".to_string())
+            }
+            _ => None,
+        },
         subject: format::clip(run.subject.as_deref().unwrap_or_default(), 300),
         idempotency_key: run.idempotency_key.clone().unwrap_or_default(),
         trigger: format!("{:?}", run.trigger).to_lowercase(),
@@ -470,7 +492,11 @@ pub fn build(
         input_edit,
         operator: viewer.session.operator.clone(),
         csrf: viewer.csrf.clone(),
-        can_cancel: run.status.can_cancel() && !run.cancel_requested,
+        can_cancel: run.status.can_cancel()
+            && !run.cancel_requested
+            && !(run.status == RunStatus::Paused && run.paused_from == Some(RunStatus::Compensating)),
+        can_pause: run.status.can_pause() && !run.pause_requested,
+        can_resume: run.status == RunStatus::Paused || run.pause_requested,
         retry,
         notice,
         input: format::json(&run.input, budget.json),
@@ -540,7 +566,13 @@ fn log_lines(events: &[EventRow], start: DateTime<Utc>, budget: Budget) -> (Vec<
         let tone = match e.kind.as_str() {
             k if k.ends_with("failed") || k == "lease_taken_over" => "bad",
             k if k.contains("compensat") || k == "run_cancelled" => "undo",
-            "operator_retry" | "cancel_requested" => "operator",
+            "operator_retry"
+            | "cancel_requested"
+            | "pause_requested"
+            | "run_paused"
+            | "run_resumed"
+            | "step_resolved_by_hand"
+            | "operator_restart" => "operator",
             "run_completed" | "step_succeeded" => "good",
             _ => "",
         };
@@ -693,6 +725,62 @@ pub async fn cancel(
     dashboard.app.engine.cancel(id, &operator.session.operator).await?;
     tracing::info!(run_id = %id, operator = %operator.session.operator, "dashboard: cancel requested");
     Ok(Redirect::to(&format!("/runs/{id}?done=cancel")))
+}
+
+/// The fields of the Pause and Resume forms.
+#[derive(Debug, Deserialize)]
+pub struct NoteForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+    /// Why (optional, kept in the log).
+    pub note: Option<String>,
+}
+
+/// `POST /runs/{id}/pause`: pauses the run after the attempt in flight.
+pub async fn pause(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    pause_or_resume(operator, dashboard, path, form, true).await
+}
+
+/// `POST /runs/{id}/resume`: resumes a paused run (or withdraws a pause not yet taken).
+pub async fn resume(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    pause_or_resume(operator, dashboard, path, form, false).await
+}
+
+async fn pause_or_resume(
+    operator: Operator,
+    dashboard: Arc<Dashboard>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+    pause: bool,
+) -> Result<Redirect, PageError> {
+    let form = form.ok().map(|Form(f)| f);
+    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let PathText(id) = path?;
+    let id = parse_id(&id)?;
+    let note = form.and_then(|f| f.note).filter(|n| !n.trim().is_empty());
+    let actor = crate::engine::machine::Actor {
+        note: note.as_deref(),
+        ..crate::engine::machine::Actor::from(operator.session.operator.as_str())
+    };
+    let engine = &dashboard.app.engine;
+    if pause {
+        engine.pause_as(id, actor).await?;
+    } else {
+        engine.resume_as(id, actor).await?;
+    }
+    tracing::info!(run_id = %id, pause, operator = %operator.session.operator, "dashboard: pause or resume");
+    let done = if pause { "paused" } else { "unpaused" };
+    Ok(Redirect::to(&format!("/runs/{id}?done={done}")))
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ pub async fn page(viewer: Viewer, State(dashboard): State<Arc<Dashboard>>) -> Re
 
 /// A waiting run as the page shows it at `now` (pure).
 pub fn line(run: &WaitingRun, now: DateTime<Utc>) -> WaitingLine {
-    let overdue = run.wait_deadline < now;
+    let overdue = run.wait_deadline < now && !run.paused;
     WaitingLine {
         id: run.id.to_string(),
         short_id: format::short_id(run.id),
@@ -98,7 +98,9 @@ pub fn line(run: &WaitingRun, now: DateTime<Utc>) -> WaitingLine {
         },
         deadline: format::time(run.wait_deadline),
         deadline_machine: format::machine_time(run.wait_deadline),
-        left: if overdue {
+        left: if run.paused {
+            "paused by an operator".to_string()
+        } else if overdue {
             format!("overdue by {}", format::between(run.wait_deadline, now))
         } else {
             format!("in {}", format::between(now, run.wait_deadline))
@@ -112,7 +114,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_wait_past_its_deadline_is_flagged_overdue() {
+    fn a_wait_past_its_deadline_is_flagged_overdue_unless_it_is_paused() {
         let now = Utc::now();
         let run = |deadline| WaitingRun {
             id: uuid::Uuid::now_v7(),
@@ -122,6 +124,7 @@ mod tests {
             wait_name: "payment.succeeded".into(),
             step: "await-payment".into(),
             wait_deadline: deadline,
+            paused: false,
         };
         let soon = line(&run(now + chrono::Duration::seconds(90)), now);
         assert!(!soon.overdue);
@@ -132,5 +135,14 @@ mod tests {
         let late = line(&run(now - chrono::Duration::seconds(3)), now);
         assert!(late.overdue);
         assert_eq!(late.left, "overdue by 3 s");
+        let paused = line(
+            &WaitingRun {
+                paused: true,
+                ..run(now - chrono::Duration::seconds(3))
+            },
+            now,
+        );
+        assert!(!paused.overdue);
+        assert_eq!(paused.left, "paused by an operator");
     }
 }

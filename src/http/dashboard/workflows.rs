@@ -1,24 +1,32 @@
 //! The workflows page (`/workflows`): every workflow this instance runs, built-in and
-//! defined, each version with its count of unfinished runs, and each step with what it calls,
-//! its retry policies and its timeout.
+//! defined, each version with its count of unfinished runs, whether the workflow is paused
+//! (with Pause and Resume), and each step with what it calls, its retry policies and its
+//! timeout.
 //!
-//! Cost: the plans are in memory; the counts are one grouped statement over unfinished runs.
+//! Cost: the plans are in memory; the counts are one grouped statement over unfinished runs,
+//! and the paused workflows one over their (few) rows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
+use axum::Form;
 use axum::extract::State;
-use axum::response::Html;
+use axum::extract::rejection::FormRejection;
+use axum::response::{Html, Redirect};
 
 use super::Dashboard;
 use super::error::PageError;
 use super::format;
-use super::session::Viewer;
+use super::run::NoteForm;
+use super::session::{Operator, Viewer};
+use crate::engine::PausedWorkflow;
+use crate::engine::machine::Actor;
 use crate::engine::read::RunReads;
 use crate::engine::{RetryPolicy, Source, Workflow};
 use crate::http::error::ApiError;
+use crate::http::extract::{Params, PathText};
 
 /// The workflows page.
 #[derive(Template)]
@@ -28,6 +36,8 @@ pub struct WorkflowsPage {
     pub operator: String,
     /// For the forms.
     pub csrf: String,
+    /// What an action just did.
+    pub notice: Option<&'static str>,
     /// By name, newest version first within a name.
     pub workflows: Vec<WorkflowLine>,
 }
@@ -44,6 +54,8 @@ pub struct WorkflowLine {
     pub description: String,
     /// Its runs that are not finished.
     pub unfinished: i64,
+    /// While the workflow is paused: by whom, since when, why, and how many runs it holds.
+    pub paused: Option<String>,
     /// Its plan.
     pub steps: Vec<StepLine>,
 }
@@ -65,8 +77,18 @@ pub struct StepLine {
 }
 
 /// The page.
-pub async fn page(viewer: Viewer, State(dashboard): State<Arc<Dashboard>>) -> Result<Html<String>, PageError> {
+pub async fn page(
+    viewer: Viewer,
+    State(dashboard): State<Arc<Dashboard>>,
+    params: Params,
+) -> Result<Html<String>, PageError> {
     let engine = &dashboard.app.engine;
+    let notice = match params.text("done", 20)?.as_deref() {
+        Some("paused") => Some("Workflow paused: its new runs are accepted and held until you resume it."),
+        Some("resumed") => Some("Workflow resumed: the runs it held are starting."),
+        _ => None,
+    };
+    let paused = engine.paused_workflows().await?;
     let counts: HashMap<(String, i32), i64> = RunReads::of(engine)
         .unfinished_by_version()
         .await?
@@ -78,12 +100,14 @@ pub async fn page(viewer: Viewer, State(dashboard): State<Arc<Dashboard>>) -> Re
     let page = WorkflowsPage {
         operator: viewer.session.operator.clone(),
         csrf: viewer.csrf.clone(),
+        notice,
         workflows: workflows
             .iter()
             .map(|w| {
                 line(
                     w,
                     counts.get(&(w.name().to_string(), w.version())).copied().unwrap_or(0),
+                    paused.iter().find(|p| p.workflow == w.name()),
                 )
             })
             .collect(),
@@ -95,8 +119,21 @@ pub async fn page(viewer: Viewer, State(dashboard): State<Arc<Dashboard>>) -> Re
 }
 
 /// A version as the page shows it (pure).
-pub fn line(workflow: &Workflow, unfinished: i64) -> WorkflowLine {
+pub fn line(workflow: &Workflow, unfinished: i64, paused: Option<&PausedWorkflow>) -> WorkflowLine {
     WorkflowLine {
+        paused: paused.map(|p| {
+            let mut text = format!(
+                "Paused by {} since {}; {} run{} held",
+                format::clip(&p.paused_by, 120),
+                format::time(p.paused_at),
+                p.held_runs,
+                if p.held_runs == 1 { "" } else { "s" }
+            );
+            if let Some(note) = &p.note {
+                text.push_str(&format!(" ({})", format::clip(note, 300)));
+            }
+            text
+        }),
         name: workflow.name().to_string(),
         version: workflow.version(),
         source: match workflow.source() {
@@ -144,4 +181,50 @@ fn policy(p: &RetryPolicy) -> String {
 
 fn duration(d: Duration) -> String {
     format::duration_ms(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `POST /workflows/{name}/pause`: new runs of the workflow are accepted and held.
+pub async fn pause(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    pause_or_resume(operator, dashboard, path, form, true).await
+}
+
+/// `POST /workflows/{name}/resume`: the runs the workflow held start.
+pub async fn resume(
+    operator: Operator,
+    State(dashboard): State<Arc<Dashboard>>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+) -> Result<Redirect, PageError> {
+    pause_or_resume(operator, dashboard, path, form, false).await
+}
+
+async fn pause_or_resume(
+    operator: Operator,
+    dashboard: Arc<Dashboard>,
+    path: Result<PathText, ApiError>,
+    form: Result<Form<NoteForm>, FormRejection>,
+    pause: bool,
+) -> Result<Redirect, PageError> {
+    let form = form.ok().map(|Form(f)| f);
+    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let PathText(name) = path?;
+    let note = form.and_then(|f| f.note).filter(|n| !n.trim().is_empty());
+    let actor = Actor {
+        note: note.as_deref(),
+        ..Actor::from(operator.session.operator.as_str())
+    };
+    let engine = &dashboard.app.engine;
+    if pause {
+        engine.pause_workflow(&name, actor).await?;
+    } else {
+        engine.resume_workflow(&name, actor).await?;
+    }
+    tracing::info!(workflow = %name, pause, operator = %operator.session.operator, "dashboard: workflow pause or resume");
+    let done = if pause { "paused" } else { "resumed" };
+    Ok(Redirect::to(&format!("/workflows?done={done}")))
 }
