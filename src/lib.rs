@@ -35,5 +35,7 @@ pub mod engine;
 pub mod http;
 pub mod pg;
 pub mod server;
+pub mod signing;
 pub mod telemetry;
+pub mod webhooks;
 pub mod workflows;

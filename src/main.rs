@@ -138,9 +138,17 @@ struct ServeArgs {
     /// A JSON file of workflow definitions by name (`{"order": {...}}`) upserted at every start.
     #[arg(long, env = "SAGAFLOW_WORKFLOWS")]
     workflows: Option<PathBuf>,
-    /// Let defined workflows call plain `http` endpoints beyond loopback.
+    /// Let defined workflows call, and webhooks deliver to, plain `http` beyond loopback.
     #[arg(long, env = "SAGAFLOW_ALLOW_HTTP_ENDPOINTS")]
     allow_http_endpoints: bool,
+    /// How long a webhook delivery is retried (5 s, then ×3 up to an hour apart) before it
+    /// is marked failed.
+    #[arg(long, env = "SAGAFLOW_WEBHOOK_RETRY_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
+    webhook_retry_window: Duration,
+    /// One webhook delivery attempt's time limit (an attempt a dead instance left is made
+    /// again twice that long after it began).
+    #[arg(long, env = "SAGAFLOW_WEBHOOK_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    webhook_attempt_timeout: Duration,
     /// How long finished runs are kept before the daily retention sweep deletes them.
     #[arg(long, env = "SAGAFLOW_RETENTION", default_value = "30d", value_parser = parse_retention)]
     retention: Duration,
@@ -285,6 +293,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             file: args.workflows,
             allow_http: args.allow_http_endpoints,
             vars: None,
+        },
+        webhooks: server::WebhookSettings {
+            retry_window: args.webhook_retry_window,
+            attempt_timeout: args.webhook_attempt_timeout,
+            ..server::WebhookSettings::default()
         },
         auth_throttle: ThrottleConfig {
             max_failures: args.auth_max_failures.max(1),

@@ -22,6 +22,7 @@ use crate::http::throttle::{AuthThrottle, ThrottleConfig};
 use crate::http::{self, AppState};
 use crate::pg::embedded::{ClusterOptions, EmbeddedError, EmbeddedPostgres};
 use crate::pg::{self, PoolConfig};
+use crate::webhooks::{WebhookConfig, Webhooks};
 use crate::workflows::{self, Builtins, retention};
 
 /// Everything `serve` needs to know.
@@ -56,6 +57,55 @@ pub struct ServerConfig {
     pub application: Application,
     /// Workflows defined as data: the file declaring some, what their endpoints may be.
     pub defined: DefinedSettings,
+    /// Outbound webhooks: how long and how often deliveries are retried (their URLs follow
+    /// `defined.allow_http`, their secrets are read where `defined.vars` says).
+    pub webhooks: WebhookSettings,
+}
+
+/// How outbound webhooks are delivered (DESIGN.md §10).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// How long a delivery is retried before it is marked failed (`--webhook-retry-window`).
+    pub retry_window: Duration,
+    /// The first retry's delay; each next one is three times longer, at most an hour.
+    pub first_retry: Duration,
+    /// One attempt's time limit.
+    pub attempt_timeout: Duration,
+    /// How often an idle delivery worker looks for due deliveries.
+    pub poll: Duration,
+    /// How long past its deadline a wait nobody ended is reported `run.wait_overdue`.
+    pub overdue_grace: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        let config = WebhookConfig::default();
+        Self {
+            retry_window: config.retry_window,
+            first_retry: config.backoff.initial_delay,
+            attempt_timeout: config.attempt_timeout,
+            poll: config.poll,
+            overdue_grace: config.overdue_grace,
+        }
+    }
+}
+
+impl WebhookSettings {
+    fn config(&self, defined: &DefinedSettings) -> WebhookConfig {
+        let mut config = WebhookConfig {
+            retry_window: self.retry_window,
+            attempt_timeout: self.attempt_timeout,
+            poll: self.poll,
+            overdue_grace: self.overdue_grace,
+            allow_http: defined.allow_http,
+            ..WebhookConfig::default()
+        };
+        config.backoff.initial_delay = self.first_retry;
+        if let Some(vars) = &defined.vars {
+            config.vars = Arc::clone(vars);
+        }
+        config
+    }
 }
 
 /// Settings of workflows defined as data (docs/contract.md §8).
@@ -130,6 +180,7 @@ impl ServerConfig {
             auth_throttle: ThrottleConfig::default(),
             application: Application::default(),
             defined: DefinedSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -357,6 +408,8 @@ pub struct RunningServer {
     stop_http: CancellationToken,
     follow: tokio::task::JoinHandle<()>,
     stop_follow: CancellationToken,
+    deliveries: Option<tokio::task::JoinHandle<()>>,
+    stop_deliveries: CancellationToken,
 }
 
 /// Builds the engine with every built-in workflow, on `pools` (the API's and the worker's).
@@ -482,12 +535,23 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let stop_follow = CancellationToken::new();
     let follow = tokio::spawn(definitions.clone().follow(stop_follow.clone()));
     declare_schedules(&engine, &config.schedules).await?;
-    let (worker, scheduler) = if config.run_worker {
+    let webhooks = Webhooks::new(database.pool.clone(), config.webhooks.config(&config.defined))
+        .await
+        .map_err(|e| ServeError::Config {
+            setting: "webhooks".into(),
+            message: e.to_string(),
+        })?;
+    let stop_deliveries = CancellationToken::new();
+    let (worker, scheduler, deliveries) = if config.run_worker {
         let worker = engine.start_worker().await?;
         let scheduler = engine.start_scheduler(config.schedules.scheduler).await?;
-        (Some(worker), Some(scheduler))
+        (
+            Some(worker),
+            Some(scheduler),
+            Some(webhooks.start(stop_deliveries.clone())),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     let listener = TcpListener::bind(config.listen)
@@ -504,6 +568,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let state = AppState {
         engine: engine.clone(),
         definitions,
+        webhooks,
         pool: database.pool.clone(),
         tokens,
         throttle: AuthThrottle::new(config.auth_throttle),
@@ -523,6 +588,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         stop_http,
         follow,
         stop_follow,
+        deliveries,
+        stop_deliveries,
     })
 }
 
@@ -561,6 +628,10 @@ impl RunningServer {
         }
         self.stop_follow.cancel();
         let _ = self.follow.await;
+        self.stop_deliveries.cancel();
+        if let Some(deliveries) = self.deliveries {
+            let _ = deliveries.await;
+        }
         if let Some(scheduler) = self.scheduler {
             scheduler.shutdown().await;
         }

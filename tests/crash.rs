@@ -1268,7 +1268,12 @@ async fn sigkill_while_runs_wait_loses_no_wait_and_every_signal_is_consumed_once
         vec![(1, 1, 1); 6],
         "each wait consumed one signal, once, in its first attempt (a wait is not lost with its worker)"
     );
-    assert_eq!(participant.seen_at("/ship").len(), 6);
+    // A ship call in flight at the kill is made again with the same key (at least once):
+    // each run shipped under one key.
+    let ships = participant.seen_at("/ship");
+    let keys: std::collections::BTreeSet<String> = ships.iter().map(|r| r.header("idempotency-key")).collect();
+    assert_eq!(keys.len(), 6, "one ship per run: {keys:?}");
+    assert!(ships.len() <= 7, "only the call in flight at the kill is repeated");
     assert_invariants(&db.pool).await;
 }
 
@@ -1486,5 +1491,95 @@ async fn a_pause_asked_for_during_a_call_survives_a_sigkill_and_the_run_resumes_
             "run_claimed"
         ]
     );
+    assert_invariants(&db.pool).await;
+}
+
+#[tokio::test]
+async fn a_sigkill_between_outcomes_and_their_deliveries_delivers_exactly_the_committed_outcomes_after_restart() {
+    use common::participant::{Answer, Participant};
+    const SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let receiver = Participant::start().await;
+    // The first attempt is held open past the kill: the delivery is in flight when it lands.
+    receiver.script(
+        "/hook",
+        [Answer::After(
+            Duration::from_secs(30),
+            Box::new(Answer::Json(200, json!({}))),
+        )],
+    );
+    let participant = Participant::start().await;
+    let db = test_db().await;
+    let options = || Options {
+        env: vec![
+            ("SAGAFLOW_TEST_HOOK_SECRET".into(), SECRET.into()),
+            ("SAGAFLOW_WEBHOOK_ATTEMPT_TIMEOUT".into(), "1s".into()),
+        ],
+        ..Options::node("hooks")
+    };
+    let mut server = ServerProcess::start(&db.url, options()).await;
+    define(&server, &participant).await;
+    let subscribed = client()
+        .post(format!("{}/v1/webhooks", server.url()))
+        .bearer_auth(common::server::ADMIN_TOKEN)
+        .json(&json!({"name": "ops", "url": format!("{}/hook", receiver.base_url()),
+                       "events": ["run.completed"], "secret_env": "SAGAFLOW_TEST_HOOK_SECRET"}))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(subscribed.status(), reqwest::StatusCode::CREATED);
+    let mut runs = Vec::new();
+    for n in 0..5 {
+        runs.push(trigger_defined(&server, "http-saga", &json!({"order": n})).await);
+    }
+    all_terminal(&db.pool, Duration::from_secs(30)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the first delivery to be in flight",
+        || async { (!receiver.seen_at("/hook").is_empty()).then_some(()) },
+    )
+    .await;
+    server.kill9();
+    let committed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM runs WHERE status = 'completed' ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("runs");
+    assert_eq!(committed.len(), 5);
+    server.restart(options()).await;
+    eventually(Duration::from_secs(30), "every delivery to be accepted", || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status <> 'delivered'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        (pending == 0).then_some(())
+    })
+    .await;
+    let seen = receiver.seen_at("/hook");
+    let mut delivered: Vec<uuid::Uuid> = seen
+        .iter()
+        .filter_map(|r| {
+            r.body["data"]["run"]["id"]
+                .as_str()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        })
+        .collect();
+    let ids: std::collections::BTreeSet<String> = seen.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 5, "one webhook-id per committed outcome: {ids:?}");
+    // At least once: what was in flight (or answered but not yet recorded) at the kill is
+    // sent again, always under the id of its outcome.
+    let mut run_of_id = std::collections::HashMap::new();
+    for request in &seen {
+        let run = request.body["data"]["run"]["id"].clone();
+        assert_eq!(
+            run_of_id
+                .entry(request.header("webhook-id"))
+                .or_insert_with(|| run.clone()),
+            &run,
+            "one id, one outcome"
+        );
+    }
+    assert!(seen.len() > 5, "the attempt held open at the kill was made again");
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered, committed, "exactly the committed outcomes");
     assert_invariants(&db.pool).await;
 }

@@ -2330,3 +2330,100 @@ async fn an_operator_pauses_and_resumes_a_run_and_a_workflow_from_the_dashboard(
     assert!(text.contains("payment provider incident"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_webhooks_page_shows_subscriptions_and_deliveries_and_redelivers_a_failed_one() {
+    const SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let receiver = common::participant::Participant::start().await;
+    // Down for longer than the window: the delivery fails; then the receiver is back.
+    receiver.script(
+        "/hook",
+        (0..3).map(|_| common::participant::Answer::Json(503, json!({"down": true}))),
+    );
+    let server = server::start_with(|c| {
+        c.defined.vars = Some(std::sync::Arc::new(|name: &str| {
+            (name == "HOOK_SECRET").then(|| SECRET.to_string())
+        }));
+        // Two attempts (at once, then 400 ms later) fit in the window; the third would not.
+        c.webhooks.retry_window = Duration::from_millis(700);
+        c.webhooks.first_retry = Duration::from_millis(400);
+    })
+    .await;
+    let (status, body) = read(
+        server
+            .admin(Method::POST, "/v1/webhooks")
+            .json(&json!({"name": "crm", "url": format!("{}/hook", receiver.base_url()),
+                           "events": ["run.completed"], "secret_env": "HOOK_SECRET"}))
+            .send()
+            .await
+            .expect("subscribe"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let identity = server.identity("hook@example.com").await;
+    let run = server.register(&identity, "hook@example.com").await;
+    let session = login(&server, "ops").await;
+    let page = common::eventually(Duration::from_secs(20), "the delivery to fail", || async {
+        let page = session.get(&server, "/webhooks").await;
+        words_of(&page.body).contains("1 failed").then_some(page)
+    })
+    .await;
+    let text = words_of(&page.body);
+    assert!(text.contains("crm") && text.contains("run.completed"), "{text}");
+    assert!(
+        page.body.contains(&format!("/runs/{}", id_of(&run))),
+        "the delivery links its run"
+    );
+    assert!(text.contains("the receiver answered 503"), "{text}");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM webhook_deliveries")
+        .fetch_one(server.pool())
+        .await
+        .expect("delivery");
+    let path = format!("/webhooks/crm/deliveries/{id}/redeliver");
+    let forged = session.post(&server, &path, &[]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let refused = receiver.seen_at("/hook").len();
+    assert!((2..=3).contains(&refused), "{refused} attempts");
+    let done = session.post(&server, &path, &[("csrf", session.csrf.as_str())]).await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.location(), "/webhooks?done=redelivered");
+    // Redelivered until accepted (the receiver refuses at most once more), same webhook-id.
+    common::eventually(Duration::from_secs(20), "the redelivery to be accepted", || async {
+        let status: String = sqlx::query_scalar("SELECT status::text FROM webhook_deliveries WHERE id = $1")
+            .bind(id)
+            .fetch_one(server.pool())
+            .await
+            .expect("status");
+        (status == "delivered").then_some(())
+    })
+    .await;
+    let ids: std::collections::BTreeSet<String> = receiver
+        .seen_at("/hook")
+        .iter()
+        .map(|r| r.header("webhook-id"))
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let page = words_of(&session.get(&server, "/webhooks?done=redelivered").await.body);
+    assert!(
+        page.contains("Redelivery queued") && page.contains("0 failed"),
+        "{page}"
+    );
+    let tested = session
+        .post(&server, "/webhooks/crm/test", &[("csrf", session.csrf.as_str())])
+        .await;
+    assert_eq!(tested.status, StatusCode::SEE_OTHER, "{}", tested.body);
+    let missing = session
+        .post(
+            &server,
+            "/webhooks/crm/deliveries/999999/redeliver",
+            &[("csrf", session.csrf.as_str())],
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let actions = words_of(&session.get(&server, "/actions").await.body);
+    assert!(
+        actions.contains("webhook.redeliver") && actions.contains("webhook.test"),
+        "{actions}"
+    );
+    server.stop().await;
+}

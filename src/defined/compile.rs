@@ -230,7 +230,7 @@ fn input_error(error: &jsonschema::ValidationError<'_>) -> InputError {
 
 /// A base URL a definition may call: `https`, or `http` to loopback unless plain HTTP is
 /// allowed; no credentials, query or fragment in it.
-fn check_base_url(field: &str, text: &str, allow_http: bool) -> Result<String, Refusal> {
+pub(crate) fn check_base_url(field: &str, text: &str, allow_http: bool) -> Result<String, Refusal> {
     let url = reqwest::Url::parse(text).map_err(|e| Refusal::new(field, format!("`{text}` is not a URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
         return Err(Refusal::new(

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -286,10 +285,9 @@ pub fn duration(field: &str, text: &str) -> Result<Duration, Refusal> {
 
 /// A decoded Standard Webhooks secret: `whsec_` and the base64 of the key.
 pub fn signing_key(field: &str, var: &str, value: &str) -> Result<Vec<u8>, Refusal> {
-    let encoded = value.strip_prefix("whsec_").unwrap_or(value);
-    match base64::engine::general_purpose::STANDARD.decode(encoded) {
-        Ok(key) if key.len() >= 16 => Ok(key),
-        _ => Err(Refusal::new(
+    match crate::signing::decode_secret(value) {
+        Some(key) => Ok(key),
+        None => Err(Refusal::new(
             field,
             format!(
                 "environment variable {var} must hold a Standard Webhooks secret: `whsec_` and the base64 of at least 16 bytes"

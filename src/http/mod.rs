@@ -26,6 +26,7 @@ pub mod schedules;
 pub mod serve;
 pub mod throttle;
 pub mod waits;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -59,6 +60,8 @@ pub struct AppState {
     pub tokens: Tokens,
     /// Failed authentications per client address.
     pub throttle: throttle::AuthThrottle,
+    /// Outbound webhooks: subscriptions and deliveries.
+    pub webhooks: crate::webhooks::Webhooks,
     /// The random secret the dashboard's signatures are keyed with (with the admin token),
     /// shared by every instance through the database.
     pub dashboard_secret: [u8; 32],
@@ -82,6 +85,7 @@ pub struct AppState {
         (name = "operators", description = "Operator actions (admin token)"),
         (name = "workflows", description = "Registered workflows"),
         (name = "schedules", description = "Cron schedules starting runs (changes need the admin token)"),
+        (name = "webhooks", description = "Outbound webhooks: subscriptions and deliveries (changes need the admin token)"),
         (name = "customers", description = "The customer domain of create-customer-account"),
         (name = "system", description = "Health, metrics"),
     )
@@ -135,6 +139,15 @@ fn api() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(schedules::enable_schedule))
         .routes(routes!(schedules::disable_schedule))
         .routes(routes!(schedules::fire_schedule))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(
+            webhooks::get_webhook,
+            webhooks::replace_webhook,
+            webhooks::delete_webhook
+        ))
+        .routes(routes!(webhooks::test_webhook))
+        .routes(routes!(webhooks::list_deliveries))
+        .routes(routes!(webhooks::redeliver))
         .routes(routes!(customers::create_identity))
         .routes(routes!(customers::get_identity))
         .routes(routes!(customers::list_customers))

@@ -52,6 +52,14 @@ pub fn config_for(database_url: &str) -> ServerConfig {
         },
         application: Default::default(),
         defined: Default::default(),
+        // Retries within a test's patience: 50 ms, then ×3; a minute's window.
+        webhooks: server::WebhookSettings {
+            retry_window: Duration::from_secs(60),
+            first_retry: Duration::from_millis(50),
+            attempt_timeout: Duration::from_secs(5),
+            poll: Duration::from_millis(20),
+            overdue_grace: Duration::from_secs(1),
+        },
     }
 }
 

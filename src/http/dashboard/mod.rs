@@ -33,6 +33,7 @@ pub mod session;
 pub mod store;
 pub mod timeline;
 pub mod waiting;
+pub mod webhooks;
 pub mod workflows;
 
 use std::collections::HashMap;
@@ -88,6 +89,9 @@ pub fn router(app: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/workflows/{name}/resume", post(workflows::resume))
         .route("/waiting", get(waiting::page))
         .route("/actions", get(actions::page))
+        .route("/webhooks", get(webhooks::page))
+        .route("/webhooks/{name}/test", post(webhooks::test))
+        .route("/webhooks/{name}/deliveries/{id}/redeliver", post(webhooks::redeliver))
         .route("/bulk", post(bulk::preview))
         .route("/bulk/confirm", post(bulk::confirm))
         .route("/schedules/{name}/enable", post(schedules::enable))

@@ -1,0 +1,390 @@
+//! Outbound webhooks (DESIGN.md §10) against a real server, a real PostgreSQL and a real
+//! receiver on port 0 that records every request: deliveries written with the outcome they
+//! report, retried with the same `webhook-id` until accepted, in order per run, signed as
+//! Standard Webhooks (checked by an independent implementation), failed past their window and
+//! redelivered by hand.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::participant::{Answer, Participant};
+use common::server::{self, TestServer, read};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const SECRET_VAR: &str = "SAGAFLOW_TEST_HOOK_SECRET";
+
+fn vars() -> sagaflow::defined::Vars {
+    Arc::new(|name: &str| (name == SECRET_VAR).then(|| SECRET.to_string()))
+}
+
+async fn start(tweak: impl FnOnce(&mut sagaflow::server::ServerConfig)) -> TestServer {
+    server::start_with(|c| {
+        c.defined.vars = Some(vars());
+        tweak(c);
+    })
+    .await
+}
+
+async fn admin(server: &TestServer, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut request = server.admin(method, path).header("x-sagaflow-operator", "ada");
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    read(request.send().await.expect("request")).await
+}
+
+async fn deliveries(server: &TestServer, name: &str) -> Vec<Value> {
+    let (status, body) = read(
+        server
+            .api(Method::GET, &format!("/v1/webhooks/{name}/deliveries"))
+            .send()
+            .await
+            .expect("deliveries"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["deliveries"].as_array().cloned().unwrap_or_default()
+}
+
+async fn until<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    common::eventually(Duration::from_secs(30), what, check).await
+}
+
+async fn subscription_rows(server: &TestServer) -> (i64, i64) {
+    sqlx::query_as("SELECT (SELECT count(*) FROM webhook_subscriptions), (SELECT count(*) FROM webhook_deliveries)")
+        .fetch_one(server.pool())
+        .await
+        .expect("counts")
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_three_times_gets_the_same_signed_delivery_until_it_accepts_in_order_per_run() {
+    let receiver = Participant::start().await;
+    receiver.script("/hook", (0..3).map(|_| Answer::Json(500, json!({"down": true}))));
+    let server = start(|_| {}).await;
+    let url = format!("{}/hook", receiver.base_url());
+    let subscription = json!({
+        "name": "ops", "url": url, "secret_env": SECRET_VAR,
+        "events": ["run.completed", "run.compensated", "event.customer.created"],
+        "workflows": ["create-customer-account"]
+    });
+
+    // Refusals write nothing.
+    let before = subscription_rows(&server).await;
+    let (status, _) = read(
+        server
+            .api(Method::POST, "/v1/webhooks")
+            .json(&subscription)
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "the API token cannot subscribe");
+    type Change = Box<dyn Fn(&mut Value)>;
+    let refusals: Vec<(Change, &str)> = vec![
+        (Box::new(|s| s["events"] = json!(["run.exploded"])), "events[0]"),
+        (Box::new(|s| s["events"] = json!([])), "events"),
+        (
+            Box::new(|s| s["secret_env"] = json!("SAGAFLOW_TEST_UNSET")),
+            "secret_env",
+        ),
+        (Box::new(|s| s["url"] = json!("http://example.com/hook")), "url"),
+        (Box::new(|s| s["url"] = json!("ftp://127.0.0.1/hook")), "url"),
+        (Box::new(|s| s["name"] = json!("Bad Name")), "name"),
+        (Box::new(|s| s["workflows"] = json!([])), "workflows"),
+        (Box::new(|s| s["colour"] = json!("red")), "."),
+    ];
+    for (change, field) in refusals {
+        let mut body = subscription.clone();
+        change(&mut body);
+        let (status, answer) = admin(&server, Method::POST, "/v1/webhooks", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        if field != "." {
+            assert_eq!(answer["error"]["field"], field, "{answer}");
+        }
+    }
+    assert_eq!(subscription_rows(&server).await, before, "a refusal writes nothing");
+
+    let (status, created) = admin(&server, Method::POST, "/v1/webhooks", Some(subscription.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["secret_env"], SECRET_VAR);
+    assert!(!created.to_string().contains(SECRET), "the secret is never answered");
+    let (status, _) = admin(&server, Method::POST, "/v1/webhooks", Some(subscription.clone())).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the name is taken");
+    // Another subscription, for another workflow only: it receives nothing of this run.
+    let mut elsewhere = subscription.clone();
+    elsewhere["workflows"] = json!(["some-other-workflow"]);
+    elsewhere["name"] = json!("elsewhere");
+    let (status, _) = admin(&server, Method::PUT, "/v1/webhooks/elsewhere", Some(elsewhere)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let identity = server.identity("hooked@example.com").await;
+    let run = server.register(&identity, "hooked@example.com").await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let run_id = run["id"].as_str().expect("id").to_string();
+
+    let seen = until("the run's two deliveries to be accepted", || async {
+        let seen = receiver.seen_at("/hook");
+        (seen.len() >= 5).then_some(seen)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen_now = receiver.seen_at("/hook");
+    assert_eq!(seen_now.len(), 5, "three refusals, then each delivery once");
+    let ids: Vec<String> = seen.iter().map(|r| r.header("webhook-id")).collect();
+    assert!(
+        ids[..4].iter().all(|id| id == &ids[0]),
+        "the same webhook-id on every attempt: {ids:?}"
+    );
+    assert_ne!(ids[4], ids[0]);
+    let types: Vec<&str> = seen
+        .iter()
+        .map(|r| r.body["type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "run.completed",
+            "run.completed",
+            "run.completed",
+            "run.completed",
+            "event.customer.created"
+        ],
+        "in order per run: the event waits for the outcome before it"
+    );
+    let verifier = standardwebhooks::Webhook::new(SECRET).expect("secret");
+    for request in &seen {
+        // An independent implementation of Standard Webhooks accepts every signature.
+        verifier
+            .verify(&request.raw, &request.headers)
+            .unwrap_or_else(|e| panic!("signature refused: {e}"));
+        assert_eq!(request.body["id"], request.header("webhook-id"));
+        assert!(request.body["timestamp"].is_string());
+    }
+    assert_eq!(seen[3].body["data"]["run"]["id"], run_id);
+    assert_eq!(seen[3].body["data"]["run"]["status"], "completed");
+    assert_eq!(seen[4].body["data"]["event"]["name"], "customer.created");
+    assert_eq!(seen[4].body["data"]["event"]["run_id"], run_id);
+
+    let listed = deliveries(&server, "ops").await;
+    let summary: Vec<(Value, Value, Value)> = listed
+        .iter()
+        .map(|d| (d["event_type"].clone(), d["status"].clone(), d["attempts"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (json!("event.customer.created"), json!("delivered"), json!(1)),
+            (json!("run.completed"), json!("delivered"), json!(4)),
+        ]
+    );
+    assert!(
+        deliveries(&server, "elsewhere").await.is_empty(),
+        "filtered by workflow"
+    );
+
+    // A test delivery answers what the receiver said.
+    let (status, tested) = admin(&server, Method::POST, "/v1/webhooks/ops/test", None).await;
+    assert_eq!(status, StatusCode::OK, "{tested}");
+    assert_eq!(tested["outcome"]["delivered"], true, "{tested}");
+    assert_eq!(
+        receiver.seen_at("/hook").last().map(|r| r.body["type"].clone()),
+        Some(json!("webhook.test"))
+    );
+
+    // A redelivery keeps the webhook-id.
+    let first = listed[1]["id"].as_i64().expect("id");
+    let (status, again) = admin(
+        &server,
+        Method::POST,
+        &format!("/v1/webhooks/ops/deliveries/{first}/redeliver"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    let resent = until("the redelivery", || async {
+        let seen = receiver.seen_at("/hook");
+        (seen.len() >= 7).then(|| seen[6].header("webhook-id"))
+    })
+    .await;
+    assert_eq!(resent, ids[0]);
+    for (path, expected) in [
+        ("/v1/webhooks/ops/deliveries/999999/redeliver", StatusCode::NOT_FOUND),
+        (
+            "/v1/webhooks/ops/deliveries/not-a-number/redeliver",
+            StatusCode::NOT_FOUND,
+        ),
+        ("/v1/webhooks/nobody/test", StatusCode::NOT_FOUND),
+    ] {
+        let (status, _) = admin(&server, Method::POST, path, None).await;
+        assert_eq!(status, expected, "{path}");
+    }
+    let (status, _) = read(
+        server
+            .api(Method::GET, "/v1/webhooks/nobody")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, listed) = read(server.api(Method::GET, "/v1/webhooks").send().await.expect("list")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["webhooks"].as_array().map(Vec::len), Some(2));
+
+    let (status, _) = admin(&server, Method::DELETE, "/v1/webhooks/elsewhere", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = admin(&server, Method::DELETE, "/v1/webhooks/elsewhere", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let audit: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM operator_actions WHERE action LIKE 'webhook.%' AND operator = 'ada' ORDER BY id",
+    )
+    .fetch_all(server.pool())
+    .await
+    .expect("audit");
+    assert_eq!(
+        audit,
+        [
+            "webhook.create",
+            "webhook.create",
+            "webhook.test",
+            "webhook.redeliver",
+            "webhook.delete"
+        ]
+    );
+    // The retention sweep deletes a run's deliveries with it (the test delivery has no run).
+    let swept = server
+        .engine()
+        .delete_finished_runs(chrono::Utc::now() + chrono::Duration::hours(1), 100)
+        .await
+        .expect("sweep");
+    assert!(swept >= 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT event_type FROM webhook_deliveries")
+        .fetch_all(server.pool())
+        .await
+        .expect("left");
+    assert_eq!(left, ["webhook.test"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_down_past_the_retry_window_leaves_the_delivery_failed_visible_and_counted() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let server = start(|c| {
+        c.webhooks.retry_window = Duration::from_secs(1);
+        c.webhooks.first_retry = Duration::from_millis(100);
+    })
+    .await;
+    let subscription = json!({
+        "name": "down", "url": format!("http://127.0.0.1:{port}/hook"), "secret_env": SECRET_VAR,
+        "events": ["run.completed"]
+    });
+    let (status, body) = admin(&server, Method::POST, "/v1/webhooks", Some(subscription)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let identity = server.identity("down@example.com").await;
+    let run = server.register(&identity, "down@example.com").await;
+    assert_eq!(run["status"], "completed");
+    let failed = until("the delivery to be marked failed", || async {
+        let listed = deliveries(&server, "down").await;
+        listed.into_iter().find(|d| d["status"] == "failed")
+    })
+    .await;
+    assert!(
+        failed["attempts"].as_i64().unwrap_or_default() >= 2,
+        "retried before giving up: {failed}"
+    );
+    assert!(
+        failed["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "why is kept: {failed}"
+    );
+    assert!(failed["delivered_at"].is_null());
+    let metrics = server.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sagaflow_webhook_deliveries_total") && l.contains("outcome=\"failed\"")),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_wait_no_worker_ended_past_its_deadline_is_reported_overdue_once() {
+    let receiver = Participant::start().await;
+    let server = start(|_| {}).await;
+    let subscription = json!({
+        "name": "pager", "url": format!("{}/hook", receiver.base_url()), "secret_env": SECRET_VAR,
+        "events": ["run.wait_overdue"]
+    });
+    let (status, body) = admin(&server, Method::POST, "/v1/webhooks", Some(subscription)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let definition = json!({
+        "endpoints": {"shop": {"base_url": receiver.base_url()}},
+        "steps": [{"name": "await-payment", "wait": {"signal": "paid", "timeout": "1h"}}]
+    });
+    let (status, body) = admin(
+        &server,
+        Method::PUT,
+        "/v1/workflow-definitions/patient",
+        Some(definition),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, run) = read(
+        server
+            .api(Method::POST, "/v1/workflows/patient/runs")
+            .json(&json!({"n": 1}))
+            .send()
+            .await
+            .expect("trigger"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let run_id = run["id"].as_str().expect("id").to_string();
+    until("the run to wait", || async {
+        let (_, body) = read(
+            server
+                .api(Method::GET, &format!("/v1/runs/{run_id}"))
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        (body["waiting"]["name"] == "paid").then_some(())
+    })
+    .await;
+    // A wait well within its deadline is not overdue.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(receiver.seen_at("/hook").is_empty());
+    // As if its deadline had passed with no worker to end it (its due time left as it was).
+    sqlx::query("UPDATE runs SET wait_deadline = now() - interval '5 minutes' WHERE id = $1::uuid")
+        .bind(&run_id)
+        .execute(server.pool())
+        .await
+        .expect("overdue");
+    let seen = until("the overdue wait to be reported", || async {
+        let seen = receiver.seen_at("/hook");
+        (!seen.is_empty()).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen[0].body["type"], "run.wait_overdue");
+    assert_eq!(seen[0].body["data"]["run"]["id"], run_id);
+    assert_eq!(seen[0].body["data"]["run"]["waiting"]["name"], "paid");
+    // Later sweeps find the same wait and write nothing more.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(receiver.seen_at("/hook").len(), 1, "one report per wait");
+    assert_eq!(deliveries(&server, "pager").await.len(), 1);
+    server.stop().await;
+}
