@@ -25,6 +25,14 @@ pub struct NoteBody {
     pub note: Option<String>,
 }
 
+/// The admin acting, with the note they sent.
+fn actor_of<'a>(admin: &'a AdminAccess, body: &'a NoteBody) -> Actor<'a> {
+    Actor {
+        note: body.note.as_deref(),
+        ..Actor::from(admin.operator.as_str())
+    }
+}
+
 fn note_of(body: Option<serde_json::Value>) -> Result<NoteBody, ApiError> {
     match body {
         Some(value) => JsonBody(value).parse(),
@@ -61,10 +69,7 @@ pub async fn pause_run(
 ) -> Result<Response, ApiError> {
     let run = parse_run_id(&id)?;
     let body = note_of(body)?;
-    let actor = Actor {
-        note: body.note.as_deref(),
-        ..Actor::from(admin.operator.as_str())
-    };
+    let actor = actor_of(&admin, &body);
     state.engine.pause_as(run, actor).await?;
     Ok((StatusCode::ACCEPTED, Json(run_body(&state, run).await?)).into_response())
 }
@@ -96,10 +101,7 @@ pub async fn resume_run(
 ) -> Result<Json<RunBody>, ApiError> {
     let run = parse_run_id(&id)?;
     let body = note_of(body)?;
-    let actor = Actor {
-        note: body.note.as_deref(),
-        ..Actor::from(admin.operator.as_str())
-    };
+    let actor = actor_of(&admin, &body);
     state.engine.resume_as(run, actor).await?;
     Ok(Json(run_body(&state, run).await?))
 }
@@ -142,10 +144,7 @@ pub async fn pause_workflow(
     OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<Json<WorkflowPauseAnswer>, ApiError> {
     let body = note_of(body)?;
-    let actor = Actor {
-        note: body.note.as_deref(),
-        ..Actor::from(admin.operator.as_str())
-    };
+    let actor = actor_of(&admin, &body);
     let runs = state.engine.pause_workflow(&name, actor).await?;
     Ok(Json(WorkflowPauseAnswer {
         workflow: name,
@@ -179,10 +178,7 @@ pub async fn resume_workflow(
     OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<Json<WorkflowPauseAnswer>, ApiError> {
     let body = note_of(body)?;
-    let actor = Actor {
-        note: body.note.as_deref(),
-        ..Actor::from(admin.operator.as_str())
-    };
+    let actor = actor_of(&admin, &body);
     let runs = state.engine.resume_workflow(&name, actor).await?;
     Ok(Json(WorkflowPauseAnswer {
         workflow: name,

@@ -736,6 +736,17 @@ pub struct NoteForm {
     pub note: Option<String>,
 }
 
+/// The note of a Pause or Resume form, refused without this session's CSRF token (nothing is
+/// done); a blank note is none.
+pub(super) fn checked_note(
+    operator: &Operator,
+    form: Result<Form<NoteForm>, FormRejection>,
+) -> Result<Option<String>, PageError> {
+    let form = form.ok().map(|Form(f)| f);
+    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    Ok(form.and_then(|f| f.note).filter(|n| !n.trim().is_empty()))
+}
+
 /// `POST /runs/{id}/pause`: pauses the run after the attempt in flight.
 pub async fn pause(
     operator: Operator,
@@ -763,11 +774,9 @@ async fn pause_or_resume(
     form: Result<Form<NoteForm>, FormRejection>,
     pause: bool,
 ) -> Result<Redirect, PageError> {
-    let form = form.ok().map(|Form(f)| f);
-    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let note = checked_note(&operator, form)?;
     let PathText(id) = path?;
     let id = parse_id(&id)?;
-    let note = form.and_then(|f| f.note).filter(|n| !n.trim().is_empty());
     let actor = crate::engine::machine::Actor {
         note: note.as_deref(),
         ..crate::engine::machine::Actor::from(operator.session.operator.as_str())

@@ -210,10 +210,8 @@ async fn pause_or_resume(
     form: Result<Form<NoteForm>, FormRejection>,
     pause: bool,
 ) -> Result<Redirect, PageError> {
-    let form = form.ok().map(|Form(f)| f);
-    operator.check_csrf(form.as_ref().and_then(|f| f.csrf.as_deref()))?;
+    let note = super::run::checked_note(&operator, form)?;
     let PathText(name) = path?;
-    let note = form.and_then(|f| f.note).filter(|n| !n.trim().is_empty());
     let actor = Actor {
         note: note.as_deref(),
         ..Actor::from(operator.session.operator.as_str())
