@@ -178,14 +178,23 @@ struct ServeArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Check(args)) => check(args).await,
         Some(Command::Bench(args)) => run_bench(args).await,
         Some(Command::Serve(args)) => serve(*args).await,
         None => serve(cli.serve).await,
+    };
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The error and its causes, one line: what a person must fix, never a backtrace
+            // (returning it from `main` prints one whenever RUST_BACKTRACE is set).
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

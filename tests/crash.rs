@@ -1491,6 +1491,11 @@ async fn a_pause_asked_for_during_a_call_survives_a_sigkill_and_the_run_resumes_
             "run_claimed"
         ]
     );
+    // The restarted process's own log: it paused the run, in plain text (no colour codes in
+    // a file).
+    let log = server.log_text();
+    assert!(log.contains("run paused by an operator"), "{log}");
+    assert!(!log.contains('\u{1b}'), "a log written to a file has no colour codes");
     assert_invariants(&db.pool).await;
 }
 

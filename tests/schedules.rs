@@ -679,7 +679,7 @@ async fn the_retention_sweep_removes_exactly_what_it_should() {
 
     let output = sweep(&engine, json!({"older_than": "30d"})).await;
     assert_eq!(output["deleted"], json!(4 + 1200));
-    assert_eq!(output["older_than"], "30days");
+    assert_eq!(output["older_than"], "30d", "echoed as given");
     holder.rollback().await.expect("unlock");
 
     let gone: Vec<Uuid> = old.iter().chain(&backlog).copied().collect();

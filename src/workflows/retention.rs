@@ -179,12 +179,15 @@ impl Step for DeleteExpiredRuns {
 
     async fn invoke(&self, ctx: &mut StepContext<'_>) -> Result<SweepOutput, StepError> {
         let input: RetentionInput = ctx.input()?;
-        let period = match input.older_than.as_deref() {
-            Some(text) => self
-                .retention
-                .parse_period("older_than", text)
-                .map_err(|e| StepError::permanent(e.to_string()))?,
-            None => self.retention.default_period,
+        let (period, said) = match input.older_than.as_deref() {
+            Some(text) => (
+                self.retention
+                    .parse_period("older_than", text)
+                    .map_err(|e| StepError::permanent(e.to_string()))?,
+                // Echoed as given: `90d` read back as `2months 29days 2h 52m 48s` is no echo.
+                text.trim().to_string(),
+            ),
+            None => (self.retention.default_period, in_words(self.retention.default_period)),
         };
         let engine = ctx.engine();
         // Checked although the period is bounded: a clock near the start of time must give a
@@ -208,16 +211,31 @@ impl Step for DeleteExpiredRuns {
         }
         tracing::info!(deleted, %cutoff, "retention sweep done");
         Ok(SweepOutput {
-            older_than: humantime::format_duration(period).to_string(),
+            older_than: said,
             cutoff,
             deleted,
         })
     }
 }
 
+/// A period as people write it: whole days as `30d`, anything else in humantime's words.
+fn in_words(period: Duration) -> String {
+    const DAY: u64 = 24 * 3600;
+    match period.as_secs() {
+        secs if secs > 0 && secs % DAY == 0 && period.subsec_nanos() == 0 => format!("{}d", secs / DAY),
+        _ => humantime::format_duration(period).to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_default_period_is_said_in_whole_days_when_it_is_whole_days() {
+        assert_eq!(in_words(Duration::from_secs(90 * 24 * 3600)), "90d");
+        assert_eq!(in_words(Duration::from_secs(36 * 3600)), "1day 12h");
+    }
 
     #[test]
     fn inputs_name_what_is_wrong() {
