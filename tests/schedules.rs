@@ -1197,7 +1197,7 @@ async fn bad_schedule_requests_are_refused_and_write_nothing() {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             code: "invalid_input",
             field: Some("expression"),
-            says: "Minutes must be less than 59",
+            says: "the minute field is 61, outside 0 to 59",
         },
         Case {
             name: "wrong number of fields",

@@ -90,6 +90,7 @@ impl CronExpr {
             message,
         };
         let fields: Vec<&str> = source.split_whitespace().collect();
+        out_of_range(&fields).map_or(Ok(()), |message| Err(refuse(message)))?;
         let (form, texts) = match fields.len() {
             1 if source.starts_with('@') => (Form::WithSeconds, vec![shorthand(&source).map_err(refuse)?]),
             5 => (Form::Crontab, crontab(&fields).map_err(refuse)?),
@@ -270,6 +271,47 @@ fn ceil_second(t: DateTime<Utc>) -> DateTime<Utc> {
 /// The `cron` crate's message without its echo of the expression it parsed (ours may differ
 /// from what the user wrote: crontab is translated) and caret; when it has no explanation,
 /// where the caret pointed.
+/// The first number of an expression outside its field's range, said in our words (the cron
+/// crate's own message is off by one: "Minutes must be less than 59" for 61). Step values
+/// (after `/`) and names (`MON`, `JAN`) are left to the parser.
+fn out_of_range(fields: &[&str]) -> Option<String> {
+    const CRONTAB: [(&str, u32, u32); 5] = [
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day of the month", 1, 31),
+        ("month", 1, 12),
+        ("day of the week", 0, 7),
+    ];
+    const WITH_SECONDS: [(&str, u32, u32); 7] = [
+        ("second", 0, 59),
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day of the month", 1, 31),
+        ("month", 1, 12),
+        ("day of the week", 1, 7),
+        ("year", 1970, 2100),
+    ];
+    let ranges: &[(&str, u32, u32)] = match fields.len() {
+        5 => &CRONTAB,
+        6 | 7 => &WITH_SECONDS,
+        _ => return None,
+    };
+    for (field, &(name, low, high)) in fields.iter().zip(ranges) {
+        for part in field.split(',') {
+            let values = part.split('/').next().unwrap_or_default();
+            for number in values.split('-') {
+                let Ok(value) = number.parse::<u64>() else { continue };
+                if value < u64::from(low) || value > u64::from(high) {
+                    return Some(format!(
+                        "the {name} field is {value}, outside {low} to {high} (in `{field}`)"
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
 fn crate_message(message: &str) -> String {
     let lines: Vec<&str> = message.lines().collect();
     let Some(caret) = lines.iter().position(|l| l.trim() == "^") else {
@@ -428,6 +470,37 @@ mod tests {
     }
 
     #[test]
+    fn a_number_outside_its_field_is_refused_naming_the_field_and_the_range() {
+        let refused = |expression: &str| match CronExpr::parse(expression, chrono_tz::UTC) {
+            Err(ExprError::Expression { message, .. }) => message,
+            other => panic!("{expression}: {other:?}"),
+        };
+        assert_eq!(
+            refused("61 * * * *"),
+            "the minute field is 61, outside 0 to 59 (in `61`)"
+        );
+        assert_eq!(
+            refused("0 9-24 * * *"),
+            "the hour field is 24, outside 0 to 23 (in `9-24`)"
+        );
+        assert_eq!(
+            refused("0 0 0 * *"),
+            "the day of the month field is 0, outside 1 to 31 (in `0`)"
+        );
+        assert_eq!(
+            refused("0 0 1 1,13 *"),
+            "the month field is 13, outside 1 to 12 (in `1,13`)"
+        );
+        assert_eq!(
+            refused("60 * * * * *"),
+            "the second field is 60, outside 0 to 59 (in `60`)"
+        );
+        for fine in ["*/15 * * * *", "0 9-17 * * MON-FRI", "59 23 31 12 7", "0 0 1 JAN *"] {
+            assert!(CronExpr::parse(fine, chrono_tz::UTC).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
     fn five_fields_are_crontab_and_six_have_seconds() {
         let daily = expr("30 9 * * *", "UTC");
         assert_eq!(daily.form(), Form::Crontab);
@@ -507,12 +580,19 @@ mod tests {
             Err(ExprError::Expression { message, .. }) => message,
             other => panic!("{text}: expected a refusal, got {other:?}"),
         };
-        assert!(message("61 * * * *").contains("Minutes"), "{}", message("61 * * * *"));
         assert!(message("* * *").contains("got 3"));
-        assert!(message("0 0 * * 9").contains("day of week"));
+        assert!(
+            message("0 0 * * 9").contains("day of the week"),
+            "{}",
+            message("0 0 * * 9")
+        );
         assert!(message("@fortnightly").contains("unknown shorthand"));
         assert!(!message("x y z a b c").contains('^'));
-        assert_eq!(message("0 0 0 1 1 * 1969"), "it could not be parsed at `1969`");
+        assert_eq!(
+            message("0 0 0 1 1 * 1969"),
+            "the year field is 1969, outside 1970 to 2100 (in `1969`)"
+        );
+        assert_eq!(message("0 0 0 1 1 * 19x9"), "it could not be parsed at `19x9`");
         assert_eq!(message("*/0 * * * *"), "range step cannot be zero");
         // Odd input is refused, never a panic.
         for odd in [
