@@ -1610,7 +1610,7 @@ async fn refused_schedule_actions_write_nothing() {
         (
             "/schedules/broken/enable",
             StatusCode::UNPROCESSABLE_ENTITY,
-            "('61' specified.)",
+            "the minute field is 61, outside 0 to 59",
         ),
         (
             "/schedules/orphan/fire",
