@@ -2092,6 +2092,12 @@ async fn a_paused_workflow_holds_its_new_runs_pending_until_it_is_resumed() {
         [(scripted::NAME, 2)]
     );
     assert_no_violations(&db.pool, &engine).await;
+    // A held run an operator cancels is not held any more: it ends now, the workflow paused.
+    let cancelled = trigger(&engine, json!({})).await;
+    assert!(run_row(&engine, cancelled).await.held);
+    engine.cancel(cancelled, "ops").await.expect("cancel");
+    assert_eq!(finish(&engine, cancelled).await, RunStatus::Cancelled);
+    assert!(!run_row(&engine, cancelled).await.held);
 
     assert_eq!(engine.resume_workflow(scripted::NAME, ops).await.expect("resume"), 2);
     for run in [before, after] {

@@ -679,7 +679,9 @@ pub async fn claim(
     let rows: Vec<Row> = sqlx::query_as(
         "WITH due AS (
              SELECT id, lease_owner AS previous_owner,
-                    status = 'pending' AND EXISTS (SELECT 1 FROM paused_workflows p WHERE p.workflow = runs.workflow)
+                    -- A cancel is the operator's next word: a cancelled run is not held.
+                    status = 'pending' AND NOT cancel_requested
+                        AND EXISTS (SELECT 1 FROM paused_workflows p WHERE p.workflow = runs.workflow)
                         AS on_paused_workflow
              FROM runs
              WHERE ready_at <= $5 AND (workflow || '@' || workflow_version) = ANY($3)
@@ -1958,7 +1960,8 @@ pub async fn pause_workflow(
     }
     let held = sqlx::query(
         "UPDATE runs SET ready_at = NULL, held = true, updated_at = now()
-         WHERE workflow = $1 AND status = 'pending' AND lease_owner IS NULL AND ready_at IS NOT NULL",
+         WHERE workflow = $1 AND status = 'pending' AND lease_owner IS NULL AND ready_at IS NOT NULL
+           AND NOT cancel_requested",
     )
     .bind(workflow)
     .execute(&mut *conn)
