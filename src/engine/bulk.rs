@@ -117,19 +117,15 @@ impl Engine {
             }
         }
         tracing::info!(%bulk_id, ?action, acted = acted.len(), skipped = skipped.len(), operator, "bulk action");
-        let summary = store::OperatorAction {
-            operator,
-            action: "runs.bulk",
-            run_id: None,
-            schedule: None,
-            bulk_id: Some(bulk_id),
-            note: None,
-            detail: serde_json::json!({
+        let summary = store::OperatorAction::by(
+            actor,
+            "runs.bulk",
+            serde_json::json!({
                 "action": action, "matched": matched, "acted": acted.len(), "skipped": skipped.len(),
                 "filter": {"workflow": filter.workflow, "statuses": filter.statuses, "q": filter.query,
                            "from": filter.created_from, "to": filter.created_to},
             }),
-        };
+        );
         let mut conn = self.inner.pool.acquire().await?;
         store::record_action(&mut conn, &summary).await?;
         Ok(BulkOutcome {

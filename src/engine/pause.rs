@@ -150,13 +150,5 @@ fn lease_for(state: &RunState, now: chrono::DateTime<chrono::Utc>) -> Option<sto
 }
 
 fn workflow_action<'a>(actor: Actor<'a>, action: &'a str, workflow: &str, runs: u64) -> store::OperatorAction<'a> {
-    store::OperatorAction {
-        operator: actor.by,
-        action,
-        run_id: None,
-        schedule: None,
-        bulk_id: None,
-        note: actor.note,
-        detail: json!({"workflow": workflow, "runs": runs}),
-    }
+    store::OperatorAction::by(actor, action, json!({"workflow": workflow, "runs": runs}))
 }

@@ -1848,16 +1848,25 @@ pub struct OperatorAction<'a> {
 }
 
 impl<'a> OperatorAction<'a> {
-    /// The record of `action` on `run` by `actor`.
-    pub(crate) fn on_run(actor: Actor<'a>, action: &'a str, run: Uuid, detail: Value) -> Self {
+    /// The record of `action` by `actor`, on no run (a schedule, a workflow, a webhook, a bulk
+    /// call: say which with the other fields or in `detail`).
+    pub(crate) fn by(actor: Actor<'a>, action: &'a str, detail: Value) -> Self {
         Self {
             operator: actor.by,
             action,
-            run_id: Some(run),
+            run_id: None,
             schedule: None,
             bulk_id: actor.bulk,
             note: actor.note,
             detail,
+        }
+    }
+
+    /// The record of `action` on `run` by `actor`.
+    pub(crate) fn on_run(actor: Actor<'a>, action: &'a str, run: Uuid, detail: Value) -> Self {
+        Self {
+            run_id: Some(run),
+            ..Self::by(actor, action, detail)
         }
     }
 }

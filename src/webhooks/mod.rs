@@ -435,8 +435,15 @@ impl Webhooks {
         })
         .to_string();
         let mut tx = self.pool.begin().await?;
-        let lease = self.config.attempt_timeout * 2;
-        let id = store::enqueue_test(&mut tx, name, &webhook_id, &body, self.config.retry_window, lease).await?;
+        let id = store::enqueue_test(
+            &mut tx,
+            name,
+            &webhook_id,
+            &body,
+            self.config.retry_window,
+            self.lease(),
+        )
+        .await?;
         audit(
             &mut tx,
             operator,
@@ -466,6 +473,12 @@ impl Webhooks {
         Ok((delivery, outcome))
     }
 
+    /// How far a claimed attempt pushes the next one: long enough for the attempt to end, so
+    /// only a worker that died mid-attempt leaves it to another.
+    fn lease(&self) -> Duration {
+        self.config.attempt_timeout * 2
+    }
+
     /// Starts this instance's delivery worker; it stops when `stop` is cancelled.
     pub fn start(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
@@ -482,7 +495,7 @@ impl Webhooks {
                     warn!(error = %e, "looking for overdue waits failed");
                 }
             }
-            let claimed = match store::claim(&self.pool, 16, self.config.attempt_timeout * 2).await {
+            let claimed = match store::claim(&self.pool, 16, self.lease()).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     warn!(error = %e, "claiming webhook deliveries failed");
@@ -591,14 +604,6 @@ async fn audit(
     mut detail: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     detail["webhook"] = serde_json::json!(name);
-    let record = crate::engine::store::OperatorAction {
-        operator,
-        action,
-        run_id: None,
-        schedule: None,
-        bulk_id: None,
-        note: None,
-        detail,
-    };
+    let record = crate::engine::store::OperatorAction::by(operator.into(), action, detail);
     crate::engine::store::record_action(conn, &record).await
 }

@@ -648,13 +648,8 @@ async fn record(
     detail: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     let audit = super::store::OperatorAction {
-        operator,
-        action,
-        run_id: None,
         schedule: Some(schedule),
-        bulk_id: None,
-        note: None,
-        detail,
+        ..super::store::OperatorAction::by(operator.into(), action, detail)
     };
     super::store::record_action(conn, &audit).await
 }
