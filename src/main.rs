@@ -200,7 +200,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let database = Database::open(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
+    let database = Database::open_beside_server(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
         .await
         .context("migrating the database")?;
     tracing::info!("migrations are up to date");
@@ -210,7 +210,7 @@ async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
 
 async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let database = Database::open(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
+    let database = Database::open_beside_server(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
         .await
         .context("opening the database")?;
     let engine = server::build_engine(

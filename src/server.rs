@@ -372,6 +372,23 @@ impl Database {
         })
     }
 
+    /// As [`Database::open`], but when a running server owns the embedded cluster of
+    /// `data_dir`, uses that cluster through its socket (leaving it to its owner) instead of
+    /// refusing: what a command run beside the server (`sagaflow check`, `migrate`) wants.
+    pub async fn open_beside_server(
+        database_url: Option<&str>,
+        data_dir: &std::path::Path,
+        pool: &PoolConfig,
+    ) -> Result<Self, ServeError> {
+        match Self::open(database_url, data_dir, pool).await {
+            Err(ServeError::Embedded(EmbeddedError::DataDirInUse { url: Some(url), .. })) => {
+                info!(data_dir = %data_dir.display(), "a running sagaflow owns this data directory; using its database");
+                Self::open(Some(&url), data_dir, pool).await
+            }
+            opened => opened,
+        }
+    }
+
     /// Both pools.
     pub fn pools(&self) -> pg::Pools {
         pg::Pools {

@@ -191,23 +191,59 @@ fn the_embedded_default_starts_persists_survives_a_kill_and_stops_on_sigterm() {
     assert!(terminate(server).success());
 }
 
+/// `sagaflow` with `args`, as the user would type it (no `DATABASE_URL` from the test's env).
+fn sagaflow(args: &[&str], data: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run sagaflow")
+}
+
 #[test]
-fn two_servers_cannot_share_one_data_directory() {
+fn a_second_server_on_a_data_directory_is_refused_and_check_and_migrate_use_the_running_one() {
     let tmp = TempDir::new("shared");
     let data = tmp.0.join("data");
     let (p1, p2) = (free_port(), free_port());
     let mut first = spawn_server(&data, p1);
     wait_healthy(&mut first, p1);
-    let second = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-        .args(["--listen", &format!("127.0.0.1:{p2}"), "--data-dir"])
-        .arg(&data)
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run second");
+
+    let second = sagaflow(&["--listen", &format!("127.0.0.1:{p2}")], &data);
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use by another sagaflow process"), "{err}");
+    // It names the URL that reaches the running cluster, and that URL works.
+    let url = err
+        .split("DATABASE_URL='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no DATABASE_URL in: {err}"));
+    let by_url = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["check", "--database-url", url])
+        .output()
+        .expect("check by url");
+    assert!(by_url.status.success(), "{}", String::from_utf8_lossy(&by_url.stderr));
+
+    // Beside the running server, check and migrate use its cluster and leave it running.
+    for command in ["check", "migrate"] {
+        let out = sagaflow(&[command], &data);
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let checked = sagaflow(&["check"], &data);
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("all invariants hold"));
+    wait_healthy(&mut first, p1);
     assert!(terminate(first).success());
+
+    // With the server gone, check starts (and stops) the cluster itself, as before.
+    let alone = sagaflow(&["check"], &data);
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    assert!(postmaster(&data).is_none(), "check left the cluster it started running");
 }
 
 #[test]

@@ -58,10 +58,17 @@ pub enum EmbeddedError {
     NoUnprivilegedUser,
     /// Another live process uses this data directory.
     #[error(
-        "the data directory {0} is in use by another sagaflow process; give this one its own \
-         --data-dir, or share one PostgreSQL between instances with DATABASE_URL"
+        "the data directory {} is in use by another sagaflow process{}; give this one its own \
+         --data-dir, or share one PostgreSQL between instances with DATABASE_URL",
+        data_dir.display(),
+        url.as_ref().map(|url| format!(" (its database: DATABASE_URL='{url}')")).unwrap_or_default()
     )]
-    DataDirInUse(PathBuf),
+    DataDirInUse {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The URL of the cluster that process runs there, when its socket is up.
+        url: Option<String>,
+    },
     /// A PostgreSQL tool exited with an error.
     #[error("{tool} failed: {output}")]
     Tool {
@@ -274,25 +281,13 @@ impl EmbeddedPostgres {
         fs::create_dir_all(&options.data_dir).map_err(io_err("cannot create data directory", &options.data_dir))?;
         let data_dir =
             fs::canonicalize(&options.data_dir).map_err(io_err("cannot resolve data directory", &options.data_dir))?;
-        let lock = lock_data_dir(&data_dir)?;
-
-        let cluster_home = match &run_as {
-            Some(user) if !user.can_reach(&data_dir) => {
-                // PostgreSQL runs as `postgres`, which cannot get into e.g. /root. Keep the
-                // cluster in a place it can reach, tied to this data directory.
-                let home = PathBuf::from("/var/lib/sagaflow").join(short_hash(&data_dir.to_string_lossy()));
-                tracing::warn!(
-                    data_dir = %data_dir.display(),
-                    cluster = %home.display(),
-                    "the postgres user cannot reach the data directory; keeping the cluster elsewhere"
-                );
-                fs::create_dir_all(&home).map_err(io_err("cannot create cluster directory", &home))?;
-                fs::set_permissions(&home, fs::Permissions::from_mode(0o755))
-                    .map_err(io_err("cannot set permissions of", &home))?;
-                home
-            }
-            _ => data_dir.clone(),
+        let Some(lock) = lock_data_dir(&data_dir)? else {
+            return Err(EmbeddedError::DataDirInUse {
+                url: Self::running_url(&data_dir)?,
+                data_dir,
+            });
         };
+        let cluster_home = cluster_home(&data_dir, run_as.as_ref())?;
         let pgdata = cluster_home.join("pgdata");
         let socket_dir = socket_dir_for(&cluster_home)?;
         prepare_private_dir(&socket_dir, run_as.as_ref())?;
@@ -340,10 +335,18 @@ impl EmbeddedPostgres {
 
     /// The connection URL of database `database` in this cluster.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@localhost:{SOCKET_PORT}/{database}?host={}",
-            percent_encode(&self.socket_dir.to_string_lossy())
-        )
+        socket_url(&self.socket_dir, database)
+    }
+
+    /// The URL of sagaflow's database in the cluster another process runs in `data_dir`
+    /// (a server started on it), when that cluster's socket is up; `None` otherwise. So that
+    /// `sagaflow check` and `migrate` can work beside a running server instead of refusing.
+    pub fn running_url(data_dir: &Path) -> Result<Option<String>, EmbeddedError> {
+        let data_dir = fs::canonicalize(data_dir).map_err(io_err("cannot resolve data directory", data_dir))?;
+        let run_as = RunAs::for_current_process()?;
+        let socket_dir = socket_dir_for(&cluster_home(&data_dir, run_as.as_ref())?)?;
+        let socket_up = socket_dir.join(format!(".s.PGSQL.{SOCKET_PORT}")).exists();
+        Ok(socket_up.then(|| socket_url(&socket_dir, DATABASE_NAME)))
     }
 
     /// The directory holding the cluster's Unix socket.
@@ -591,7 +594,29 @@ fn tail_of(path: &Path, bytes: usize) -> String {
     text[start..].to_string()
 }
 
-fn lock_data_dir(data_dir: &Path) -> Result<File, EmbeddedError> {
+/// Where the cluster of `data_dir` lives: in it, unless sagaflow runs as root and the
+/// `postgres` user cannot get into it (e.g. under /root); then in a place that user can
+/// reach, tied to this data directory.
+fn cluster_home(data_dir: &Path, run_as: Option<&RunAs>) -> Result<PathBuf, EmbeddedError> {
+    match run_as {
+        Some(user) if !user.can_reach(data_dir) => {
+            let home = PathBuf::from("/var/lib/sagaflow").join(short_hash(&data_dir.to_string_lossy()));
+            tracing::warn!(
+                data_dir = %data_dir.display(),
+                cluster = %home.display(),
+                "the postgres user cannot reach the data directory; keeping the cluster elsewhere"
+            );
+            fs::create_dir_all(&home).map_err(io_err("cannot create cluster directory", &home))?;
+            fs::set_permissions(&home, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("cannot set permissions of", &home))?;
+            Ok(home)
+        }
+        _ => Ok(data_dir.to_path_buf()),
+    }
+}
+
+/// The lock on `data_dir`, or `None` when another live process holds it.
+fn lock_data_dir(data_dir: &Path) -> Result<Option<File>, EmbeddedError> {
     let path = data_dir.join("sagaflow.lock");
     let file = OpenOptions::new()
         .create(true)
@@ -600,8 +625,8 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, EmbeddedError> {
         .open(&path)
         .map_err(io_err("cannot open", &path))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(EmbeddedError::DataDirInUse(data_dir.to_path_buf())),
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
         Err(fs::TryLockError::Error(e)) => Err(io_err("cannot lock", &path)(e)),
     }
 }
@@ -633,6 +658,14 @@ fn short_hash(text: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// The URL of `database` over the Unix socket in `socket_dir`.
+fn socket_url(socket_dir: &Path, database: &str) -> String {
+    format!(
+        "postgres://{SUPERUSER}@localhost:{SOCKET_PORT}/{database}?host={}",
+        percent_encode(&socket_dir.to_string_lossy())
+    )
 }
 
 /// Percent-encodes everything but unreserved URL characters (for a socket path in a URL).
