@@ -230,6 +230,66 @@ async fn a_trigger_without_wait_answers_201_and_the_run_finishes() {
     server.stop().await;
 }
 
+/// The run and its steps are read as of one moment: a reader never sees a run `running` or
+/// `pending` whose every step has succeeded (its steps read after the finishing commit, the
+/// run before it), nor a completed run with a step that has not.
+#[tokio::test]
+async fn a_run_and_its_steps_are_always_read_as_of_one_moment() {
+    use sagaflow::engine::{RunStatus, StepStatus};
+    let server = server::start().await;
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let email = format!("moment{i}@example.com");
+        let identity = server.identity(&email).await;
+        let (status, run) = read(
+            server
+                .api(Method::POST, WORKFLOW)
+                .json(&registration(&identity, &email))
+                .send()
+                .await
+                .expect("post"),
+        )
+        .await;
+        assert!(status.is_success(), "{status} {run}");
+        ids.push(
+            run["id"]
+                .as_str()
+                .and_then(|id| id.parse::<uuid::Uuid>().ok())
+                .expect("id"),
+        );
+    }
+    let mut readers = Vec::new();
+    for id in ids {
+        let engine = server.engine();
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0;
+            loop {
+                let detail = engine.run(id).await.expect("read").expect("run");
+                reads += 1;
+                let all_succeeded = detail.steps.iter().all(|s| s.status == StepStatus::Succeeded);
+                match detail.run.status {
+                    RunStatus::Pending | RunStatus::Running => {
+                        assert!(
+                            !all_succeeded,
+                            "read {reads}: {id} is {:?} with every step succeeded",
+                            detail.run.status
+                        )
+                    }
+                    RunStatus::Completed => {
+                        assert!(all_succeeded, "read {reads}: {id} completed with a step not succeeded");
+                        return reads;
+                    }
+                    other => panic!("{id} ended {other:?}"),
+                }
+            }
+        }));
+    }
+    for reader in readers {
+        assert!(reader.await.expect("reader") >= 1);
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn registration_failures_compensate_with_medusas_messages() {
     let server = server::start().await;

@@ -1123,12 +1123,14 @@ impl Engine {
         }
     }
 
-    /// A run with its steps.
+    /// A run with its steps, both as of one moment.
     pub async fn run(&self, run_id: Uuid) -> Result<Option<RunDetail>, EngineError> {
-        let Some(run) = store::run(&self.inner.pool, run_id).await? else {
+        let mut tx = store::snapshot(&self.inner.pool).await?;
+        let Some(run) = store::run(&mut *tx, run_id).await? else {
             return Ok(None);
         };
-        let steps = store::steps_of(&self.inner.pool, run_id).await?;
+        let steps = store::steps_of(&mut *tx, run_id).await?;
+        tx.commit().await?;
         Ok(Some(RunDetail { run, steps }))
     }
 

@@ -1184,6 +1184,14 @@ impl EventArrays {
 // Reading runs
 // ---------------------------------------------------------------------------------------
 
+/// A read-only transaction whose statements all see one snapshot (`REPEATABLE READ`), for
+/// answers read in several statements that must agree with each other: a run and its steps
+/// read at different moments could show a run `running` whose only step had succeeded.
+pub async fn snapshot(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+}
+
 /// A run by id.
 pub async fn run<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
