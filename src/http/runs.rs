@@ -409,7 +409,8 @@ pub(crate) async fn run_body(state: &AppState, id: Uuid) -> Result<RunBody, ApiE
     Ok(detail.into())
 }
 
-fn with_location(status: StatusCode, body: RunBody) -> Response {
+/// `body` with `status` and a `Location` header naming the run.
+pub(crate) fn with_location(status: StatusCode, body: RunBody) -> Response {
     let location = HeaderValue::from_str(&format!("/v1/runs/{}", body.id)).ok();
     let mut response = (status, Json(body)).into_response();
     if let Some(location) = location {

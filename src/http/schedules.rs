@@ -341,15 +341,6 @@ pub async fn fire_schedule(
 ) -> Result<Response, ApiError> {
     let name = path_name(path)?;
     let triggered = state.engine.fire_schedule(&name, &admin.operator).await?;
-    let detail = state.engine.run(triggered.run_id).await?.ok_or(ApiError::NotFound {
-        what: "run",
-        id: triggered.run_id.to_string(),
-    })?;
-    let body = RunBody::from(detail);
-    let location = HeaderValue::from_str(&format!("/v1/runs/{}", body.id)).ok();
-    let mut response = (StatusCode::CREATED, Json(body)).into_response();
-    if let Some(location) = location {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
+    let body = super::runs::run_body(&state, triggered.run_id).await?;
+    Ok(super::runs::with_location(StatusCode::CREATED, body))
 }
