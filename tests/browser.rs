@@ -13,6 +13,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
 use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
 use chromiumoxide::handler::viewport::Viewport;
 use chromiumoxide::page::ScreenshotParams;
@@ -163,6 +164,43 @@ async fn fill(page: &Page, selector: &str, text: &str) {
         .type_str(text)
         .await
         .expect("type");
+}
+
+async fn set_viewport(page: &Page, width: u32, height: u32) {
+    page.execute(SetDeviceMetricsOverrideParams::new(width, height, 1.0, false))
+        .await
+        .expect("set the window size");
+}
+
+/// Where the open "Fire now…" confirmation of `schedule` is, as the page lays it out: whether
+/// it is inside the window, whether the topmost element at each corner of its text is the
+/// text (not clipped nor covered), which element is on top at its button's centre, and the
+/// text itself.
+async fn confirmation_seen(page: &Page, schedule: &str) -> serde_json::Value {
+    let script = format!(
+        r#"(() => {{
+            const box = document.querySelector('#fire-{schedule} .confirm-box');
+            const text = box.querySelector('p');
+            const b = box.getBoundingClientRect(), t = text.getBoundingClientRect();
+            const button = document.querySelector('#confirm-fire-{schedule}').getBoundingClientRect();
+            const corners = [[t.left + 2, t.top + 2], [t.right - 2, t.top + 2], [t.left + 2, t.bottom - 2], [t.right - 2, t.bottom - 2]];
+            const top = document.elementFromPoint(button.left + button.width / 2, button.top + button.height / 2);
+            return JSON.stringify({{
+                in_view: b.width > 0 && b.left >= 0 && b.top >= 0 && b.right <= innerWidth && b.bottom <= innerHeight,
+                text_visible: corners.every(([x, y]) => {{ const e = document.elementFromPoint(x, y); return !!e && text.contains(e); }}),
+                button_on_top: top ? top.id : null,
+                text: text.innerText,
+                box: [b.left, b.top, b.right, b.bottom], window: [innerWidth, innerHeight],
+            }});
+        }})()"#
+    );
+    let json = page
+        .evaluate(script)
+        .await
+        .expect("evaluate")
+        .into_value::<String>()
+        .expect("a JSON string");
+    serde_json::from_str(&json).expect("JSON")
 }
 
 /// Runs for the pictures and the story: a registration whose last step fails all its
@@ -375,6 +413,47 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
         html.contains("id=\"schedule-retention-sweep\"")
     })
     .await;
+    // The confirmation is wholly visible, text and button, at a narrow, a wide and a very
+    // wide window (inside the table it once widened the last column past its scroll box,
+    // which clipped it), and clicking outside it closes it.
+    for width in [800, 1400, 1920] {
+        set_viewport(&page, width, HEIGHT).await;
+        click(&page, "#fire-button-retention-sweep").await;
+        let seen = confirmation_seen(&page, "retention-sweep").await;
+        assert_eq!(
+            seen["in_view"], true,
+            "at {width} px the confirmation leaves the window: {seen}"
+        );
+        assert_eq!(
+            seen["text_visible"], true,
+            "at {width} px its text is covered or clipped: {seen}"
+        );
+        assert_eq!(
+            seen["button_on_top"], "confirm-fire-retention-sweep",
+            "at {width} px its button is covered: {seen}"
+        );
+        assert!(
+            seen["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Start a run of retention-sweep now")),
+            "{seen}"
+        );
+        // Near the window's bottom left corner: on the backdrop, away from the dialog.
+        page.click(chromiumoxide::layout::Point {
+            x: 8.0,
+            y: f64::from(HEIGHT) - 8.0,
+        })
+        .await
+        .expect("click outside");
+        let open = page
+            .evaluate("document.querySelector('#fire-retention-sweep').open")
+            .await
+            .expect("evaluate")
+            .into_value::<bool>()
+            .expect("bool");
+        assert!(!open, "at {width} px a click outside left the confirmation open");
+    }
+    set_viewport(&page, WIDTH, HEIGHT).await;
     click(&page, "#fire-button-retention-sweep").await;
     click_and_wait(&page, "#confirm-fire-retention-sweep").await;
     let path = path_of(&page).await;

@@ -367,12 +367,11 @@ pub fn line(view: &ScheduleView, now: DateTime<Utc>, budget: Budget) -> Schedule
     let s = &view.schedule;
     // A zone no longer understood (the time zone database changed) still shows, in UTC.
     let tz = parse_time_zone(&s.time_zone).unwrap_or(Tz::UTC);
-    let local = |at: DateTime<Utc>| at.with_timezone(&tz).format("%a %Y-%m-%d %H:%M:%S %Z").to_string();
     let upcoming: Vec<Tick> = view
         .upcoming
         .iter()
         .map(|&at| Tick {
-            local: local(at),
+            local: format!("{} {}", at.with_timezone(&tz).format("%a"), in_zone(at, &tz)),
             utc: format::time(at),
             iso: format::machine_time(at),
         })
@@ -419,7 +418,7 @@ pub fn line(view: &ScheduleView, now: DateTime<Utc>, budget: Budget) -> Schedule
         overdue,
         busy: s.overlap == Overlap::Skip && view.recent_runs.iter().any(|f| !f.status.is_terminal()),
         recent,
-        last_fire: s.last_fire_at.map(format::time).unwrap_or_default(),
+        last_fire: s.last_fire_at.map(|at| in_zone(at, &tz)).unwrap_or_default(),
         last_error: s
             .last_error
             .as_deref()
@@ -443,8 +442,15 @@ fn policies(overlap: Overlap, catch_up: CatchUp) -> (&'static str, &'static str)
     )
 }
 
+/// An instant in the schedule's time zone, labelled with it: every time on the schedules
+/// page is in its schedule's zone (the UTC time is in the element's title), so none reads
+/// as if it were in another.
+fn in_zone(at: DateTime<Utc>, tz: &Tz) -> String {
+    at.with_timezone(tz).format("%Y-%m-%d %H:%M:%S %Z").to_string()
+}
+
 fn recent_run(fire: &FireRow, tz: &Tz, budget: Budget) -> RecentRun {
-    let when = fire.tick.with_timezone(tz).format("%Y-%m-%d %H:%M:%S").to_string();
+    let when = in_zone(fire.tick, tz);
     let fired_by = if fire.manual {
         format::clip(&fire.fired_by, budget.name)
     } else {
@@ -659,6 +665,12 @@ mod tests {
         assert!(l.busy, "a run in flight under overlap skip");
         assert_eq!(l.recent[0].fired_by.chars().count(), Budget::FULL.name);
         assert!(l.recent[0].title.starts_with("fired now by grace"));
+        // Every time on the line names its zone: the ticks', the latest runs', the last fire's.
+        assert!(
+            l.recent.iter().all(|r| r.when.ends_with(" CEST")),
+            "{:?}",
+            l.recent[0].when
+        );
         assert!(l.recent[1].fired_by.is_empty() && l.recent[1].title.starts_with("tick of"));
         assert_eq!(l.last_error.chars().count(), Budget::FULL.text);
         assert!(l.origin_text.contains("schedules file"));
