@@ -397,6 +397,40 @@ async fn an_operator_finds_a_failed_registration_and_retries_it() {
     .await;
     assert_eq!(path_of(&page).await, "/", "no navigation happened");
 
+    // At 800 px the runs table fits its box (no column cut off behind a scroll bar) and no
+    // run id wraps.
+    set_viewport(&page, 800, HEIGHT).await;
+    let fit = page
+        .evaluate(
+            r#"(() => {
+                const box = document.querySelector('#runs-table .scroll');
+                const ids = [...document.querySelectorAll('a.run-link')];
+                return JSON.stringify({
+                    overflow: box.scrollWidth - box.clientWidth,
+                    page_overflow: document.documentElement.scrollWidth - innerWidth,
+                    wider: [...document.querySelectorAll('body *')]
+                        .filter(e => e.getBoundingClientRect().right > innerWidth + 1)
+                        .slice(0, 5).map(e => e.tagName + '.' + e.className),
+                    wrapped: ids.filter(a => a.getClientRects().length > 1).length,
+                    ids: ids.length,
+                });
+            })()"#,
+        )
+        .await
+        .expect("evaluate")
+        .into_value::<String>()
+        .expect("a JSON string");
+    screenshot(&page, "runs-800.png", None).await;
+    let fit: serde_json::Value = serde_json::from_str(&fit).expect("JSON");
+    assert!(fit["ids"].as_u64().is_some_and(|n| n >= 3), "{fit}");
+    assert_eq!(fit["overflow"], 0, "at 800 px the runs table is cut off: {fit}");
+    assert_eq!(
+        fit["page_overflow"], 0,
+        "at 800 px the page is wider than the window: {fit}"
+    );
+    assert_eq!(fit["wrapped"], 0, "at 800 px run ids wrap: {fit}");
+    set_viewport(&page, WIDTH, HEIGHT).await;
+
     // The schedules, from the navigation: fire the built-in sweep now, after confirming. (A
     // second schedule is there for the picture.)
     let weekdays = server

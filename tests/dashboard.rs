@@ -593,14 +593,16 @@ async fn the_runs_list_finds_a_compensated_registration_by_email() {
         "Customer email",
         "Progress",
         "Current or failed step",
-        "Attempts",
+        "Retries",
         "Started",
         "Duration",
     ] {
         assert!(page.body.contains(header), "column {header}");
     }
     assert!(page.body.contains("5 of 5 steps"));
-    assert!(page.body.contains("0 of 5 steps"));
+    // The compensated one failed its first step; the clean ones did not retry.
+    assert!(page.body.contains("reached step 1 of 5"));
+    assert!(page.body.contains("title=\"5 attempts of 5 started steps\">none</td>"));
     assert!(page.body.contains("failed at validate-customer-account-creation"));
     assert!(
         page.body.contains("compensated <strong>1</strong>"),
@@ -798,6 +800,11 @@ async fn retrying_from_the_dashboard_starts_a_linked_run() {
     assert!(page.body.contains("Retry started"));
     assert!(
         page.body
+            .contains("id=\"started-how\">started by an operator&#39;s retry or restart</span>"),
+        "what started it, in words"
+    );
+    assert!(
+        page.body
             .contains(&format!("href=\"/runs/{id}\" class=\"mono\" id=\"retry-of\""))
     );
     let old = api_run(&server, &id).await;
@@ -810,6 +817,7 @@ async fn retrying_from_the_dashboard_starts_a_linked_run() {
     );
     let page = session.get(&server, &format!("/runs/{id}")).await;
     assert!(page.body.contains("id=\"retried-by\""));
+    assert!(page.body.contains("id=\"started-how\">triggered over the API</span>"));
     assert!(!page.body.contains("confirm-retry"), "retried once only");
 
     // A second retry of the same run, a retry of a completed run, of an unknown run: refused.

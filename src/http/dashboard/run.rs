@@ -421,7 +421,7 @@ pub fn build(
         },
         subject: format::clip(run.subject.as_deref().unwrap_or_default(), 300),
         idempotency_key: run.idempotency_key.clone().unwrap_or_default(),
-        trigger: format!("{:?}", run.trigger).to_lowercase(),
+        trigger: started_how(run.trigger).to_string(),
         created: format::time(run.created_at),
         finished: run.finished_at.map(format::time).unwrap_or_default(),
         duration,
@@ -790,6 +790,16 @@ async fn pause_or_resume(
     tracing::info!(run_id = %id, pause, operator = %operator.session.operator, "dashboard: pause or resume");
     let done = if pause { "paused" } else { "unpaused" };
     Ok(Redirect::to(&format!("/runs/{id}?done={done}")))
+}
+
+/// What started a run, in words for beside its start time ("by api" there read like a
+/// person's name).
+fn started_how(trigger: crate::engine::Trigger) -> &'static str {
+    match trigger {
+        crate::engine::Trigger::Api => "triggered over the API",
+        crate::engine::Trigger::Schedule => "fired by a schedule",
+        crate::engine::Trigger::Retry => "started by an operator's retry or restart",
+    }
 }
 
 #[cfg(test)]

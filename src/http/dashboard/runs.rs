@@ -93,11 +93,13 @@ pub struct RunLine {
     pub workflow: String,
     /// Its status.
     pub status: &'static str,
-    /// "3 of 5 steps".
+    /// "3 of 5 steps"; for a run that ended without completing, "reached step 2 of 5".
     pub progress: String,
     /// The step it is at, or failed at.
     pub current: String,
-    /// Attempts in all, with retries.
+    /// Retries ("none", "2 retries"), and compensation attempts if any.
+    pub retries: String,
+    /// Attempts in all, for the retries' tooltip.
     pub attempts: String,
     /// When it was accepted.
     pub started: String,
@@ -337,16 +339,34 @@ pub fn line(run: &RunRow, steps: &[StepBrief], now: DateTime<Utc>) -> RunLine {
     let started_steps = steps.iter().filter(|s| s.attempts > 0).count() as i64;
     let retries = attempts - started_steps;
     let undo: i64 = steps.iter().map(|s| i64::from(s.compensation_attempts)).sum();
-    let mut attempts_text = attempts.to_string();
-    if retries > 0 {
-        attempts_text.push_str(&format!(
-            " ({retries} {})",
-            if retries == 1 { "retry" } else { "retries" }
+    // Retries, not attempts: "5" beside a clean five-step run read as if it had retried.
+    let mut retries_text = match retries {
+        0 => "none".to_string(),
+        1 => "1 retry".to_string(),
+        n => format!("{n} retries"),
+    };
+    if undo > 0 {
+        retries_text.push_str(&format!(
+            ", {undo} undo {}",
+            if undo == 1 { "attempt" } else { "attempts" }
         ));
     }
-    if undo > 0 {
-        attempts_text.push_str(&format!(" + {undo} undo"));
-    }
+    let attempts_title = format!(
+        "{attempts} {} of {} started {}",
+        if attempts == 1 { "attempt" } else { "attempts" },
+        started_steps,
+        if started_steps == 1 { "step" } else { "steps" }
+    );
+    // A run that ended without completing says how far it got, not how many steps it kept:
+    // "0 of 5 steps" for one that failed its first step read as if nothing had happened.
+    let reached = steps.iter().filter(|s| s.attempts > 0).map(|s| s.idx + 1).max();
+    let progress = match (run.status, reached) {
+        (RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled, Some(k)) => {
+            format!("reached step {k} of {}", steps.len())
+        }
+        (RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled, None) => "no step started".to_string(),
+        _ => format!("{done} of {} steps", steps.len()),
+    };
     let end = run.finished_at.unwrap_or(now);
     let mut duration = format::between(run.created_at, end);
     if run.finished_at.is_none() {
@@ -358,9 +378,10 @@ pub fn line(run: &RunRow, steps: &[StepBrief], now: DateTime<Utc>) -> RunLine {
         subject: format::clip(run.subject.as_deref().unwrap_or_default(), 120),
         workflow: run.workflow.clone(),
         status: run.status.as_str(),
-        progress: format!("{done} of {} steps", steps.len()),
+        progress,
         current: current_step(run, steps),
-        attempts: attempts_text,
+        retries: retries_text,
+        attempts: attempts_title,
         started: format::time(run.created_at),
         started_iso: format::machine_time(run.created_at),
         duration,
@@ -468,7 +489,8 @@ mod tests {
         let l = line(&r, &steps, Utc::now());
         assert_eq!(l.progress, "1 of 3 steps");
         assert_eq!(l.current, "create (retry 3 due)");
-        assert_eq!(l.attempts, "3 (1 retry)");
+        assert_eq!(l.retries, "1 retry");
+        assert_eq!(l.attempts, "3 attempts of 2 started steps");
         assert!(l.duration.ends_with("so far"), "{}", l.duration);
     }
 
@@ -483,10 +505,38 @@ mod tests {
             step(&r, 1, "set-meta", StepStatus::Failed, 3, 0),
         ];
         let l = line(&r, &steps, Utc::now());
-        assert_eq!(l.progress, "1 of 2 steps");
+        assert_eq!(l.progress, "reached step 2 of 2");
         assert_eq!(l.current, "failed at set-meta");
-        assert_eq!(l.attempts, "4 (2 retries) + 1 undo");
+        assert_eq!(l.retries, "2 retries, 1 undo attempt");
+        assert_eq!(l.attempts, "4 attempts of 2 started steps");
         assert_eq!(l.duration, "1.5 s");
+    }
+
+    #[test]
+    fn a_clean_run_has_no_retries_and_one_that_failed_its_first_step_says_so() {
+        let clean = run(RunStatus::Completed, None);
+        let steps: Vec<StepBrief> = (0..5)
+            .map(|i| step(&clean, i, "s", StepStatus::Succeeded, 1, 0))
+            .collect();
+        let l = line(&clean, &steps, Utc::now());
+        assert_eq!((l.progress.as_str(), l.retries.as_str()), ("5 of 5 steps", "none"));
+        assert_eq!(l.attempts, "5 attempts of 5 started steps");
+
+        let first = run(
+            RunStatus::Compensated,
+            Some(json!({"step": "validate", "message": "no"})),
+        );
+        let mut steps = vec![step(&first, 0, "validate", StepStatus::Failed, 1, 0)];
+        steps.extend((1..5).map(|i| step(&first, i, "s", StepStatus::Pending, 0, 0)));
+        let l = line(&first, &steps, Utc::now());
+        assert_eq!(
+            (l.progress.as_str(), l.retries.as_str()),
+            ("reached step 1 of 5", "none")
+        );
+
+        let cancelled = run(RunStatus::Cancelled, None);
+        let steps = vec![step(&cancelled, 0, "validate", StepStatus::Pending, 0, 0)];
+        assert_eq!(line(&cancelled, &steps, Utc::now()).progress, "no step started");
     }
 
     #[test]
