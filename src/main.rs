@@ -258,8 +258,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(id) => id,
         None => default_node_id(&args.database.data_dir),
     };
-    let api_token = Token::resolve(args.api_token, "SAGAFLOW_API_TOKEN");
-    let admin_token = Token::resolve(args.admin_token, "SAGAFLOW_ADMIN_TOKEN");
+    let (api_token, admin_token) =
+        Token::resolve_both(args.api_token, args.admin_token, &args.database.data_dir).await?;
     let config = ServerConfig {
         listen: args.listen,
         database_url: args.database.database_url,
@@ -340,31 +340,91 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
     retention::parse_duration("retention", text).map_err(|e| e.message)
 }
 
-/// A token from the configuration, or generated when unset.
+/// A token from the configuration, or, when unset, the one generated for this data directory.
 struct Token {
     value: String,
-    generated_for: Option<&'static str>,
+    /// Where a generated token is kept, and the variable that would choose it instead.
+    generated: Option<(std::path::PathBuf, &'static str)>,
 }
 
 impl Token {
-    fn resolve(given: Option<String>, env: &'static str) -> Self {
-        match given.filter(|t| !t.trim().is_empty()) {
-            Some(value) => Self {
-                value,
-                generated_for: None,
-            },
-            None => Self {
-                value: sagaflow::http::auth::generate_token(),
-                generated_for: Some(env),
-            },
-        }
+    /// The API and admin tokens: each the configured one; else the one kept in the data
+    /// directory (`api-token`, `admin-token`, mode 0600), generated and written there on
+    /// first use. Kept so that a restart neither changes the tokens backends and operators
+    /// use nor ends every dashboard session. Both kept files are read before anything is
+    /// written, so a bad one changes nothing.
+    async fn resolve_both(
+        api: Option<String>,
+        admin: Option<String>,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<(Self, Self)> {
+        let api = Self::configured_or_kept(api, "SAGAFLOW_API_TOKEN", data_dir.join("api-token")).await?;
+        let admin = Self::configured_or_kept(admin, "SAGAFLOW_ADMIN_TOKEN", data_dir.join("admin-token")).await?;
+        Ok((api.or_generate(data_dir).await?, admin.or_generate(data_dir).await?))
     }
 
-    /// Prints a generated token once, so the operator can use it; a configured one is not
-    /// repeated.
+    /// The configured token, or the kept one; an empty value when neither exists yet.
+    async fn configured_or_kept(
+        given: Option<String>,
+        env: &'static str,
+        path: std::path::PathBuf,
+    ) -> anyhow::Result<Self> {
+        if let Some(value) = given.filter(|t| !t.trim().is_empty()) {
+            return Ok(Self { value, generated: None });
+        }
+        let value = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => {
+                let value = text.trim().to_string();
+                anyhow::ensure!(
+                    value.len() >= 32 && value.chars().all(|c| c.is_ascii_graphic()),
+                    "{} holds no valid token (at least 32 printable characters); delete it to have a new \
+                     one generated, or set {env}",
+                    path.display()
+                );
+                value
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self {
+            value,
+            generated: Some((path, env)),
+        })
+    }
+
+    /// Itself, or, when nothing was configured nor kept, a new token written to its file.
+    async fn or_generate(mut self, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let Some((path, _)) = &self.generated else {
+            return Ok(self);
+        };
+        if !self.value.is_empty() {
+            return Ok(self);
+        }
+        let value = sagaflow::http::auth::generate_token();
+        tokio::fs::create_dir_all(data_dir)
+            .await
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let mut options = tokio::fs::OpenOptions::new();
+        options.write(true).create_new(true).mode(0o600);
+        let mut out = options
+            .open(path)
+            .await
+            .with_context(|| format!("keeping the generated token in {}", path.display()))?;
+        tokio::io::AsyncWriteExt::write_all(&mut out, format!("{value}\n").as_bytes())
+            .await
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.value = value;
+        Ok(self)
+    }
+
+    /// Prints a generated token, so the operator can use it; a configured one is not repeated.
     fn announce(&self, label: &str) {
-        match self.generated_for {
-            Some(env) => println!("  {label}: {}   (generated; set {env} to choose it)", self.value),
+        match &self.generated {
+            Some((path, env)) => println!(
+                "  {label}: {}   (generated, kept in {}; set {env} to choose it)",
+                self.value,
+                path.display()
+            ),
             None => println!("  {label}: from the configuration"),
         }
     }

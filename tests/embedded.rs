@@ -88,6 +88,23 @@ fn healthy(port: u16) -> bool {
     response.starts_with("HTTP/1.1 200") && response.contains("\"ok\"")
 }
 
+/// The status code of `GET path` with `token` as the bearer.
+fn status_with_token(port: u16, path: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response}"))
+}
+
 fn wait_healthy(child: &mut Child, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -161,11 +178,29 @@ fn the_embedded_default_starts_persists_survives_a_kill_and_stops_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     assert!(!cluster_running(&data), "the embedded cluster was left running");
 
-    // Restart: the same cluster, data kept.
+    // No token was configured: both were generated and kept in the data directory, readable
+    // by its owner only.
+    let tokens = || {
+        ["api-token", "admin-token"].map(|file| {
+            let path = data.join(file);
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("token file").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+            std::fs::read_to_string(&path).expect("token").trim().to_string()
+        })
+    };
+    let first_tokens = tokens();
+    assert!(first_tokens.iter().all(|t| t.len() == 64), "{first_tokens:?}");
+    assert_ne!(first_tokens[0], first_tokens[1]);
+
+    // Restart: the same cluster, data kept, and the same tokens, which the API accepts.
     let mut server = spawn_server(&data, port);
     wait_healthy(&mut server, port);
     let workers = psql_scalar(&data, "SELECT count(*)::text FROM workers");
     assert_eq!(workers, "2", "the first start's worker row is still there");
+    assert_eq!(tokens(), first_tokens, "a restart keeps the generated tokens");
+    assert_eq!(status_with_token(port, "/v1/runs", &first_tokens[0]), 200);
+    assert_eq!(status_with_token(port, "/v1/runs", "not-the-token"), 401);
 
     // SIGKILL leaves the cluster running; the next start adopts it.
     server.kill().expect("SIGKILL");
@@ -261,6 +296,37 @@ fn without_postgres_binaries_the_server_says_how_to_get_them() {
     assert!(
         err.contains("no PostgreSQL server binaries") && err.contains("DATABASE_URL"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_kept_token_file_that_holds_no_token_is_refused_with_its_path() {
+    let tmp = TempDir::new("badtoken");
+    let data = tmp.0.join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("admin-token"), "short\n").expect("token file");
+    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env_remove("SAGAFLOW_API_TOKEN")
+        .env_remove("SAGAFLOW_ADMIN_TOKEN")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin-token holds no valid token") && err.contains("SAGAFLOW_ADMIN_TOKEN"),
+        "{err}"
+    );
+    // Nothing was written: both kept files are read before a missing one is generated.
+    assert_eq!(
+        std::fs::read_to_string(data.join("admin-token")).expect("kept"),
+        "short\n"
+    );
+    assert!(
+        !data.join("api-token").exists(),
+        "the API token was generated all the same"
     );
 }
 
