@@ -281,18 +281,26 @@ fn a_second_server_on_a_data_directory_is_refused_and_check_and_migrate_use_the_
     assert!(postmaster(&data).is_none(), "check left the cluster it started running");
 }
 
+/// Starts the server on `data` as `configure` says, expects it to refuse (exit 1), and
+/// returns what it wrote on stderr.
+fn refused_start(data: &Path, configure: impl FnOnce(&mut Command)) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sagaflow"));
+    command.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
+    configure(&mut command);
+    let out = command.output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    err
+}
+
 #[test]
 fn without_postgres_binaries_the_server_says_how_to_get_them() {
     let tmp = TempDir::new("nobin");
-    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.0.join("data"))
-        .env_remove("DATABASE_URL")
-        .env("SAGAFLOW_PG_BINDIR", tmp.0.join("no-such-bin"))
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&tmp.0.join("data"), |command| {
+        command
+            .env_remove("DATABASE_URL")
+            .env("SAGAFLOW_PG_BINDIR", tmp.0.join("no-such-bin"));
+    });
     assert!(
         err.contains("no PostgreSQL server binaries") && err.contains("DATABASE_URL"),
         "{err}"
@@ -305,16 +313,12 @@ fn a_kept_token_file_that_holds_no_token_is_refused_with_its_path() {
     let data = tmp.0.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     std::fs::write(data.join("admin-token"), "short\n").expect("token file");
-    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .env_remove("SAGAFLOW_API_TOKEN")
-        .env_remove("SAGAFLOW_ADMIN_TOKEN")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&data, |command| {
+        command
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env_remove("SAGAFLOW_API_TOKEN")
+            .env_remove("SAGAFLOW_ADMIN_TOKEN");
+    });
     assert!(
         err.contains("admin-token holds no valid token") && err.contains("SAGAFLOW_ADMIN_TOKEN"),
         "{err}"
@@ -333,17 +337,13 @@ fn a_kept_token_file_that_holds_no_token_is_refused_with_its_path() {
 #[test]
 fn bad_fault_specs_are_refused_at_start() {
     let tmp = TempDir::new("faults");
-    let out = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.0.join("data"))
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .env("SAGAFLOW_FAULTS", "explode:everything")
-        // A configuration mistake is one line to fix, not a backtrace, even with this set.
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&tmp.0.join("data"), |command| {
+        command
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("SAGAFLOW_FAULTS", "explode:everything")
+            // A configuration mistake is one line to fix, not a backtrace, even with this set.
+            .env("RUST_BACKTRACE", "1");
+    });
     assert!(
         err.contains("error: ") && err.contains("invalid SAGAFLOW_FAULTS entry `explode:everything`"),
         "{err}"
