@@ -26,7 +26,7 @@ export SAGAFLOW_API_TOKEN=fuzz-api-token-0123456789abcdef0123 SAGAFLOW_ADMIN_TOK
 # The fuzzer may send malformed Authorization headers; throttling them (tested on its own in
 # tests/security.rs) would turn the rest of the pass into 429s.
 export SAGAFLOW_AUTH_MAX_FAILURES=1000000
-./target/debug/sagaflow --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
+"${CARGO_TARGET_DIR:-target}/debug/sagaflow" --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
 server=$!
 cleanup() {
     kill -TERM "$server" 2>/dev/null || true
