@@ -282,6 +282,11 @@ fn the_readme_can_be_followed_top_to_bottom_twice_on_the_same_data() {
         run.iter().filter(|b| b.expected.is_some()).count() >= 5,
         "too few blocks say what they print"
     );
+    // The order saga's participant listens where its definition says, as in the README.
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", 4000)).is_ok(),
+        "port 4000, which the README's participant uses (examples/order-saga/order.json), is taken"
+    );
     let dir = scratch();
     let script_text = script(&blocks, free_port());
     for pass in 1..=2 {
