@@ -358,63 +358,9 @@ impl Token {
         admin: Option<String>,
         data_dir: &std::path::Path,
     ) -> anyhow::Result<(Self, Self)> {
-        let api = Self::configured_or_kept(api, "SAGAFLOW_API_TOKEN", data_dir.join("api-token")).await?;
-        let admin = Self::configured_or_kept(admin, "SAGAFLOW_ADMIN_TOKEN", data_dir.join("admin-token")).await?;
-        Ok((api.or_generate(data_dir).await?, admin.or_generate(data_dir).await?))
-    }
-
-    /// The configured token, or the kept one; an empty value when neither exists yet.
-    async fn configured_or_kept(
-        given: Option<String>,
-        env: &'static str,
-        path: std::path::PathBuf,
-    ) -> anyhow::Result<Self> {
-        if let Some(value) = given.filter(|t| !t.trim().is_empty()) {
-            return Ok(Self { value, generated: None });
-        }
-        let value = match tokio::fs::read_to_string(&path).await {
-            Ok(text) => {
-                let value = text.trim().to_string();
-                anyhow::ensure!(
-                    value.len() >= 32 && value.chars().all(|c| c.is_ascii_graphic()),
-                    "{} holds no valid token (at least 32 printable characters); delete it to have a new \
-                     one generated, or set {env}",
-                    path.display()
-                );
-                value
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        Ok(Self {
-            value,
-            generated: Some((path, env)),
-        })
-    }
-
-    /// Itself, or, when nothing was configured nor kept, a new token written to its file.
-    async fn or_generate(mut self, data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let Some((path, _)) = &self.generated else {
-            return Ok(self);
-        };
-        if !self.value.is_empty() {
-            return Ok(self);
-        }
-        let value = sagaflow::http::auth::generate_token();
-        tokio::fs::create_dir_all(data_dir)
-            .await
-            .with_context(|| format!("creating {}", data_dir.display()))?;
-        let mut options = tokio::fs::OpenOptions::new();
-        options.write(true).create_new(true).mode(0o600);
-        let mut out = options
-            .open(path)
-            .await
-            .with_context(|| format!("keeping the generated token in {}", path.display()))?;
-        tokio::io::AsyncWriteExt::write_all(&mut out, format!("{value}\n").as_bytes())
-            .await
-            .with_context(|| format!("writing {}", path.display()))?;
-        self.value = value;
-        Ok(self)
+        let api = Wanted::read(api, "SAGAFLOW_API_TOKEN", data_dir.join("api-token")).await?;
+        let admin = Wanted::read(admin, "SAGAFLOW_ADMIN_TOKEN", data_dir.join("admin-token")).await?;
+        Ok((api.settle(data_dir).await?, admin.settle(data_dir).await?))
     }
 
     /// Prints a generated token, so the operator can use it; a configured one is not repeated.
@@ -427,6 +373,65 @@ impl Token {
             ),
             None => println!("  {label}: from the configuration"),
         }
+    }
+}
+
+/// A token as found before anything is written: configured, kept in its file, or neither.
+enum Wanted {
+    Configured(String),
+    Kept(String, std::path::PathBuf, &'static str),
+    Missing(std::path::PathBuf, &'static str),
+}
+
+impl Wanted {
+    /// What `given` (from `env`) and the file at `path` say; a kept file that holds no valid
+    /// token is an error naming it.
+    async fn read(given: Option<String>, env: &'static str, path: std::path::PathBuf) -> anyhow::Result<Self> {
+        if let Some(value) = given.filter(|t| !t.trim().is_empty()) {
+            return Ok(Self::Configured(value));
+        }
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => {
+                let value = text.trim().to_string();
+                anyhow::ensure!(
+                    value.len() >= 32 && value.chars().all(|c| c.is_ascii_graphic()),
+                    "{} holds no valid token (at least 32 printable characters); delete it to have a new \
+                     one generated, or set {env}",
+                    path.display()
+                );
+                Ok(Self::Kept(value, path, env))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::Missing(path, env)),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The token: a missing one is generated and written to its file (created, mode 0600).
+    async fn settle(self, data_dir: &std::path::Path) -> anyhow::Result<Token> {
+        let (value, path, env) = match self {
+            Self::Configured(value) => return Ok(Token { value, generated: None }),
+            Self::Kept(value, path, env) => (value, path, env),
+            Self::Missing(path, env) => {
+                let value = sagaflow::http::auth::generate_token();
+                tokio::fs::create_dir_all(data_dir)
+                    .await
+                    .with_context(|| format!("creating {}", data_dir.display()))?;
+                let mut options = tokio::fs::OpenOptions::new();
+                options.write(true).create_new(true).mode(0o600);
+                let mut out = options
+                    .open(&path)
+                    .await
+                    .with_context(|| format!("keeping the generated token in {}", path.display()))?;
+                tokio::io::AsyncWriteExt::write_all(&mut out, format!("{value}\n").as_bytes())
+                    .await
+                    .with_context(|| format!("writing {}", path.display()))?;
+                (value, path, env)
+            }
+        };
+        Ok(Token {
+            value,
+            generated: Some((path, env)),
+        })
     }
 }
 

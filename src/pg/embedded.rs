@@ -287,7 +287,17 @@ impl EmbeddedPostgres {
                 data_dir,
             });
         };
-        let cluster_home = cluster_home(&data_dir, run_as.as_ref())?;
+        let cluster_home = cluster_home(&data_dir, run_as.as_ref());
+        if cluster_home != data_dir {
+            tracing::warn!(
+                data_dir = %data_dir.display(),
+                cluster = %cluster_home.display(),
+                "the postgres user cannot reach the data directory; keeping the cluster elsewhere"
+            );
+            fs::create_dir_all(&cluster_home).map_err(io_err("cannot create cluster directory", &cluster_home))?;
+            fs::set_permissions(&cluster_home, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("cannot set permissions of", &cluster_home))?;
+        }
         let pgdata = cluster_home.join("pgdata");
         let socket_dir = socket_dir_for(&cluster_home)?;
         prepare_private_dir(&socket_dir, run_as.as_ref())?;
@@ -344,7 +354,7 @@ impl EmbeddedPostgres {
     pub fn running_url(data_dir: &Path) -> Result<Option<String>, EmbeddedError> {
         let data_dir = fs::canonicalize(data_dir).map_err(io_err("cannot resolve data directory", data_dir))?;
         let run_as = RunAs::for_current_process()?;
-        let socket_dir = socket_dir_for(&cluster_home(&data_dir, run_as.as_ref())?)?;
+        let socket_dir = socket_dir_for(&cluster_home(&data_dir, run_as.as_ref()))?;
         let socket_up = socket_dir.join(format!(".s.PGSQL.{SOCKET_PORT}")).exists();
         Ok(socket_up.then(|| socket_url(&socket_dir, DATABASE_NAME)))
     }
@@ -597,21 +607,12 @@ fn tail_of(path: &Path, bytes: usize) -> String {
 /// Where the cluster of `data_dir` lives: in it, unless sagaflow runs as root and the
 /// `postgres` user cannot get into it (e.g. under /root); then in a place that user can
 /// reach, tied to this data directory.
-fn cluster_home(data_dir: &Path, run_as: Option<&RunAs>) -> Result<PathBuf, EmbeddedError> {
+fn cluster_home(data_dir: &Path, run_as: Option<&RunAs>) -> PathBuf {
     match run_as {
         Some(user) if !user.can_reach(data_dir) => {
-            let home = PathBuf::from("/var/lib/sagaflow").join(short_hash(&data_dir.to_string_lossy()));
-            tracing::warn!(
-                data_dir = %data_dir.display(),
-                cluster = %home.display(),
-                "the postgres user cannot reach the data directory; keeping the cluster elsewhere"
-            );
-            fs::create_dir_all(&home).map_err(io_err("cannot create cluster directory", &home))?;
-            fs::set_permissions(&home, fs::Permissions::from_mode(0o755))
-                .map_err(io_err("cannot set permissions of", &home))?;
-            Ok(home)
+            PathBuf::from("/var/lib/sagaflow").join(short_hash(&data_dir.to_string_lossy()))
         }
-        _ => Ok(data_dir.to_path_buf()),
+        _ => data_dir.to_path_buf(),
     }
 }
 

@@ -268,9 +268,6 @@ fn ceil_second(t: DateTime<Utc>) -> DateTime<Utc> {
     if floor == t { t } else { floor + Duration::seconds(1) }
 }
 
-/// The `cron` crate's message without its echo of the expression it parsed (ours may differ
-/// from what the user wrote: crontab is translated) and caret; when it has no explanation,
-/// where the caret pointed.
 /// The first number of an expression outside its field's range, said in our words (the cron
 /// crate's own message is off by one: "Minutes must be less than 59" for 61). Step values
 /// (after `/`) and names (`MON`, `JAN`) are left to the parser.
@@ -312,6 +309,9 @@ fn out_of_range(fields: &[&str]) -> Option<String> {
     None
 }
 
+/// The `cron` crate's message without its echo of the expression it parsed (ours may differ
+/// from what the user wrote: crontab is translated) and caret; when it has no explanation,
+/// where the caret pointed.
 fn crate_message(message: &str) -> String {
     let lines: Vec<&str> = message.lines().collect();
     let Some(caret) = lines.iter().position(|l| l.trim() == "^") else {
