@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use super::measure::{Latency, cpu_seconds};
+use super::measure::{Latency, cluster_cpu_seconds, cpu_seconds};
 
 /// The token the bench's server children accept.
 pub const TOKEN: &str = "bench-token-0123456789abcdef0123456789";
@@ -46,6 +46,10 @@ pub struct Phase {
     pub latency_ms: Latency,
     /// CPU seconds the server process used (HTTP phases).
     pub server_cpu_s: Option<f64>,
+    /// CPU seconds the PostgreSQL cluster used (all its processes), when it runs on this
+    /// machine: less noisy than a rate on a shared machine, so what an A/B of a change to
+    /// the hot path compares.
+    pub postgres_cpu_s: Option<f64>,
 }
 
 /// What the recovery phase measured.
@@ -164,6 +168,28 @@ impl BatchHistogram {
             previous = now;
         }
         sizes
+    }
+}
+
+/// The PostgreSQL cluster's CPU time at the start of a phase.
+struct PostgresCpu {
+    backend: Option<u32>,
+    before: Option<f64>,
+}
+
+impl PostgresCpu {
+    async fn start(pool: &PgPool) -> Self {
+        let backend: Option<i32> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(pool).await.ok();
+        let backend = backend.and_then(|pid| u32::try_from(pid).ok());
+        Self {
+            backend,
+            before: backend.and_then(cluster_cpu_seconds),
+        }
+    }
+
+    /// CPU seconds used since the start.
+    fn used(&self) -> Option<f64> {
+        Some(cluster_cpu_seconds(self.backend?)? - self.before?)
     }
 }
 
@@ -292,6 +318,7 @@ pub async fn closed_loop(
     trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
     let next = Arc::new(AtomicUsize::new(from));
     let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
+    let postgres = PostgresCpu::start(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -320,6 +347,7 @@ pub async fn closed_loop(
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
     let cpu = cpu_seconds(server_pid).map(|after| after - cpu_before);
+    let postgres_cpu_s = postgres.used();
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
@@ -329,6 +357,7 @@ pub async fn closed_loop(
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: cpu,
+        postgres_cpu_s,
     })
 }
 
@@ -375,6 +404,7 @@ pub async fn http_open_loop(
         statements_per_run: None,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
+        postgres_cpu_s: None,
     })
 }
 
@@ -387,6 +417,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
+    let postgres = PostgresCpu::start(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -417,6 +448,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
+    let postgres_cpu_s = postgres.used();
     worker.shutdown().await;
     Ok(Phase {
         runs,
@@ -427,6 +459,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
+        postgres_cpu_s,
     })
 }
 

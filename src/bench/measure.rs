@@ -38,19 +38,64 @@ impl Latency {
     }
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// The fields of `/proc/<pid>/stat` after the command name (which may contain spaces, so
+/// they start after the last ')'): `[0]` is the state, `[1]` the parent's pid, `[11]`/`[12]`
+/// user and system time, `[13]`/`[14]` those of the children waited for.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
-        .unwrap_or(100) as f64;
-    Some((utime + stime) / ticks)
+        .unwrap_or(100) as f64
+}
+
+/// The sum of the clock-tick fields `which` of a process.
+fn ticks(fields: &[String], which: &[usize]) -> Option<f64> {
+    which
+        .iter()
+        .map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum::<Option<f64>>()
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(ticks(&stat_fields(pid)?, &[11, 12])? / ticks_per_second())
+}
+
+/// CPU seconds a PostgreSQL cluster has used so far, from /proc: its postmaster's, that of the
+/// backends that exited (the postmaster waited for them), and that of every live child
+/// (backends, WAL writer, checkpointer, autovacuum). `backend` is any backend's pid
+/// (`pg_backend_pid()`); `None` when it is not a local PostgreSQL process, e.g. a
+/// `DATABASE_URL` on another host.
+pub fn cluster_cpu_seconds(backend: u32) -> Option<f64> {
+    let is_postgres =
+        |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with("postgres"));
+    if !is_postgres(backend) {
+        return None;
+    }
+    let postmaster: u32 = stat_fields(backend)?.get(1)?.parse().ok()?;
+    if !is_postgres(postmaster) {
+        return None;
+    }
+    let mut total = ticks(&stat_fields(postmaster)?, &[11, 12, 13, 14])?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A child may exit between the listing and the read: its time is then the
+        // postmaster's, counted at the next reading.
+        if let Some(fields) = stat_fields(pid)
+            && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(postmaster)
+        {
+            total += ticks(&fields, &[11, 12, 13, 14]).unwrap_or(0.0);
+        }
+    }
+    Some(total / ticks_per_second())
 }
 
 /// The peak resident set of a process, in MiB, from /proc.
@@ -80,5 +125,13 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(peak_rss_mb(pid).is_some_and(|m| m > 0.0));
+    }
+
+    #[test]
+    fn a_process_that_is_not_postgres_has_no_cluster_time() {
+        // This process (a test binary, not PostgreSQL), and a pid no process has: the bench
+        // then reports no PostgreSQL CPU rather than another process's.
+        assert_eq!(cluster_cpu_seconds(std::process::id()), None);
+        assert_eq!(cluster_cpu_seconds(u32::MAX), None);
     }
 }

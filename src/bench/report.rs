@@ -86,6 +86,7 @@ impl Report {
             "latency_ms_at_max_throughput": http.map(|p| p.latency_ms),
             "half_load_runs_per_s": half.map(|p| round(p.runs_per_s)),
             "server_cpu_s": http.and_then(|p| p.server_cpu_s).map(round),
+            "postgres_cpu_s": http.and_then(|p| p.postgres_cpu_s).map(round),
             "http_steps": self.http_steps.as_ref().map(|p| json!({
                 "runs_per_s": round(p.runs_per_s),
                 "steps_per_s": round(p.steps_per_s),
@@ -94,6 +95,7 @@ impl Report {
                 "statements_per_run": p.statements_per_run.map(round),
                 "latency_ms": p.latency_ms,
                 "server_cpu_s": p.server_cpu_s.map(round),
+                "postgres_cpu_s": p.postgres_cpu_s.map(round),
             })),
             "library": self.library,
             "recovery": self.recovery,
@@ -154,6 +156,12 @@ impl Report {
                     format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
                 );
             }
+            if let Some(cpu) = p.postgres_cpu_s {
+                line(
+                    "http: PostgreSQL CPU s (per 1000 runs)",
+                    format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
+                );
+            }
         }
         if let Some(p) = &self.http_idle {
             line("idle (one client): p50/p90/p99 ms", fmt_latency(&p.latency_ms));
@@ -185,6 +193,12 @@ impl Report {
                 );
             }
             line("http steps: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
+            if let Some(cpu) = p.postgres_cpu_s {
+                line(
+                    "http steps: PostgreSQL CPU s (per 1000 runs)",
+                    format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
+                );
+            }
         }
         line("server peak RSS MiB", format!("{:.1}", self.rss_mb));
         if let Some(p) = &self.library {
