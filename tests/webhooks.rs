@@ -388,3 +388,142 @@ async fn a_wait_no_worker_ended_past_its_deadline_is_reported_overdue_once() {
     assert_eq!(deliveries(&server, "pager").await.len(), 1);
     server.stop().await;
 }
+
+/// A delivery row of `run`: who it is for, what it reports, and its body.
+async fn deliveries_of(db: &sqlx::PgPool, run: uuid::Uuid) -> Vec<(String, String, Value)> {
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT subscription, event_type, body FROM webhook_deliveries WHERE run_id = $1 ORDER BY id")
+            .bind(run)
+            .fetch_all(db)
+            .await
+            .expect("deliveries");
+    rows.into_iter()
+        .map(|(s, t, body)| (s, t, serde_json::from_str(&body).expect("a JSON body")))
+        .collect()
+}
+
+/// The database triggers alone (no server): a delivery is written exactly when a change that
+/// an enabled subscription wants commits, and shows the row as the statement wrote it. They
+/// run before the row is written and look for a subscription before building a body
+/// (`0015_cheap_webhook_triggers`), so this holds that to what the first version did.
+#[tokio::test]
+async fn the_triggers_write_a_delivery_only_for_a_committed_change_an_enabled_subscription_wants() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    for (name, events, workflows, enabled) in [
+        (
+            "all",
+            vec!["run.completed", "run.failed", "event.customer.created"],
+            None,
+            true,
+        ),
+        ("off", vec!["run.completed", "event.customer.created"], None, false),
+        ("failures", vec!["run.failed"], None, true),
+        (
+            "elsewhere",
+            vec!["run.completed", "event.customer.created"],
+            Some(vec!["another-workflow"]),
+            true,
+        ),
+    ] {
+        sqlx::query(
+            "INSERT INTO webhook_subscriptions (name, url, events, workflows, secret_env, enabled)
+             VALUES ($1, 'http://127.0.0.1:9/hook', $2, $3, 'SAGAFLOW_TEST_HOOK_SECRET', $4)",
+        )
+        .bind(name)
+        .bind(events)
+        .bind(workflows)
+        .bind(enabled)
+        .execute(pool)
+        .await
+        .expect("subscription");
+    }
+    let run = uuid::Uuid::now_v7();
+    // A running run, parked so that it is reachable without a lease.
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
+         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
+    )
+    .bind(run)
+    .execute(pool)
+    .await
+    .expect("run");
+    sqlx::query("INSERT INTO outbox_events (id, name, data, run_id) VALUES ('evt_trigger_test', 'customer.created', '{\"id\": \"cus_1\"}', $1)")
+        .bind(run)
+        .execute(pool)
+        .await
+        .expect("event");
+    let finish = "UPDATE runs SET status = 'completed', parked_reason = NULL, output = '{\"done\": true}',
+                      finished_at = clock_timestamp(), updated_at = '2026-06-01T12:00:00.123456Z'
+                  WHERE id = $1";
+
+    // An update that does not finish the run reports nothing.
+    sqlx::query("UPDATE runs SET updated_at = clock_timestamp(), status = 'running' WHERE id = $1")
+        .bind(run)
+        .execute(pool)
+        .await
+        .expect("no finish");
+    assert!(deliveries_of(pool, run).await.is_empty());
+
+    // A finish rolled back leaves no delivery, though its transaction saw one.
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(finish).bind(run).execute(&mut *tx).await.expect("finish");
+    let inside: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE run_id = $1")
+        .bind(run)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("count");
+    assert_eq!(inside, 1, "written by the statement that finishes the run");
+    tx.rollback().await.expect("rollback");
+    assert!(deliveries_of(pool, run).await.is_empty(), "rolled back with the finish");
+
+    // Committed: one delivery, to the one enabled subscription that wants it.
+    sqlx::query(finish).bind(run).execute(pool).await.expect("finish");
+    let written = deliveries_of(pool, run).await;
+    let who: Vec<(&str, &str)> = written.iter().map(|(s, t, _)| (s.as_str(), t.as_str())).collect();
+    assert_eq!(who, [("all", "run.completed")]);
+    let body = &written[0].2;
+    assert_eq!(body["type"], "run.completed");
+    assert_eq!(body["data"]["run"]["id"], run.to_string());
+    assert_eq!(body["data"]["run"]["status"], "completed", "the row as written: {body}");
+    assert_eq!(body["data"]["run"]["output"], json!({"done": true}));
+    let (updated_at, finished_at): (String, String) =
+        sqlx::query_as("SELECT to_jsonb(updated_at)::text, to_jsonb(finished_at)::text FROM runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(pool)
+            .await
+            .expect("times");
+    assert_eq!(body["data"]["run"]["updated_at"].to_string(), updated_at);
+    assert_eq!(body["data"]["run"]["finished_at"].to_string(), finished_at);
+
+    // The event's release: filtered by its run's workflow, the release as written.
+    sqlx::query(
+        "UPDATE outbox_events SET status = 'released', released_at = '2026-06-01T12:00:01Z',
+             released_xid = pg_current_xact_id()
+         WHERE run_id = $1",
+    )
+    .bind(run)
+    .execute(pool)
+    .await
+    .expect("release");
+    let written = deliveries_of(pool, run).await;
+    let who: Vec<(&str, &str)> = written.iter().map(|(s, t, _)| (s.as_str(), t.as_str())).collect();
+    assert_eq!(who, [("all", "run.completed"), ("all", "event.customer.created")]);
+    let event = &written[1].2["data"]["event"];
+    assert_eq!(event["id"], "evt_trigger_test");
+    assert_eq!(event["data"], json!({"id": "cus_1"}));
+    let released_at: String =
+        sqlx::query_scalar("SELECT to_jsonb(released_at)::text FROM outbox_events WHERE run_id = $1")
+            .bind(run)
+            .fetch_one(pool)
+            .await
+            .expect("released at");
+    assert_eq!(event["released_at"].to_string(), released_at);
+    // Released again (it stays released): nothing more.
+    sqlx::query("UPDATE outbox_events SET status = 'released' WHERE run_id = $1")
+        .bind(run)
+        .execute(pool)
+        .await
+        .expect("again");
+    assert_eq!(deliveries_of(pool, run).await.len(), 2);
+}
