@@ -2122,3 +2122,115 @@ async fn a_paused_workflow_holds_its_new_runs_pending_until_it_is_resumed() {
     );
     worker.shutdown().await;
 }
+
+/// Sequential scans of `runs` in the test's database so far, once every other client's
+/// connection to it has ended (a backend reports its counts when it exits, and at most once a
+/// second before that).
+async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("activity");
+        if others == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{others} connections still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query_scalar("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'runs'")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("seq scans")
+}
+
+/// The worker's pool plans each statement once (`force_generic_plan`), blind to its
+/// parameters; the API's plans each execution. On 200,000 finished runs, a worker that claims
+/// and runs runs, takes over lost leases and sweeps old runs reads `runs` only through its
+/// indexes: a range the planner could not bound would read the whole table at every claim.
+/// The one sequential scan is the probe that shows this test sees the worker pool's scans.
+#[tokio::test]
+async fn the_worker_pool_plans_once_and_reads_a_large_runs_table_only_through_its_indexes() {
+    let db = test_db().await;
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger,
+                           created_at, updated_at, finished_at)
+         SELECT gen_random_uuid(), 'scripted-local', 1, 'completed', '{}', 'user' || g || '@example.com', 'api',
+                now() - g * interval '1 second', now() - g * interval '1 second',
+                now() - g * interval '1 second' + interval '40 milliseconds'
+         FROM generate_series(1, 200000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("fill");
+    sqlx::query("ANALYZE runs").execute(&db.pool).await.expect("analyze");
+    db.pool.close().await;
+    let mut observer = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect");
+    let before = runs_seq_scans(&mut observer).await;
+
+    let pools = sagaflow::pg::Pools::split(&db.url, &sagaflow::pg::PoolConfig::default()).expect("pools");
+    let setting = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, String>("SHOW plan_cache_mode")
+            .fetch_one(&pool)
+            .await
+            .expect("setting")
+    };
+    assert_eq!(setting(pools.worker.clone()).await, "force_generic_plan");
+    assert_eq!(setting(pools.api.clone()).await, "auto");
+    // The probe: no index can serve it, and `FOR UPDATE` keeps it one scan (not parallel).
+    let probed: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM runs WHERE input ->> 'probe' = $1 FOR UPDATE")
+        .bind("x")
+        .fetch_all(&pools.worker)
+        .await
+        .expect("probe");
+    assert!(probed.is_empty());
+
+    let engine = Engine::builder(pools.api.clone())
+        .worker_pool(pools.worker.clone())
+        .config(fast_config("plans"))
+        .register(scripted::local_workflow())
+        .build()
+        .expect("engine");
+    let worker = engine.start_worker().await.expect("worker");
+    let mut runs = Vec::new();
+    for i in 0..20 {
+        let run = engine
+            .trigger(
+                scripted::LOCAL_NAME,
+                json!({"subject": format!("plans{i}@example.com")}),
+                TriggerOptions::default(),
+            )
+            .await
+            .expect("trigger")
+            .run_id;
+        runs.push(run);
+    }
+    for run in runs {
+        assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    }
+    // A few rounds of claims and lease checks with nothing to find.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let swept = engine
+        .delete_finished_runs(chrono::Utc::now() - chrono::Duration::days(1), 100)
+        .await
+        .expect("sweep");
+    assert_eq!(swept, 100, "the oldest runs, through the finished-at index");
+    worker.shutdown().await;
+    pools.api.close().await;
+    pools.worker.close().await;
+
+    assert_eq!(
+        runs_seq_scans(&mut observer).await - before,
+        1,
+        "only the probe read runs sequentially"
+    );
+}

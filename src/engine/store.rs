@@ -2020,30 +2020,45 @@ pub async fn paused_workflows<'e>(db: impl PgExecutor<'e>) -> Result<Vec<PausedW
 }
 
 /// Deletes up to `limit` terminal runs that finished before `cutoff`, oldest first, with their
-/// steps and log (deleted by the same statement: there are no foreign keys to cascade), and
-/// clears the links from their retries.
+/// steps and log (deleted by the same statement: there are no foreign keys to cascade); the
+/// links from their retries are cleared by the foreign keys' `ON DELETE SET NULL`.
 /// Runs locked by a worker or an operator right now are skipped, not waited for.
+///
+/// Two statements, not one: this runs on the worker's pool, whose plans are generic, and a
+/// generic plan cannot see `limit`. It guesses a tenth of the table, and a single statement
+/// then joined the doomed runs to `runs`, `run_steps` and `run_events` by reading each whole
+/// table. A list of ids bound as an array is planned as a few keys, looked up in the primary
+/// keys.
 pub async fn delete_finished_before(pool: &PgPool, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "WITH doomed AS (
-             SELECT id FROM runs
-             WHERE finished_at < $1 AND run_status_is_terminal(status)
-             ORDER BY finished_at
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), steps AS (
-             DELETE FROM run_steps s USING doomed WHERE s.run_id = doomed.id
-         ), events AS (
-             DELETE FROM run_events e USING doomed WHERE e.run_id = doomed.id
-         ), inbox AS (
-             DELETE FROM run_inbox i USING doomed WHERE i.run_id = doomed.id
-         )
-         DELETE FROM runs r USING doomed WHERE r.id = doomed.id",
+    let mut tx = pool.begin().await?;
+    let doomed: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM runs
+         WHERE finished_at < $1 AND run_status_is_terminal(status)
+         ORDER BY finished_at
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED",
     )
     .bind(cutoff)
     .bind(limit)
-    .execute(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "WITH steps AS (
+             DELETE FROM run_steps WHERE run_id = ANY($1)
+         ), events AS (
+             DELETE FROM run_events WHERE run_id = ANY($1)
+         ), inbox AS (
+             DELETE FROM run_inbox WHERE run_id = ANY($1)
+         )
+         DELETE FROM runs WHERE id = ANY($1)",
+    )
+    .bind(&doomed)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
 

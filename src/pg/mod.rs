@@ -33,6 +33,13 @@ pub struct PoolConfig {
     pub idle_in_transaction_timeout: Duration,
     /// How long to wait for a free connection.
     pub acquire_timeout: Duration,
+    /// Plan every statement once per connection (`plan_cache_mode = force_generic_plan`)
+    /// instead of once per execution for its first five. Set on the worker's pool
+    /// ([`Pools::split`]): its statements are the hot path, and each names its rows by key
+    /// or reads a range in index order with a limit, which a generic plan keeps. Not on the
+    /// API's: a generic plan cannot see a range's bounds, and the dashboard's counts over a
+    /// time range become sequential scans (1.8 s at a million runs).
+    pub generic_plans: bool,
 }
 
 impl Default for PoolConfig {
@@ -44,6 +51,7 @@ impl Default for PoolConfig {
             statement_timeout: None,
             idle_in_transaction_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
+            generic_plans: false,
         }
     }
 }
@@ -63,9 +71,9 @@ pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
     if let Some(timeout) = config.statement_timeout {
         settings.push(("statement_timeout", millis(timeout)));
     }
-    // Not plan_cache_mode = force_generic_plan: it took a quarter off the per-step statement's
-    // planning, but made range-filtered queries (the dashboard's counts) sequential scans,
-    // 1.8 s at a million runs. See the README's Performance section.
+    if config.generic_plans {
+        settings.push(("plan_cache_mode", "force_generic_plan".to_string()));
+    }
     let options = PgConnectOptions::from_str(url)?
         .application_name("sagaflow")
         .options(settings)
@@ -103,8 +111,8 @@ pub struct Pools {
 impl Pools {
     /// Splits `config.max_connections` into the API's share (`api_connections`, at least 2
     /// and at most half) and the worker's (the rest, with `lock_timeout` and
-    /// `statement_timeout`; the API's connections have neither, as reads must not fail
-    /// because a step is slow).
+    /// `statement_timeout`, and generic plans; the API's connections have none of them, as
+    /// reads must not fail because a step is slow, and its counts need custom plans).
     pub fn split(url: &str, config: &PoolConfig) -> Result<Self, sqlx::Error> {
         let total = config.max_connections.max(4);
         let api_share = config.api_connections.clamp(2, total / 2);
@@ -114,6 +122,7 @@ impl Pools {
                 max_connections: api_share,
                 lock_timeout: None,
                 statement_timeout: None,
+                generic_plans: false,
                 ..config.clone()
             },
         )?;
@@ -121,6 +130,7 @@ impl Pools {
             url,
             &PoolConfig {
                 max_connections: total - api_share,
+                generic_plans: true,
                 ..config.clone()
             },
         )?;
