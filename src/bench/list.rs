@@ -28,12 +28,19 @@ pub struct ListTimes {
     /// Counts by status over the last 24 hours, each stopping at 10,000 (what the dashboard
     /// shows).
     pub counts_ms: f64,
+    /// One batch of the retention sweep (the oldest 500 finished runs deleted, as the
+    /// `retention-sweep` workflow does), through a worker's pool: generic plans.
+    pub sweep_ms: f64,
 }
 
 const PAGE: i64 = 51;
 
 /// Fills the table up to each size in turn and times the queries.
-pub async fn measure(pool: &PgPool, sizes: &[usize]) -> Result<Vec<ListTimes>> {
+pub async fn measure(pool: &PgPool, url: &str, sizes: &[usize]) -> Result<Vec<ListTimes>> {
+    let pools = sagaflow::pg::Pools::split(url, &sagaflow::pg::PoolConfig::default())?;
+    let sweeper = Engine::builder(pools.api.clone())
+        .worker_pool(pools.worker.clone())
+        .build()?;
     let mut times = Vec::new();
     let mut filled = 0;
     for &rows in sizes {
@@ -87,8 +94,20 @@ pub async fn measure(pool: &PgPool, sizes: &[usize]) -> Result<Vec<ListTimes>> {
                 async move { reads.count_runs(&last_day, 10_000).await }
             })
             .await?,
+            // Each batch deletes the oldest 500; the table stays about as large.
+            sweep_ms: median(|| {
+                let sweeper = sweeper.clone();
+                async move {
+                    sweeper
+                        .delete_finished_runs(chrono::Utc::now(), sagaflow::workflows::retention::BATCH)
+                        .await
+                }
+            })
+            .await?,
         });
     }
+    pools.api.close().await;
+    pools.worker.close().await;
     Ok(times)
 }
 

@@ -46,6 +46,8 @@ pub struct Phase {
     pub latency_ms: Latency,
     /// CPU seconds the server process used (HTTP phases).
     pub server_cpu_s: Option<f64>,
+    /// CPU seconds the bench's own process used meanwhile (the clients).
+    pub client_cpu_s: Option<f64>,
     /// CPU seconds the PostgreSQL cluster used (all its processes), when it runs on this
     /// machine: less noisy than a rate on a shared machine, so what an A/B of a change to
     /// the hot path compares.
@@ -66,11 +68,13 @@ pub struct Recovery {
 }
 
 /// Single-row INSERT + COMMIT throughput with `writers` concurrent writers for `length`.
-pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<f64> {
+pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<Ceiling> {
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_ceiling (id bigserial PRIMARY KEY, payload text NOT NULL)")
         .execute(pool)
         .await?;
     let done = Arc::new(AtomicUsize::new(0));
+    let postgres = PostgresCpu::start(pool).await;
+    let client_before = cpu_seconds(std::process::id());
     let deadline = Instant::now() + length;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -90,7 +94,26 @@ pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<
     for task in tasks {
         task.await??;
     }
-    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed().as_secs_f64();
+    let commits = done.load(Ordering::Relaxed).max(1) as f64;
+    Ok(Ceiling {
+        commits_per_s: commits / elapsed,
+        postgres_cpu_ms: postgres.used().map(|s| s * 1000.0 / commits),
+        client_cpu_ms: client_before
+            .zip(cpu_seconds(std::process::id()))
+            .map(|(before, after)| (after - before) * 1000.0 / commits),
+    })
+}
+
+/// What the ceiling phase measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Ceiling {
+    /// Single-row commits per second.
+    pub commits_per_s: f64,
+    /// PostgreSQL's CPU milliseconds per commit (all its processes).
+    pub postgres_cpu_ms: Option<f64>,
+    /// The writers' CPU milliseconds per commit (this process).
+    pub client_cpu_ms: Option<f64>,
 }
 
 /// `count` auth identities `authid_<prefix><i>` for registrations.
@@ -318,6 +341,7 @@ pub async fn closed_loop(
     trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
     let next = Arc::new(AtomicUsize::new(from));
     let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
+    let client_before = cpu_seconds(std::process::id());
     let postgres = PostgresCpu::start(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
@@ -347,6 +371,9 @@ pub async fn closed_loop(
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
     let cpu = cpu_seconds(server_pid).map(|after| after - cpu_before);
+    let client_cpu_s = client_before
+        .zip(cpu_seconds(std::process::id()))
+        .map(|(before, after)| after - before);
     let postgres_cpu_s = postgres.used();
     Ok(Phase {
         runs,
@@ -357,6 +384,7 @@ pub async fn closed_loop(
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: cpu,
+        client_cpu_s,
         postgres_cpu_s,
     })
 }
@@ -404,6 +432,7 @@ pub async fn http_open_loop(
         statements_per_run: None,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
+        client_cpu_s: None,
         postgres_cpu_s: None,
     })
 }
@@ -459,6 +488,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
+        client_cpu_s: None,
         postgres_cpu_s,
     })
 }

@@ -151,7 +151,9 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         "ceiling: single-row INSERT + COMMIT, {} writers, {:?}",
         options.concurrency, options.phase
     );
-    report.ceiling_commits_per_s = load::ceiling(&pool, options.concurrency, options.phase).await?;
+    let ceiling = load::ceiling(&pool, options.concurrency, options.phase).await?;
+    report.ceiling_commits_per_s = ceiling.commits_per_s;
+    report.ceiling_cpu_ms = (ceiling.postgres_cpu_ms, ceiling.client_cpu_ms);
 
     let server = ServerChild::start(&url, "bench-http", options.pool_size).await?;
     load::create_identities(&pool, "h", options.runs * 3).await?;
@@ -203,8 +205,8 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         eprintln!("list: the runs-list query with {rows} runs");
     }
     if !options.list_rows.is_empty() {
-        let (_, list_pool) = target.database("sagaflow_bench_list", 8).await?;
-        report.list = list::measure(&list_pool, &options.list_rows).await?;
+        let (list_url, list_pool) = target.database("sagaflow_bench_list", 8).await?;
+        report.list = list::measure(&list_pool, &list_url, &options.list_rows).await?;
         list_pool.close().await;
     }
     pool.close().await;

@@ -23,6 +23,8 @@ pub struct Report {
     pub postgres: String,
     /// Single-row commits per second.
     pub ceiling_commits_per_s: f64,
+    /// CPU milliseconds per ceiling commit: PostgreSQL's and the writers'.
+    pub ceiling_cpu_ms: (Option<f64>, Option<f64>),
     /// Over HTTP, as fast as it goes.
     pub http: Option<Phase>,
     /// Over HTTP at half that rate.
@@ -53,6 +55,7 @@ impl Report {
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             postgres: String::new(),
             ceiling_commits_per_s: f64::NAN,
+            ceiling_cpu_ms: (None, None),
             http: None,
             http_half_load: None,
             http_idle: None,
@@ -87,6 +90,10 @@ impl Report {
             "half_load_runs_per_s": half.map(|p| round(p.runs_per_s)),
             "server_cpu_s": http.and_then(|p| p.server_cpu_s).map(round),
             "postgres_cpu_s": http.and_then(|p| p.postgres_cpu_s).map(round),
+            "client_cpu_s": http.and_then(|p| p.client_cpu_s).map(round),
+            "ceiling_postgres_cpu_ms_per_commit": self.ceiling_cpu_ms.0.map(round3),
+            "ceiling_client_cpu_ms_per_commit": self.ceiling_cpu_ms.1.map(round3),
+            "ratio_if_cpu_bound": http.and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
             "http_steps": self.http_steps.as_ref().map(|p| json!({
                 "runs_per_s": round(p.runs_per_s),
                 "steps_per_s": round(p.steps_per_s),
@@ -106,6 +113,17 @@ impl Report {
             "cpus": self.cpus,
             "postgres": self.postgres,
         })
+    }
+
+    /// What the ratio would be if both the ceiling and `phase` were bound by this machine's
+    /// CPU alone: the steps of a run, times the CPU of a ceiling commit (PostgreSQL's and
+    /// its writer's), over the CPU of a run (PostgreSQL's, the server's and its client's).
+    /// When the measured ratio is close to it, CPU per run is what sets the ratio, and a
+    /// ratio of 0.7 needs a run to cost no more than steps ÷ 0.7 ceiling commits.
+    pub fn ratio_if_cpu_bound(&self, phase: &Phase) -> Option<f64> {
+        let commit = self.ceiling_cpu_ms.0? + self.ceiling_cpu_ms.1?;
+        let run = (phase.postgres_cpu_s? + phase.server_cpu_s? + phase.client_cpu_s?) * 1000.0 / phase.runs as f64;
+        (run > 0.0).then(|| phase.steps_per_run * commit / run)
     }
 
     /// Runs per batch in the http phase, on average.
@@ -128,6 +146,12 @@ impl Report {
             "ceiling: single-row commits/s",
             format!("{:.0}", self.ceiling_commits_per_s),
         );
+        if let (Some(postgres), Some(writers)) = self.ceiling_cpu_ms {
+            line(
+                "ceiling: CPU ms per commit (PostgreSQL / writers)",
+                format!("{postgres:.3} / {writers:.3}"),
+            );
+        }
         if let Some(p) = &self.http {
             line("http: runs/s (max)", format!("{:.0}", p.runs_per_s));
             line("http: steps/s", format!("{:.0}", p.steps_per_s));
@@ -156,11 +180,20 @@ impl Report {
                     format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
                 );
             }
-            if let Some(cpu) = p.postgres_cpu_s {
+            if let (Some(postgres), Some(server), Some(clients)) = (p.postgres_cpu_s, p.server_cpu_s, p.client_cpu_s) {
+                let per_run = |s: f64| s * 1000.0 / p.runs as f64;
                 line(
-                    "http: PostgreSQL CPU s (per 1000 runs)",
-                    format!("{cpu:.2} ({:.2})", cpu * 1000.0 / p.runs as f64),
+                    "http: CPU ms per run (PostgreSQL / server / clients)",
+                    format!(
+                        "{:.2} / {:.2} / {:.2}",
+                        per_run(postgres),
+                        per_run(server),
+                        per_run(clients)
+                    ),
                 );
+            }
+            if let Some(bound) = self.ratio_if_cpu_bound(p) {
+                line("http: ratio if CPU-bound", format!("{bound:.2}"));
             }
         }
         if let Some(p) = &self.http_idle {
@@ -240,6 +273,10 @@ impl Report {
                 &format!("runs list, {} runs: counts by status ms", l.rows),
                 format!("{:.2}", l.counts_ms),
             );
+            line(
+                &format!("retention sweep, {} runs: 500 deleted ms", l.rows),
+                format!("{:.2}", l.sweep_ms),
+            );
         }
         out
     }
@@ -251,4 +288,51 @@ fn fmt_latency(l: &Latency) -> String {
 
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn phase(postgres: Option<f64>, server: Option<f64>, clients: Option<f64>) -> Phase {
+        let mut samples = vec![Duration::from_millis(1)];
+        Phase {
+            runs: 1000,
+            runs_per_s: 400.0,
+            steps_per_s: 2000.0,
+            steps_per_run: 5.0,
+            commits_per_run: 1.3,
+            statements_per_run: None,
+            latency_ms: Latency::of(&mut samples),
+            server_cpu_s: server,
+            client_cpu_s: clients,
+            postgres_cpu_s: postgres,
+        }
+    }
+
+    #[test]
+    fn the_cpu_bound_ratio_is_a_runs_steps_worth_of_ceiling_commits_over_its_cpu() {
+        let mut report = Report::new(&BenchOptions {
+            runs: 1000,
+            concurrency: 16,
+            pool_size: 32,
+            database_url: None,
+            list_rows: Vec::new(),
+            phase: Duration::from_secs(1),
+        });
+        // A commit costs 0.1 + 0.05 ms; a run 3 + 1 + 0.5 ms: 5 steps × 0.15 / 4.5.
+        report.ceiling_cpu_ms = (Some(0.1), Some(0.05));
+        let bound = report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5)));
+        assert!(bound.is_some_and(|b| (b - 5.0 * 0.15 / 4.5).abs() < 1e-9), "{bound:?}");
+        // Any figure missing (a remote database, a process gone): no bound.
+        assert_eq!(report.ratio_if_cpu_bound(&phase(None, Some(1.0), Some(0.5))), None);
+        report.ceiling_cpu_ms = (Some(0.1), None);
+        assert_eq!(report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5))), None);
+    }
 }

@@ -7,7 +7,7 @@
 //! day) nor above [`MAX_PERIOD`], so a typo cannot erase a month of audit trail and no input
 //! can overflow the cutoff's arithmetic.
 //!
-//! One step, deleting in batches of [`BATCH`] runs, each batch its own short statement that
+//! One step, deleting in batches of [`BATCH`] runs, each batch its own short transaction that
 //! skips locked runs: nothing holds locks for long, however large the backlog, and a retry
 //! after a crash simply goes on (deleting is idempotent). A daily schedule runs it.
 
