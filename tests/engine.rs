@@ -2234,3 +2234,38 @@ async fn the_worker_pool_plans_once_and_reads_a_large_runs_table_only_through_it
         "only the probe read runs sequentially"
     );
 }
+
+/// Two instances recording the same version's plan at the same moment: the second insert
+/// waits for the first and does nothing, and its statement's snapshot, taken before the
+/// first committed, does not show the row. It must read the row the other instance wrote
+/// (here a plan with other steps, so the answer is `PlanChanged`), not fail as if the row
+/// were missing; that failure answered 500 to a `PUT` of a definition while another instance
+/// started.
+#[tokio::test]
+async fn a_plan_recorded_by_another_instance_at_the_same_moment_is_read_not_missed() {
+    let db = test_db().await;
+    let engine = engine(&db.pool, "racing");
+    let mut other = db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO workflow_plans (workflow, version, plan_hash, steps, defined)
+         VALUES ($1, 1, 'another instance''s plan', '{a,b,c}', false)",
+    )
+    .bind(scripted::NAME)
+    .execute(&mut *other)
+    .await
+    .expect("the other instance's plan");
+    let recording = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.record_plans().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !recording.is_finished(),
+        "the insert waits for the other instance's transaction"
+    );
+    other.commit().await.expect("commit");
+    match recording.await.expect("task") {
+        Err(EngineError::PlanChanged { stored, .. }) => assert_eq!(stored, ["a", "b", "c"]),
+        other => panic!("expected the other instance's plan to be read: {other:?}"),
+    }
+}

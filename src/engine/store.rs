@@ -620,15 +620,15 @@ pub async fn unpark_runs<'e>(
 
 /// Records the plan of `workflow@version` unless one is stored; returns the stored plan's
 /// hash and steps when it differs from `plan_hash`.
-pub async fn record_plan<'e>(
-    db: impl PgExecutor<'e>,
+pub async fn record_plan(
+    pool: &PgPool,
     workflow: &str,
     version: i32,
     plan_hash: &str,
     steps: &[&str],
     defined: bool,
 ) -> Result<Option<(String, Vec<String>)>, sqlx::Error> {
-    let stored: (String, Vec<String>) = sqlx::query_as(
+    let stored: Option<(String, Vec<String>)> = sqlx::query_as(
         "WITH created AS (
              INSERT INTO workflow_plans (workflow, version, plan_hash, steps, defined) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (workflow, version) DO NOTHING
@@ -644,8 +644,21 @@ pub async fn record_plan<'e>(
     .bind(plan_hash)
     .bind(steps)
     .bind(defined)
-    .fetch_one(db)
+    .fetch_optional(pool)
     .await?;
+    let stored = match stored {
+        Some(stored) => stored,
+        // Another instance recorded this version at the same moment: the insert waited for
+        // it and did nothing, but the statement's snapshot, taken before that commit, does
+        // not show its row. A new statement does.
+        None => {
+            sqlx::query_as("SELECT plan_hash, steps FROM workflow_plans WHERE workflow = $1 AND version = $2")
+                .bind(workflow)
+                .bind(version)
+                .fetch_one(pool)
+                .await?
+        }
+    };
     Ok((stored.0 != plan_hash).then_some(stored))
 }
 
