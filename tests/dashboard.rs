@@ -2435,3 +2435,34 @@ async fn the_webhooks_page_shows_subscriptions_and_deliveries_and_redelivers_a_f
     );
     server.stop().await;
 }
+
+/// Two instances starting at once on a fresh database both create the dashboard's signing
+/// secret: the second insert waits for the first and does nothing, and its statement's
+/// snapshot does not show the row. It must read the secret the other instance created,
+/// rather than fail the start.
+#[tokio::test]
+async fn a_secret_created_by_another_instance_at_the_same_moment_is_read_not_missed() {
+    let db = common::test_db().await;
+    let theirs = [7u8; 32];
+    let mut other = db.pool.begin().await.expect("begin");
+    sqlx::query("INSERT INTO dashboard_secret (secret) VALUES ($1)")
+        .bind(theirs.as_slice())
+        .execute(&mut *other)
+        .await
+        .expect("the other instance's secret");
+    let reading = tokio::spawn({
+        let pool = db.pool.clone();
+        async move { sagaflow::http::dashboard::store::secret(&pool).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !reading.is_finished(),
+        "the insert waits for the other instance's transaction"
+    );
+    other.commit().await.expect("commit");
+    let secret = reading
+        .await
+        .expect("task")
+        .expect("the other instance's secret is read");
+    assert_eq!(secret, theirs);
+}

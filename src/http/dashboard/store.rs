@@ -9,7 +9,7 @@ use sqlx::PgPool;
 /// The signing secret shared by every instance on this database, created by the first one.
 pub async fn secret(pool: &PgPool) -> Result<[u8; 32], sqlx::Error> {
     let fresh: [u8; 32] = rand::random();
-    let stored: Vec<u8> = sqlx::query_scalar(
+    let stored: Option<Vec<u8>> = sqlx::query_scalar(
         "WITH created AS (
              INSERT INTO dashboard_secret (secret) VALUES ($1)
              ON CONFLICT (singleton) DO NOTHING
@@ -21,8 +21,19 @@ pub async fn secret(pool: &PgPool) -> Result<[u8; 32], sqlx::Error> {
          LIMIT 1",
     )
     .bind(fresh.as_slice())
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
+    let stored = match stored {
+        Some(stored) => stored,
+        // Another instance created it at the same moment: the insert waited for it and did
+        // nothing, and the statement's snapshot, taken before that commit, does not show it.
+        // A new statement does.
+        None => {
+            sqlx::query_scalar("SELECT secret FROM dashboard_secret")
+                .fetch_one(pool)
+                .await?
+        }
+    };
     stored
         .try_into()
         .map_err(|_| sqlx::Error::Protocol("the dashboard secret is not 32 bytes".into()))
