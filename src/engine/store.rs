@@ -620,6 +620,11 @@ pub async fn unpark_runs<'e>(
 
 /// Records the plan of `workflow@version` unless one is stored; returns the stored plan's
 /// hash and steps when it differs from `plan_hash`.
+///
+/// A conflict leaves the stored plan as it is and returns it (an update that changes
+/// nothing): that also returns a plan another instance committed while this statement waited
+/// for it, which `DO NOTHING` and a read in the same statement would miss, its snapshot being
+/// older than that commit.
 pub async fn record_plan(
     pool: &PgPool,
     workflow: &str,
@@ -628,37 +633,18 @@ pub async fn record_plan(
     steps: &[&str],
     defined: bool,
 ) -> Result<Option<(String, Vec<String>)>, sqlx::Error> {
-    let stored: Option<(String, Vec<String>)> = sqlx::query_as(
-        "WITH created AS (
-             INSERT INTO workflow_plans (workflow, version, plan_hash, steps, defined) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (workflow, version) DO NOTHING
-             RETURNING plan_hash, steps
-         )
-         SELECT plan_hash, steps FROM created
-         UNION ALL
-         SELECT plan_hash, steps FROM workflow_plans WHERE workflow = $1 AND version = $2
-         LIMIT 1",
+    let stored: (String, Vec<String>) = sqlx::query_as(
+        "INSERT INTO workflow_plans (workflow, version, plan_hash, steps, defined) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (workflow, version) DO UPDATE SET plan_hash = workflow_plans.plan_hash
+         RETURNING plan_hash, steps",
     )
     .bind(workflow)
     .bind(version)
     .bind(plan_hash)
     .bind(steps)
     .bind(defined)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    let stored = match stored {
-        Some(stored) => stored,
-        // Another instance recorded this version at the same moment: the insert waited for
-        // it and did nothing, but the statement's snapshot, taken before that commit, does
-        // not show its row. A new statement does.
-        None => {
-            sqlx::query_as("SELECT plan_hash, steps FROM workflow_plans WHERE workflow = $1 AND version = $2")
-                .bind(workflow)
-                .bind(version)
-                .fetch_one(pool)
-                .await?
-        }
-    };
     Ok((stored.0 != plan_hash).then_some(stored))
 }
 

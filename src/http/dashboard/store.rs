@@ -7,33 +7,19 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 /// The signing secret shared by every instance on this database, created by the first one.
+/// A conflict returns the stored secret unchanged (an update that changes nothing), also when
+/// another instance committed it while this statement waited: `DO NOTHING` and a read in the
+/// same statement would miss that row, its snapshot being older than the commit.
 pub async fn secret(pool: &PgPool) -> Result<[u8; 32], sqlx::Error> {
     let fresh: [u8; 32] = rand::random();
-    let stored: Option<Vec<u8>> = sqlx::query_scalar(
-        "WITH created AS (
-             INSERT INTO dashboard_secret (secret) VALUES ($1)
-             ON CONFLICT (singleton) DO NOTHING
-             RETURNING secret
-         )
-         SELECT secret FROM created
-         UNION ALL
-         SELECT secret FROM dashboard_secret
-         LIMIT 1",
+    let stored: Vec<u8> = sqlx::query_scalar(
+        "INSERT INTO dashboard_secret (secret) VALUES ($1)
+         ON CONFLICT (singleton) DO UPDATE SET secret = dashboard_secret.secret
+         RETURNING secret",
     )
     .bind(fresh.as_slice())
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    let stored = match stored {
-        Some(stored) => stored,
-        // Another instance created it at the same moment: the insert waited for it and did
-        // nothing, and the statement's snapshot, taken before that commit, does not show it.
-        // A new statement does.
-        None => {
-            sqlx::query_scalar("SELECT secret FROM dashboard_secret")
-                .fetch_one(pool)
-                .await?
-        }
-    };
     stored
         .try_into()
         .map_err(|_| sqlx::Error::Protocol("the dashboard secret is not 32 bytes".into()))
