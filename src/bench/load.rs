@@ -73,8 +73,8 @@ pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<
         .execute(pool)
         .await?;
     let done = Arc::new(AtomicUsize::new(0));
-    let postgres = PostgresCpu::start(pool).await;
-    let client_before = cpu_seconds(std::process::id());
+    let postgres = CpuSince::postgres(pool).await;
+    let client = CpuSince::process(std::process::id());
     let deadline = Instant::now() + length;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -99,9 +99,7 @@ pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<
     Ok(Ceiling {
         commits_per_s: commits / elapsed,
         postgres_cpu_ms: postgres.used().map(|s| s * 1000.0 / commits),
-        client_cpu_ms: client_before
-            .zip(cpu_seconds(std::process::id()))
-            .map(|(before, after)| (after - before) * 1000.0 / commits),
+        client_cpu_ms: client.used().map(|s| s * 1000.0 / commits),
     })
 }
 
@@ -194,25 +192,57 @@ impl BatchHistogram {
     }
 }
 
-/// The PostgreSQL cluster's CPU time at the start of a phase.
-struct PostgresCpu {
-    backend: Option<u32>,
+/// CPU time used since a phase began, by a process or by a PostgreSQL cluster (`None` when
+/// it cannot be read, e.g. a database on another host).
+struct CpuSince {
+    read: Reading,
     before: Option<f64>,
 }
 
-impl PostgresCpu {
-    async fn start(pool: &PgPool) -> Self {
-        let backend: Option<i32> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(pool).await.ok();
-        let backend = backend.and_then(|pid| u32::try_from(pid).ok());
-        Self {
-            backend,
-            before: backend.and_then(cluster_cpu_seconds),
+/// Whose CPU time a [`CpuSince`] reads.
+#[derive(Clone, Copy)]
+enum Reading {
+    Process(u32),
+    /// The cluster of this backend.
+    Cluster(u32),
+    Unknown,
+}
+
+impl Reading {
+    fn seconds(self) -> Option<f64> {
+        match self {
+            Self::Process(pid) => cpu_seconds(pid),
+            Self::Cluster(backend) => cluster_cpu_seconds(backend),
+            Self::Unknown => None,
         }
+    }
+}
+
+impl CpuSince {
+    fn start(read: Reading) -> Self {
+        Self {
+            read,
+            before: read.seconds(),
+        }
+    }
+
+    fn process(pid: u32) -> Self {
+        Self::start(Reading::Process(pid))
+    }
+
+    /// The cluster `pool` is connected to.
+    async fn postgres(pool: &PgPool) -> Self {
+        let backend: Option<i32> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(pool).await.ok();
+        Self::start(
+            backend
+                .and_then(|pid| u32::try_from(pid).ok())
+                .map_or(Reading::Unknown, Reading::Cluster),
+        )
     }
 
     /// CPU seconds used since the start.
     fn used(&self) -> Option<f64> {
-        Some(cluster_cpu_seconds(self.backend?)? - self.before?)
+        Some(self.read.seconds()? - self.before?)
     }
 }
 
@@ -340,9 +370,9 @@ pub async fn closed_loop(
     // Warm up connections and caches.
     trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
     let next = Arc::new(AtomicUsize::new(from));
-    let cpu_before = cpu_seconds(server_pid).unwrap_or(0.0);
-    let client_before = cpu_seconds(std::process::id());
-    let postgres = PostgresCpu::start(pool).await;
+    let server = CpuSince::process(server_pid);
+    let client_cpu = CpuSince::process(std::process::id());
+    let postgres = CpuSince::postgres(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -370,11 +400,7 @@ pub async fn closed_loop(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
-    let cpu = cpu_seconds(server_pid).map(|after| after - cpu_before);
-    let client_cpu_s = client_before
-        .zip(cpu_seconds(std::process::id()))
-        .map(|(before, after)| after - before);
-    let postgres_cpu_s = postgres.used();
+    let (server_cpu_s, client_cpu_s, postgres_cpu_s) = (server.used(), client_cpu.used(), postgres.used());
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
@@ -383,7 +409,7 @@ pub async fn closed_loop(
         commits_per_run,
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
-        server_cpu_s: cpu,
+        server_cpu_s,
         client_cpu_s,
         postgres_cpu_s,
     })
@@ -446,7 +472,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
-    let postgres = PostgresCpu::start(pool).await;
+    let postgres = CpuSince::postgres(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
