@@ -200,6 +200,19 @@ pub fn registration(identity: &str, email: &str) -> Value {
     json!({"authIdentityId": identity, "customerData": {"email": email, "first_name": "Ada", "last_name": "Lovelace"}})
 }
 
+/// Asserts a new run's trigger answer is the contract's: 201 while the run is not terminal,
+/// 200 once it is. A worker may finish a quick run before the answer reads it back, so a test
+/// cannot expect 201 from a run it does not hold.
+pub fn assert_triggered(status: StatusCode, run: &Value) {
+    let terminal = matches!(
+        run["status"].as_str(),
+        Some("completed" | "compensated" | "failed" | "cancelled")
+    );
+    let expected = if terminal { StatusCode::OK } else { StatusCode::CREATED };
+    assert_eq!(status, expected, "{run}");
+    assert!(run["id"].is_string(), "{run}");
+}
+
 /// Status and JSON body of a response.
 pub async fn read(response: Response) -> (StatusCode, Value) {
     let status = response.status();
