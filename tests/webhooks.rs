@@ -405,7 +405,7 @@ async fn deliveries_of(db: &sqlx::PgPool, run: uuid::Uuid) -> Vec<(String, Strin
 /// The database triggers alone (no server): a delivery is written exactly when a change that
 /// an enabled subscription wants commits, and shows the row as the statement wrote it. They
 /// run before the row is written and look for a subscription before building a body
-/// (`0016_cheap_webhook_triggers`), so this holds that to what the first version did.
+/// (`0015_cheap_webhook_triggers`), so this holds that to what the first version did.
 #[tokio::test]
 async fn the_triggers_write_a_delivery_only_for_a_committed_change_an_enabled_subscription_wants() {
     let db = common::test_db().await;

@@ -3,7 +3,7 @@
 //! to released outbox events (`event.<name>`), optionally for some workflows only.
 //!
 //! - A delivery is written by a database trigger in the transaction of the change it reports
-//!   (`migrations/0015_webhooks.sql`): it exists exactly when that change committed, whatever
+//!   (`migrations/0014_webhooks.sql`): it exists exactly when that change committed, whatever
 //!   path made it, and the engine's hot path does not know webhooks exist.
 //! - [`Webhooks::start`] runs the delivery worker of this instance (every instance runs one):
 //!   it claims due deliveries with `SKIP LOCKED`, in order per run, signs each as Standard

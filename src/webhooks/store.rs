@@ -1,5 +1,5 @@
 //! All SQL of the webhooks: subscriptions, deliveries and the settings the triggers read
-//! (`migrations/0015_webhooks.sql` writes the deliveries themselves, in the transaction of the
+//! (`migrations/0014_webhooks.sql` writes the deliveries themselves, in the transaction of the
 //! change they report).
 
 use chrono::{DateTime, Utc};

@@ -1,6 +1,6 @@
 -- Webhook triggers that cost less when no subscription wants the change.
 --
--- 0015's triggers ran AFTER every run's finish and every outbox release, and built the
+-- 0014's triggers ran AFTER every run's finish and every outbox release, and built the
 -- delivery's body (the whole run as JSON) before looking for a subscription at all: with no
 -- subscription, 9.5% of PostgreSQL's CPU in the bench's HTTP phase went to them (a profile
 -- of the backends). They now run BEFORE the row is written, which spares the after-trigger
