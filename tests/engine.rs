@@ -1667,6 +1667,34 @@ async fn every_status_name_is_the_same_in_rust_json_and_postgres() {
     }
 }
 
+/// The runs' reachability CHECK and the finish webhook's trigger name the terminal statuses
+/// themselves (a function call there is inlined again at every write: migration 0017); both
+/// lists are Rust's, so a status added to one and not the other fails here.
+#[tokio::test]
+async fn the_check_and_the_trigger_that_name_terminal_statuses_name_rusts() {
+    let db = test_db().await;
+    let terminal: Vec<String> = RunStatus::ALL
+        .iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| format!("'{}'::run_status", s.as_str()))
+        .collect();
+    let list = format!("ARRAY[{}]", terminal.join(", "));
+    let check: String =
+        sqlx::query_scalar("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'runs_reachable'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("runs_reachable");
+    assert!(check.contains(&format!("status = ANY ({list})")), "{check}");
+    assert!(!check.contains("run_status_is_terminal"), "{check}");
+    let trigger: String =
+        sqlx::query_scalar("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_finish'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("runs_webhook_on_finish");
+    assert!(trigger.contains(&format!("new.status = ANY ({list})")), "{trigger}");
+    assert!(trigger.contains(&format!("old.status <> ALL ({list})")), "{trigger}");
+}
+
 /// Fused or not, a run of local steps records the same thing: the same final status, log
 /// (every attempt and outcome, in order) and effects, through retries with backoff, a
 /// permanent failure with partial work, a compensation that fails once, and a skipped step.

@@ -424,7 +424,7 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Ins
              -- A run started in its insert (leased to our worker) is not inserted on a paused
              -- workflow: the caller inserts it again unstarted, and it is held.
              WHERE $10::int4 IS NULL OR NOT t.paused
-             ON CONFLICT (workflow, idempotency_key) DO NOTHING
+             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING id, created_at
          ), steps AS (
              INSERT INTO run_steps (run_id, idx, name, status, attempts, started_at, output)
