@@ -1679,18 +1679,15 @@ async fn the_check_and_the_trigger_that_name_terminal_statuses_name_rusts() {
         .map(|s| format!("'{}'::run_status", s.as_str()))
         .collect();
     let list = format!("ARRAY[{}]", terminal.join(", "));
-    let check: String =
-        sqlx::query_scalar("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'runs_reachable'")
-            .fetch_one(&db.pool)
-            .await
-            .expect("runs_reachable");
+    let (check, trigger): (String, String) = sqlx::query_as(
+        "SELECT (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'runs_reachable'),
+                (SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_finish')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the constraint and the trigger");
     assert!(check.contains(&format!("status = ANY ({list})")), "{check}");
     assert!(!check.contains("run_status_is_terminal"), "{check}");
-    let trigger: String =
-        sqlx::query_scalar("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_finish'")
-            .fetch_one(&db.pool)
-            .await
-            .expect("runs_webhook_on_finish");
     assert!(trigger.contains(&format!("new.status = ANY ({list})")), "{trigger}");
     assert!(trigger.contains(&format!("old.status <> ALL ({list})")), "{trigger}");
 }
