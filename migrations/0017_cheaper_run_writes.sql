@@ -10,7 +10,9 @@
 --    `RunStatus::is_terminal`.
 -- 2. `UNIQUE (workflow, idempotency_key)` gave every run an index entry at its insert and at
 --    every update that moves the row, also the many runs without a key, where NULLs never
---    conflict. A partial unique index holds exactly the same rule for the runs with a key.
+--    conflict. A partial unique index holds exactly the same rule for the runs with a key;
+--    with the key first it also serves the search by key alone (`q`), so 0004's index on the
+--    key goes too: one index fewer for every write of a run to open.
 -- 3. `UNIQUE (run_id, name)` on `run_steps` cost five index entries per registration and no
 --    query reads through it: a run's steps are written from its workflow's plan, whose step
 --    names are refused when two are the same (`DefinitionError::DuplicateStep`), and the
@@ -32,8 +34,9 @@ CREATE TRIGGER runs_webhook_on_finish BEFORE UPDATE OF status ON runs
                        AND OLD.status NOT IN ('completed', 'compensated', 'failed', 'cancelled'))
     EXECUTE FUNCTION webhook_run_finished();
 
-CREATE UNIQUE INDEX runs_one_run_per_key ON runs (workflow, idempotency_key)
+CREATE UNIQUE INDEX runs_one_run_per_key ON runs (idempotency_key, workflow)
     WHERE idempotency_key IS NOT NULL;
 ALTER TABLE runs DROP CONSTRAINT runs_workflow_idempotency_key_key;
+DROP INDEX runs_idempotency_key;
 
 ALTER TABLE run_steps DROP CONSTRAINT run_steps_run_id_name_key;
