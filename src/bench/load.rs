@@ -104,7 +104,7 @@ pub async fn ceiling(pool: &PgPool, writers: usize, length: Duration) -> Result<
 }
 
 /// What the ceiling phase measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Ceiling {
     /// Single-row commits per second.
     pub commits_per_s: f64,

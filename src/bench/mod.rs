@@ -151,9 +151,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         "ceiling: single-row INSERT + COMMIT, {} writers, {:?}",
         options.concurrency, options.phase
     );
-    let ceiling = load::ceiling(&pool, options.concurrency, options.phase).await?;
-    report.ceiling_commits_per_s = ceiling.commits_per_s;
-    report.ceiling_cpu_ms = (ceiling.postgres_cpu_ms, ceiling.client_cpu_ms);
+    report.ceiling = load::ceiling(&pool, options.concurrency, options.phase).await?;
 
     let server = ServerChild::start(&url, "bench-http", options.pool_size).await?;
     load::create_identities(&pool, "h", options.runs * 3).await?;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::BenchOptions;
 use super::list::ListTimes;
-use super::load::{Phase, Recovery};
+use super::load::{Ceiling, Phase, Recovery};
 use super::measure::Latency;
 
 /// Everything one bench run measured.
@@ -21,10 +21,8 @@ pub struct Report {
     pub cpus: usize,
     /// PostgreSQL's version.
     pub postgres: String,
-    /// Single-row commits per second.
-    pub ceiling_commits_per_s: f64,
-    /// CPU milliseconds per ceiling commit: PostgreSQL's and the writers'.
-    pub ceiling_cpu_ms: (Option<f64>, Option<f64>),
+    /// PostgreSQL's own limit: single-row commits per second, and their CPU.
+    pub ceiling: Ceiling,
     /// Over HTTP, as fast as it goes.
     pub http: Option<Phase>,
     /// Over HTTP at half that rate.
@@ -54,8 +52,11 @@ impl Report {
             pool_size: options.pool_size,
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             postgres: String::new(),
-            ceiling_commits_per_s: f64::NAN,
-            ceiling_cpu_ms: (None, None),
+            ceiling: Ceiling {
+                commits_per_s: f64::NAN,
+                postgres_cpu_ms: None,
+                client_cpu_ms: None,
+            },
             http: None,
             http_half_load: None,
             http_idle: None,
@@ -74,7 +75,7 @@ impl Report {
         let half = self.http_half_load.as_ref();
         let latency = half.map(|p| p.latency_ms);
         json!({
-            "ceiling_commits_per_s": round(self.ceiling_commits_per_s),
+            "ceiling_commits_per_s": round(self.ceiling.commits_per_s),
             "runs_per_s": http.map(|p| round(p.runs_per_s)),
             "steps_per_s": http.map(|p| round(p.steps_per_s)),
             "commits_per_run": http.map(|p| round(p.commits_per_run)),
@@ -82,7 +83,7 @@ impl Report {
             "idle_latency_ms": self.http_idle.as_ref().map(|p| p.latency_ms),
             "batch_runs": self.batch_runs.iter().map(|(runs, batches)| json!({"runs": runs, "batches": batches})).collect::<Vec<_>>(),
             "mean_batch_runs": self.mean_batch_runs().map(round),
-            "ratio": http.map(|p| round(p.steps_per_s / self.ceiling_commits_per_s)),
+            "ratio": http.map(|p| round(p.steps_per_s / self.ceiling.commits_per_s)),
             "latency_ms": latency.map(|l| json!({"p50": round(l.p50), "p90": round(l.p90), "p99": round(l.p99)})),
             "recovery_s": self.recovery.as_ref().map(|r| round(r.recovery_s)),
             "rss_mb": round(self.rss_mb),
@@ -91,13 +92,13 @@ impl Report {
             "server_cpu_s": http.and_then(|p| p.server_cpu_s).map(round),
             "postgres_cpu_s": http.and_then(|p| p.postgres_cpu_s).map(round),
             "client_cpu_s": http.and_then(|p| p.client_cpu_s).map(round),
-            "ceiling_postgres_cpu_ms_per_commit": self.ceiling_cpu_ms.0.map(round3),
-            "ceiling_client_cpu_ms_per_commit": self.ceiling_cpu_ms.1.map(round3),
+            "ceiling_postgres_cpu_ms_per_commit": self.ceiling.postgres_cpu_ms.map(round3),
+            "ceiling_client_cpu_ms_per_commit": self.ceiling.client_cpu_ms.map(round3),
             "ratio_if_cpu_bound": http.and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
             "http_steps": self.http_steps.as_ref().map(|p| json!({
                 "runs_per_s": round(p.runs_per_s),
                 "steps_per_s": round(p.steps_per_s),
-                "ratio": round(p.steps_per_s / self.ceiling_commits_per_s),
+                "ratio": round(p.steps_per_s / self.ceiling.commits_per_s),
                 "commits_per_run": round(p.commits_per_run),
                 "statements_per_run": p.statements_per_run.map(round),
                 "latency_ms": p.latency_ms,
@@ -121,7 +122,7 @@ impl Report {
     /// When the measured ratio is close to it, CPU per run is what sets the ratio, and a
     /// ratio of 0.7 needs a run to cost no more than steps ÷ 0.7 ceiling commits.
     pub fn ratio_if_cpu_bound(&self, phase: &Phase) -> Option<f64> {
-        let commit = self.ceiling_cpu_ms.0? + self.ceiling_cpu_ms.1?;
+        let commit = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
         let run = (phase.postgres_cpu_s? + phase.server_cpu_s? + phase.client_cpu_s?) * 1000.0 / phase.runs as f64;
         (run > 0.0).then(|| phase.steps_per_run * commit / run)
     }
@@ -144,9 +145,9 @@ impl Report {
         );
         line(
             "ceiling: single-row commits/s",
-            format!("{:.0}", self.ceiling_commits_per_s),
+            format!("{:.0}", self.ceiling.commits_per_s),
         );
-        if let (Some(postgres), Some(writers)) = self.ceiling_cpu_ms {
+        if let (Some(postgres), Some(writers)) = (self.ceiling.postgres_cpu_ms, self.ceiling.client_cpu_ms) {
             line(
                 "ceiling: CPU ms per commit (PostgreSQL / writers)",
                 format!("{postgres:.3} / {writers:.3}"),
@@ -157,7 +158,7 @@ impl Report {
             line("http: steps/s", format!("{:.0}", p.steps_per_s));
             line(
                 "ratio = steps/s / ceiling commits/s",
-                format!("{:.2}", p.steps_per_s / self.ceiling_commits_per_s),
+                format!("{:.2}", p.steps_per_s / self.ceiling.commits_per_s),
             );
             line(
                 "http: commits per run (per step)",
@@ -212,7 +213,7 @@ impl Report {
                 format!(
                     "{:.0} ({:.2})",
                     p.steps_per_s,
-                    p.steps_per_s / self.ceiling_commits_per_s
+                    p.steps_per_s / self.ceiling.commits_per_s
                 ),
             );
             line(
@@ -327,12 +328,13 @@ mod tests {
             phase: Duration::from_secs(1),
         });
         // A commit costs 0.1 + 0.05 ms; a run 3 + 1 + 0.5 ms: 5 steps × 0.15 / 4.5.
-        report.ceiling_cpu_ms = (Some(0.1), Some(0.05));
+        report.ceiling.postgres_cpu_ms = Some(0.1);
+        report.ceiling.client_cpu_ms = Some(0.05);
         let bound = report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5)));
         assert!(bound.is_some_and(|b| (b - 5.0 * 0.15 / 4.5).abs() < 1e-9), "{bound:?}");
         // Any figure missing (a remote database, a process gone): no bound.
         assert_eq!(report.ratio_if_cpu_bound(&phase(None, Some(1.0), Some(0.5))), None);
-        report.ceiling_cpu_ms = (Some(0.1), None);
+        report.ceiling.client_cpu_ms = None;
         assert_eq!(report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5))), None);
     }
 }
