@@ -526,4 +526,8 @@ async fn the_triggers_write_a_delivery_only_for_a_committed_change_an_enabled_su
         .await
         .expect("again");
     assert_eq!(deliveries_of(pool, run).await.len(), 2);
+    // Nor does a finished run's status written again (the trigger fires on entering a
+    // terminal status, not on being in one).
+    sqlx::query(finish).bind(run).execute(pool).await.expect("finish again");
+    assert_eq!(deliveries_of(pool, run).await.len(), 2);
 }
