@@ -1025,6 +1025,116 @@ async fn a_call_longer_than_the_lease_keeps_its_lease() {
 /// set-auth-app-metadata's work is done, before the batch commits, the process aborts. Only
 /// uncommitted work is lost: every run accepted resumes from its last commit and completes,
 /// exactly one customer each, the outbox released for each, every invariant holding.
+/// Triggers a registration and waits for it (`wait_ms`): `Ok((status, run id))` once
+/// answered, `Err` when the server is not there.
+async fn trigger_and_wait(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: &Value,
+) -> Result<(String, String), String> {
+    let response = client
+        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs?wait_ms=5000"))
+        .bearer_auth(API_TOKEN)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let code = response.status();
+    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    if !code.is_success() {
+        return Err(format!("{code}: {body}"));
+    }
+    let field = |name: &str| body[name].as_str().unwrap_or_default().to_string();
+    Ok((field("status"), field("id")))
+}
+
+/// A trigger that waits leaves its run's insert to the run's first segment, so the run and
+/// everything its local steps did commit together. Aborted before that commit (before a
+/// step, after a step's work), nothing of the run is left: no run, no customer, no linked
+/// identity, no event, and the caller got no answer; its retry with the same key registers
+/// the customer once. Aborted just after the commit, the run is there, completed, and the
+/// retry answers with it.
+#[tokio::test]
+async fn a_waiting_trigger_killed_in_the_segment_that_inserts_its_run_leaves_all_of_it_or_none() {
+    let cases = [
+        ("before:create-customers", false),
+        ("after-effect:set-auth-app-metadata", false),
+        ("after-commit:set-auth-app-metadata", true),
+    ];
+    for (fault, committed) in cases {
+        let db = test_db().await;
+        let mut server = ServerProcess::start(
+            &db.url,
+            Options {
+                faults: Some(fault.to_string()),
+                ..Options::node("inserting")
+            },
+        )
+        .await;
+        let client = client();
+        let email = "waiting@example.com";
+        let auth = identity(&client, &server.url(), email).await;
+        let body = registration(&auth, email);
+        let answered = trigger_and_wait(&client, &server.url(), "waiting-run", &body).await;
+        let status = server.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(status.signal(), Some(6), "{fault} did not abort the process ({status})");
+        let customers = || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
+                .bind(email)
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+            n
+        };
+        let run = run_id_by_key(&db.pool, "waiting-run").await;
+        if committed {
+            let run = run.expect("the committed segment inserted the run");
+            let status: String = sqlx::query_scalar("SELECT status::text FROM runs WHERE id = $1")
+                .bind(run)
+                .fetch_one(&db.pool)
+                .await
+                .expect("run");
+            assert_eq!(status, "completed", "{fault}");
+            assert_eq!(customers().await, 1, "{fault}");
+        } else {
+            assert!(
+                answered.is_err(),
+                "{fault}: answered {answered:?} before anything was durable"
+            );
+            assert_eq!(run, None, "{fault}: a run is left of a segment that never committed");
+            let linked: Option<String> =
+                sqlx::query_scalar("SELECT app_metadata->>'customer_id' FROM auth_identities WHERE id = $1")
+                    .bind(&auth)
+                    .fetch_one(&db.pool)
+                    .await
+                    .expect("identity");
+            let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+            assert_eq!((customers().await, linked, events), (0, None, 0), "{fault}");
+        }
+
+        server.restart(Options::node("inserting")).await;
+        let (status, id) = trigger_and_wait(&client, &server.url(), "waiting-run", &body)
+            .await
+            .expect("the retry is answered");
+        assert_eq!(status, "completed", "{fault}");
+        if let Some(run) = run {
+            assert_eq!(id, run.to_string(), "{fault}: the retry answers with the committed run");
+        }
+        let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        assert_eq!((runs, customers().await), (1, 1), "{fault}");
+        assert_invariants(&db.pool).await;
+        server.kill9();
+    }
+}
+
 #[tokio::test]
 async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_resumes() {
     let db = test_db().await;

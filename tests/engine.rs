@@ -1679,24 +1679,29 @@ async fn the_check_and_the_trigger_that_name_terminal_statuses_name_rusts() {
         .map(|s| format!("'{}'::run_status", s.as_str()))
         .collect();
     let list = format!("ARRAY[{}]", terminal.join(", "));
-    let (check, trigger): (String, String) = sqlx::query_as(
+    let (check, trigger, on_insert): (String, String, String) = sqlx::query_as(
         "SELECT (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'runs_reachable'),
-                (SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_finish')",
+                (SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_finish'),
+                (SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'runs_webhook_on_insert_finished')",
     )
     .fetch_one(&db.pool)
     .await
-    .expect("the constraint and the trigger");
+    .expect("the constraint and the triggers");
     assert!(check.contains(&format!("status = ANY ({list})")), "{check}");
     assert!(!check.contains("run_status_is_terminal"), "{check}");
     assert!(trigger.contains(&format!("new.status = ANY ({list})")), "{trigger}");
     assert!(trigger.contains(&format!("old.status <> ALL ({list})")), "{trigger}");
+    assert!(on_insert.contains("BEFORE INSERT"), "{on_insert}");
+    assert!(on_insert.contains(&format!("new.status = ANY ({list})")), "{on_insert}");
 }
 
 /// Fused or not, a run of local steps records the same thing: the same final status, log
 /// (every attempt and outcome, in order) and effects, through retries with backoff, a
 /// permanent failure with partial work, a compensation that fails once, and a skipped step.
 /// A failed attempt inside a segment rolls the segment back and is then recorded alone, so
-/// nothing of the rolled-back attempts shows, and no effect is doubled.
+/// nothing of the rolled-back attempts shows, and no effect is doubled. A trigger that waits
+/// leaves the run's insert to its first segment: the same again, the clean run written in a
+/// single transaction, insert included, and its first entries at the time it was accepted.
 #[tokio::test]
 async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
     let inputs = [
@@ -1707,11 +1712,16 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         json!({"skip": ["d"]}),
     ];
     let mut recorded = Vec::new();
-    for fused in [true, false] {
+    // (fused, the trigger waits: the first segment inserts the run)
+    for (fused, waits) in [(true, true), (true, false), (false, false)] {
         let db = test_db().await;
         let engine = Engine::builder(db.pool.clone())
             .config(sagaflow::engine::EngineConfig {
                 fuse_local_steps: fused,
+                // Room beyond a claim's batch, so a trigger always finds a free slot and
+                // starts its run on this worker (where a waiting trigger's first segment
+                // inserts it), however a claim is timed.
+                max_concurrent_runs: 64,
                 ..fast_config("differential")
             })
             .register(scripted::local_workflow())
@@ -1720,13 +1730,47 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         let worker = engine.start_worker().await.expect("worker");
         let mut runs = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
-            let run = engine
-                .trigger(scripted::LOCAL_NAME, input.clone(), TriggerOptions::default())
-                .await
-                .expect("trigger")
-                .run_id;
+            let run = if waits {
+                let waited = engine
+                    .trigger_and_wait(
+                        scripted::LOCAL_NAME,
+                        input.clone(),
+                        TriggerOptions::default(),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("trigger");
+                assert!(waited.triggered.created);
+                waited.triggered.run_id
+            } else {
+                engine
+                    .trigger(scripted::LOCAL_NAME, input.clone(), TriggerOptions::default())
+                    .await
+                    .expect("trigger")
+                    .run_id
+            };
             let status = finish(&engine, run).await;
-            if i == 0 {
+            if i == 0 && waits {
+                // The run, its steps and every entry went in with one commit, and the
+                // entries of its creation carry the time it was accepted, before its steps'.
+                let (transactions, created_first): (i64, bool) = sqlx::query_as(
+                    "SELECT (SELECT count(DISTINCT x) FROM (
+                                 SELECT xmin::text AS x FROM runs WHERE id = $1
+                                 UNION ALL SELECT xmin::text FROM run_steps WHERE run_id = $1
+                                 UNION ALL SELECT xmin::text FROM run_events WHERE run_id = $1) w),
+                            (SELECT bool_and(e.at = r.created_at) FROM run_events e, runs r
+                              WHERE e.run_id = $1 AND r.id = $1 AND e.seq <= 3)
+                            AND (SELECT min(s.started_at) >= r.created_at FROM run_steps s, runs r
+                                  WHERE s.run_id = $1 AND r.id = $1 GROUP BY r.created_at)",
+                )
+                .bind(run)
+                .fetch_one(&db.pool)
+                .await
+                .expect("transactions");
+                assert_eq!(transactions, 1, "the clean run took {transactions} transactions");
+                assert!(created_first, "the run's first entries are at its acceptance");
+            }
+            if i == 0 && !waits {
                 // The clean run: one segment wrote everything after the first step's start.
                 let commits: i64 = sqlx::query_scalar(
                     "SELECT count(DISTINCT xmin::text) FROM run_events WHERE run_id = $1 AND seq > 3",
@@ -1749,8 +1793,13 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         worker.shutdown().await;
         recorded.push(runs);
     }
-    for (fused, per_attempt) in recorded[0].iter().zip(&recorded[1]) {
+    for ((inserted_with_segment, fused), per_attempt) in recorded[0].iter().zip(&recorded[1]).zip(&recorded[2]) {
         assert_eq!(fused, per_attempt, "fused, then per attempt, for input {}", fused.0);
+        assert_eq!(
+            inserted_with_segment, per_attempt,
+            "inserted with its first segment, then per attempt, for input {}",
+            fused.0
+        );
     }
 }
 

@@ -531,3 +531,46 @@ async fn the_triggers_write_a_delivery_only_for_a_committed_change_an_enabled_su
     sqlx::query(finish).bind(run).execute(pool).await.expect("finish again");
     assert_eq!(deliveries_of(pool, run).await.len(), 2);
 }
+
+/// A run inserted already finished (a waiting trigger's first segment inserts a registration
+/// `completed`) gets the same delivery as a run updated into its end
+/// (`0018_webhooks_for_runs_inserted_finished`); a run inserted unfinished gets none.
+#[tokio::test]
+async fn a_run_inserted_finished_gets_the_delivery_of_a_run_that_finishes_later() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    sqlx::query(
+        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
+         VALUES ('all', 'http://127.0.0.1:9/hook', ARRAY['run.completed'], 'SAGAFLOW_TEST_HOOK_SECRET')",
+    )
+    .execute(pool)
+    .await
+    .expect("subscription");
+    let insert =
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason, finished_at, output)
+                  VALUES ($1, 'create-customer-account', 1, $2::run_status, '{}', 'api',
+                          CASE WHEN $2 = 'running' THEN 'a test' END,
+                          CASE WHEN $2 = 'completed' THEN clock_timestamp() END, '{\"done\": true}')";
+    let unfinished = uuid::Uuid::now_v7();
+    sqlx::query(insert)
+        .bind(unfinished)
+        .bind("running")
+        .execute(pool)
+        .await
+        .expect("unfinished run");
+    assert!(deliveries_of(pool, unfinished).await.is_empty());
+
+    let finished = uuid::Uuid::now_v7();
+    sqlx::query(insert)
+        .bind(finished)
+        .bind("completed")
+        .execute(pool)
+        .await
+        .expect("finished run");
+    let written = deliveries_of(pool, finished).await;
+    let who: Vec<(&str, &str)> = written.iter().map(|(s, t, _)| (s.as_str(), t.as_str())).collect();
+    assert_eq!(who, [("all", "run.completed")]);
+    assert_eq!(written[0].2["data"]["run"]["id"], finished.to_string());
+    assert_eq!(written[0].2["data"]["run"]["status"], "completed");
+    assert_eq!(written[0].2["data"]["run"]["output"], json!({"done": true}));
+}

@@ -180,24 +180,7 @@ pub(crate) async fn apply(
     let changed: Vec<usize> = (0..change.new.steps.len())
         .filter(|&i| change.old.steps.get(i) != change.new.steps.get(i) || times.contains_key(&i))
         .collect();
-    let lease = change.lease.unwrap_or(match change.transition.next {
-        Next::Invoke(_) | Next::Compensate(_) | Next::Await(_) => LeaseWrite::Keep,
-        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
-        Next::Finish(_) => LeaseWrite::Finish,
-        Next::Pause => LeaseWrite::Hold,
-    });
-    let persist = Persist {
-        run_id: change.run_id,
-        epoch: change.epoch,
-        cancel_requested: change.old.cancel_requested,
-        pause_requested: change.old.pause_requested,
-        state: change.new,
-        changed,
-        times,
-        events: &change.transition.events,
-        events_ago_us,
-        lease,
-    };
+    let persist = persist_of(&change, changed, times, events_ago_us);
     let at = match store::persist(conn, &persist).await? {
         Persisted::Fenced => return Ok(Applied::Fenced),
         Persisted::Requested { cancel, pause } => return Ok(Applied::Requested { cancel, pause }),
@@ -213,11 +196,7 @@ pub(crate) async fn apply(
             .map_or("?", |def| def.name.as_str());
         store::consume_arrival(conn, id, step).await?;
     }
-    if let (Some(status), Some(hook), true) = (finished, &change.workflow.on_finish, change.finish_hook) {
-        hook.on_finish(conn, change.run_id, status)
-            .await
-            .map_err(ApplyError::FinishHook)?;
-    }
+    finish(conn, &change, finished).await?;
     let detail = copy.and_then(|copy| {
         persist.mirror(&mut copy.run, &mut copy.steps, at);
         finished.is_some().then(|| Arc::new(copy.clone()))
@@ -228,5 +207,112 @@ pub(crate) async fn apply(
         detail,
         workflow: change.workflow.name.clone(),
         created_at: change.created_at,
+    }))
+}
+
+/// The write of `change` with these step times and entry offsets: the lease as the
+/// transition's next action implies, unless the change says otherwise.
+fn persist_of<'a>(
+    change: &Change<'a>,
+    changed: Vec<usize>,
+    times: &'a BTreeMap<usize, StepTimes>,
+    events_ago_us: &'a [i64],
+) -> Persist<'a> {
+    let lease = change.lease.unwrap_or(match change.transition.next {
+        Next::Invoke(_) | Next::Compensate(_) | Next::Await(_) => LeaseWrite::Keep,
+        Next::Release { ready_at } => LeaseWrite::Release(ready_at),
+        Next::Finish(_) => LeaseWrite::Finish,
+        Next::Pause => LeaseWrite::Hold,
+    });
+    Persist {
+        run_id: change.run_id,
+        epoch: change.epoch,
+        cancel_requested: change.old.cancel_requested,
+        pause_requested: change.old.pause_requested,
+        state: change.new,
+        changed,
+        times,
+        events: change.transition.events.as_slice(),
+        events_ago_us,
+        lease,
+    }
+}
+
+/// Runs the workflow's finish hook, in the write's transaction, when the run finished.
+async fn finish(conn: &mut PgConnection, change: &Change<'_>, finished: Option<RunStatus>) -> Result<(), ApplyError> {
+    if let (Some(status), Some(hook), true) = (finished, &change.workflow.on_finish, change.finish_hook) {
+        hook.on_finish(conn, change.run_id, status)
+            .await
+            .map_err(ApplyError::FinishHook)?;
+    }
+    Ok(())
+}
+
+/// A run not yet inserted, to be written together with its first segment.
+pub(crate) struct Unwritten<'a> {
+    /// The insert its trigger prepared (its state the claim's).
+    pub(crate) run: &'a store::NewRun<'a>,
+    /// How long before now it was prepared, in microseconds: when it was accepted.
+    pub(crate) prepared_ago_us: i64,
+}
+
+/// What [`apply_first`] did.
+#[derive(Debug)]
+pub(crate) enum AppliedFirst {
+    /// The run was inserted with its segment (and the finish hook run, if it finished); do
+    /// this after commit.
+    Written(AfterCommit),
+    /// Nothing was written: the run's key is taken, or its workflow is paused
+    /// ([`store::Inserted::KeyTaken`], [`store::Inserted::WorkflowPaused`]).
+    Refused(store::Inserted),
+    /// The segment hands the run back or holds it, which its insert cannot say: nothing was
+    /// written; insert the run on its own first.
+    Unwritable,
+}
+
+/// Writes `change`, the first segment of a run that is not inserted yet, as the insert of the
+/// run in the state the segment left it (see [`store::insert_run_with_segment`]): one row for
+/// the run and each step where an insert and then its update would write two. Otherwise as
+/// [`apply`]: the finish hook runs in the same transaction, `copy` becomes the rows as
+/// written, and nothing is announced.
+pub(crate) async fn apply_first(
+    conn: &mut PgConnection,
+    unwritten: Unwritten<'_>,
+    change: Change<'_>,
+    copy: &mut RunDetail,
+) -> Result<AppliedFirst, ApplyError> {
+    let finished = match change.transition.next {
+        Next::Finish(status) => Some(status),
+        _ => None,
+    };
+    let no_stamps = Stamps::default();
+    let stamps = change.stamps.unwrap_or(&no_stamps);
+    let times = store::first_times(unwritten.run.marks, unwritten.prepared_ago_us, &stamps.times);
+    let all: Vec<usize> = (0..change.new.steps.len()).collect();
+    let persist = persist_of(&change, all, &times, &stamps.events_ago_us);
+    if !matches!(persist.lease, LeaseWrite::Keep | LeaseWrite::Finish) {
+        return Ok(AppliedFirst::Unwritable);
+    }
+    let (created_at, at) =
+        match store::insert_run_with_segment(conn, unwritten.run, &persist, unwritten.prepared_ago_us).await? {
+            store::InsertedWithSegment::Run { created_at, at } => (created_at, at),
+            store::InsertedWithSegment::Refused(why) => return Ok(AppliedFirst::Refused(why)),
+        };
+    finish(conn, &change, finished).await?;
+    let (mut run, mut steps) = unwritten.run.rows(store::Inserted::Run {
+        created_at,
+        held: false,
+    });
+    persist.mirror(&mut run, &mut steps, at);
+    if run.lease_owner.is_some() {
+        run.lease_expires_at = Some(at + chrono::Duration::milliseconds(unwritten.run.lease_ms));
+    }
+    *copy = RunDetail { run, steps };
+    Ok(AppliedFirst::Written(AfterCommit {
+        run_id: change.run_id,
+        finished,
+        detail: finished.is_some().then(|| Arc::new(copy.clone())),
+        workflow: change.workflow.name.clone(),
+        created_at,
     }))
 }

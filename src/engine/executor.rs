@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use super::apply::{self, Applied, ApplyError, Change, Stamps};
+use super::apply::{self, Applied, AppliedFirst, ApplyError, Change, Stamps, Unwritten};
 use super::definition::{Completed, Phase, RunView, StepContext, StepTransaction, Workflow};
 use super::faults::FaultPoint;
 use super::lane::{Lanes, Seat};
@@ -49,8 +49,29 @@ pub(crate) struct RunTask {
     /// back (it failed there, or the segment's write was refused), so it is tried again with
     /// its outcome recorded on its own.
     alone: Option<(usize, Phase)>,
+    /// The run is not inserted yet: its first segment inserts it.
+    uninserted: Option<Uninserted>,
     _permit: OwnedSemaphorePermit,
 }
+
+/// A run its trigger left for its first segment to insert: the run is written in the state
+/// that segment leaves it, with the segment's commit, and the trigger is answered once that
+/// commit is done. Should the segment not be written (an attempt failed, the batch did not
+/// commit, the finish hook refused), the run is inserted on its own, as its trigger would
+/// have, before anything else happens; a run whose key is taken or whose workflow is paused
+/// is left to its trigger's answer.
+pub(crate) struct Uninserted {
+    /// The run as its trigger prepared it (leased to this worker, in the claim's state).
+    pub(crate) run: super::PreparedRun,
+    /// When it was prepared: its entries until the segment carry that time.
+    pub(crate) prepared: Instant,
+    /// Where the trigger waits for the insert.
+    pub(crate) answer: tokio::sync::oneshot::Sender<InsertAnswer>,
+}
+
+/// What the trigger of an [`Uninserted`] run is told: the run as inserted, `None` when its
+/// idempotency key was taken, or why inserting it failed.
+pub(crate) type InsertAnswer = Result<Option<store::RunRow>, String>;
 
 /// The most attempts one fused segment holds: a bound on the transaction's length whatever
 /// the plan (a registration's five steps take five).
@@ -78,6 +99,8 @@ pub(crate) struct Lease {
     pub(crate) state: RunState,
     /// What the claim's transition said to do.
     pub(crate) next: Next,
+    /// Set when the run is not inserted yet (see [`Uninserted`]).
+    pub(crate) uninserted: Option<Uninserted>,
 }
 
 impl RunTask {
@@ -99,6 +122,7 @@ impl RunTask {
             state: lease.state,
             next: lease.next,
             alone: None,
+            uninserted: lease.uninserted,
             _permit: permit,
         }
     }
@@ -110,6 +134,9 @@ enum Stop {
     Fenced,
     /// Recording failed in a way the run must be reloaded for.
     Database(String),
+    /// The run was never this executor's: inserting it found its key taken or its workflow
+    /// paused (it went in unstarted), or failed; its trigger was told.
+    NotInserted,
 }
 
 impl RunTask {
@@ -118,25 +145,29 @@ impl RunTask {
         let span = info_span!("run", run_id = %self.run_id, workflow = %self.workflow.name);
         async move {
             loop {
-                let step_result = match self.next {
-                    Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
-                    Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
-                    Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
-                    Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
-                    Next::Await(step) => self.poll_wait(step).await,
-                    Next::Release { ready_at } => {
-                        debug!(%ready_at, "run handed back");
-                        break;
-                    }
-                    Next::Pause => {
-                        info!("run paused by an operator");
-                        break;
-                    }
-                    Next::Finish(status) => {
-                        // Waiters were woken and the finish counted when it committed
-                        // (`apply::AfterCommit`), whichever path finished the run.
-                        info!(%status, "run finished");
-                        break;
+                let step_result = if self.uninserted.is_some() && !self.starts_segment() {
+                    self.insert_alone().await
+                } else {
+                    match self.next {
+                        Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
+                        Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
+                        Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
+                        Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
+                        Next::Await(step) => self.poll_wait(step).await,
+                        Next::Release { ready_at } => {
+                            debug!(%ready_at, "run handed back");
+                            break;
+                        }
+                        Next::Pause => {
+                            info!("run paused by an operator");
+                            break;
+                        }
+                        Next::Finish(status) => {
+                            // Waiters were woken and the finish counted when it committed
+                            // (`apply::AfterCommit`), whichever path finished the run.
+                            info!(%status, "run finished");
+                            break;
+                        }
                     }
                 };
                 match step_result {
@@ -151,12 +182,55 @@ impl RunTask {
                             break;
                         }
                     }
+                    Err(Stop::NotInserted) => break,
                 }
             }
             self.worker.run_done();
         }
         .instrument(span)
         .await
+    }
+
+    /// Whether what the run is at is a fused segment.
+    fn starts_segment(&self) -> bool {
+        match self.next {
+            Next::Invoke(step) => self.fusable(step, Phase::Invoke),
+            Next::Compensate(step) => self.fusable(step, Phase::Compensate),
+            _ => false,
+        }
+    }
+
+    /// Inserts an [`Uninserted`] run on its own, as its trigger would have, and answers the
+    /// trigger: the executor goes on only if the run went in leased to it.
+    async fn insert_alone(&mut self) -> Result<(), Stop> {
+        let Some(mut uninserted) = self.uninserted.take() else {
+            return Ok(());
+        };
+        let inserted = async {
+            let mut conn = self.engine.inner.worker_pool.acquire().await?;
+            self.engine.insert_prepared(&mut conn, &mut uninserted.run).await
+        }
+        .await;
+        match inserted {
+            Ok(Some(inserted)) => {
+                let (run, steps) = self.engine.new_run(&uninserted.run).rows(inserted);
+                let _ = uninserted.answer.send(Ok(Some(run.clone())));
+                self.engine.inner.changes.touch(self.run_id);
+                if uninserted.run.owner.is_none() {
+                    return Err(Stop::NotInserted);
+                }
+                self.copy = RunDetail { run, steps };
+                Ok(())
+            }
+            Ok(None) => {
+                let _ = uninserted.answer.send(Ok(None));
+                Err(Stop::NotInserted)
+            }
+            Err(e) => {
+                let _ = uninserted.answer.send(Err(e.to_string()));
+                Err(Stop::NotInserted)
+            }
+        }
     }
 
     /// Whether the attempt of `step` in `phase` may run in a fused segment: fusion is on, the
@@ -212,6 +286,10 @@ impl RunTask {
             Some(lanes) if !suspect => lanes.seat(self.copy.run.subject.as_deref(), self.run_id).await,
             _ => None,
         };
+        if seat.is_none() {
+            // Committing on its own, the segment cannot answer a trigger before it ends.
+            self.insert_alone().await?;
+        }
         let mut tx = match seat.as_mut().and_then(Seat::take) {
             Some(open) => StepTransaction::open(self.engine.inner.worker_pool.clone(), open),
             None => StepTransaction::new(self.engine.inner.worker_pool.clone()),
@@ -234,6 +312,7 @@ impl RunTask {
             let event = self.run_attempt(step, phase, &state, &mut tx).await;
             if is_failure(&event) {
                 discard(seat, tx.take()).await;
+                self.insert_alone().await?;
                 debug!(
                     step,
                     phase = phase.as_str(),
@@ -257,6 +336,7 @@ impl RunTask {
         let (Some(transition), Some(&(first, first_phase))) = (decided, attempted.first()) else {
             // The attempt the run is at cannot be fused after all: run it alone.
             discard(seat, tx.take()).await;
+            self.insert_alone().await?;
             self.alone = match self.next {
                 Next::Invoke(step) => Some((step, Phase::Invoke)),
                 Next::Compensate(step) => Some((step, Phase::Compensate)),
@@ -291,13 +371,38 @@ impl RunTask {
                 Ok(open) => open,
                 Err(e) => {
                     discard(seat, None).await;
+                    self.insert_alone().await?;
                     return Err(Stop::Database(e.to_string()));
                 }
             },
         };
         // `apply` changes the copy only once everything was written; should the commit then
         // fail, the reload after it reads the copy again.
-        let applied = apply::apply(&mut open, change, Some(&mut self.copy)).await;
+        let applied = match &self.uninserted {
+            None => apply::apply(&mut open, change, Some(&mut self.copy)).await,
+            Some(uninserted) => {
+                let run = self.engine.new_run(&uninserted.run);
+                let unwritten = Unwritten {
+                    run: &run,
+                    prepared_ago_us: ago(uninserted.prepared),
+                };
+                match apply::apply_first(&mut open, unwritten, change, &mut self.copy).await {
+                    Ok(AppliedFirst::Written(after)) => Ok(Applied::Written(after)),
+                    Ok(AppliedFirst::Refused(why)) => {
+                        // Inserted on its own, it is refused (or held) as from its trigger.
+                        debug!(?why, "a run's insert with its first segment was refused");
+                        discard(seat, Some(open)).await;
+                        return self.insert_alone().await;
+                    }
+                    Ok(AppliedFirst::Unwritable) => {
+                        // Inserted on its own first, the segment runs again as any other.
+                        discard(seat, Some(open)).await;
+                        return self.insert_alone().await;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
         let after = match applied {
             Ok(Applied::Written(after)) => after,
             Ok(Applied::Fenced) => {
@@ -316,12 +421,19 @@ impl RunTask {
             }
             Err(ApplyError::FinishHook(error)) => {
                 discard(seat, Some(open)).await;
+                self.insert_alone().await?;
                 warn!(error = %error.message, "the workflow's finish hook refused the end of a fused segment; its last attempt runs again alone");
                 self.alone = attempted.last().copied();
                 return Ok(());
             }
             Err(ApplyError::Database(e)) => {
                 discard(seat, Some(open)).await;
+                if self.uninserted.is_some() {
+                    // The run's insert failed with its segment: inserted on its own, it
+                    // goes on (or its trigger learns why not) as if from its trigger.
+                    warn!(error = %e, "inserting a run with its first segment failed; inserting it alone");
+                    return self.insert_alone().await;
+                }
                 return Err(Stop::Database(e.to_string()));
             }
         };
@@ -329,7 +441,20 @@ impl RunTask {
             Some(seat) => seat.commit(open).await,
             None => open.commit().await.map_err(|e| e.to_string()),
         };
-        committed.map_err(Stop::Database)?;
+        if let Err(e) = committed {
+            if self.uninserted.is_some() {
+                // Nothing of the batch is durable (or, rarely, the commit's outcome is
+                // unknown: then the insert alone finds the run's id taken and fails, and
+                // the run, if it went in, is recovered once its lease expires).
+                warn!(error = %e, "the batch holding a run's insert did not commit; inserting it alone");
+                return self.insert_alone().await;
+            }
+            return Err(Stop::Database(e));
+        }
+        if let Some(uninserted) = self.uninserted.take() {
+            uninserted.run.count_started();
+            let _ = uninserted.answer.send(Ok(Some(self.copy.run.clone())));
+        }
         self.state = state;
         self.next = transition.next;
         after.publish(&self.engine.inner);

@@ -43,6 +43,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use bulk::{BULK_COUNT_CAP, BULK_SAMPLE, BulkAction, BulkOutcome, BulkSkip, MAX_BULK_RUNS};
@@ -957,6 +958,38 @@ impl Engine {
         let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
         let mut prepared = prepared;
+        if watch.is_some() && self.inserts_in_first_segment(&prepared) {
+            // The caller waits for the run anyway: its first segment inserts it, in the state
+            // it leaves it, with that segment's commit (one row where there were two, and one
+            // commit less); the answer comes once that commit is done.
+            drop(conn);
+            let (answer, answered) = oneshot::channel();
+            let run_id = prepared.id;
+            self.start_uninserted(prepared, answer);
+            let accepted = match answered.await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(e)) => return Err(EngineError::Internal(format!("inserting the run failed: {e}"))),
+                Err(_) => {
+                    return Err(EngineError::Internal(
+                        "the run's executor stopped before inserting it".into(),
+                    ));
+                }
+            };
+            if let Some(accepted) = accepted {
+                let triggered = Triggered {
+                    run_id,
+                    created: true,
+                    accepted,
+                };
+                return Ok((triggered, watch));
+            }
+            drop(watch);
+            let key = key.unwrap_or_default();
+            return match store::run_by_key(&self.inner.pool, &wf.name, key).await? {
+                Some(existing) => Ok((replay(existing, key, &input, trigger)?, None)),
+                None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
+            };
+        }
         if let Some(inserted) = self.insert_prepared(&mut conn, &mut prepared).await? {
             drop(conn);
             let run_id = prepared.id;
@@ -1051,6 +1084,7 @@ impl Engine {
             marks,
             events,
             now: self.now(),
+            owner: local.as_ref().map(|l: &LocalStart| l.worker.id),
             local,
             unstarted,
         }
@@ -1071,7 +1105,7 @@ impl Engine {
             step_names: p.workflow.steps.iter().map(|s| s.name.as_str()).collect(),
             marks: &p.marks,
             events: &p.events,
-            owner: p.local.as_ref().map(|l| l.worker.id),
+            owner: p.owner,
             lease_ms: self.lease_ms(),
             now: p.now,
         }
@@ -1092,8 +1126,51 @@ impl Engine {
         if !matches!(inserted, store::Inserted::Run { .. }) {
             return Ok(None);
         }
-        metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => p.workflow.name.clone(), "trigger" => p.trigger.as_str()).increment(1);
+        p.count_started();
         Ok(Some(inserted))
+    }
+
+    /// Whether a run leased to our worker in its insert can leave the insert to its first
+    /// segment: that segment runs in a lane's batch (fusion and batching on) and begins with
+    /// a local step. Any other first attempt needs the run committed before it runs.
+    fn inserts_in_first_segment(&self, p: &PreparedRun) -> bool {
+        let Some(local) = &p.local else { return false };
+        let first = match local.next {
+            Next::Invoke(step) => step,
+            _ => return false,
+        };
+        self.inner.config.fuse_local_steps
+            && local.worker.batches()
+            && p.workflow.steps.get(first).is_some_and(|s| s.is_local())
+            && p.workflow
+                .steps
+                .get(first)
+                .is_none_or(|s| !self.inner.faults.will_fail(&s.name))
+    }
+
+    /// Hands a prepared run that is not inserted yet to an executor of our worker, which
+    /// inserts it with its first segment (see [`executor::Uninserted`]) and tells `answer`.
+    fn start_uninserted(&self, mut p: PreparedRun, answer: oneshot::Sender<executor::InsertAnswer>) {
+        let Some(local) = p.local.take() else {
+            let _ = answer.send(Err("the run was not leased to this instance".into()));
+            return;
+        };
+        let workflow = Arc::clone(&p.workflow);
+        let (run, steps) = self.new_run(&p).rows(store::Inserted::Run {
+            created_at: p.now,
+            held: false,
+        });
+        let lease = executor::Lease {
+            copy: RunDetail { run, steps },
+            state: p.state.clone(),
+            next: local.next,
+            uninserted: Some(executor::Uninserted {
+                run: p,
+                prepared: std::time::Instant::now(),
+                answer,
+            }),
+        };
+        local.worker.start(self, workflow, lease, local.slot);
     }
 
     /// Hands a committed run that was leased to our worker to an executor.
@@ -1106,6 +1183,7 @@ impl Engine {
             copy: RunDetail { run, steps },
             state: p.state,
             next: local.next,
+            uninserted: None,
         };
         local.worker.start(self, p.workflow, lease, local.slot);
     }
@@ -1314,7 +1392,7 @@ pub(crate) fn applied_by_operator(
 }
 
 /// A run ready to insert (and, when leased to our worker, to start).
-struct PreparedRun {
+pub(crate) struct PreparedRun {
     id: Uuid,
     workflow: Arc<Workflow>,
     input: Value,
@@ -1327,14 +1405,22 @@ struct PreparedRun {
     events: Vec<NewEvent>,
     /// The engine clock's time when it was prepared: when an unleased run is due.
     now: DateTime<Utc>,
-    /// Set when the run is leased to this instance's worker in its insert.
+    /// Set when the run is leased to this instance's worker in its insert (until its
+    /// executor takes it).
     local: Option<LocalStart>,
+    /// The worker it is leased to in its insert, if any.
+    owner: Option<i32>,
     /// With `local`: the state before the local claim and how many log entries preceded it,
     /// for a run that cannot start in its insert after all (its workflow is paused).
     unstarted: Option<(RunState, usize)>,
 }
 
 impl PreparedRun {
+    /// Counts the run as started, once it is inserted.
+    fn count_started(&self) {
+        metrics::counter!(metrics_names::RUNS_STARTED, "workflow" => self.workflow.name.clone(), "trigger" => self.trigger.as_str()).increment(1);
+    }
+
     /// Undoes the local claim: the run is inserted unstarted (its worker slot is given back).
     fn unstart(&mut self) {
         if let Some((state, events)) = self.unstarted.take() {
@@ -1343,6 +1429,7 @@ impl PreparedRun {
             self.marks.clear();
         }
         self.local = None;
+        self.owner = None;
     }
 }
 

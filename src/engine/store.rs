@@ -480,6 +480,161 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Ins
     })
 }
 
+/// Inserts a run together with the outcome of its first fused segment, in one statement: the
+/// run, its steps and its whole log as they stand once the segment is written, as
+/// [`insert_run`] followed by [`persist`] would have left them, but with one row per run and
+/// step instead of a row and its update. `created_ago_us` is how long before the statement
+/// the run was prepared: its `created_at` and its first entries carry that time, the
+/// segment's entries theirs (`first.events_ago_us`); `first.times` are every step's times,
+/// the claim's marks included (see [`first_times`]), and every step is written.
+///
+/// Refused as [`insert_run`] refuses a run that was to start in its insert: its key taken or
+/// its workflow paused; nothing is written then. Only a segment that keeps the lease or
+/// finishes the run can be written so ([`LeaseWrite::Keep`] or [`LeaseWrite::Finish`]): the
+/// caller checks it.
+pub async fn insert_run_with_segment(
+    conn: &mut PgConnection,
+    run: &NewRun<'_>,
+    first: &Persist<'_>,
+    created_ago_us: i64,
+) -> Result<InsertedWithSegment, sqlx::Error> {
+    let steps = StepArrays::from_state(first.state, first.times, (0..first.state.steps.len()).collect());
+    let all_events: Vec<NewEvent> = run.events.iter().chain(first.events).cloned().collect();
+    let ago: Vec<i64> = std::iter::repeat_n(created_ago_us, run.events.len())
+        .chain((0..first.events.len()).map(|i| first.events_ago_us.get(i).copied().unwrap_or(0)))
+        .collect();
+    let events = EventArrays::new(&all_events, &ago);
+    let error = first
+        .state
+        .error
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let owner = match first.lease {
+        LeaseWrite::Keep => run.owner,
+        _ => None,
+    };
+    let wait = WaitColumns::of(first.state.waiting.as_ref());
+    let inserted: (Option<DateTime<Utc>>, Option<DateTime<Utc>>, bool) = sqlx::query_as(
+        "WITH t AS (
+             SELECT clock_timestamp() AS now,
+                    EXISTS (SELECT 1 FROM paused_workflows WHERE workflow = $2) AS paused
+         ), run AS (
+             INSERT INTO runs (id, workflow, workflow_version, status, input, output, error, subject, idempotency_key,
+                               trigger, retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq,
+                               created_at, updated_at, finished_at, wait_kind, wait_name, wait_step, wait_attempt,
+                               wait_deadline)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, 1,
+                    CASE WHEN $12::int4 IS NOT NULL THEN t.now + $13 * interval '1 millisecond' END,
+                    cardinality($24::event_kind[]), t.now - $14 * interval '1 microsecond', t.now,
+                    -- Told, not computed: a function of a parameter is evaluated while planning.
+                    CASE WHEN $15 THEN t.now END,
+                    $16, $17, $18, $19, $20
+             FROM t
+             WHERE NOT t.paused
+             ON CONFLICT (idempotency_key, workflow) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id, created_at, updated_at AS at
+         ), steps AS (
+             INSERT INTO run_steps (run_id, idx, name, status, attempts, compensation_attempts, lost_attempts,
+                                    lost_compensation_attempts, output, error, partial, started_at, finished_at)
+             SELECT run.id, c.idx, c.name, c.status, c.attempts, c.compensation_attempts, c.lost, c.lost_compensation,
+                    c.output, c.error, c.partial,
+                    run.at - c.started_ago * interval '1 microsecond',
+                    CASE c.finished WHEN 'set' THEN run.at - c.finished_ago * interval '1 microsecond' END
+             FROM run, unnest($21::smallint[], $22::text[], $23::step_status[], $29::int4[], $30::int4[], $31::int4[],
+                              $32::int4[], $33::jsonb[], $34::jsonb[], $35::jsonb[], $36::int8[], $37::text[],
+                              $38::int8[])
+                       AS c(idx, name, status, attempts, compensation_attempts, lost, lost_compensation, output, error,
+                            partial, started_ago, finished, finished_ago)
+         ), events AS (
+             INSERT INTO run_events (run_id, seq, at, kind, step, attempt, detail)
+             SELECT run.id, c.ord, run.at - c.ago * interval '1 microsecond', c.kind, c.step, c.attempt, c.detail
+             FROM run, unnest($24::event_kind[], $25::text[], $26::int4[], $27::jsonb[], $28::int8[])
+                       WITH ORDINALITY AS c(kind, step, attempt, detail, ago, ord)
+         )
+         SELECT (SELECT created_at FROM run), (SELECT at FROM run), (SELECT paused FROM t)",
+    )
+    .bind(run.id)
+    .bind(run.workflow)
+    .bind(run.workflow_version)
+    .bind(first.state.status)
+    .bind(run.input)
+    .bind(&first.state.output)
+    .bind(error)
+    .bind(run.subject)
+    .bind(run.idempotency_key)
+    .bind(run.trigger)
+    .bind(run.retry_of)
+    .bind(owner)
+    .bind(run.lease_ms)
+    .bind(created_ago_us)
+    .bind(first.state.status.is_terminal())
+    .bind(wait.kind)
+    .bind(wait.name)
+    .bind(wait.step)
+    .bind(wait.attempt)
+    .bind(wait.deadline)
+    .bind(&steps.idx)
+    .bind(&run.step_names)
+    .bind(&steps.status)
+    .bind(&events.kind)
+    .bind(&events.step)
+    .bind(&events.attempt)
+    .bind(&events.detail)
+    .bind(&events.ago)
+    .bind(&steps.attempts)
+    .bind(&steps.compensation_attempts)
+    .bind(&steps.lost_attempts)
+    .bind(&steps.lost_compensation_attempts)
+    .bind(&steps.output)
+    .bind(&steps.error)
+    .bind(&steps.partial)
+    .bind(&steps.started_ago)
+    .bind(&steps.finished)
+    .bind(&steps.finished_ago)
+    .fetch_one(conn)
+    .await?;
+    Ok(match inserted {
+        (Some(created_at), Some(at), _) => InsertedWithSegment::Run { created_at, at },
+        (_, _, true) => InsertedWithSegment::Refused(Inserted::WorkflowPaused),
+        _ => InsertedWithSegment::Refused(Inserted::KeyTaken),
+    })
+}
+
+/// The step times of a run inserted with its first segment: the claim's `marks`, made when
+/// the run was prepared `created_ago_us` before the write, then the segment's `later` times.
+pub fn first_times(
+    marks: &std::collections::BTreeMap<usize, TimeMark>,
+    created_ago_us: i64,
+    later: &std::collections::BTreeMap<usize, StepTimes>,
+) -> std::collections::BTreeMap<usize, StepTimes> {
+    let mut times: std::collections::BTreeMap<usize, StepTimes> = std::collections::BTreeMap::new();
+    for (&i, &mark) in marks {
+        times.entry(i).or_default().mark(mark, created_ago_us);
+    }
+    for (&i, &times_later) in later {
+        times.entry(i).or_default().then(times_later);
+    }
+    times
+}
+
+/// What [`insert_run_with_segment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertedWithSegment {
+    /// The run was inserted, accepted at `created_at`; `at` is the time of the write (the
+    /// segment's end), which its entries and marks are counted back from.
+    Run {
+        /// When it was accepted.
+        created_at: DateTime<Utc>,
+        /// When the segment was written.
+        at: DateTime<Utc>,
+    },
+    /// Nothing was written, for this reason ([`Inserted::KeyTaken`] or
+    /// [`Inserted::WorkflowPaused`]).
+    Refused(Inserted),
+}
+
 /// What [`insert_run`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -832,6 +987,16 @@ impl StepTimes {
         let mut times = Self::default();
         times.mark(mark, 0);
         times
+    }
+
+    /// Folds in the times of a later write (its marks win where it sets any).
+    pub fn then(&mut self, later: StepTimes) {
+        if later.started.is_some() {
+            self.started = later.started;
+        }
+        if later.finished != FinishedAt::Keep {
+            self.finished = later.finished;
+        }
     }
 
     /// Folds in a mark made `ago_us` before the write (later marks win).

@@ -83,6 +83,11 @@ impl Slot for WorkerShared {
 }
 
 impl WorkerShared {
+    /// Whether this worker commits segments in lanes' batches.
+    pub(crate) fn batches(&self) -> bool {
+        self.lanes.is_some()
+    }
+
     fn active(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, i64>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -535,6 +540,7 @@ async fn claim_batch(engine: &Engine, shared: &Arc<WorkerShared>, free: usize) -
             copy,
             state,
             next: transition.next,
+            uninserted: None,
         };
         leased.push((workflow, lease, permit));
     }
