@@ -2343,3 +2343,96 @@ async fn a_plan_recorded_by_another_instance_at_the_same_moment_is_read_not_miss
         other => panic!("expected the other instance's plan to be read: {other:?}"),
     }
 }
+
+/// An engine running the local scripted workflow, fused and batched, with room beyond a
+/// claim's batch so that a trigger always starts its run here: a waiting trigger's run is
+/// then inserted by its first segment.
+async fn inserting_engine(pool: &PgPool) -> (Engine, WorkerHandle) {
+    let engine = Engine::builder(pool.clone())
+        .config(sagaflow::engine::EngineConfig {
+            max_concurrent_runs: 64,
+            ..fast_config("inserting")
+        })
+        .register(scripted::local_workflow())
+        .build()
+        .expect("engine");
+    let worker = engine.start_worker().await.expect("worker");
+    (engine, worker)
+}
+
+/// Waiting triggers of one key at once: each run's first segment tries to insert it, all but
+/// one find the key taken when they write (nothing of their steps stays), and every caller is
+/// answered with the one run, which did each step once.
+#[tokio::test]
+async fn waiting_triggers_of_one_key_at_once_insert_one_run_and_all_answer_with_it() {
+    let db = test_db().await;
+    let (engine, worker) = inserting_engine(&db.pool).await;
+    let options = || TriggerOptions {
+        idempotency_key: Some("one-key".into()),
+        ..TriggerOptions::default()
+    };
+    let waits =
+        (0..8).map(|_| engine.trigger_and_wait(scripted::LOCAL_NAME, json!({}), options(), Duration::from_secs(10)));
+    let answers = futures::future::join_all(waits).await;
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for answer in answers {
+        let waited = answer.expect("every trigger is answered");
+        ids.insert(waited.triggered.run_id);
+        created += usize::from(waited.triggered.created);
+        let detail = waited.detail.expect("the run");
+        assert_eq!(detail.run.status, RunStatus::Completed);
+    }
+    assert_eq!(ids.len(), 1, "one run for one key: {ids:?}");
+    assert_eq!(created, 1, "one trigger created it");
+    let run = *ids.iter().next().expect("the run");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(runs, 1);
+    let mut done = effects(&db.pool, run).await;
+    done.sort();
+    assert_eq!(
+        done,
+        ["a", "b", "c", "d"].map(|s| effect(s, "invoke", 1)).to_vec(),
+        "each step once, none of the refused segments' work"
+    );
+    let others: i64 = sqlx::query_scalar("SELECT count(*) FROM test_effects WHERE run_id <> $1")
+        .bind(run)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(others, 0, "the refused runs left nothing");
+    worker.shutdown().await;
+}
+
+/// A waiting trigger of a paused workflow: its first segment runs, finds the workflow paused
+/// when it writes, and leaves nothing of its steps; the run goes in held `pending`, as from a
+/// trigger that does not wait, and runs once the workflow is resumed.
+#[tokio::test]
+async fn a_waiting_trigger_of_a_paused_workflow_leaves_its_run_held_with_nothing_done() {
+    let db = test_db().await;
+    let (engine, worker) = inserting_engine(&db.pool).await;
+    let ops = sagaflow::engine::machine::Actor::from("ops");
+    engine.pause_workflow(scripted::LOCAL_NAME, ops).await.expect("pause");
+    let waited = engine
+        .trigger_and_wait(
+            scripted::LOCAL_NAME,
+            json!({}),
+            TriggerOptions::default(),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("trigger");
+    assert!(waited.triggered.created);
+    let run = waited.triggered.run_id;
+    let detail = waited.detail.expect("the run");
+    assert_eq!(detail.run.status, RunStatus::Pending);
+    assert!(detail.run.held, "held by the pause");
+    assert!(effects(&db.pool, run).await.is_empty(), "nothing of the segment stays");
+    assert_eq!(log(&engine, run).await, [run_level(K::RunCreated)]);
+    engine.resume_workflow(scripted::LOCAL_NAME, ops).await.expect("resume");
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    worker.shutdown().await;
+}

@@ -5,7 +5,8 @@
 //! [`Transition`] to [`apply`], inside the caller's transaction. It writes the transition
 //! fenced by the lease epoch and the operator's requests (cancel, pause) the decision saw, and, whenever the run
 //! becomes terminal, whatever path got it there, runs the workflow's [`FinishHook`] in the
-//! same transaction. What must happen once the transaction commits (waking waiters,
+//! same transaction; the first segment of a run that is not inserted yet goes to
+//! [`apply_first`], which writes it as the run's insert. What must happen once the transaction commits (waking waiters,
 //! announcing the change, counting the finish) is returned as an [`AfterCommit`], never done
 //! here: nothing is announced that might still roll back.
 //!

@@ -2,7 +2,9 @@
 //! together with the step's own writes in one transaction, and goes on until the run is
 //! finished or handed back. Consecutive attempts of local steps run as one fused segment
 //! (one transaction, one write, one commit; under load in a lane's batch, see `lane`);
-//! every other attempt commits on its own.
+//! every other attempt commits on its own. A run whose trigger waits for it can reach its
+//! executor not yet inserted ([`Uninserted`]): its first segment then inserts it, in the
+//! state that segment leaves it, with the segment's commit.
 //!
 //! How failures are classified here (the machine decides what follows each):
 //! - a step error or timeout or panic is an attempt outcome;
