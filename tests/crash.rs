@@ -59,8 +59,21 @@ fn registration(identity: &str, email: &str) -> Value {
 
 /// Triggers a registration; `Ok(run id)` once accepted, `Err` when the server is not there.
 async fn trigger(client: &reqwest::Client, base: &str, key: &str, body: &Value) -> Result<String, String> {
+    let run = trigger_run(client, base, key, body, 0).await?;
+    Ok(run["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// Triggers a registration waiting `wait_ms` for it; `Ok(the run)` once answered, `Err` when
+/// the server is not there or refuses.
+async fn trigger_run(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: &Value,
+    wait_ms: u32,
+) -> Result<Value, String> {
     let response = client
-        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs"))
+        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs?wait_ms={wait_ms}"))
         .bearer_auth(API_TOKEN)
         .header("Idempotency-Key", key)
         .json(body)
@@ -70,7 +83,7 @@ async fn trigger(client: &reqwest::Client, base: &str, key: &str, body: &Value) 
     let status = response.status();
     let body: Value = response.json().await.map_err(|e| e.to_string())?;
     if status.is_success() {
-        Ok(body["id"].as_str().unwrap_or_default().to_string())
+        Ok(body)
     } else {
         Err(format!("{status}: {body}"))
     }
@@ -1025,28 +1038,15 @@ async fn a_call_longer_than_the_lease_keeps_its_lease() {
 /// set-auth-app-metadata's work is done, before the batch commits, the process aborts. Only
 /// uncommitted work is lost: every run accepted resumes from its last commit and completes,
 /// exactly one customer each, the outbox released for each, every invariant holding.
-/// Triggers a registration and waits for it (`wait_ms`): `Ok((status, run id))` once
-/// answered, `Err` when the server is not there.
+/// Triggers a registration and waits for it: `Ok((status, run id))` once answered.
 async fn trigger_and_wait(
     client: &reqwest::Client,
     base: &str,
     key: &str,
     body: &Value,
 ) -> Result<(String, String), String> {
-    let response = client
-        .post(format!("{base}/v1/workflows/{WORKFLOW}/runs?wait_ms=5000"))
-        .bearer_auth(API_TOKEN)
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let code = response.status();
-    let body: Value = response.json().await.map_err(|e| e.to_string())?;
-    if !code.is_success() {
-        return Err(format!("{code}: {body}"));
-    }
-    let field = |name: &str| body[name].as_str().unwrap_or_default().to_string();
+    let run = trigger_run(client, base, key, body, 5000).await?;
+    let field = |name: &str| run[name].as_str().unwrap_or_default().to_string();
     Ok((field("status"), field("id")))
 }
 

@@ -954,19 +954,16 @@ impl Engine {
                 return Ok((replay(existing, key, &input, trigger)?, None));
             }
         }
-        let mut conn = self.inner.pool.acquire().await?;
-        let prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
+        let mut prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
-        let mut prepared = prepared;
-        if watch.is_some() && self.inserts_in_first_segment(&prepared) {
+        let run_id = prepared.id;
+        let accepted = if watch.is_some() && self.inserts_in_first_segment(&prepared) {
             // The caller waits for the run anyway: its first segment inserts it, in the state
             // it leaves it, with that segment's commit (one row where there were two, and one
             // commit less); the answer comes once that commit is done.
-            drop(conn);
             let (answer, answered) = oneshot::channel();
-            let run_id = prepared.id;
             self.start_uninserted(prepared, answer);
-            let accepted = match answered.await {
+            match answered.await {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(e)) => return Err(EngineError::Internal(format!("inserting the run failed: {e}"))),
                 Err(_) => {
@@ -974,28 +971,19 @@ impl Engine {
                         "the run's executor stopped before inserting it".into(),
                     ));
                 }
-            };
-            if let Some(accepted) = accepted {
-                let triggered = Triggered {
-                    run_id,
-                    created: true,
-                    accepted,
-                };
-                return Ok((triggered, watch));
             }
-            drop(watch);
-            let key = key.unwrap_or_default();
-            return match store::run_by_key(&self.inner.pool, &wf.name, key).await? {
-                Some(existing) => Ok((replay(existing, key, &input, trigger)?, None)),
-                None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
-            };
-        }
-        if let Some(inserted) = self.insert_prepared(&mut conn, &mut prepared).await? {
+        } else {
+            let mut conn = self.inner.pool.acquire().await?;
+            let inserted = self.insert_prepared(&mut conn, &mut prepared).await?;
             drop(conn);
-            let run_id = prepared.id;
-            let (accepted, _) = self.new_run(&prepared).rows(inserted);
-            self.inner.changes.touch(run_id);
-            self.start_prepared(prepared, inserted);
+            inserted.map(|inserted| {
+                let (accepted, _) = self.new_run(&prepared).rows(inserted);
+                self.inner.changes.touch(run_id);
+                self.start_prepared(prepared, inserted);
+                accepted
+            })
+        };
+        if let Some(accepted) = accepted {
             let triggered = Triggered {
                 run_id,
                 created: true,
@@ -1006,7 +994,7 @@ impl Engine {
         drop(watch);
         // Lost a race for the idempotency key.
         let key = key.unwrap_or_default();
-        match store::run_by_key(&mut *conn, &wf.name, key).await? {
+        match store::run_by_key(&self.inner.pool, &wf.name, key).await? {
             Some(existing) => Ok((replay(existing, key, &input, trigger)?, None)),
             None => Err(EngineError::Internal("idempotency key conflict without a run".into())),
         }

@@ -504,13 +504,7 @@ pub async fn insert_run_with_segment(
         .chain((0..first.events.len()).map(|i| first.events_ago_us.get(i).copied().unwrap_or(0)))
         .collect();
     let events = EventArrays::new(&all_events, &ago);
-    let error = first
-        .state
-        .error
-        .as_ref()
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let error = error_json(first.state)?;
     let owner = match first.lease {
         LeaseWrite::Keep => run.owner,
         _ => None,
@@ -1111,13 +1105,7 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         LeaseWrite::Hold => ("hold", None),
         LeaseWrite::Wake(now) => ("wake", Some(now)),
     };
-    let error = p
-        .state
-        .error
-        .as_ref()
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let error = error_json(p.state)?;
     let wait = WaitColumns::of(p.state.waiting.as_ref());
     let applied: Option<DateTime<Utc>> = sqlx::query_scalar(
         "WITH t AS (
@@ -1224,6 +1212,16 @@ pub async fn persist(conn: &mut PgConnection, p: &Persist<'_>) -> Result<Persist
         }
         _ => Persisted::Fenced,
     })
+}
+
+/// A run's error as its `error` column holds it.
+fn error_json(state: &RunState) -> Result<Option<Value>, sqlx::Error> {
+    state
+        .error
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// The run columns of a wait, as bound.
