@@ -226,17 +226,7 @@ async fn crash_at(faults: &str, recording: Recording, expected: Expected) {
     assert_eq!(lost, i32::from(interrupted), "{context}");
 
     // The domain: exactly the customer a completed run made, or none.
-    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
-        .bind(email)
-        .fetch_one(&db.pool)
-        .await
-        .expect("count");
-    let linked: Option<String> =
-        sqlx::query_scalar("SELECT app_metadata->>'customer_id' FROM auth_identities WHERE id = $1")
-            .bind(&auth)
-            .fetch_one(&db.pool)
-            .await
-            .expect("identity");
+    let (customers, linked) = registered(&db.pool, email, &auth).await;
     let released: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events WHERE status = 'released'")
         .fetch_one(&db.pool)
         .await
@@ -258,6 +248,23 @@ async fn crash_at(faults: &str, recording: Recording, expected: Expected) {
     }
     assert_invariants(&db.pool).await;
     server.kill9();
+}
+
+/// What the domain holds of a registration: how many customers have the email, and the
+/// customer the identity is linked to.
+async fn registered(pool: &PgPool, email: &str, identity: &str) -> (i64, Option<String>) {
+    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
+        .bind(email)
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    let linked: Option<String> =
+        sqlx::query_scalar("SELECT app_metadata->>'customer_id' FROM auth_identities WHERE id = $1")
+            .bind(identity)
+            .fetch_one(pool)
+            .await
+            .expect("identity");
+    (customers, linked)
 }
 
 const ALL_ONCE: [i32; 5] = [1, 1, 1, 1, 1];
@@ -1080,14 +1087,6 @@ async fn a_waiting_trigger_killed_in_the_segment_that_inserts_its_run_leaves_all
         let answered = trigger_and_wait(&client, &server.url(), "waiting-run", &body).await;
         let status = server.wait_exit(Duration::from_secs(30)).await;
         assert_eq!(status.signal(), Some(6), "{fault} did not abort the process ({status})");
-        let customers = || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE email = $1")
-                .bind(email)
-                .fetch_one(&db.pool)
-                .await
-                .expect("count");
-            n
-        };
         let run = run_id_by_key(&db.pool, "waiting-run").await;
         if committed {
             let run = run.expect("the committed segment inserted the run");
@@ -1097,24 +1096,19 @@ async fn a_waiting_trigger_killed_in_the_segment_that_inserts_its_run_leaves_all
                 .await
                 .expect("run");
             assert_eq!(status, "completed", "{fault}");
-            assert_eq!(customers().await, 1, "{fault}");
+            assert_eq!(registered(&db.pool, email, &auth).await.0, 1, "{fault}");
         } else {
             assert!(
                 answered.is_err(),
                 "{fault}: answered {answered:?} before anything was durable"
             );
             assert_eq!(run, None, "{fault}: a run is left of a segment that never committed");
-            let linked: Option<String> =
-                sqlx::query_scalar("SELECT app_metadata->>'customer_id' FROM auth_identities WHERE id = $1")
-                    .bind(&auth)
-                    .fetch_one(&db.pool)
-                    .await
-                    .expect("identity");
             let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events")
                 .fetch_one(&db.pool)
                 .await
                 .expect("count");
-            assert_eq!((customers().await, linked, events), (0, None, 0), "{fault}");
+            let (customers, linked) = registered(&db.pool, email, &auth).await;
+            assert_eq!((customers, linked, events), (0, None, 0), "{fault}");
         }
 
         server.restart(Options::node("inserting")).await;
@@ -1129,7 +1123,7 @@ async fn a_waiting_trigger_killed_in_the_segment_that_inserts_its_run_leaves_all
             .fetch_one(&db.pool)
             .await
             .expect("count");
-        assert_eq!((runs, customers().await), (1, 1), "{fault}");
+        assert_eq!((runs, registered(&db.pool, email, &auth).await.0), (1, 1), "{fault}");
         assert_invariants(&db.pool).await;
         server.kill9();
     }
