@@ -371,8 +371,25 @@ struct Load {
     handles: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How the clients of a load trigger.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Clients {
+    /// None waits: every answer comes once the run is inserted.
+    Answered,
+    /// Half of them wait for their runs (`wait_ms`): those runs are inserted by their first
+    /// segment, so a kill also strikes runs before they exist.
+    HalfWaiting,
+}
+
 /// Starts `runs` registrations spread over `bases` with `concurrency` clients.
-async fn start_load(db: &TestDb, bases: Vec<String>, runs: usize, concurrency: usize, prefix: &str) -> Load {
+async fn start_load(
+    db: &TestDb,
+    bases: Vec<String>,
+    runs: usize,
+    concurrency: usize,
+    prefix: &str,
+    clients: Clients,
+) -> Load {
     // Identities first (directly in the database: the servers may be down at any moment).
     let mut identities = Vec::with_capacity(runs);
     for i in 0..runs {
@@ -409,10 +426,15 @@ async fn start_load(db: &TestDb, bases: Vec<String>, runs: usize, concurrency: u
                 }
                 let body = registration(&identities[i], &format!("{prefix}{i}@example.com"));
                 let key = format!("{prefix}-{i}");
+                let wait_ms = if clients == Clients::HalfWaiting && worker % 2 == 1 {
+                    2000
+                } else {
+                    0
+                };
                 let mut attempt = 0usize;
                 loop {
                     let base = &bases[(worker + attempt) % bases.len()];
-                    match trigger(&client, base, &key, &body).await {
+                    match trigger_run(&client, base, &key, &body, wait_ms).await {
                         Ok(_) => {
                             accepted.fetch_add(1, Ordering::SeqCst);
                             break;
@@ -486,7 +508,15 @@ async fn random_sigkill_under_load() {
     for i in 0..instances {
         servers.push(ServerProcess::start(&db.url, Options::node(&format!("chaos-{i}"))).await);
     }
-    let load = start_load(&db, servers.iter().map(ServerProcess::url).collect(), runs, 16, "k").await;
+    let load = start_load(
+        &db,
+        servers.iter().map(ServerProcess::url).collect(),
+        runs,
+        16,
+        "k",
+        Clients::HalfWaiting,
+    )
+    .await;
     let started = Instant::now();
     let mut done_kills = 0;
     for _ in 0..kills {
@@ -522,7 +552,7 @@ async fn several_instances_finish_a_killed_instances_runs() {
         instances.push(ServerProcess::start(&db.url, Options::node(&format!("node-{i}"))).await);
     }
     let bases = instances.iter().map(ServerProcess::url).collect();
-    let load = start_load(&db, bases, runs, 24, "m").await;
+    let load = start_load(&db, bases, runs, 24, "m", Clients::HalfWaiting).await;
     // Kill node-0 while it holds leases (not after a fixed time: on a loaded machine it may
     // not have started a run by then).
     eventually(Duration::from_secs(60), "node-0 to hold a lease", || async {
@@ -585,7 +615,7 @@ async fn a_paused_owner_is_fenced_when_it_wakes_up() {
     )
     .await;
     // Load on the first instance only, so it owns runs in flight when it freezes.
-    let load = start_load(&db, vec![paused.url()], 200, 16, "p").await;
+    let load = start_load(&db, vec![paused.url()], 200, 16, "p", Clients::HalfWaiting).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     paused.pause();
     let frozen_at = chrono::Utc::now();
@@ -697,7 +727,7 @@ async fn the_database_going_away_under_load() {
     };
 
     let mut server = ServerProcess::start(&url, Options::node("survivor")).await;
-    let load = start_load(&db, vec![server.url()], 200, 16, "d").await;
+    let load = start_load(&db, vec![server.url()], 200, 16, "d", Clients::HalfWaiting).await;
     let cluster = Arc::new(cluster);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -730,7 +760,9 @@ async fn the_database_going_away_under_load() {
 #[tokio::test]
 async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
     let db = test_db().await;
-    // Long leases: a run left leased would be stuck for a minute.
+    // Long leases: a run left leased would be stuck for a minute. No client waits: the server
+    // answers the waiting requests before its worker drains, and by then the runs queued
+    // behind them are done, so nothing would be left in flight to hand back.
     let long = Duration::from_secs(60);
     let mut first = ServerProcess::start(
         &db.url,
@@ -740,7 +772,7 @@ async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
         },
     )
     .await;
-    let load = start_load(&db, vec![first.url()], 150, 16, "t").await;
+    let load = start_load(&db, vec![first.url()], 150, 16, "t", Clients::Answered).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let status = first.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}:\n{}", first.log_text());
