@@ -2436,3 +2436,62 @@ async fn a_waiting_trigger_of_a_paused_workflow_leaves_its_run_held_with_nothing
     assert_eq!(finish(&engine, run).await, RunStatus::Completed);
     worker.shutdown().await;
 }
+
+/// A worker that starts draining while a waiting trigger's first segment runs: the segment
+/// ends by handing the run back, and the run is inserted so, due, with the steps it did kept;
+/// the trigger is answered with it pending, and another worker finishes it without doing a
+/// step again.
+#[tokio::test]
+async fn a_run_whose_inserting_segment_ends_in_a_drain_is_inserted_handed_back() {
+    let db = test_db().await;
+    let (engine, worker) = inserting_engine(&db.pool).await;
+    // b sleeps long enough for the drain to begin while the segment runs.
+    let input = json!({"sleep_attempts": {"b": 1}, "sleep_ms": {"b": 1500}});
+    let waiting = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .trigger_and_wait(
+                    scripted::LOCAL_NAME,
+                    input,
+                    TriggerOptions::default(),
+                    Duration::from_secs(5),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(runs, 0, "the run is not inserted while its first segment runs");
+    worker.shutdown().await;
+    let waited = waiting.await.expect("task").expect("trigger");
+    let run = waited.triggered.run_id;
+    let detail = waited.detail.expect("the run");
+    assert_eq!(detail.run.status, RunStatus::Running, "handed back, not finished");
+    assert_eq!(detail.run.lease_owner, None);
+    assert!(detail.run.ready_at.is_some(), "due again at once");
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT x) FROM (SELECT xmin::text AS x FROM runs WHERE id = $1
+                                        UNION ALL SELECT xmin::text FROM run_events WHERE run_id = $1) w",
+    )
+    .bind(run)
+    .fetch_one(&db.pool)
+    .await
+    .expect("transactions");
+    assert_eq!(transactions, 1, "inserted handed back, by the segment's one commit");
+    assert!(log(&engine, run).await.contains(&run_level(K::LeaseReleased)));
+
+    let (other, other_worker) = inserting_engine(&db.pool).await;
+    assert_eq!(finish(&other, run).await, RunStatus::Completed);
+    let mut done = effects(&db.pool, run).await;
+    done.sort();
+    assert_eq!(
+        done,
+        ["a", "b", "c", "d"].map(|s| effect(s, "invoke", 1)).to_vec(),
+        "no step done twice"
+    );
+    other_worker.shutdown().await;
+}

@@ -266,7 +266,7 @@ pub(crate) enum AppliedFirst {
     /// Nothing was written: the run's key is taken, or its workflow is paused
     /// ([`store::Inserted::KeyTaken`], [`store::Inserted::WorkflowPaused`]).
     Refused(store::Inserted),
-    /// The segment hands the run back or holds it, which its insert cannot say: nothing was
+    /// The segment holds the run (a pause), which its insert cannot say: nothing was
     /// written; insert the run on its own first.
     Unwritable,
 }
@@ -291,7 +291,10 @@ pub(crate) async fn apply_first(
     let times = store::first_times(unwritten.run.marks, unwritten.prepared_ago_us, &stamps.times);
     let all: Vec<usize> = (0..change.new.steps.len()).collect();
     let persist = persist_of(&change, all, &times, &stamps.events_ago_us);
-    if !matches!(persist.lease, LeaseWrite::Keep | LeaseWrite::Finish) {
+    if !matches!(
+        persist.lease,
+        LeaseWrite::Keep | LeaseWrite::Release(_) | LeaseWrite::Finish
+    ) {
         return Ok(AppliedFirst::Unwritable);
     }
     let (created_at, at) =

@@ -489,9 +489,9 @@ pub async fn insert_run(conn: &mut PgConnection, run: &NewRun<'_>) -> Result<Ins
 /// the claim's marks included (see [`first_times`]), and every step is written.
 ///
 /// Refused as [`insert_run`] refuses a run that was to start in its insert: its key taken or
-/// its workflow paused; nothing is written then. Only a segment that keeps the lease or
-/// finishes the run can be written so ([`LeaseWrite::Keep`] or [`LeaseWrite::Finish`]): the
-/// caller checks it.
+/// its workflow paused; nothing is written then. Only a segment that keeps the lease, hands
+/// the run back or finishes it can be written so ([`LeaseWrite::Keep`],
+/// [`LeaseWrite::Release`], [`LeaseWrite::Finish`]): the caller checks it.
 pub async fn insert_run_with_segment(
     conn: &mut PgConnection,
     run: &NewRun<'_>,
@@ -505,9 +505,10 @@ pub async fn insert_run_with_segment(
         .collect();
     let events = EventArrays::new(&all_events, &ago);
     let error = error_json(first.state)?;
-    let owner = match first.lease {
-        LeaseWrite::Keep => run.owner,
-        _ => None,
+    let (owner, ready_at) = match first.lease {
+        LeaseWrite::Keep => (run.owner, None),
+        LeaseWrite::Release(due) => (None, Some(due)),
+        _ => (None, None),
     };
     let wait = WaitColumns::of(first.state.waiting.as_ref());
     let inserted: (Option<DateTime<Utc>>, Option<DateTime<Utc>>, bool) = sqlx::query_as(
@@ -519,7 +520,7 @@ pub async fn insert_run_with_segment(
                                trigger, retry_of, ready_at, lease_owner, lease_epoch, lease_expires_at, log_seq,
                                created_at, updated_at, finished_at, wait_kind, wait_name, wait_step, wait_attempt,
                                wait_deadline)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, 1,
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $39, $12, 1,
                     CASE WHEN $12::int4 IS NOT NULL THEN t.now + $13 * interval '1 millisecond' END,
                     cardinality($24::event_kind[]), t.now - $14 * interval '1 microsecond', t.now,
                     -- Told, not computed: a function of a parameter is evaluated while planning.
@@ -587,6 +588,7 @@ pub async fn insert_run_with_segment(
     .bind(&steps.started_ago)
     .bind(&steps.finished)
     .bind(&steps.finished_ago)
+    .bind(ready_at)
     .fetch_one(conn)
     .await?;
     Ok(match inserted {
