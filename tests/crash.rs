@@ -757,6 +757,69 @@ async fn the_database_going_away_under_load() {
     server.kill9();
 }
 
+/// A waiting trigger while the database is away fails as a trigger that inserts its run
+/// itself does: 503 `unavailable`, nothing written; once the database is back, its retry with
+/// the same key registers the customer once.
+#[tokio::test]
+async fn a_waiting_trigger_while_the_database_is_away_is_503_and_its_retry_registers_once() {
+    let cluster = tokio::task::spawn_blocking(sagaflow::pg::embedded::EmbeddedPostgres::start_ephemeral)
+        .await
+        .expect("join")
+        .expect("cluster");
+    let admin = cluster.url("postgres");
+    sagaflow::pg::create_database_if_missing(&admin, "away")
+        .await
+        .expect("database");
+    let url = cluster.url("away");
+    let pool = sagaflow::pg::pool(&url, &Default::default()).expect("pool");
+    sagaflow::pg::migrate(&pool).await.expect("migrate");
+    let mut server = ServerProcess::start(&url, Options::node("waiting")).await;
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let email = "away@example.com";
+    let auth = identity(&patient, &server.url(), email).await;
+    let body = registration(&auth, email);
+    let cluster = Arc::new(cluster);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.crash())
+        .await
+        .expect("join")
+        .expect("crash");
+    let refused = trigger_run(&patient, &server.url(), "away-run", &body, 5000).await;
+    let refusal = refused.expect_err("no run can be inserted without the database");
+    assert!(refusal.starts_with("503"), "{refusal}");
+    assert!(refusal.contains("unavailable"), "{refusal}");
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart())
+        .await
+        .expect("join")
+        .expect("restart");
+    // Retried as a client retries a 503: the server's pools find their dead connections out
+    // as they use them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        match trigger_and_wait(&patient, &server.url(), "away-run", &body).await {
+            Ok((status, _)) => break status,
+            Err(e) if Instant::now() < deadline && e.starts_with("503") => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the retry is not answered: {e}"),
+        }
+    };
+    assert_eq!(status, "completed");
+    // The test's own connections died with the database.
+    let pool = sagaflow::pg::pool(&url, &Default::default()).expect("pool");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!((runs, registered(&pool, email, &auth).await.0), (1, 1));
+    assert_invariants(&pool).await;
+    server.kill9();
+}
+
 #[tokio::test]
 async fn sigterm_under_load_exits_0_and_the_next_instance_resumes_at_once() {
     let db = test_db().await;

@@ -72,8 +72,9 @@ pub(crate) struct Uninserted {
 }
 
 /// What the trigger of an [`Uninserted`] run is told: the run as inserted, `None` when its
-/// idempotency key was taken, or why inserting it failed.
-pub(crate) type InsertAnswer = Result<Option<store::RunRow>, String>;
+/// idempotency key was taken, or why inserting it failed (the database's error, so that the
+/// trigger fails as one that inserted the run itself would: 503 when the database is away).
+pub(crate) type InsertAnswer = Result<Option<store::RunRow>, sqlx::Error>;
 
 /// The most attempts one fused segment holds: a bound on the transaction's length whatever
 /// the plan (a registration's five steps take five).
@@ -229,7 +230,7 @@ impl RunTask {
                 Err(Stop::NotInserted)
             }
             Err(e) => {
-                let _ = uninserted.answer.send(Err(e.to_string()));
+                let _ = uninserted.answer.send(Err(e));
                 Err(Stop::NotInserted)
             }
         }

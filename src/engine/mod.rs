@@ -957,15 +957,19 @@ impl Engine {
         let mut prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
         let run_id = prepared.id;
-        let accepted = if watch.is_some() && self.inserts_in_first_segment(&prepared) {
+        let waits = watch.is_some();
+        let in_first_segment = prepared
+            .local
+            .take_if(|local| waits && self.inserts_in_first_segment(&prepared.workflow, local));
+        let accepted = if let Some(local) = in_first_segment {
             // The caller waits for the run anyway: its first segment inserts it, in the state
             // it leaves it, with that segment's commit (one row where there were two, and one
             // commit less); the answer comes once that commit is done.
             let (answer, answered) = oneshot::channel();
-            self.start_uninserted(prepared, answer);
+            self.start_uninserted(prepared, local, answer);
             match answered.await {
                 Ok(Ok(accepted)) => accepted,
-                Ok(Err(e)) => return Err(EngineError::Internal(format!("inserting the run failed: {e}"))),
+                Ok(Err(e)) => return Err(EngineError::Database(e)),
                 Err(_) => {
                     return Err(EngineError::Internal(
                         "the run's executor stopped before inserting it".into(),
@@ -1121,28 +1125,22 @@ impl Engine {
     /// Whether a run leased to our worker in its insert can leave the insert to its first
     /// segment: that segment runs in a lane's batch (fusion and batching on) and begins with
     /// a local step. Any other first attempt needs the run committed before it runs.
-    fn inserts_in_first_segment(&self, p: &PreparedRun) -> bool {
-        let Some(local) = &p.local else { return false };
+    fn inserts_in_first_segment(&self, workflow: &Workflow, local: &LocalStart) -> bool {
         let first = match local.next {
             Next::Invoke(step) => step,
             _ => return false,
         };
         self.inner.config.fuse_local_steps
             && local.worker.batches()
-            && p.workflow.steps.get(first).is_some_and(|s| s.is_local())
-            && p.workflow
+            && workflow
                 .steps
                 .get(first)
-                .is_none_or(|s| !self.inner.faults.will_fail(&s.name))
+                .is_some_and(|s| s.is_local() && !self.inner.faults.will_fail(&s.name))
     }
 
     /// Hands a prepared run that is not inserted yet to an executor of our worker, which
     /// inserts it with its first segment (see [`executor::Uninserted`]) and tells `answer`.
-    fn start_uninserted(&self, mut p: PreparedRun, answer: oneshot::Sender<executor::InsertAnswer>) {
-        let Some(local) = p.local.take() else {
-            let _ = answer.send(Err("the run was not leased to this instance".into()));
-            return;
-        };
+    fn start_uninserted(&self, p: PreparedRun, local: LocalStart, answer: oneshot::Sender<executor::InsertAnswer>) {
         let workflow = Arc::clone(&p.workflow);
         let (run, steps) = self.new_run(&p).rows(store::Inserted::Run {
             created_at: p.now,
