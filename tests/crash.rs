@@ -706,20 +706,27 @@ async fn a_paused_owner_is_fenced_when_it_wakes_up() {
     paused.kill9();
 }
 
-#[tokio::test]
-async fn the_database_going_away_under_load() {
-    // Its own cluster: crashing the shared one would break the other tests.
+/// A cluster of the test's own, with a migrated database `name`: the cluster, the database's
+/// URL and a pool on it. A test that crashes its database needs one: crashing the shared one
+/// would break the other tests.
+async fn own_cluster(name: &str) -> (sagaflow::pg::embedded::EmbeddedPostgres, String, PgPool) {
     let cluster = tokio::task::spawn_blocking(sagaflow::pg::embedded::EmbeddedPostgres::start_ephemeral)
         .await
         .expect("join")
         .expect("cluster");
     let admin = cluster.url("postgres");
-    sagaflow::pg::create_database_if_missing(&admin, "restarts")
+    sagaflow::pg::create_database_if_missing(&admin, name)
         .await
         .expect("database");
-    let url = cluster.url("restarts");
+    let url = cluster.url(name);
     let pool = sagaflow::pg::pool(&url, &Default::default()).expect("pool");
     sagaflow::pg::migrate(&pool).await.expect("migrate");
+    (cluster, url, pool)
+}
+
+#[tokio::test]
+async fn the_database_going_away_under_load() {
+    let (cluster, url, pool) = own_cluster("restarts").await;
     let db = TestDb {
         name: "restarts".into(),
         url: url.clone(),
@@ -762,17 +769,7 @@ async fn the_database_going_away_under_load() {
 /// the same key registers the customer once.
 #[tokio::test]
 async fn a_waiting_trigger_while_the_database_is_away_is_503_and_its_retry_registers_once() {
-    let cluster = tokio::task::spawn_blocking(sagaflow::pg::embedded::EmbeddedPostgres::start_ephemeral)
-        .await
-        .expect("join")
-        .expect("cluster");
-    let admin = cluster.url("postgres");
-    sagaflow::pg::create_database_if_missing(&admin, "away")
-        .await
-        .expect("database");
-    let url = cluster.url("away");
-    let pool = sagaflow::pg::pool(&url, &Default::default()).expect("pool");
-    sagaflow::pg::migrate(&pool).await.expect("migrate");
+    let (cluster, url, _) = own_cluster("away").await;
     let mut server = ServerProcess::start(&url, Options::node("waiting")).await;
     let patient = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
