@@ -321,9 +321,13 @@ impl EmbeddedPostgres {
     /// directory removed when this process exits, however it exits (a small watchdog process
     /// notices the end of a pipe this process holds).
     pub fn start_ephemeral() -> Result<Self, EmbeddedError> {
+        // The count keeps two clusters started at the same moment by one process (tests run
+        // in parallel) from sharing a directory when the clock reads the same for both.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let base = std::env::temp_dir().join(format!(
-            "sagaflow-test-{}-{}",
+            "sagaflow-test-{}-{}-{}",
             std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             short_hash(&format!("{:?}", std::time::SystemTime::now()))
         ));
         fs::create_dir_all(&base).map_err(io_err("cannot create", &base))?;
