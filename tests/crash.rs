@@ -1469,7 +1469,13 @@ async fn sigkill_while_runs_wait_loses_no_wait_and_every_signal_is_consumed_once
     let ships = participant.seen_at("/ship");
     let keys: std::collections::BTreeSet<String> = ships.iter().map(|r| r.header("idempotency-key")).collect();
     assert_eq!(keys.len(), 6, "one ship per run: {keys:?}");
-    assert!(ships.len() <= 7, "only the call in flight at the kill is repeated");
+    // Three runs were signalled just before the kill, so up to three ship calls can be in
+    // flight then (this bound said one, and failed once in CI-like runs when two were).
+    assert!(
+        ships.len() <= 6 + 3,
+        "only calls in flight at the kill are repeated: {} ship calls",
+        ships.len()
+    );
     assert_invariants(&db.pool).await;
 }
 
