@@ -2495,3 +2495,43 @@ async fn a_run_whose_inserting_segment_ends_in_a_drain_is_inserted_handed_back()
     );
     other_worker.shutdown().await;
 }
+
+/// A waiting trigger is answered once its run is inserted, and the first segment inserts it:
+/// when the wait runs out first, the segment ends after the attempt under way, so the answer
+/// comes one attempt past the wait, not at the end of every local step (which would have
+/// finished this run in that one segment).
+#[tokio::test]
+async fn a_waiting_trigger_whose_wait_runs_out_mid_segment_is_answered_after_the_attempt_under_way() {
+    let db = test_db().await;
+    let (engine, worker) = inserting_engine(&db.pool).await;
+    // b takes 500 ms, well past the wait.
+    let input = json!({"sleep_attempts": {"b": 1}, "sleep_ms": {"b": 500}});
+    let waited = engine
+        .trigger_and_wait(
+            scripted::LOCAL_NAME,
+            input,
+            TriggerOptions::default(),
+            Duration::from_millis(100),
+        )
+        .await
+        .expect("trigger");
+    let run = waited.triggered.run_id;
+    let detail = waited.detail.expect("the run");
+    assert_eq!(
+        detail.run.status,
+        RunStatus::Running,
+        "answered before the rest of the run's local steps ran"
+    );
+    let answered: Vec<StepStatus> = detail.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        answered[..2],
+        [StepStatus::Succeeded, StepStatus::Succeeded],
+        "a and b, the attempt under way when the wait ran out, went in with the run"
+    );
+    assert_ne!(answered[2], StepStatus::Succeeded, "c came after the answer");
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    let mut done = effects(&db.pool, run).await;
+    done.sort();
+    assert_eq!(done, ["a", "b", "c", "d"].map(|s| effect(s, "invoke", 1)).to_vec());
+    worker.shutdown().await;
+}

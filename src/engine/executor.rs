@@ -67,6 +67,9 @@ pub(crate) struct Uninserted {
     pub(crate) run: super::PreparedRun,
     /// When it was prepared: its entries until the segment carry that time.
     pub(crate) prepared: Instant,
+    /// When the trigger's wait runs out: the segment then ends after the attempt under way,
+    /// so that the answer comes no later than that attempt past it.
+    pub(crate) answer_by: tokio::time::Instant,
     /// Where the trigger waits for the insert.
     pub(crate) answer: tokio::sync::oneshot::Sender<InsertAnswer>,
 }
@@ -274,7 +277,8 @@ impl RunTask {
     /// on it and is decided as it would be alone; then one write records every outcome (each
     /// entry and mark with the time it happened) and one commit makes all of it durable, or
     /// none. The segment ends before a step that is not local, at a retry wait, at the end of
-    /// the run, or at [`MAX_SEGMENT_ATTEMPTS`]. Should an attempt fail, the segment is rolled
+    /// the run, at [`MAX_SEGMENT_ATTEMPTS`], or, for a run not inserted yet, after the attempt
+    /// under way once its trigger's wait has run out. Should an attempt fail, the segment is rolled
     /// back and run again up to that attempt, which then runs alone: a failure is recorded
     /// exactly as without fusion, with the writes of the attempts before it committed.
     async fn segment(&mut self) -> Result<(), Stop> {
@@ -309,7 +313,12 @@ impl RunTask {
                 Next::Compensate(step) => (step, Phase::Compensate),
                 Next::Release { .. } | Next::Finish(_) | Next::Await(_) | Next::Pause => break,
             };
-            if attempted.len() >= MAX_SEGMENT_ATTEMPTS || !self.fusable(step, phase) {
+            let overdue = !attempted.is_empty()
+                && self
+                    .uninserted
+                    .as_ref()
+                    .is_some_and(|u| tokio::time::Instant::now() >= u.answer_by);
+            if attempted.len() >= MAX_SEGMENT_ATTEMPTS || !self.fusable(step, phase) || overdue {
                 break;
             }
             let event = self.run_attempt(step, phase, &state, &mut tx).await;

@@ -888,7 +888,7 @@ impl Engine {
         input: Value,
         options: TriggerOptions,
     ) -> Result<Triggered, EngineError> {
-        Ok(self.trigger_watched(workflow, input, options, false).await?.0)
+        Ok(self.trigger_watched(workflow, input, options, None).await?.0)
     }
 
     /// Accepts a run as [`Engine::trigger`] does, then waits up to `wait` for it to finish.
@@ -903,7 +903,7 @@ impl Engine {
         wait: Duration,
     ) -> Result<Waited, EngineError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let (triggered, watch) = self.trigger_watched(workflow, input, options, true).await?;
+        let (triggered, watch) = self.trigger_watched(workflow, input, options, Some(deadline)).await?;
         let run_id = triggered.run_id;
         let mut finish = None;
         if let Some(mut watch) = watch.filter(|_| triggered.created) {
@@ -926,13 +926,14 @@ impl Engine {
         Ok(Waited { triggered, detail })
     }
 
-    /// A trigger, with the run's finish watched from before its insert when `watch`.
+    /// A trigger, with the run's finish watched from before its insert when the caller waits
+    /// for it until `waits_until`.
     async fn trigger_watched(
         &self,
         workflow: &str,
         input: Value,
         options: TriggerOptions,
-        watch: bool,
+        waits_until: Option<tokio::time::Instant>,
     ) -> Result<(Triggered, Option<FinishWatch>), EngineError> {
         let wf = self
             .inner
@@ -955,18 +956,17 @@ impl Engine {
             }
         }
         let mut prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
-        let watch = watch.then(|| FinishWatch::new(&self.inner, prepared.id));
+        let watch = waits_until.map(|_| FinishWatch::new(&self.inner, prepared.id));
         let run_id = prepared.id;
-        let waits = watch.is_some();
         let in_first_segment = prepared
             .local
-            .take_if(|local| waits && self.inserts_in_first_segment(&prepared.workflow, local));
-        let accepted = if let Some(local) = in_first_segment {
+            .take_if(|local| waits_until.is_some() && self.inserts_in_first_segment(&prepared.workflow, local));
+        let accepted = if let (Some(local), Some(answer_by)) = (in_first_segment, waits_until) {
             // The caller waits for the run anyway: its first segment inserts it, in the state
             // it leaves it, with that segment's commit (one row where there were two, and one
             // commit less); the answer comes once that commit is done.
             let (answer, answered) = oneshot::channel();
-            self.start_uninserted(prepared, local, answer);
+            self.start_uninserted(prepared, local, answer_by, answer);
             match answered.await {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(e)) => return Err(EngineError::Database(e)),
@@ -1140,7 +1140,13 @@ impl Engine {
 
     /// Hands a prepared run that is not inserted yet to an executor of our worker, which
     /// inserts it with its first segment (see [`executor::Uninserted`]) and tells `answer`.
-    fn start_uninserted(&self, p: PreparedRun, local: LocalStart, answer: oneshot::Sender<executor::InsertAnswer>) {
+    fn start_uninserted(
+        &self,
+        p: PreparedRun,
+        local: LocalStart,
+        answer_by: tokio::time::Instant,
+        answer: oneshot::Sender<executor::InsertAnswer>,
+    ) {
         let workflow = Arc::clone(&p.workflow);
         let (run, steps) = self.new_run(&p).rows(store::Inserted::Run {
             created_at: p.now,
@@ -1153,6 +1159,7 @@ impl Engine {
             uninserted: Some(executor::Uninserted {
                 run: p,
                 prepared: std::time::Instant::now(),
+                answer_by,
                 answer,
             }),
         };
