@@ -263,12 +263,10 @@ pub(crate) enum AppliedFirst {
     /// The run was inserted with its segment (and the finish hook run, if it finished); do
     /// this after commit.
     Written(AfterCommit),
-    /// Nothing was written: the run's key is taken, or its workflow is paused
-    /// ([`store::Inserted::KeyTaken`], [`store::Inserted::WorkflowPaused`]).
-    Refused(store::Inserted),
-    /// The segment holds the run (a pause), which its insert cannot say: nothing was
-    /// written; insert the run on its own first.
-    Unwritable,
+    /// Nothing was written, because the run's key is taken or its workflow is paused, or
+    /// because the segment holds the run (a pause), which its insert cannot say: insert the
+    /// run on its own, which settles what follows.
+    NotWritten,
 }
 
 /// Writes `change`, the first segment of a run that is not inserted yet, as the insert of the
@@ -295,12 +293,12 @@ pub(crate) async fn apply_first(
         persist.lease,
         LeaseWrite::Keep | LeaseWrite::Release(_) | LeaseWrite::Finish
     ) {
-        return Ok(AppliedFirst::Unwritable);
+        return Ok(AppliedFirst::NotWritten);
     }
     let (created_at, at) =
         match store::insert_run_with_segment(conn, unwritten.run, &persist, unwritten.prepared_ago_us).await? {
             store::InsertedWithSegment::Run { created_at, at } => (created_at, at),
-            store::InsertedWithSegment::Refused(why) => return Ok(AppliedFirst::Refused(why)),
+            store::InsertedWithSegment::Refused => return Ok(AppliedFirst::NotWritten),
         };
     finish(conn, &change, finished).await?;
     let (mut run, mut steps) = unwritten.run.rows(store::Inserted::Run {

@@ -151,29 +151,27 @@ impl RunTask {
         let span = info_span!("run", run_id = %self.run_id, workflow = %self.workflow.name);
         async move {
             loop {
-                let step_result = if self.uninserted.is_some() && !self.starts_segment() {
-                    self.insert_alone().await
-                } else {
-                    match self.next {
-                        Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
-                        Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
-                        Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
-                        Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
-                        Next::Await(step) => self.poll_wait(step).await,
-                        Next::Release { ready_at } => {
-                            debug!(%ready_at, "run handed back");
-                            break;
-                        }
-                        Next::Pause => {
-                            info!("run paused by an operator");
-                            break;
-                        }
-                        Next::Finish(status) => {
-                            // Waiters were woken and the finish counted when it committed
-                            // (`apply::AfterCommit`), whichever path finished the run.
-                            info!(%status, "run finished");
-                            break;
-                        }
+                let step_result = match self.next {
+                    Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
+                    Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
+                    // Anything but a fused segment needs the run in the database first.
+                    _ if self.uninserted.is_some() => self.insert_alone().await,
+                    Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
+                    Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
+                    Next::Await(step) => self.poll_wait(step).await,
+                    Next::Release { ready_at } => {
+                        debug!(%ready_at, "run handed back");
+                        break;
+                    }
+                    Next::Pause => {
+                        info!("run paused by an operator");
+                        break;
+                    }
+                    Next::Finish(status) => {
+                        // Waiters were woken and the finish counted when it committed
+                        // (`apply::AfterCommit`), whichever path finished the run.
+                        info!(%status, "run finished");
+                        break;
                     }
                 };
                 match step_result {
@@ -195,15 +193,6 @@ impl RunTask {
         }
         .instrument(span)
         .await
-    }
-
-    /// Whether what the run is at is a fused segment.
-    fn starts_segment(&self) -> bool {
-        match self.next {
-            Next::Invoke(step) => self.fusable(step, Phase::Invoke),
-            Next::Compensate(step) => self.fusable(step, Phase::Compensate),
-            _ => false,
-        }
     }
 
     /// Inserts an [`Uninserted`] run on its own, as its trigger would have, and answers the
@@ -237,6 +226,17 @@ impl RunTask {
                 Err(Stop::NotInserted)
             }
         }
+    }
+
+    /// Undoes the segment (its savepoint in a batch, or its own transaction) and, for a run not
+    /// inserted yet, inserts it alone: whatever comes next needs the run in the database.
+    async fn leave_segment(
+        &mut self,
+        seat: Option<Seat>,
+        tx: Option<Transaction<'static, Postgres>>,
+    ) -> Result<(), Stop> {
+        discard(seat, tx).await;
+        self.insert_alone().await
     }
 
     /// Whether the attempt of `step` in `phase` may run in a fused segment: fusion is on, the
@@ -323,8 +323,7 @@ impl RunTask {
             }
             let event = self.run_attempt(step, phase, &state, &mut tx).await;
             if is_failure(&event) {
-                discard(seat, tx.take()).await;
-                self.insert_alone().await?;
+                self.leave_segment(seat, tx.take()).await?;
                 debug!(
                     step,
                     phase = phase.as_str(),
@@ -347,8 +346,7 @@ impl RunTask {
         }
         let (Some(transition), Some(&(first, first_phase))) = (decided, attempted.first()) else {
             // The attempt the run is at cannot be fused after all: run it alone.
-            discard(seat, tx.take()).await;
-            self.insert_alone().await?;
+            self.leave_segment(seat, tx.take()).await?;
             self.alone = match self.next {
                 Next::Invoke(step) => Some((step, Phase::Invoke)),
                 Next::Compensate(step) => Some((step, Phase::Compensate)),
@@ -382,8 +380,7 @@ impl RunTask {
             None => match self.engine.inner.worker_pool.begin().await {
                 Ok(open) => open,
                 Err(e) => {
-                    discard(seat, None).await;
-                    self.insert_alone().await?;
+                    self.leave_segment(seat, None).await?;
                     return Err(Stop::Database(e.to_string()));
                 }
             },
@@ -400,16 +397,11 @@ impl RunTask {
                 };
                 match apply::apply_first(&mut open, unwritten, change, &mut self.copy).await {
                     Ok(AppliedFirst::Written(after)) => Ok(Applied::Written(after)),
-                    Ok(AppliedFirst::Refused(why)) => {
-                        // Inserted on its own, it is refused (or held) as from its trigger.
-                        debug!(?why, "a run's insert with its first segment was refused");
-                        discard(seat, Some(open)).await;
-                        return self.insert_alone().await;
-                    }
-                    Ok(AppliedFirst::Unwritable) => {
-                        // Inserted on its own first, the segment runs again as any other.
-                        discard(seat, Some(open)).await;
-                        return self.insert_alone().await;
+                    Ok(AppliedFirst::NotWritten) => {
+                        // Inserted on its own, it is refused (or held) as from its trigger, or
+                        // goes in and runs the segment again as any other run.
+                        debug!("a run's insert with its first segment was not written");
+                        return self.leave_segment(seat, Some(open)).await;
                     }
                     Err(e) => Err(e),
                 }
@@ -432,20 +424,19 @@ impl RunTask {
                 return Ok(());
             }
             Err(ApplyError::FinishHook(error)) => {
-                discard(seat, Some(open)).await;
-                self.insert_alone().await?;
+                self.leave_segment(seat, Some(open)).await?;
                 warn!(error = %error.message, "the workflow's finish hook refused the end of a fused segment; its last attempt runs again alone");
                 self.alone = attempted.last().copied();
                 return Ok(());
             }
             Err(ApplyError::Database(e)) => {
-                discard(seat, Some(open)).await;
                 if self.uninserted.is_some() {
                     // The run's insert failed with its segment: inserted on its own, it
                     // goes on (or its trigger learns why not) as if from its trigger.
                     warn!(error = %e, "inserting a run with its first segment failed; inserting it alone");
-                    return self.insert_alone().await;
+                    return self.leave_segment(seat, Some(open)).await;
                 }
+                discard(seat, Some(open)).await;
                 return Err(Stop::Database(e.to_string()));
             }
         };

@@ -958,10 +958,13 @@ impl Engine {
         let mut prepared = self.prepare_run(&wf, &input, key, trigger, None, json!({}), None);
         let watch = waits_until.map(|_| FinishWatch::new(&self.inner, prepared.id));
         let run_id = prepared.id;
-        let in_first_segment = prepared
-            .local
-            .take_if(|local| waits_until.is_some() && self.inserts_in_first_segment(&prepared.workflow, local));
-        let accepted = if let (Some(local), Some(answer_by)) = (in_first_segment, waits_until) {
+        let in_first_segment = waits_until.and_then(|answer_by| {
+            let local = prepared
+                .local
+                .take_if(|local| self.inserts_in_first_segment(&prepared.workflow, local))?;
+            Some((local, answer_by))
+        });
+        let accepted = if let Some((local, answer_by)) = in_first_segment {
             // The caller waits for the run anyway: its first segment inserts it, in the state
             // it leaves it, with that segment's commit (one row where there were two, and one
             // commit less); the answer comes once that commit is done.

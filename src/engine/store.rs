@@ -511,7 +511,7 @@ pub async fn insert_run_with_segment(
         _ => (None, None),
     };
     let wait = WaitColumns::of(first.state.waiting.as_ref());
-    let inserted: (Option<DateTime<Utc>>, Option<DateTime<Utc>>, bool) = sqlx::query_as(
+    let inserted: (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
         "WITH t AS (
              SELECT clock_timestamp() AS now,
                     EXISTS (SELECT 1 FROM paused_workflows WHERE workflow = $2) AS paused
@@ -548,7 +548,7 @@ pub async fn insert_run_with_segment(
              FROM run, unnest($24::event_kind[], $25::text[], $26::int4[], $27::jsonb[], $28::int8[])
                        WITH ORDINALITY AS c(kind, step, attempt, detail, ago, ord)
          )
-         SELECT (SELECT created_at FROM run), (SELECT at FROM run), (SELECT paused FROM t)",
+         SELECT (SELECT created_at FROM run), (SELECT at FROM run)",
     )
     .bind(run.id)
     .bind(run.workflow)
@@ -592,9 +592,8 @@ pub async fn insert_run_with_segment(
     .fetch_one(conn)
     .await?;
     Ok(match inserted {
-        (Some(created_at), Some(at), _) => InsertedWithSegment::Run { created_at, at },
-        (_, _, true) => InsertedWithSegment::Refused(Inserted::WorkflowPaused),
-        _ => InsertedWithSegment::Refused(Inserted::KeyTaken),
+        (Some(created_at), Some(at)) => InsertedWithSegment::Run { created_at, at },
+        _ => InsertedWithSegment::Refused,
     })
 }
 
@@ -626,9 +625,9 @@ pub enum InsertedWithSegment {
         /// When the segment was written.
         at: DateTime<Utc>,
     },
-    /// Nothing was written, for this reason ([`Inserted::KeyTaken`] or
-    /// [`Inserted::WorkflowPaused`]).
-    Refused(Inserted),
+    /// Nothing was written: the run's key is taken or its workflow is paused (inserting the
+    /// run on its own tells which, and does what follows).
+    Refused,
 }
 
 /// What [`insert_run`] did.
