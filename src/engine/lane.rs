@@ -5,9 +5,10 @@
 //! with the open one) and hands it over. The executor runs its segment inside a savepoint of
 //! its own, writes its run (fenced by its lease, as every write is) and hands the transaction
 //! back; should anything of its segment fail, it rolls back to its savepoint first, so the
-//! others are untouched. When no other executor is waiting, or the batch is full, the lane
-//! commits and tells every member of the batch how the commit went; no member announces
-//! anything before that.
+//! others are untouched. The batch's first member needs no savepoint: nobody wrote before it,
+//! so it undoes its writes by rolling the whole transaction back and beginning it again. When
+//! no other executor is waiting, or the batch is full, the lane commits and tells every member
+//! whose writes it holds how the commit went; no member announces anything before that.
 //!
 //! Batching adapts to load: a batch is whoever is waiting when the previous member hands the
 //! transaction back, so an idle system commits each segment at once, and a busy one gathers
@@ -87,14 +88,27 @@ impl Drop for Queued {
 /// A place in a batch: the batch's open transaction, to be handed back.
 pub(crate) struct Seat {
     tx: Option<Transaction<'static, Postgres>>,
-    back: Option<oneshot::Sender<Transaction<'static, Postgres>>>,
+    /// The member is the first to write in the transaction: it takes no savepoint, and undoes
+    /// its writes by beginning the transaction again.
+    first: bool,
+    back: Option<oneshot::Sender<Returned>>,
     committed: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+/// The batch's transaction as a member hands it back.
+struct Returned {
+    tx: Transaction<'static, Postgres>,
+    /// The member's writes are in it, to be committed with the batch (not undone).
+    kept: bool,
 }
 
 /// The name of each member's savepoint: members take turns, so the latest one is always the
 /// current member's, and none is released (they end with the commit).
 const SAVEPOINT: &str = "SAVEPOINT segment";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT segment";
+/// How the first member undoes its writes: one round trip, and the connection stays in a
+/// transaction, as the lane's `Transaction` expects.
+const BEGIN_AGAIN: &str = "ROLLBACK; BEGIN";
 
 impl Lanes {
     /// Starts `count` lanes committing batches of at most `max_runs` on `pool`.
@@ -113,7 +127,7 @@ impl Lanes {
     }
 
     /// A seat in a batch of the lane of `route` (the run's subject, or else its id), with
-    /// the batch's savepoint for this member taken. `None` when the lane's queue is full
+    /// the batch's savepoint for this member taken (unless it is the batch's first). `None` when the lane's queue is full
     /// ([`MAX_QUEUED`]) or no batch could be opened: the caller then commits on its own.
     pub(crate) async fn seat(&self, subject: Option<&str>, route: impl Hash) -> Option<Seat> {
         let mut hasher = DefaultHasher::new();
@@ -133,6 +147,7 @@ impl Lanes {
             .ok()?;
         let mut seat = given.await.ok()?;
         let taken = match seat.tx.as_mut() {
+            Some(_) if seat.first => return Some(seat),
             Some(tx) => sqlx::raw_sql(SAVEPOINT).execute(&mut **tx).await,
             None => return None,
         };
@@ -140,7 +155,7 @@ impl Lanes {
             // The batch's connection failed: the lane learns it at commit; this member
             // commits on its own.
             warn!(error = %e, "taking a savepoint in a batch failed");
-            seat.leave();
+            seat.leave(false);
             return None;
         }
         Some(seat)
@@ -154,14 +169,16 @@ impl Seat {
         self.tx.take()
     }
 
-    /// Undoes everything this member wrote (its savepoint) and leaves the batch; the other
-    /// members are untouched.
+    /// Undoes everything this member wrote (its savepoint, or the whole transaction for the
+    /// first) and leaves the batch; the other members are untouched.
     pub(crate) async fn rewind(mut self, mut tx: Transaction<'static, Postgres>) {
-        if let Err(e) = sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT).execute(&mut *tx).await {
-            warn!(error = %e, "rolling back to a member's savepoint failed");
+        let undo = if self.first { BEGIN_AGAIN } else { ROLLBACK_TO_SAVEPOINT };
+        if let Err(e) = sqlx::raw_sql(undo).execute(&mut *tx).await {
+            // The lane learns it at commit, which then fails for the whole batch.
+            warn!(error = %e, first = self.first, "undoing a member's writes failed");
         }
         self.tx = Some(tx);
-        self.leave();
+        self.leave(false);
     }
 
     /// Hands the transaction back with this member's writes in it and waits for the batch's
@@ -170,7 +187,7 @@ impl Seat {
     pub(crate) async fn commit(mut self, tx: Transaction<'static, Postgres>) -> Result<(), String> {
         self.tx = Some(tx);
         let committed = self.committed.take();
-        self.leave();
+        self.leave(true);
         match committed {
             Some(committed) => committed
                 .await
@@ -182,9 +199,9 @@ impl Seat {
     /// Hands the transaction back. A member that no longer has it (its task ended with the
     /// transaction in it, which rolls it back) drops the channel instead, and the lane fails
     /// the batch: it cannot know what of the others was lost.
-    fn leave(&mut self) {
+    fn leave(&mut self, kept: bool) {
         if let (Some(tx), Some(back)) = (self.tx.take(), self.back.take()) {
-            let _ = back.send(tx);
+            let _ = back.send(Returned { tx, kept });
         }
     }
 }
@@ -212,6 +229,9 @@ async fn run_lane(pool: PgPool, mut requests: mpsc::UnboundedReceiver<Request>, 
         let mut subjects: HashSet<String> = HashSet::new();
         let mut next = Some(first);
         let mut lost = false;
+        // Every member seated counts against the bound, also one that undid its writes: its
+        // savepoint stays a subtransaction of the batch.
+        let mut seated = 0;
         while let Some(request) = next.take() {
             let Some(open) = tx.take() else { break };
             let (back, returned) = oneshot::channel();
@@ -219,14 +239,21 @@ async fn run_lane(pool: PgPool, mut requests: mpsc::UnboundedReceiver<Request>, 
             let subject = request.subject.clone();
             let seat = Seat {
                 tx: Some(open),
+                // Nobody wrote yet (a member that was rewound as first began it again).
+                first: members.is_empty(),
                 back: Some(back),
                 committed: Some(committed),
             };
             match request.seat.send(seat) {
                 Ok(()) => match returned.await {
-                    Ok(open) => {
+                    // A member that undid its writes waits for no commit (and, as the first,
+                    // began the transaction again: the next is first in turn).
+                    Ok(Returned { tx: open, kept }) => {
                         tx = Some(open);
-                        members.push(done);
+                        seated += 1;
+                        if kept {
+                            members.push(done);
+                        }
                         if let Some(subject) = subject {
                             subjects.insert(subject);
                         }
@@ -239,7 +266,7 @@ async fn run_lane(pool: PgPool, mut requests: mpsc::UnboundedReceiver<Request>, 
                 // The executor stopped waiting: take the transaction back.
                 Err(mut seat) => tx = seat.tx.take(),
             }
-            if members.len() >= max_runs {
+            if seated >= max_runs {
                 break;
             }
             next = next_request(&mut deferred, &mut requests, &subjects);
@@ -281,6 +308,117 @@ fn next_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::Mutex;
+
+    use crate::pg::embedded::EmbeddedPostgres;
+
+    /// What a member of the test's batch does with its seat.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Member {
+        /// Writes its row, then a statement fails (the transaction is aborted) and it undoes
+        /// its writes.
+        Fails,
+        /// Writes its row and commits with the batch.
+        Keeps,
+    }
+
+    /// Seats `member` in the only lane and does what it says; records in `served` the order
+    /// it was served in and whether it was the batch's first. `Some(commit outcome)` for a
+    /// member that keeps its writes.
+    async fn serve(
+        lanes: Arc<Lanes>,
+        id: i32,
+        member: Member,
+        served: Arc<Mutex<Vec<(i32, bool)>>>,
+    ) -> Option<Result<(), String>> {
+        let mut seat = lanes.seat(None, id).await.expect("a seat");
+        served.lock().expect("not poisoned").push((id, seat.first));
+        let mut tx = seat.take().expect("the batch's transaction");
+        sqlx::query("INSERT INTO member_rows (id, top_xid) VALUES ($1, pg_current_xact_id()::text)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .expect("the member's write");
+        match member {
+            Member::Fails => {
+                let failed = sqlx::raw_sql("SELECT 1 / 0").execute(&mut *tx).await;
+                assert!(failed.is_err(), "the statement fails and aborts the transaction");
+                seat.rewind(tx).await;
+                None
+            }
+            Member::Keeps => Some(seat.commit(tx).await),
+        }
+    }
+
+    /// A batch whose first member fails (its transaction aborted) begins again for the next,
+    /// which is then first itself; a later member's failure rolls back to its savepoint; the
+    /// members that keep their writes commit them together, and nothing of the failed ones.
+    #[tokio::test]
+    async fn members_that_fail_first_or_later_take_nothing_of_their_peers_with_them() {
+        let cluster = tokio::task::spawn_blocking(EmbeddedPostgres::start_ephemeral)
+            .await
+            .expect("the start does not panic")
+            .expect("a cluster for the test");
+        let pool = PgPool::connect(&cluster.url("postgres")).await.expect("connect");
+        sqlx::raw_sql("CREATE TABLE member_rows (id int PRIMARY KEY, top_xid text NOT NULL)")
+            .execute(&pool)
+            .await
+            .expect("the test's table");
+        let lanes = Arc::new(Lanes::start(&pool, 1, MAX_BATCH_RUNS));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        // The first is seated before the others ask, so they all queue for its batch.
+        let mut first = lanes.seat(None, 1).await.expect("a seat");
+        assert!(first.first, "the batch's first member takes no savepoint");
+        let plan = [
+            (2, Member::Fails),
+            (3, Member::Keeps),
+            (4, Member::Fails),
+            (5, Member::Keeps),
+        ];
+        let members: Vec<_> = plan
+            .iter()
+            .map(|&(id, member)| tokio::spawn(serve(Arc::clone(&lanes), id, member, Arc::clone(&served))))
+            .collect();
+        // The queue counts the member being served too.
+        while lanes.lanes[0].queue.0.load(Ordering::Relaxed) < plan.len() + 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut tx = first.take().expect("the batch's transaction");
+        sqlx::query("INSERT INTO member_rows (id, top_xid) VALUES (1, pg_current_xact_id()::text)")
+            .execute(&mut *tx)
+            .await
+            .expect("the first member's write");
+        assert!(sqlx::raw_sql("SELECT 1 / 0").execute(&mut *tx).await.is_err());
+        first.rewind(tx).await;
+        let mut outcomes = Vec::new();
+        for member in members {
+            outcomes.push(member.await.expect("the member does not panic"));
+        }
+
+        // Served in turn, in one batch; a member is first exactly when all before it failed.
+        let served = served.lock().expect("not poisoned").clone();
+        assert_eq!(served.len(), plan.len());
+        let fails = |id: i32| plan.iter().any(|&(i, m)| i == id && m == Member::Fails);
+        for (turn, &(id, was_first)) in served.iter().enumerate() {
+            let all_before_failed = served[..turn].iter().all(|&(before, _)| fails(before));
+            assert_eq!(was_first, all_before_failed, "member {id}, served {turn}: {served:?}");
+        }
+        for (&(id, member), outcome) in plan.iter().zip(&outcomes) {
+            match member {
+                Member::Keeps => assert_eq!(outcome, &Some(Ok(())), "member {id} commits"),
+                Member::Fails => assert_eq!(outcome, &None),
+            }
+        }
+        let rows: Vec<(i32, String)> = sqlx::query_as("SELECT id, top_xid FROM member_rows ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("read the rows");
+        let ids: Vec<i32> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(ids, [3, 5], "only the writes of the members that kept them");
+        assert_eq!(rows[0].1, rows[1].1, "committed by one transaction");
+        pool.close().await;
+    }
 
     fn request(subject: Option<&str>) -> Request {
         Request {
