@@ -814,6 +814,87 @@ async fn a_waiting_trigger_while_the_database_is_away_is_503_and_its_retry_regis
         .expect("count");
     assert_eq!((runs, registered(&pool, email, &auth).await.0), (1, 1));
     assert_invariants(&pool).await;
+    let alone = inserted_alone(&server).await;
+    assert!(
+        alone.get("no_batch").is_some_and(|&n| n >= 1.0),
+        "no batch could be opened for the trigger during the outage: {alone:?}"
+    );
+    server.kill9();
+}
+
+/// `sagaflow_runs_inserted_alone_total` of `server`, by reason (the workflow's runs only).
+async fn inserted_alone(server: &ServerProcess) -> HashMap<String, f64> {
+    let text = client()
+        .get(format!("{}/metrics", server.url()))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with("sagaflow_runs_inserted_alone_total{"))
+        .filter(|l| l.contains(&format!("workflow=\"{WORKFLOW}\"")))
+        .filter_map(|l| {
+            let reason = l.split("reason=\"").nth(1)?.split('"').next()?;
+            let value = l.split_whitespace().last()?.parse().ok()?;
+            Some((reason.to_string(), value))
+        })
+        .collect()
+}
+
+/// A waiting trigger whose run cannot go in with its first segment is inserted alone, and
+/// counted so by reason; one that takes the fast path is not counted. (A process of its own:
+/// the tests' in-process servers share one metrics recorder.)
+#[tokio::test]
+async fn waiting_triggers_that_miss_the_fast_path_are_counted_by_reason() {
+    let db = test_db().await;
+    let mut server = ServerProcess::start(&db.url, Options::node("counted")).await;
+    let http = client();
+    let fast = identity(&http, &server.url(), "fast@example.com").await;
+    let answered = trigger_run(
+        &http,
+        &server.url(),
+        "fast",
+        &registration(&fast, "fast@example.com"),
+        5000,
+    )
+    .await
+    .expect("registered");
+    assert_eq!(answered["status"], "completed", "{answered}");
+    assert_eq!(
+        inserted_alone(&server).await,
+        HashMap::new(),
+        "a run inserted by its first segment is no fallback"
+    );
+
+    let pause = format!("/v1/workflows/{WORKFLOW}/pause");
+    assert_eq!(operator_post(&server, &pause).await, reqwest::StatusCode::OK);
+    let held = identity(&http, &server.url(), "held@example.com").await;
+    let answered = trigger_run(
+        &http,
+        &server.url(),
+        "held",
+        &registration(&held, "held@example.com"),
+        2000,
+    )
+    .await
+    .expect("accepted");
+    assert_eq!(
+        (&answered["status"], &answered["held"]),
+        (&json!("pending"), &json!("workflow_paused"))
+    );
+    assert_eq!(
+        inserted_alone(&server).await,
+        HashMap::from([("refused".to_string(), 1.0)]),
+        "the paused workflow refused the insert with the segment"
+    );
+    assert_eq!(
+        registered(&db.pool, "held@example.com", &held).await.0,
+        0,
+        "nothing of it ran"
+    );
     server.kill9();
 }
 

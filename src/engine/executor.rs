@@ -74,6 +74,43 @@ pub(crate) struct Uninserted {
     pub(crate) answer: tokio::sync::oneshot::Sender<InsertAnswer>,
 }
 
+/// Why an [`Uninserted`] run was inserted on its own instead of by its first segment: the
+/// `reason` of `sagaflow_runs_inserted_alone_total`, so that an operator sees how often, and
+/// why, waiting triggers miss the fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InsertedAlone {
+    /// The segment commits on its own: batching is off, the run is suspect, its lane's queue
+    /// is full, or no batch could be opened.
+    NoBatch,
+    /// What the run does first cannot be fused (nothing to run in a segment).
+    NotFused,
+    /// An attempt of the segment failed: it runs again alone, recorded as without fusion.
+    AttemptFailed,
+    /// The insert with the segment was refused: the run's key is taken or its workflow paused.
+    Refused,
+    /// The workflow's finish hook refused the status the segment ended the run in.
+    FinishHookRefused,
+    /// The database failed while the segment was written.
+    Database,
+    /// The batch holding the segment did not commit.
+    BatchNotCommitted,
+}
+
+impl InsertedAlone {
+    /// The metric's label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::NoBatch => "no_batch",
+            Self::NotFused => "not_fused",
+            Self::AttemptFailed => "attempt_failed",
+            Self::Refused => "refused",
+            Self::FinishHookRefused => "finish_hook_refused",
+            Self::Database => "database",
+            Self::BatchNotCommitted => "batch_not_committed",
+        }
+    }
+}
+
 /// What the trigger of an [`Uninserted`] run is told: the run as inserted, `None` when its
 /// idempotency key was taken, or why inserting it failed (the database's error, so that the
 /// trigger fails as one that inserted the run itself would: 503 when the database is away).
@@ -155,7 +192,7 @@ impl RunTask {
                     Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
                     Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
                     // Anything but a fused segment needs the run in the database first.
-                    _ if self.uninserted.is_some() => self.insert_alone().await,
+                    _ if self.uninserted.is_some() => self.insert_alone(InsertedAlone::NotFused).await,
                     Next::Invoke(step) => self.attempt(step, Phase::Invoke).await,
                     Next::Compensate(step) => self.attempt(step, Phase::Compensate).await,
                     Next::Await(step) => self.poll_wait(step).await,
@@ -197,10 +234,12 @@ impl RunTask {
 
     /// Inserts an [`Uninserted`] run on its own, as its trigger would have, and answers the
     /// trigger: the executor goes on only if the run went in leased to it.
-    async fn insert_alone(&mut self) -> Result<(), Stop> {
+    async fn insert_alone(&mut self, why: InsertedAlone) -> Result<(), Stop> {
         let Some(mut uninserted) = self.uninserted.take() else {
             return Ok(());
         };
+        metrics::counter!(m::RUNS_INSERTED_ALONE, "workflow" => self.workflow.name.clone(), "reason" => why.as_str())
+            .increment(1);
         let inserted = async {
             let mut conn = self.engine.inner.worker_pool.acquire().await?;
             self.engine.insert_prepared(&mut conn, &mut uninserted.run).await
@@ -234,9 +273,10 @@ impl RunTask {
         &mut self,
         seat: Option<Seat>,
         tx: Option<Transaction<'static, Postgres>>,
+        why: InsertedAlone,
     ) -> Result<(), Stop> {
         discard(seat, tx).await;
-        self.insert_alone().await
+        self.insert_alone(why).await
     }
 
     /// Whether the attempt of `step` in `phase` may run in a fused segment: fusion is on, the
@@ -295,7 +335,7 @@ impl RunTask {
         };
         if seat.is_none() {
             // Committing on its own, the segment cannot answer a trigger before it ends.
-            self.insert_alone().await?;
+            self.insert_alone(InsertedAlone::NoBatch).await?;
         }
         let mut tx = match seat.as_mut().and_then(Seat::take) {
             Some(open) => StepTransaction::open(self.engine.inner.worker_pool.clone(), open),
@@ -323,7 +363,8 @@ impl RunTask {
             }
             let event = self.run_attempt(step, phase, &state, &mut tx).await;
             if is_failure(&event) {
-                self.leave_segment(seat, tx.take()).await?;
+                self.leave_segment(seat, tx.take(), InsertedAlone::AttemptFailed)
+                    .await?;
                 debug!(
                     step,
                     phase = phase.as_str(),
@@ -346,7 +387,7 @@ impl RunTask {
         }
         let (Some(transition), Some(&(first, first_phase))) = (decided, attempted.first()) else {
             // The attempt the run is at cannot be fused after all: run it alone.
-            self.leave_segment(seat, tx.take()).await?;
+            self.leave_segment(seat, tx.take(), InsertedAlone::NotFused).await?;
             self.alone = match self.next {
                 Next::Invoke(step) => Some((step, Phase::Invoke)),
                 Next::Compensate(step) => Some((step, Phase::Compensate)),
@@ -380,7 +421,7 @@ impl RunTask {
             None => match self.engine.inner.worker_pool.begin().await {
                 Ok(open) => open,
                 Err(e) => {
-                    self.leave_segment(seat, None).await?;
+                    self.leave_segment(seat, None, InsertedAlone::Database).await?;
                     return Err(Stop::Database(e.to_string()));
                 }
             },
@@ -401,7 +442,7 @@ impl RunTask {
                         // Inserted on its own, it is refused (or held) as from its trigger, or
                         // goes in and runs the segment again as any other run.
                         debug!("a run's insert with its first segment was not written");
-                        return self.leave_segment(seat, Some(open)).await;
+                        return self.leave_segment(seat, Some(open), InsertedAlone::Refused).await;
                     }
                     Err(e) => Err(e),
                 }
@@ -424,7 +465,8 @@ impl RunTask {
                 return Ok(());
             }
             Err(ApplyError::FinishHook(error)) => {
-                self.leave_segment(seat, Some(open)).await?;
+                self.leave_segment(seat, Some(open), InsertedAlone::FinishHookRefused)
+                    .await?;
                 warn!(error = %error.message, "the workflow's finish hook refused the end of a fused segment; its last attempt runs again alone");
                 self.alone = attempted.last().copied();
                 return Ok(());
@@ -434,7 +476,7 @@ impl RunTask {
                     // The run's insert failed with its segment: inserted on its own, it
                     // goes on (or its trigger learns why not) as if from its trigger.
                     warn!(error = %e, "inserting a run with its first segment failed; inserting it alone");
-                    return self.leave_segment(seat, Some(open)).await;
+                    return self.leave_segment(seat, Some(open), InsertedAlone::Database).await;
                 }
                 discard(seat, Some(open)).await;
                 return Err(Stop::Database(e.to_string()));
@@ -450,7 +492,7 @@ impl RunTask {
                 // unknown: then the insert alone finds the run's id taken and fails, and
                 // the run, if it went in, is recovered once its lease expires).
                 warn!(error = %e, "the batch holding a run's insert did not commit; inserting it alone");
-                return self.insert_alone().await;
+                return self.insert_alone(InsertedAlone::BatchNotCommitted).await;
             }
             return Err(Stop::Database(e));
         }

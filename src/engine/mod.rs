@@ -91,6 +91,9 @@ pub mod metrics_names {
     pub const SEGMENT_ATTEMPTS: &str = "sagaflow_segment_attempts";
     /// Runs whose segments one batch committed together.
     pub const BATCH_RUNS: &str = "sagaflow_batch_runs";
+    /// Runs of waiting triggers inserted on their own rather than by their first segment,
+    /// by workflow and reason.
+    pub const RUNS_INSERTED_ALONE: &str = "sagaflow_runs_inserted_alone_total";
     /// Duration of runs from acceptance to terminal status, in seconds.
     pub const RUN_SECONDS: &str = "sagaflow_run_duration_seconds";
     /// Runs made claimable because their owner was gone or their lease expired.

@@ -71,6 +71,10 @@ fn describe() {
         "Attempts recorded together by one fused segment's commit"
     );
     metrics::describe_histogram!(m::BATCH_RUNS, "Runs whose segments one batch committed together");
+    metrics::describe_counter!(
+        m::RUNS_INSERTED_ALONE,
+        "Runs of waiting triggers inserted on their own rather than by their first segment, by workflow and reason"
+    );
     metrics::describe_histogram!(
         m::RUN_SECONDS,
         metrics::Unit::Seconds,
