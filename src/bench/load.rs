@@ -463,7 +463,8 @@ pub async fn http_open_loop(
     })
 }
 
-/// Registrations through the engine in this process (no HTTP).
+/// Registrations through the engine in this process (no HTTP), each caller waiting for its
+/// run with [`sagaflow::engine::Engine::trigger_and_wait`].
 pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usize) -> Result<Phase> {
     let config = EngineConfig {
         node_id: "bench-library".into(),
@@ -486,12 +487,18 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
                     return Ok::<_, anyhow::Error>(latencies);
                 }
                 let sent = Instant::now();
-                let run = engine
-                    .trigger(WORKFLOW, registration(&prefix, i), TriggerOptions::default())
+                // As the HTTP phase's clients wait (`wait_ms`), so that the two compare.
+                let waited = engine
+                    .trigger_and_wait(
+                        WORKFLOW,
+                        registration(&prefix, i),
+                        TriggerOptions::default(),
+                        Duration::from_secs(30),
+                    )
                     .await?;
-                let status = engine.wait_for_terminal(run.run_id, Duration::from_secs(30)).await?;
-                if status != sagaflow::engine::RunStatus::Completed {
-                    bail!("run {} ended {status}", run.run_id);
+                let status = waited.detail.map(|d| d.run.status);
+                if status != Some(sagaflow::engine::RunStatus::Completed) {
+                    bail!("run {} ended {status:?}", waited.triggered.run_id);
                 }
                 latencies.push(sent.elapsed());
             }
