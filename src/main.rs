@@ -259,6 +259,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init(args.database.log_format);
+    // Before anything starts, so that a stop asked for while it starts is heard.
+    let stop = server::ShutdownSignal::listen();
     let node_id = match args.node_id {
         Some(id) => id,
         None => default_node_id(&args.database.data_dir),
@@ -333,7 +335,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     api_token.announce("API token  ");
     admin_token.announce("admin token");
-    server::shutdown_signal().await;
+    stop.received().await;
     running.shutdown().await;
     tracing::info!("bye");
     Ok(())

@@ -235,9 +235,10 @@ impl ServerBuilder {
 
     /// Starts it and serves until SIGTERM or Ctrl-C, then shuts down in order.
     pub async fn run(self) -> Result<(), ServeError> {
+        let stop = ShutdownSignal::listen();
         let running = self.start().await?;
         info!(addr = %running.addr, "serving until SIGTERM or Ctrl-C");
-        shutdown_signal().await;
+        stop.received().await;
         running.shutdown().await;
         Ok(())
     }
@@ -659,19 +660,47 @@ impl RunningServer {
     }
 }
 
-/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The process's stop signals, SIGTERM and SIGINT (Ctrl-C), listened for from the moment it
+/// is created. Create it before the server starts: a signal that arrives while it starts (a
+/// process manager that stops it as soon as it is ready) then stops it once started, drained
+/// as always, where the default action of an unheard SIGTERM would kill it on the spot.
+pub struct ShutdownSignal {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    /// Starts listening. A signal that cannot be listened for is logged and left to its
+    /// default action (the other still stops the server).
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, signal = name, "cannot listen for a stop signal");
+                None
+            }
+        };
+        Self {
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+    }
+
+    /// Resolves once a stop signal has arrived since [`ShutdownSignal::listen`] (at once if
+    /// one already has).
+    pub async fn received(mut self) {
+        async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(self.term.as_mut()) => info!("SIGTERM received"),
+            _ = next(self.interrupt.as_mut()) => info!("interrupt received"),
+        }
     }
 }

@@ -216,14 +216,48 @@ fn the_embedded_default_starts_persists_survives_a_kill_and_stops_on_sigterm() {
         stopped, "1",
         "the killed incarnation is recognised as gone when its node restarts"
     );
-    assert!(terminate(server).success());
+    let status = terminate(server);
+    assert!(status.success(), "exit status {status}");
     assert!(!cluster_running(&data));
 
     // A stale postmaster.pid (a crashed cluster whose PID is gone) does not stop a start.
     std::fs::write(data.join("pgdata").join("postmaster.pid"), "999999\n").expect("stale pid file");
     let mut server = spawn_server(&data, port);
     wait_healthy(&mut server, port);
-    assert!(terminate(server).success());
+    let status = terminate(server);
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A SIGTERM that arrives while the server starts (here: while it creates its cluster) is
+/// heard: the server finishes starting, then stops as on any SIGTERM, exit 0 and its cluster
+/// stopped, instead of being killed by the signal's default action mid-start.
+#[test]
+fn a_sigterm_while_the_server_starts_stops_it_once_started() {
+    let tmp = TempDir::new("early-term");
+    let data = tmp.0.join("data");
+    let port = free_port();
+    let mut server = spawn_server(&data, port);
+    // The tokens are written before the cluster is created, after the signals are listened for.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.join("api-token").is_file() {
+        assert!(
+            server.try_wait().expect("wait").is_none(),
+            "the server exited before starting"
+        );
+        assert!(Instant::now() < deadline, "no token file after 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !healthy(port),
+        "the server was already serving: the signal would not arrive while it starts"
+    );
+    let status = terminate(server);
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        data.join("pgdata").join("PG_VERSION").is_file(),
+        "the start went on to create the cluster"
+    );
+    assert!(!cluster_running(&data), "the embedded cluster was left running");
 }
 
 /// `sagaflow` with `args`, as the user would type it (no `DATABASE_URL` from the test's env).
