@@ -140,6 +140,38 @@ async fn happy_path_runs_each_step_once_and_logs_every_transition() {
     worker.shutdown().await;
 }
 
+/// A run's writes between its start and its end change nothing an index of `runs` reads, so
+/// PostgreSQL makes them HOT updates (migration 0019): no index entry, the old version pruned
+/// in its page. Of a run of four steps that are not local (one commit each), the three
+/// outcomes that keep it running are HOT; only its claim, if it was not started in its
+/// insert, and its end move the row.
+#[tokio::test]
+async fn a_run_s_writes_between_its_start_and_its_end_are_hot_updates() {
+    let db = test_db().await;
+    let (engine, worker) = started(&db.pool, "hot").await;
+    let run = trigger(&engine, json!({})).await;
+    assert_eq!(finish(&engine, run).await, RunStatus::Completed);
+    worker.shutdown().await;
+    drop(engine);
+    // A backend reports its counts when it exits (idle, only every few seconds).
+    db.pool.close().await;
+    let pool = PgPool::connect(&db.url).await.expect("connect");
+    let (updates, hot) = eventually(Duration::from_secs(20), "the counts of the run's writes", || async {
+        let counts: (i64, i64) =
+            sqlx::query_as("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'runs'")
+                .fetch_one(&pool)
+                .await
+                .expect("counts");
+        (counts.0 >= 4).then_some(counts)
+    })
+    .await;
+    assert!(
+        hot >= 3 && updates - hot <= 2,
+        "{updates} updates of the run, {hot} of them HOT: the three outcomes that keep it running should be"
+    );
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn a_retryable_failure_is_retried_after_a_durable_backoff() {
     let db = test_db().await;
