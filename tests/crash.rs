@@ -844,6 +844,17 @@ async fn inserted_alone(server: &ServerProcess) -> HashMap<String, f64> {
         .collect()
 }
 
+/// A registration of a new identity for `email`, its trigger waiting `wait_ms` (the email is
+/// its key): the answer and the identity.
+async fn register_waiting(server: &ServerProcess, email: &str, wait_ms: u32) -> (Value, String) {
+    let http = client();
+    let auth = identity(&http, &server.url(), email).await;
+    let answered = trigger_run(&http, &server.url(), email, &registration(&auth, email), wait_ms)
+        .await
+        .expect("accepted");
+    (answered, auth)
+}
+
 /// A waiting trigger whose run cannot go in with its first segment is inserted alone, and
 /// counted so by reason; one that takes the fast path is not counted. (A process of its own:
 /// the tests' in-process servers share one metrics recorder.)
@@ -851,17 +862,7 @@ async fn inserted_alone(server: &ServerProcess) -> HashMap<String, f64> {
 async fn waiting_triggers_that_miss_the_fast_path_are_counted_by_reason() {
     let db = test_db().await;
     let mut server = ServerProcess::start(&db.url, Options::node("counted")).await;
-    let http = client();
-    let fast = identity(&http, &server.url(), "fast@example.com").await;
-    let answered = trigger_run(
-        &http,
-        &server.url(),
-        "fast",
-        &registration(&fast, "fast@example.com"),
-        5000,
-    )
-    .await
-    .expect("registered");
+    let (answered, _) = register_waiting(&server, "fast@example.com", 5000).await;
     assert_eq!(answered["status"], "completed", "{answered}");
     assert_eq!(
         inserted_alone(&server).await,
@@ -871,16 +872,7 @@ async fn waiting_triggers_that_miss_the_fast_path_are_counted_by_reason() {
 
     let pause = format!("/v1/workflows/{WORKFLOW}/pause");
     assert_eq!(operator_post(&server, &pause).await, reqwest::StatusCode::OK);
-    let held = identity(&http, &server.url(), "held@example.com").await;
-    let answered = trigger_run(
-        &http,
-        &server.url(),
-        "held",
-        &registration(&held, "held@example.com"),
-        2000,
-    )
-    .await
-    .expect("accepted");
+    let (answered, held) = register_waiting(&server, "held@example.com", 2000).await;
     assert_eq!(
         (&answered["status"], &answered["held"]),
         (&json!("pending"), &json!("workflow_paused"))
