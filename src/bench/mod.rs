@@ -10,7 +10,8 @@
 //!    distribution;
 //! 4. **http steps**: a defined three-step saga whose steps are HTTP calls to a participant
 //!    in this process that answers at once, triggered like the registrations (closed loop);
-//! 5. **library**: the registrations through the engine in this process, no HTTP;
+//! 5. **library**: the registrations through the engine in this process, no HTTP, each
+//!    caller waiting with `trigger_and_wait`;
 //! 6. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
 //!    seconds from the restart until every run is terminal;
 //! 7. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
