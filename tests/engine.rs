@@ -1733,7 +1733,8 @@ async fn the_check_and_the_trigger_that_name_terminal_statuses_name_rusts() {
 /// A failed attempt inside a segment rolls the segment back and is then recorded alone, so
 /// nothing of the rolled-back attempts shows, and no effect is doubled. A trigger that waits
 /// leaves the run's insert to its first segment: the same again, the clean run written in a
-/// single transaction, insert included, and its first entries at the time it was accepted.
+/// single transaction, insert included, and its first entries at the time it was accepted;
+/// and so again without lanes, where that segment commits on its own.
 #[tokio::test]
 async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
     let inputs = [
@@ -1744,12 +1745,13 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         json!({"skip": ["d"]}),
     ];
     let mut recorded = Vec::new();
-    // (fused, the trigger waits: the first segment inserts the run)
-    for (fused, waits) in [(true, true), (true, false), (false, false)] {
+    // (fused, the trigger waits: the first segment inserts the run, lanes)
+    for (fused, waits, lanes) in [(true, true, 2), (true, false, 2), (false, false, 2), (true, true, 0)] {
         let db = test_db().await;
         let engine = Engine::builder(db.pool.clone())
             .config(sagaflow::engine::EngineConfig {
                 fuse_local_steps: fused,
+                commit_lanes: lanes,
                 // Room beyond a claim's batch, so a trigger always finds a free slot and
                 // starts its run on this worker (where a waiting trigger's first segment
                 // inserts it), however a claim is timed.
@@ -1825,11 +1827,18 @@ async fn fused_segments_record_exactly_what_one_commit_per_attempt_records() {
         worker.shutdown().await;
         recorded.push(runs);
     }
-    for ((inserted_with_segment, fused), per_attempt) in recorded[0].iter().zip(&recorded[1]).zip(&recorded[2]) {
+    for (((inserted_with_segment, fused), per_attempt), unbatched) in
+        recorded[0].iter().zip(&recorded[1]).zip(&recorded[2]).zip(&recorded[3])
+    {
         assert_eq!(fused, per_attempt, "fused, then per attempt, for input {}", fused.0);
         assert_eq!(
             inserted_with_segment, per_attempt,
             "inserted with its first segment, then per attempt, for input {}",
+            fused.0
+        );
+        assert_eq!(
+            unbatched, per_attempt,
+            "inserted with its first segment committed alone, then per attempt, for input {}",
             fused.0
         );
     }

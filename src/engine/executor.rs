@@ -79,9 +79,6 @@ pub(crate) struct Uninserted {
 /// why, waiting triggers miss the fast path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InsertedAlone {
-    /// The segment commits on its own: batching is off, the run is suspect, its lane's queue
-    /// is full, or no batch could be opened.
-    NoBatch,
     /// What the run does first cannot be fused (nothing to run in a segment).
     NotFused,
     /// An attempt of the segment failed: it runs again alone, recorded as without fusion.
@@ -92,21 +89,20 @@ pub(crate) enum InsertedAlone {
     FinishHookRefused,
     /// The database failed while the segment was written.
     Database,
-    /// The batch holding the segment did not commit.
-    BatchNotCommitted,
+    /// The segment's commit (its batch's, or its own) failed.
+    NotCommitted,
 }
 
 impl InsertedAlone {
     /// The metric's label.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Self::NoBatch => "no_batch",
             Self::NotFused => "not_fused",
             Self::AttemptFailed => "attempt_failed",
             Self::Refused => "refused",
             Self::FinishHookRefused => "finish_hook_refused",
             Self::Database => "database",
-            Self::BatchNotCommitted => "batch_not_committed",
+            Self::NotCommitted => "not_committed",
         }
     }
 }
@@ -333,10 +329,8 @@ impl RunTask {
             Some(lanes) if !suspect => lanes.seat(self.copy.run.subject.as_deref(), self.run_id).await,
             _ => None,
         };
-        if seat.is_none() {
-            // Committing on its own, the segment cannot answer a trigger before it ends.
-            self.insert_alone(InsertedAlone::NoBatch).await?;
-        }
+        // Without a seat (batching off, a full lane, no batch to open) the segment commits on
+        // its own transaction, and inserts an uninserted run all the same.
         let mut tx = match seat.as_mut().and_then(Seat::take) {
             Some(open) => StepTransaction::open(self.engine.inner.worker_pool.clone(), open),
             None => StepTransaction::new(self.engine.inner.worker_pool.clone()),
@@ -492,7 +486,7 @@ impl RunTask {
                 // unknown: then the insert alone finds the run's id taken and fails, and
                 // the run, if it went in, is recovered once its lease expires).
                 warn!(error = %e, "the batch holding a run's insert did not commit; inserting it alone");
-                return self.insert_alone(InsertedAlone::BatchNotCommitted).await;
+                return self.insert_alone(InsertedAlone::NotCommitted).await;
             }
             return Err(Stop::Database(e));
         }

@@ -1129,15 +1129,15 @@ impl Engine {
     }
 
     /// Whether a run leased to our worker in its insert can leave the insert to its first
-    /// segment: that segment runs in a lane's batch (fusion and batching on) and begins with
-    /// a local step. Any other first attempt needs the run committed before it runs.
+    /// segment: fusion is on and the run begins with a local step (the segment then commits
+    /// in a lane's batch, or on its own). Any other first attempt needs the run committed
+    /// before it runs.
     fn inserts_in_first_segment(&self, workflow: &Workflow, local: &LocalStart) -> bool {
         let first = match local.next {
             Next::Invoke(step) => step,
             _ => return false,
         };
         self.inner.config.fuse_local_steps
-            && local.worker.batches()
             && workflow
                 .steps
                 .get(first)

@@ -83,11 +83,6 @@ impl Slot for WorkerShared {
 }
 
 impl WorkerShared {
-    /// Whether this worker commits segments in lanes' batches.
-    pub(crate) fn batches(&self) -> bool {
-        self.lanes.is_some()
-    }
-
     fn active(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, i64>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
