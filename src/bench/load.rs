@@ -52,6 +52,10 @@ pub struct Phase {
     /// machine: less noisy than a rate on a shared machine, so what an A/B of a change to
     /// the hot path compares.
     pub postgres_cpu_s: Option<f64>,
+    /// The phase ran in the bench's process, no server child (the library, the SQL alone):
+    /// its clients' CPU is all that is not PostgreSQL's.
+    #[serde(skip)]
+    pub in_process: bool,
 }
 
 /// What the recovery phase measured.
@@ -412,6 +416,7 @@ pub async fn closed_loop(
         server_cpu_s,
         client_cpu_s,
         postgres_cpu_s,
+        in_process: false,
     })
 }
 
@@ -460,6 +465,7 @@ pub async fn http_open_loop(
         server_cpu_s: None,
         client_cpu_s: None,
         postgres_cpu_s: None,
+        in_process: false,
     })
 }
 
@@ -474,6 +480,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let postgres = CpuSince::postgres(pool).await;
+    let clients = CpuSince::process(std::process::id());
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -510,7 +517,7 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
-    let postgres_cpu_s = postgres.used();
+    let (postgres_cpu_s, client_cpu_s) = (postgres.used(), clients.used());
     worker.shutdown().await;
     Ok(Phase {
         runs,
@@ -521,9 +528,121 @@ pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usiz
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
         server_cpu_s: None,
-        client_cpu_s: None,
+        client_cpu_s,
         postgres_cpu_s,
+        in_process: true,
     })
+}
+
+/// The registration's own SQL and nothing else: each of `tasks` takes registrations one after
+/// another and runs, in one transaction per registration, the statements the workflow's steps
+/// and finish hook run (the same `domain::store` calls, in the same order), with no engine,
+/// no run, no log and no HTTP. What a backend doing the registration by hand would cost the
+/// database (without the durability of its steps): the ratio no orchestrator running this
+/// workflow's SQL once per step can pass at one commit per registration.
+pub async fn sql_alone(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usize) -> Result<Phase> {
+    use sagaflow::domain::{NewCustomer, store as domain};
+    use sagaflow::workflows::customer_account::{CUSTOMER_CREATED_EVENT, CUSTOMER_ID_KEY};
+    let next = Arc::new(AtomicUsize::new(0));
+    let postgres = CpuSince::postgres(pool).await;
+    let clients = CpuSince::process(std::process::id());
+    let before = DbCounters::read(pool).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..tasks_count {
+        let (pool, next, prefix) = (pool.clone(), Arc::clone(&next), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= runs {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let sent = Instant::now();
+                let input = registration(&prefix, i);
+                let identity = input["authIdentityId"].as_str().unwrap_or_default().to_string();
+                let customer: NewCustomer = serde_json::from_value(input["customerData"].clone())?;
+                // The run id the steps would have written with; here only a key for the event.
+                let run_id = uuid::Uuid::now_v7();
+                let mut tx = pool.begin().await?;
+                match domain::registration_check(&mut tx, &identity, &customer.email).await? {
+                    Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
+                    found => bail!("registration {i} cannot proceed: {found:?}"),
+                }
+                let created = domain::insert_customer(&mut tx, &customer, true, run_id).await?;
+                domain::hold_event(
+                    &mut tx,
+                    run_id,
+                    CUSTOMER_CREATED_EVENT,
+                    &domain::customer_created(&created.id),
+                )
+                .await?;
+                let linked = domain::link_identity(&mut tx, &identity, CUSTOMER_ID_KEY, &json!(created.id)).await?;
+                if !matches!(linked, domain::Link::Linked(_)) {
+                    bail!("registration {i}: the identity was not linked: {linked:?}");
+                }
+                domain::settle_events(&mut tx, run_id, true).await?;
+                tx.commit().await?;
+                latencies.push(sent.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(runs);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
+    Ok(Phase {
+        runs,
+        runs_per_s: runs as f64 / elapsed,
+        steps_per_s: runs as f64 * steps() / elapsed,
+        steps_per_run: steps(),
+        commits_per_run,
+        statements_per_run,
+        latency_ms: Latency::of(&mut latencies),
+        server_cpu_s: None,
+        client_cpu_s: clients.used(),
+        postgres_cpu_s: postgres.used(),
+        in_process: true,
+    })
+}
+
+/// What the registrations with identities `authid_<prefix><i>` left in the domain's tables:
+/// customers with an account, each one's identity linked to it, and its `customer.created`
+/// event released for the run that created it. A completed registration leaves one of each,
+/// so the bench compares the SQL alone's with the HTTP phase's to show the two did the same.
+pub async fn domain_writes(pool: &PgPool, prefix: &str) -> Result<DomainWrites> {
+    let (customers, linked, released): (i64, i64, i64) = sqlx::query_as(
+        "WITH c AS (
+             SELECT id, created_by_run FROM customers
+             WHERE has_account AND email ~ ('^' || $1 || '[0-9]+@bench\\.example$')
+         )
+         SELECT (SELECT count(*) FROM c),
+                (SELECT count(*) FROM c JOIN auth_identities a ON a.app_metadata ->> 'customer_id' = c.id
+                 WHERE a.id ~ ('^authid_' || $1 || '[0-9]+$')),
+                (SELECT count(*) FROM c JOIN outbox_events e ON e.run_id = c.created_by_run
+                 WHERE e.status = 'released' AND e.data ->> 'id' = c.id)",
+    )
+    .bind(prefix)
+    .fetch_one(pool)
+    .await?;
+    Ok(DomainWrites {
+        customers,
+        linked,
+        released,
+    })
+}
+
+/// See [`domain_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainWrites {
+    /// Customers with an account.
+    pub customers: i64,
+    /// Of them, linked from their identity.
+    pub linked: i64,
+    /// Of them, with their event released.
+    pub released: i64,
 }
 
 /// Keeps `clients` triggers in flight (not waiting for the runs) until a good number of runs

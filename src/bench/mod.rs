@@ -12,9 +12,12 @@
 //!    in this process that answers at once, triggered like the registrations (closed loop);
 //! 5. **library**: the registrations through the engine in this process, no HTTP, each
 //!    caller waiting with `trigger_and_wait`;
-//! 6. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
+//! 6. **SQL alone**: the registration's own statements (its steps' and its finish hook's),
+//!    one transaction per registration, from `C` tasks, with no orchestrator at all: the
+//!    ratio the workflow's SQL itself allows;
+//! 7. **recovery**: a server with runs in flight is SIGKILLed and restarted (same node);
 //!    seconds from the restart until every run is terminal;
-//! 7. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
+//! 8. **list**: the runs-list query the API and dashboard use, with 100k and 1M runs.
 //!
 //! This module belongs to the binary (it is a tool at the edge), so it uses anyhow.
 
@@ -196,6 +199,29 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     );
     load::create_identities(&pool, "l", options.runs).await?;
     report.library = Some(load::library(&pool, "l", options.runs, options.concurrency).await?);
+
+    eprintln!(
+        "SQL alone: the registration's own statements, {} registrations from {} tasks, no orchestrator",
+        options.runs, options.concurrency
+    );
+    load::create_identities(&pool, "s", options.runs).await?;
+    report.sql_alone = Some(load::sql_alone(&pool, "s", options.runs, options.concurrency).await?);
+    // Its figures compare only if it wrote what the workflow writes: see that it did.
+    let (by_hand, by_runs) = (
+        load::domain_writes(&pool, "s").await?,
+        load::domain_writes(&pool, "l").await?,
+    );
+    let expected = |n: usize| load::DomainWrites {
+        customers: n as i64,
+        linked: n as i64,
+        released: n as i64,
+    };
+    if by_hand != expected(options.runs) || by_runs != expected(options.runs) {
+        bail!(
+            "the SQL alone did not write what the workflow writes: {by_hand:?} by hand, {by_runs:?} by the library's runs, {} registrations each",
+            options.runs
+        );
+    }
 
     eprintln!("recovery: SIGKILL with runs in flight, restart, wait");
     report.recovery = Some(recovery(&pool, &url, options).await?);

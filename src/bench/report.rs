@@ -35,6 +35,8 @@ pub struct Report {
     pub http_steps: Option<Phase>,
     /// Through the library.
     pub library: Option<Phase>,
+    /// The registration's own SQL, one transaction each, no orchestrator.
+    pub sql_alone: Option<Phase>,
     /// SIGKILL and restart.
     pub recovery: Option<Recovery>,
     /// The server's peak resident set, MiB.
@@ -63,6 +65,7 @@ impl Report {
             batch_runs: Vec::new(),
             http_steps: None,
             library: None,
+            sql_alone: None,
             recovery: None,
             rss_mb: f64::NAN,
             list: Vec::new(),
@@ -106,6 +109,18 @@ impl Report {
                 "postgres_cpu_s": p.postgres_cpu_s.map(round),
             })),
             "library": self.library,
+            "library_ratio_if_cpu_bound": self.library.as_ref().and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
+            "sql_alone": self.sql_alone.as_ref().map(|p| json!({
+                "runs_per_s": round(p.runs_per_s),
+                "steps_per_s": round(p.steps_per_s),
+                "ratio": round(p.steps_per_s / self.ceiling.commits_per_s),
+                "ratio_if_cpu_bound": self.ratio_if_cpu_bound(p).map(round),
+                "commits_per_run": round(p.commits_per_run),
+                "statements_per_run": p.statements_per_run.map(round),
+                "latency_ms": p.latency_ms,
+                "postgres_cpu_s": p.postgres_cpu_s.map(round),
+                "client_cpu_s": p.client_cpu_s.map(round),
+            })),
             "recovery": self.recovery,
             "list_ms": self.list,
             "runs": self.runs,
@@ -118,12 +133,13 @@ impl Report {
 
     /// What the ratio would be if both the ceiling and `phase` were bound by this machine's
     /// CPU alone: the steps of a run, times the CPU of a ceiling commit (PostgreSQL's and
-    /// its writer's), over the CPU of a run (PostgreSQL's, the server's and its client's).
-    /// When the measured ratio is close to it, CPU per run is what sets the ratio, and a
+    /// its writer's), over the CPU of a run (PostgreSQL's, the server's and its client's; a
+    /// phase in the bench's own process has no server). When the measured ratio is close to it, CPU per run is what sets the ratio, and a
     /// ratio of 0.7 needs a run to cost no more than steps ÷ 0.7 ceiling commits.
     pub fn ratio_if_cpu_bound(&self, phase: &Phase) -> Option<f64> {
         let commit = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
-        let run = (phase.postgres_cpu_s? + phase.server_cpu_s? + phase.client_cpu_s?) * 1000.0 / phase.runs as f64;
+        let server = if phase.in_process { 0.0 } else { phase.server_cpu_s? };
+        let run = (phase.postgres_cpu_s? + server + phase.client_cpu_s?) * 1000.0 / phase.runs as f64;
         (run > 0.0).then(|| phase.steps_per_run * commit / run)
     }
 
@@ -239,6 +255,36 @@ impl Report {
             line("library: runs/s", format!("{:.0}", p.runs_per_s));
             line("library: commits per run", format!("{:.2}", p.commits_per_run));
             line("library: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
+            if let Some(bound) = self.ratio_if_cpu_bound(p) {
+                line("library: ratio if CPU-bound", format!("{bound:.2}"));
+            }
+        }
+        if let Some(p) = &self.sql_alone {
+            line(
+                "SQL alone (no orchestrator): runs/s (ratio)",
+                format!(
+                    "{:.0} ({:.2})",
+                    p.runs_per_s,
+                    p.steps_per_s / self.ceiling.commits_per_s
+                ),
+            );
+            if let Some(statements) = p.statements_per_run {
+                line(
+                    "SQL alone: commits / statements per run",
+                    format!("{:.2} / {statements:.2}", p.commits_per_run),
+                );
+            }
+            if let (Some(postgres), Some(clients)) = (p.postgres_cpu_s, p.client_cpu_s) {
+                let per_run = |s: f64| s * 1000.0 / p.runs as f64;
+                line(
+                    "SQL alone: CPU ms per run (PostgreSQL / clients)",
+                    format!("{:.2} / {:.2}", per_run(postgres), per_run(clients)),
+                );
+            }
+            if let Some(bound) = self.ratio_if_cpu_bound(p) {
+                line("SQL alone: ratio if CPU-bound", format!("{bound:.2}"));
+            }
+            line("SQL alone: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
         if let Some(r) = &self.recovery {
             line(
@@ -314,6 +360,7 @@ mod tests {
             server_cpu_s: server,
             client_cpu_s: clients,
             postgres_cpu_s: postgres,
+            in_process: false,
         }
     }
 
@@ -334,6 +381,20 @@ mod tests {
         assert!(bound.is_some_and(|b| (b - 5.0 * 0.15 / 4.5).abs() < 1e-9), "{bound:?}");
         // Any figure missing (a remote database, a process gone): no bound.
         assert_eq!(report.ratio_if_cpu_bound(&phase(None, Some(1.0), Some(0.5))), None);
+        // A phase in the bench's process has no server: its clients' CPU is the rest.
+        let in_process = Phase {
+            in_process: true,
+            ..phase(Some(3.0), None, Some(1.5))
+        };
+        let bound = report.ratio_if_cpu_bound(&in_process);
+        assert!(bound.is_some_and(|b| (b - 5.0 * 0.15 / 4.5).abs() < 1e-9), "{bound:?}");
+        assert_eq!(
+            report.ratio_if_cpu_bound(&Phase {
+                in_process: true,
+                ..phase(Some(3.0), None, None)
+            }),
+            None
+        );
         report.ceiling.client_cpu_ms = None;
         assert_eq!(report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5))), None);
     }
