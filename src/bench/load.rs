@@ -470,13 +470,21 @@ pub async fn http_open_loop(
 }
 
 /// Registrations through the engine in this process (no HTTP), each caller waiting for its
-/// run with [`sagaflow::engine::Engine::trigger_and_wait`].
-pub async fn library(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usize) -> Result<Phase> {
+/// run with [`sagaflow::engine::Engine::trigger_and_wait`]. The engine gets the server's two
+/// pools (`pools`, from [`sagaflow::pg::Pools::split`]: the worker's plans each statement
+/// once), so that the phase compares with the HTTP one; `pool` is the bench's, for counting.
+pub async fn library(
+    pool: &PgPool,
+    pools: sagaflow::pg::Pools,
+    prefix: &str,
+    runs: usize,
+    tasks_count: usize,
+) -> Result<Phase> {
     let config = EngineConfig {
         node_id: "bench-library".into(),
         ..EngineConfig::default()
     };
-    let engine = sagaflow::server::build_engine(pool.clone(), config, Faults::none(), &Default::default())?;
+    let engine = sagaflow::server::build_engine(pools, config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let postgres = CpuSince::postgres(pool).await;

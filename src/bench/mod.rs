@@ -198,7 +198,16 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         options.runs, options.concurrency
     );
     load::create_identities(&pool, "l", options.runs).await?;
-    report.library = Some(load::library(&pool, "l", options.runs, options.concurrency).await?);
+    let pools = pg::Pools::split(
+        &url,
+        &PoolConfig {
+            max_connections: options.pool_size,
+            ..PoolConfig::default()
+        },
+    )?;
+    report.library = Some(load::library(&pool, pools.clone(), "l", options.runs, options.concurrency).await?);
+    pools.api.close().await;
+    pools.worker.close().await;
 
     eprintln!(
         "SQL alone: the registration's own statements, {} registrations from {} tasks, no orchestrator",
