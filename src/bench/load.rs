@@ -486,15 +486,40 @@ pub async fn library(
     };
     let engine = sagaflow::server::build_engine(pools, config, Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
+    let measured = InProcess::start(pool).await?;
+    let prefix = prefix.to_string();
+    let latencies = each_from_tasks(runs, tasks_count, move |i| {
+        let (engine, input) = (engine.clone(), registration(&prefix, i));
+        async move {
+            // As the HTTP phase's clients wait (`wait_ms`), so that the two compare.
+            let waited = engine
+                .trigger_and_wait(WORKFLOW, input, TriggerOptions::default(), Duration::from_secs(30))
+                .await?;
+            let status = waited.detail.map(|d| d.run.status);
+            if status != Some(sagaflow::engine::RunStatus::Completed) {
+                bail!("run {} ended {status:?}", waited.triggered.run_id);
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let phase = measured.phase(pool, latencies).await?;
+    worker.shutdown().await;
+    Ok(phase)
+}
+
+/// Runs `work(i)` for every `i` below `runs` from `tasks` tasks, each taking the next `i` when
+/// it is done with one (a closed loop); returns how long each took.
+async fn each_from_tasks<F, Fut>(runs: usize, tasks: usize, work: F) -> Result<Vec<Duration>>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
-    let postgres = CpuSince::postgres(pool).await;
-    let clients = CpuSince::process(std::process::id());
-    let before = DbCounters::read(pool).await?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..tasks_count {
-        let (engine, next, prefix) = (engine.clone(), Arc::clone(&next), prefix.to_string());
-        tasks.push(tokio::spawn(async move {
+    let mut spawned = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let (next, work) = (Arc::clone(&next), work.clone());
+        spawned.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -502,44 +527,57 @@ pub async fn library(
                     return Ok::<_, anyhow::Error>(latencies);
                 }
                 let sent = Instant::now();
-                // As the HTTP phase's clients wait (`wait_ms`), so that the two compare.
-                let waited = engine
-                    .trigger_and_wait(
-                        WORKFLOW,
-                        registration(&prefix, i),
-                        TriggerOptions::default(),
-                        Duration::from_secs(30),
-                    )
-                    .await?;
-                let status = waited.detail.map(|d| d.run.status);
-                if status != Some(sagaflow::engine::RunStatus::Completed) {
-                    bail!("run {} ended {status:?}", waited.triggered.run_id);
-                }
+                work(i).await?;
                 latencies.push(sent.elapsed());
             }
         }));
     }
     let mut latencies = Vec::with_capacity(runs);
-    for task in tasks {
+    for task in spawned {
         latencies.extend(task.await??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
-    let (postgres_cpu_s, client_cpu_s) = (postgres.used(), clients.used());
-    worker.shutdown().await;
-    Ok(Phase {
-        runs,
-        runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * steps() / elapsed,
-        steps_per_run: steps(),
-        commits_per_run,
-        statements_per_run,
-        latency_ms: Latency::of(&mut latencies),
-        server_cpu_s: None,
-        client_cpu_s,
-        postgres_cpu_s,
-        in_process: true,
-    })
+    Ok(latencies)
+}
+
+/// What a phase in the bench's own process measures from its start: PostgreSQL's CPU, the
+/// process's, the database's commits and statements, the time.
+struct InProcess {
+    postgres: CpuSince,
+    clients: CpuSince,
+    before: DbCounters,
+    started: Instant,
+}
+
+impl InProcess {
+    async fn start(pool: &PgPool) -> Result<Self> {
+        Ok(Self {
+            postgres: CpuSince::postgres(pool).await,
+            clients: CpuSince::process(std::process::id()),
+            before: DbCounters::read(pool).await?,
+            started: Instant::now(),
+        })
+    }
+
+    /// The phase, once its registrations, which took `latencies`, are done.
+    async fn phase(self, pool: &PgPool, mut latencies: Vec<Duration>) -> Result<Phase> {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let runs = latencies.len();
+        let (postgres_cpu_s, client_cpu_s) = (self.postgres.used(), self.clients.used());
+        let (commits_per_run, statements_per_run) = self.before.per_run(pool, runs).await?;
+        Ok(Phase {
+            runs,
+            runs_per_s: runs as f64 / elapsed,
+            steps_per_s: runs as f64 * steps() / elapsed,
+            steps_per_run: steps(),
+            commits_per_run,
+            statements_per_run,
+            latency_ms: Latency::of(&mut latencies),
+            server_cpu_s: None,
+            client_cpu_s,
+            postgres_cpu_s,
+            in_process: true,
+        })
+    }
 }
 
 /// The registration's own SQL and nothing else: each of `tasks` takes registrations one after
@@ -551,69 +589,39 @@ pub async fn library(
 pub async fn sql_alone(pool: &PgPool, prefix: &str, runs: usize, tasks_count: usize) -> Result<Phase> {
     use sagaflow::domain::{NewCustomer, store as domain};
     use sagaflow::workflows::customer_account::{CUSTOMER_CREATED_EVENT, CUSTOMER_ID_KEY};
-    let next = Arc::new(AtomicUsize::new(0));
-    let postgres = CpuSince::postgres(pool).await;
-    let clients = CpuSince::process(std::process::id());
-    let before = DbCounters::read(pool).await?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..tasks_count {
-        let (pool, next, prefix) = (pool.clone(), Arc::clone(&next), prefix.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= runs {
-                    return Ok::<_, anyhow::Error>(latencies);
-                }
-                let sent = Instant::now();
-                let input = registration(&prefix, i);
-                let identity = input["authIdentityId"].as_str().unwrap_or_default().to_string();
-                let customer: NewCustomer = serde_json::from_value(input["customerData"].clone())?;
-                // The run id the steps would have written with; here only a key for the event.
-                let run_id = uuid::Uuid::now_v7();
-                let mut tx = pool.begin().await?;
-                match domain::registration_check(&mut tx, &identity, &customer.email).await? {
-                    Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
-                    found => bail!("registration {i} cannot proceed: {found:?}"),
-                }
-                let created = domain::insert_customer(&mut tx, &customer, true, run_id).await?;
-                domain::hold_event(
-                    &mut tx,
-                    run_id,
-                    CUSTOMER_CREATED_EVENT,
-                    &domain::customer_created(&created.id),
-                )
-                .await?;
-                let linked = domain::link_identity(&mut tx, &identity, CUSTOMER_ID_KEY, &json!(created.id)).await?;
-                if !matches!(linked, domain::Link::Linked(_)) {
-                    bail!("registration {i}: the identity was not linked: {linked:?}");
-                }
-                domain::settle_events(&mut tx, run_id, true).await?;
-                tx.commit().await?;
-                latencies.push(sent.elapsed());
+    let measured = InProcess::start(pool).await?;
+    let (shared, prefix) = (pool.clone(), prefix.to_string());
+    let latencies = each_from_tasks(runs, tasks_count, move |i| {
+        let (pool, input) = (shared.clone(), registration(&prefix, i));
+        async move {
+            let identity = input["authIdentityId"].as_str().unwrap_or_default().to_string();
+            let customer: NewCustomer = serde_json::from_value(input["customerData"].clone())?;
+            // The run id the steps would have written with; here only a key for the event.
+            let run_id = uuid::Uuid::now_v7();
+            let mut tx = pool.begin().await?;
+            match domain::registration_check(&mut tx, &identity, &customer.email).await? {
+                Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
+                found => bail!("registration {i} cannot proceed: {found:?}"),
             }
-        }));
-    }
-    let mut latencies = Vec::with_capacity(runs);
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
-    Ok(Phase {
-        runs,
-        runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * steps() / elapsed,
-        steps_per_run: steps(),
-        commits_per_run,
-        statements_per_run,
-        latency_ms: Latency::of(&mut latencies),
-        server_cpu_s: None,
-        client_cpu_s: clients.used(),
-        postgres_cpu_s: postgres.used(),
-        in_process: true,
+            let created = domain::insert_customer(&mut tx, &customer, true, run_id).await?;
+            domain::hold_event(
+                &mut tx,
+                run_id,
+                CUSTOMER_CREATED_EVENT,
+                &domain::customer_created(&created.id),
+            )
+            .await?;
+            let linked = domain::link_identity(&mut tx, &identity, CUSTOMER_ID_KEY, &json!(created.id)).await?;
+            if !matches!(linked, domain::Link::Linked(_)) {
+                bail!("registration {i}: the identity was not linked: {linked:?}");
+            }
+            domain::settle_events(&mut tx, run_id, true).await?;
+            tx.commit().await?;
+            Ok(())
+        }
     })
+    .await?;
+    measured.phase(pool, latencies).await
 }
 
 /// What the registrations with identities `authid_<prefix><i>` left in the domain's tables:
