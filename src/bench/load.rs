@@ -627,7 +627,7 @@ pub async fn sql_alone(pool: &PgPool, prefix: &str, runs: usize, tasks_count: us
 /// What the registrations with identities `authid_<prefix><i>` left in the domain's tables:
 /// customers with an account, each one's identity linked to it, and its `customer.created`
 /// event released for the run that created it. A completed registration leaves one of each,
-/// so the bench compares the SQL alone's with the HTTP phase's to show the two did the same.
+/// so the bench compares the SQL alone's with the library phase's: the two did the same.
 pub async fn domain_writes(pool: &PgPool, prefix: &str) -> Result<DomainWrites> {
     let (customers, linked, released): (i64, i64, i64) = sqlx::query_as(
         "WITH c AS (

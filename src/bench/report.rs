@@ -134,8 +134,9 @@ impl Report {
     /// What the ratio would be if both the ceiling and `phase` were bound by this machine's
     /// CPU alone: the steps of a run, times the CPU of a ceiling commit (PostgreSQL's and
     /// its writer's), over the CPU of a run (PostgreSQL's, the server's and its client's; a
-    /// phase in the bench's own process has no server). When the measured ratio is close to it, CPU per run is what sets the ratio, and a
-    /// ratio of 0.7 needs a run to cost no more than steps ÷ 0.7 ceiling commits.
+    /// phase in the bench's own process has no server). When the measured ratio is close to
+    /// it, CPU per run is what sets the ratio, and a ratio of 0.7 needs a run to cost no more
+    /// than steps ÷ 0.7 ceiling commits.
     pub fn ratio_if_cpu_bound(&self, phase: &Phase) -> Option<f64> {
         let commit = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
         let server = if phase.in_process { 0.0 } else { phase.server_cpu_s? };
