@@ -574,3 +574,173 @@ async fn a_run_inserted_finished_gets_the_delivery_of_a_run_that_finishes_later(
     assert_eq!(written[0].2["data"]["run"]["status"], "completed");
     assert_eq!(written[0].2["data"]["run"]["output"], json!({"done": true}));
 }
+
+/// Which of the webhook triggers are on: the two on `runs` (finish by update, inserted
+/// finished) and the one on `outbox_events` (release).
+async fn triggers_on(db: &sqlx::PgPool) -> (bool, bool, bool) {
+    sqlx::query_as(
+        "SELECT bool_or(tgname = 'runs_webhook_on_finish' AND tgenabled <> 'D'),
+                bool_or(tgname = 'runs_webhook_on_insert_finished' AND tgenabled <> 'D'),
+                bool_or(tgname = 'outbox_webhook_on_release' AND tgenabled <> 'D')
+         FROM pg_trigger
+         WHERE tgname IN ('runs_webhook_on_finish', 'runs_webhook_on_insert_finished', 'outbox_webhook_on_release')",
+    )
+    .fetch_one(db)
+    .await
+    .expect("triggers")
+}
+
+async fn subscribe(db: &sqlx::PgPool, name: &str, events: &[&str]) {
+    sqlx::query(
+        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
+         VALUES ($1, 'http://127.0.0.1:9/hook', $2, 'SAGAFLOW_TEST_HOOK_SECRET')",
+    )
+    .bind(name)
+    .bind(events)
+    .execute(db)
+    .await
+    .expect("subscription");
+}
+
+/// The triggers cost a function call at every finish and release, so they are on only while
+/// an enabled subscription wants what they report (`0020_webhook_triggers_only_while_subscribed`):
+/// turned on and off by the change of the subscriptions, in its transaction, and a change
+/// made while they were off is not reported.
+#[tokio::test]
+async fn the_webhook_triggers_are_on_exactly_while_an_enabled_subscription_wants_what_they_report() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    assert_eq!(triggers_on(pool).await, (false, false, false), "no subscription yet");
+
+    // A run finished and an event released while nobody subscribed: nothing to deliver.
+    let run = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, finished_at)
+         VALUES ($1, 'create-customer-account', 1, 'completed', '{}', 'api', clock_timestamp())",
+    )
+    .bind(run)
+    .execute(pool)
+    .await
+    .expect("run");
+    let release = |id: &'static str| {
+        sqlx::query("INSERT INTO outbox_events (id, name, data, run_id) VALUES ($1, 'customer.created', '{}', $2)")
+            .bind(id)
+            .bind(run)
+    };
+    release("evt_unwatched").execute(pool).await.expect("event");
+    let settle =
+        "UPDATE outbox_events SET status = 'released', released_at = now(), released_xid = pg_current_xact_id()
+                  WHERE id = $1";
+    sqlx::query(settle)
+        .bind("evt_unwatched")
+        .execute(pool)
+        .await
+        .expect("release");
+    assert!(deliveries_of(pool, run).await.is_empty());
+
+    // Events only: the release trigger alone; runs stay unreported.
+    subscribe(pool, "events", &["event.customer.created"]).await;
+    assert_eq!(triggers_on(pool).await, (false, false, true));
+    release("evt_watched").execute(pool).await.expect("event");
+    sqlx::query(settle)
+        .bind("evt_watched")
+        .execute(pool)
+        .await
+        .expect("release");
+    let types: Vec<String> = deliveries_of(pool, run).await.into_iter().map(|(_, t, _)| t).collect();
+    assert_eq!(types, ["event.customer.created"]);
+
+    // Rolled back, the change of the subscriptions leaves the triggers as they were.
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("UPDATE webhook_subscriptions SET events = events || '{run.completed}'")
+        .execute(&mut *tx)
+        .await
+        .expect("more events");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(triggers_on(pool).await, (false, false, true));
+
+    // Runs too: both run triggers on.
+    sqlx::query("UPDATE webhook_subscriptions SET events = events || '{run.completed}'")
+        .execute(pool)
+        .await
+        .expect("more events");
+    assert_eq!(triggers_on(pool).await, (true, true, true));
+
+    // Disabled, or deleted: all off.
+    sqlx::query("UPDATE webhook_subscriptions SET enabled = false")
+        .execute(pool)
+        .await
+        .expect("disable");
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+    sqlx::query("UPDATE webhook_subscriptions SET enabled = true")
+        .execute(pool)
+        .await
+        .expect("enable");
+    assert_eq!(triggers_on(pool).await, (true, true, true));
+    sqlx::query("DELETE FROM webhook_subscriptions")
+        .execute(pool)
+        .await
+        .expect("delete");
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+
+    // A transaction whose snapshot is older than its statements may miss a subscription
+    // committed meanwhile, so it turns triggers on, never off.
+    subscribe(pool, "runs", &["run.failed"]).await;
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .expect("repeatable read");
+    sqlx::query("DELETE FROM webhook_subscriptions")
+        .execute(&mut *tx)
+        .await
+        .expect("delete");
+    tx.commit().await.expect("commit");
+    assert_eq!(triggers_on(pool).await, (true, true, true), "left on");
+    sqlx::query("DELETE FROM webhook_subscriptions")
+        .execute(pool)
+        .await
+        .expect("delete");
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+}
+
+/// Two changes of the subscriptions at once: one adds the first subscription while the other
+/// deletes the last committed one. Whichever order they commit in, the triggers end as the
+/// subscriptions left committed want (here: on). Without the lock that serializes them, or
+/// with the subscriptions read before it, the deletion would see none and turn them off.
+#[tokio::test]
+async fn concurrent_changes_of_the_subscriptions_leave_the_triggers_as_the_committed_ones_want() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    subscribe(pool, "old", &["run.completed"]).await;
+    assert_eq!(triggers_on(pool).await, (true, true, false));
+
+    let mut adding = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
+         VALUES ('new', 'http://127.0.0.1:9/hook', '{run.completed,event.customer.created}', 'SAGAFLOW_TEST_HOOK_SECRET')",
+    )
+    .execute(&mut *adding)
+    .await
+    .expect("add");
+    let deleting = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query("DELETE FROM webhook_subscriptions WHERE name = 'old'")
+                .execute(&pool)
+                .await
+                .expect("delete")
+        })
+    };
+    // The deletion waits for the addition's lock.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!deleting.is_finished(), "the second change waits for the first");
+    adding.commit().await.expect("commit");
+    deleting.await.expect("deleted");
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM webhook_subscriptions")
+        .fetch_all(pool)
+        .await
+        .expect("names");
+    assert_eq!(names, ["new"]);
+    assert_eq!(triggers_on(pool).await, (true, true, true));
+}
