@@ -575,6 +575,14 @@ async fn a_run_inserted_finished_gets_the_delivery_of_a_run_that_finishes_later(
     assert_eq!(written[0].2["data"]["run"]["output"], json!({"done": true}));
 }
 
+/// Runs one statement that must succeed.
+async fn exec(db: &sqlx::PgPool, sql: &'static str) {
+    sqlx::query(sql)
+        .execute(db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// Which of the webhook triggers are on: the two on `runs` (finish by update, inserted
 /// finished) and the one on `outbox_events` (release).
 async fn triggers_on(db: &sqlx::PgPool) -> (bool, bool, bool) {
@@ -660,27 +668,19 @@ async fn the_webhook_triggers_are_on_exactly_while_an_enabled_subscription_wants
     assert_eq!(triggers_on(pool).await, (false, false, true));
 
     // Runs too: both run triggers on.
-    sqlx::query("UPDATE webhook_subscriptions SET events = events || '{run.completed}'")
-        .execute(pool)
-        .await
-        .expect("more events");
+    exec(
+        pool,
+        "UPDATE webhook_subscriptions SET events = events || '{run.completed}'",
+    )
+    .await;
     assert_eq!(triggers_on(pool).await, (true, true, true));
 
     // Disabled, or deleted: all off.
-    sqlx::query("UPDATE webhook_subscriptions SET enabled = false")
-        .execute(pool)
-        .await
-        .expect("disable");
+    exec(pool, "UPDATE webhook_subscriptions SET enabled = false").await;
     assert_eq!(triggers_on(pool).await, (false, false, false));
-    sqlx::query("UPDATE webhook_subscriptions SET enabled = true")
-        .execute(pool)
-        .await
-        .expect("enable");
+    exec(pool, "UPDATE webhook_subscriptions SET enabled = true").await;
     assert_eq!(triggers_on(pool).await, (true, true, true));
-    sqlx::query("DELETE FROM webhook_subscriptions")
-        .execute(pool)
-        .await
-        .expect("delete");
+    exec(pool, "DELETE FROM webhook_subscriptions").await;
     assert_eq!(triggers_on(pool).await, (false, false, false));
 
     // A transaction whose snapshot is older than its statements may miss a subscription
@@ -697,10 +697,7 @@ async fn the_webhook_triggers_are_on_exactly_while_an_enabled_subscription_wants
         .expect("delete");
     tx.commit().await.expect("commit");
     assert_eq!(triggers_on(pool).await, (true, true, true), "left on");
-    sqlx::query("DELETE FROM webhook_subscriptions")
-        .execute(pool)
-        .await
-        .expect("delete");
+    exec(pool, "DELETE FROM webhook_subscriptions").await;
     assert_eq!(triggers_on(pool).await, (false, false, false));
 }
 
