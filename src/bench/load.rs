@@ -373,43 +373,31 @@ pub async fn closed_loop(
     let load = Arc::new(load);
     // Warm up connections and caches.
     trigger(&client, base, &load.workflow, &(load.input)(from + runs * 2), 30_000).await?;
-    let next = Arc::new(AtomicUsize::new(from));
     let server = CpuSince::process(server_pid);
     let client_cpu = CpuSince::process(std::process::id());
     let postgres = CpuSince::postgres(pool).await;
     let before = DbCounters::read(pool).await?;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (client, next, base, load) = (client.clone(), Arc::clone(&next), base.to_string(), Arc::clone(&load));
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= from + runs {
-                    return Ok::<_, anyhow::Error>(latencies);
-                }
-                let sent = Instant::now();
-                let run = trigger(&client, &base, &load.workflow, &(load.input)(i), 30_000).await?;
-                if run["status"] != "completed" {
-                    bail!("run {} ended {}", run["id"], run["status"]);
-                }
-                latencies.push(sent.elapsed());
+    let (base, steps_per_run) = (base.to_string(), load.steps);
+    let mut latencies = each_from_tasks(runs, clients, move |i| {
+        let (client, base, load) = (client.clone(), base.clone(), Arc::clone(&load));
+        async move {
+            let run = trigger(&client, &base, &load.workflow, &(load.input)(from + i), 30_000).await?;
+            if run["status"] != "completed" {
+                bail!("run {} ended {}", run["id"], run["status"]);
             }
-        }));
-    }
-    let mut latencies = Vec::with_capacity(runs);
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
+            Ok(())
+        }
+    })
+    .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let (commits_per_run, statements_per_run) = before.per_run(pool, runs).await?;
     let (server_cpu_s, client_cpu_s, postgres_cpu_s) = (server.used(), client_cpu.used(), postgres.used());
     Ok(Phase {
         runs,
         runs_per_s: runs as f64 / elapsed,
-        steps_per_s: runs as f64 * load.steps / elapsed,
-        steps_per_run: load.steps,
+        steps_per_s: runs as f64 * steps_per_run / elapsed,
+        steps_per_run,
         commits_per_run,
         statements_per_run,
         latency_ms: Latency::of(&mut latencies),
