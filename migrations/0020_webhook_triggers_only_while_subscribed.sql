@@ -23,7 +23,7 @@
 -- each statement): a transaction that adds the first subscription while another removes
 -- the last leaves the triggers as the subscriptions that committed last want. Under a
 -- snapshot taken earlier (REPEATABLE READ or SERIALIZABLE) a subscription committed
--- meanwhile could be missed, so such a transaction turns triggers on but never off.
+-- meanwhile could be missed, so such a transaction never turns one off: it leaves all three on.
 
 CREATE FUNCTION webhook_set_trigger(tab regclass, trig name, wanted boolean) RETURNS void
     LANGUAGE plpgsql AS $$

@@ -741,3 +741,41 @@ async fn concurrent_changes_of_the_subscriptions_leave_the_triggers_as_the_commi
     assert_eq!(names, ["new"]);
     assert_eq!(triggers_on(pool).await, (true, true, true));
 }
+
+/// Switching the triggers waits for the writes to `runs` in flight, for 5 s at most
+/// (`lock_timeout`): a first subscription that cannot get the lock in time fails, and leaves
+/// no subscription behind and the triggers as they were.
+#[tokio::test]
+async fn a_first_subscription_that_cannot_switch_the_triggers_in_time_fails_and_changes_nothing() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    // A writer holding `runs` for longer than the switch will wait.
+    let mut writer = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
+         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&mut *writer)
+    .await
+    .expect("run");
+    let refused = sqlx::query(
+        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
+         VALUES ('late', 'http://127.0.0.1:9/hook', '{run.completed}', 'SAGAFLOW_TEST_HOOK_SECRET')",
+    )
+    .execute(pool)
+    .await
+    .expect_err("the switch cannot get its lock");
+    let code = refused
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "lock_not_available: {refused}");
+    writer.rollback().await.expect("rollback");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_subscriptions")
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+}
