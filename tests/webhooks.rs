@@ -612,8 +612,8 @@ async fn subscribe(db: &sqlx::PgPool, name: &str, events: &[&str]) {
 
 /// The triggers cost a function call at every finish and release, so they are on only while
 /// an enabled subscription wants what they report (`0020_webhook_triggers_only_while_subscribed`):
-/// turned on and off by the change of the subscriptions, in its transaction, and a change
-/// made while they were off is not reported.
+/// turned on and off by the change of the subscriptions, in its transaction (not by one rolled
+/// back), each as the subscriptions want it (the release trigger alone delivers an event).
 #[tokio::test]
 async fn the_webhook_triggers_are_on_exactly_while_an_enabled_subscription_wants_what_they_report() {
     let db = common::test_db().await;
