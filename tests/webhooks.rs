@@ -330,6 +330,8 @@ async fn a_wait_no_worker_ended_past_its_deadline_is_reported_overdue_once() {
     });
     let (status, body) = admin(&server, Method::POST, "/v1/webhooks", Some(subscription)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // The sweep writes these deliveries itself: the run triggers stay off (0021).
+    assert_eq!(triggers_on(server.pool()).await, (false, false, false));
     let definition = json!({
         "endpoints": {"shop": {"base_url": receiver.base_url()}},
         "steps": [{"name": "await-payment", "wait": {"signal": "paid", "timeout": "1h"}}]
@@ -613,12 +615,21 @@ async fn subscribe(db: &sqlx::PgPool, name: &str, events: &[&str]) {
 /// The triggers cost a function call at every finish and release, so they are on only while
 /// an enabled subscription wants what they report (`0020_webhook_triggers_only_while_subscribed`):
 /// turned on and off by the change of the subscriptions, in its transaction (not by one rolled
-/// back), each as the subscriptions want it (the release trigger alone delivers an event).
+/// back), each as the subscriptions want it (the release trigger alone delivers an event;
+/// `run.wait_overdue`, which the engine's sweep writes itself, wants none:
+/// `0021_wait_overdue_needs_no_run_trigger`).
 #[tokio::test]
 async fn the_webhook_triggers_are_on_exactly_while_an_enabled_subscription_wants_what_they_report() {
     let db = common::test_db().await;
     let pool = &db.pool;
     assert_eq!(triggers_on(pool).await, (false, false, false), "no subscription yet");
+    subscribe(pool, "pager", &["run.wait_overdue"]).await;
+    assert_eq!(
+        triggers_on(pool).await,
+        (false, false, false),
+        "overdue waits need no trigger"
+    );
+    exec(pool, "DELETE FROM webhook_subscriptions").await;
 
     // A run finished and an event released while nobody subscribed: nothing to deliver.
     let run = uuid::Uuid::now_v7();
@@ -779,3 +790,4 @@ async fn a_first_subscription_that_cannot_switch_the_triggers_in_time_fails_and_
     assert_eq!(left, 0);
     assert_eq!(triggers_on(pool).await, (false, false, false));
 }
+
