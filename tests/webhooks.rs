@@ -791,3 +791,65 @@ async fn a_first_subscription_that_cannot_switch_the_triggers_in_time_fails_and_
     assert_eq!(triggers_on(pool).await, (false, false, false));
 }
 
+/// Over HTTP, the same refusal is a 503 `busy` with `Retry-After`, and changes nothing: no
+/// subscription, no audit entry, the triggers off. The wait it reports is the switch's own
+/// `lock_timeout`.
+#[tokio::test]
+async fn a_subscription_whose_trigger_switch_times_out_is_answered_busy_and_stores_nothing() {
+    let server = start(|_| {}).await;
+    let pool = server.pool();
+    let config: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(proconfig) FROM pg_proc WHERE proname = 'webhook_triggers_follow_subscriptions'",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("proconfig");
+    let timeout = format!("lock_timeout={}s", sagaflow::webhooks::SWITCH_LOCK_TIMEOUT_S);
+    assert!(config.contains(&timeout), "{config:?} has {timeout}");
+
+    let mut writer = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
+         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&mut *writer)
+    .await
+    .expect("run");
+    let response = server
+        .admin(Method::PUT, "/v1/webhooks/late")
+        .header("x-sagaflow-operator", "ada")
+        .json(&json!({"url": "http://127.0.0.1:9/hook", "events": ["run.completed"], "secret_env": SECRET_VAR}))
+        .send()
+        .await
+        .expect("put");
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let (status, body) = read(response).await;
+    writer.rollback().await.expect("rollback");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert_eq!(subscription_rows(&server).await, (0, 0));
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM operator_actions WHERE detail->>'webhook' = 'late'")
+        .fetch_one(pool)
+        .await
+        .expect("audit");
+    assert_eq!(audited, 0);
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+
+    // Once the writer is gone, the same request goes through.
+    let (status, body) = admin(
+        &server,
+        Method::PUT,
+        "/v1/webhooks/late",
+        Some(json!({"url": "http://127.0.0.1:9/hook", "events": ["run.completed"], "secret_env": SECRET_VAR})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(triggers_on(pool).await, (true, true, false));
+    server.stop().await;
+}

@@ -79,6 +79,15 @@ pub enum ApiError {
         /// What is wrong.
         message: String,
     },
+    /// 503: a change that must lock the hot path's tables could not get the lock in time;
+    /// nothing changed, and it may be sent again after `Retry-After`.
+    #[error("{message}")]
+    Busy {
+        /// What was busy.
+        message: String,
+        /// Seconds after which to try again (`Retry-After`).
+        retry_after_s: u64,
+    },
     /// 503: the database is unreachable.
     #[error("the database is unavailable")]
     Unavailable,
@@ -106,7 +115,7 @@ pub struct ErrorDetail {
     /// Machine-readable: `malformed_json`, `unauthorized`, `forbidden`, `not_found`,
     /// `method_not_allowed`, `idempotency_conflict`, `not_allowed`, `already_retried`,
     /// `duplicate`, `in_flight`, `payload_too_large`, `invalid_input`, `request_timeout`,
-    /// `headers_too_large`, `throttled`, `unavailable`, `timeout`, `internal`.
+    /// `headers_too_large`, `throttled`, `busy`, `unavailable`, `timeout`, `internal`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -138,7 +147,7 @@ impl ApiError {
             Self::SlowBody { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable | Self::AnswerTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy { .. } | Self::Unavailable | Self::AnswerTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -156,6 +165,7 @@ impl ApiError {
             Self::SlowBody { .. } => "request_timeout",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::Throttled { .. } => "throttled",
+            Self::Busy { .. } => "busy",
             Self::Unavailable => "unavailable",
             Self::AnswerTimeout { .. } => "timeout",
             Self::Internal(_) => "internal",
@@ -194,7 +204,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Self::Throttled { retry_after_s } = self
+        if let Self::Throttled { retry_after_s } | Self::Busy { retry_after_s, .. } = self
             && let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);

@@ -33,6 +33,10 @@ impl From<WebhookError> for ApiError {
                 what: "delivery",
                 id: id.to_string(),
             },
+            WebhookError::Busy => Self::Busy {
+                message,
+                retry_after_s: crate::webhooks::SWITCH_LOCK_TIMEOUT_S,
+            },
             WebhookError::Database(e) => e.into(),
         }
     }
@@ -76,6 +80,7 @@ pub struct TestAnswer {
         (status = 409, description = "`duplicate`: the name is taken", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "A bad field, named", body = ErrorBody),
+        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
     ))]
 pub async fn create_webhook(
     admin: AdminAccess,
@@ -131,6 +136,7 @@ pub async fn get_webhook(
         (status = 403, description = "The API token cannot do this", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "A bad field, named", body = ErrorBody),
+        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
     ))]
 pub async fn replace_webhook(
     admin: AdminAccess,
@@ -153,6 +159,7 @@ pub async fn replace_webhook(
         (status = 401, body = ErrorBody),
         (status = 403, description = "The API token cannot do this", body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
     ))]
 pub async fn delete_webhook(
     admin: AdminAccess,

@@ -148,9 +148,29 @@ pub enum WebhookError {
         /// The delivery.
         id: i64,
     },
+    /// The change was the first subscription to want a webhook trigger, or the last to stop
+    /// wanting it, and switching the trigger could not lock `runs` or `outbox_events` within
+    /// its `lock_timeout` (writers held them); nothing changed.
+    #[error(
+        "switching the webhook triggers waited {SWITCH_LOCK_TIMEOUT_S} s for writers of `runs` or `outbox_events` and gave up; nothing changed, try again"
+    )]
+    Busy,
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+/// How long a change of the subscriptions waits to switch the webhook triggers (the
+/// `lock_timeout` of migration 0020's switch), in seconds.
+pub const SWITCH_LOCK_TIMEOUT_S: u64 = 5;
+
+/// A failed change of the subscriptions: [`WebhookError::Busy`] when the trigger switch ran
+/// out of `lock_timeout` (55P03, `lock_not_available`), else the database error as it is.
+fn switch_failed(error: sqlx::Error) -> WebhookError {
+    match error.as_database_error().and_then(|e| e.code()) {
+        Some(code) if code == "55P03" => WebhookError::Busy,
+        _ => WebhookError::Database(error),
+    }
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> WebhookError {
@@ -325,7 +345,8 @@ impl Webhooks {
         let checked = self.check(&name, body)?;
         let mut tx = self.pool.begin().await?;
         let created = store::insert(&mut tx, &checked)
-            .await?
+            .await
+            .map_err(switch_failed)?
             .ok_or_else(|| WebhookError::Exists(name.clone()))?;
         audit(
             &mut tx,
@@ -348,7 +369,7 @@ impl Webhooks {
     ) -> Result<(Subscription, bool), WebhookError> {
         let checked = self.check(name, body)?;
         let mut tx = self.pool.begin().await?;
-        let (stored, created) = store::upsert(&mut tx, &checked).await?;
+        let (stored, created) = store::upsert(&mut tx, &checked).await.map_err(switch_failed)?;
         let action = if created { "webhook.create" } else { "webhook.replace" };
         audit(
             &mut tx,
@@ -365,7 +386,7 @@ impl Webhooks {
     /// Deletes a subscription with its deliveries.
     pub async fn delete(&self, name: &str, operator: &str) -> Result<(), WebhookError> {
         let mut tx = self.pool.begin().await?;
-        if !store::delete(&mut tx, name).await? {
+        if !store::delete(&mut tx, name).await.map_err(switch_failed)? {
             return Err(WebhookError::NotFound(name.to_string()));
         }
         audit(&mut tx, operator, "webhook.delete", name, serde_json::json!({})).await?;
