@@ -853,3 +853,63 @@ async fn a_subscription_whose_trigger_switch_times_out_is_answered_busy_and_stor
     assert_eq!(triggers_on(pool).await, (true, true, false));
     server.stop().await;
 }
+
+/// The switch runs as the owner of the tables (SECURITY DEFINER): a role that may change the
+/// subscriptions but owns neither `runs` nor `outbox_events`, and cannot alter them itself,
+/// still turns the triggers on with its first subscription and off with its last.
+#[tokio::test]
+async fn a_role_that_may_only_change_the_subscriptions_still_switches_the_triggers() {
+    let db = common::test_db().await;
+    let pool = &db.pool;
+    // Roles belong to the cluster, which other tests share: a name of this test's own.
+    let role = format!("hooks_{}", uuid::Uuid::new_v4().simple());
+    // The name is ours (a UUID's hex digits), so the statements naming it are safe.
+    let on_role = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+    on_role(format!("CREATE ROLE {role}"))
+        .execute(pool)
+        .await
+        .expect("create role");
+    on_role(format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_subscriptions TO {role}"
+    ))
+    .execute(pool)
+    .await
+    .expect("grant");
+    let mut conn = pool.acquire().await.expect("connection");
+    on_role(format!("SET ROLE {role}"))
+        .execute(&mut *conn)
+        .await
+        .expect("set role");
+
+    let denied = sqlx::query("ALTER TABLE runs ENABLE TRIGGER runs_webhook_on_finish")
+        .execute(&mut *conn)
+        .await
+        .expect_err("not the owner of runs");
+    let code = denied.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("42501"), "insufficient_privilege: {denied}");
+
+    sqlx::query(
+        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
+         VALUES ('ops', 'http://127.0.0.1:9/hook', '{run.completed,event.customer.created}', 'SAGAFLOW_TEST_HOOK_SECRET')",
+    )
+    .execute(&mut *conn)
+    .await
+    .expect("the role subscribes");
+    assert_eq!(triggers_on(pool).await, (true, true, true));
+    sqlx::query("DELETE FROM webhook_subscriptions")
+        .execute(&mut *conn)
+        .await
+        .expect("the role unsubscribes");
+    assert_eq!(triggers_on(pool).await, (false, false, false));
+
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.expect("reset role");
+    drop(conn);
+    on_role(format!("DROP OWNED BY {role}"))
+        .execute(pool)
+        .await
+        .expect("drop owned");
+    on_role(format!("DROP ROLE {role}"))
+        .execute(pool)
+        .await
+        .expect("drop role");
+}
