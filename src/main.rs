@@ -124,8 +124,9 @@ struct ServeArgs {
     /// Commit every attempt on its own, even of local steps (no fused segments).
     #[arg(long, env = "SAGAFLOW_NO_FUSION")]
     no_fusion: bool,
-    /// Lanes committing the fused segments of several runs together (0: each on its own).
-    #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = 2)]
+    /// Lanes committing the fused segments of several runs together (0: each on its own; at
+    /// most half the worker's connections).
+    #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = sagaflow::engine::lane::DEFAULT_LANES)]
     commit_lanes: usize,
     /// The longest a step may wait for a signal, a completion or time (every wait has a
     /// deadline; none may be later than this).

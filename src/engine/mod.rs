@@ -321,7 +321,8 @@ pub struct EngineConfig {
     /// of the run and one commit for all of them. Off, every attempt commits on its own.
     pub fuse_local_steps: bool,
     /// Lanes committing the fused segments of several runs together (0: each segment
-    /// commits on its own). Runs of one subject always take the same lane.
+    /// commits on its own; at most half the worker pool's connections). Runs of one subject
+    /// always take the same lane.
     pub commit_lanes: usize,
     /// The most runs one lane commits together (at most [`lane::MAX_BATCH_RUNS`]).
     pub batch_max_runs: usize,
@@ -341,7 +342,7 @@ impl Default for EngineConfig {
             recovery_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
             fuse_local_steps: true,
-            commit_lanes: 2,
+            commit_lanes: lane::DEFAULT_LANES,
             batch_max_runs: lane::MAX_BATCH_RUNS,
             max_wait: Duration::from_secs(30 * 24 * 3600),
         }
