@@ -98,6 +98,8 @@ impl Report {
             "ceiling_postgres_cpu_ms_per_commit": self.ceiling.postgres_cpu_ms.map(round3),
             "ceiling_client_cpu_ms_per_commit": self.ceiling.client_cpu_ms.map(round3),
             "ratio_if_cpu_bound": http.and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
+            "cores_busy": http.and_then(|p| self.cores_busy(p)).map(round),
+            "ceiling_cores_busy": self.ceiling_cores_busy().map(round),
             "http_steps": self.http_steps.as_ref().map(|p| json!({
                 "runs_per_s": round(p.runs_per_s),
                 "steps_per_s": round(p.steps_per_s),
@@ -110,11 +112,13 @@ impl Report {
             })),
             "library": self.library,
             "library_ratio_if_cpu_bound": self.library.as_ref().and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
+            "library_cores_busy": self.library.as_ref().and_then(|p| self.cores_busy(p)).map(round),
             "sql_alone": self.sql_alone.as_ref().map(|p| json!({
                 "runs_per_s": round(p.runs_per_s),
                 "steps_per_s": round(p.steps_per_s),
                 "ratio": round(p.steps_per_s / self.ceiling.commits_per_s),
                 "ratio_if_cpu_bound": self.ratio_if_cpu_bound(p).map(round),
+                "cores_busy": self.cores_busy(p).map(round),
                 "commits_per_run": round(p.commits_per_run),
                 "statements_per_run": p.statements_per_run.map(round),
                 "latency_ms": p.latency_ms,
@@ -139,9 +143,25 @@ impl Report {
     /// than steps ÷ 0.7 ceiling commits.
     pub fn ratio_if_cpu_bound(&self, phase: &Phase) -> Option<f64> {
         let commit = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
-        let server = if phase.in_process { 0.0 } else { phase.server_cpu_s? };
-        let run = (phase.postgres_cpu_s? + server + phase.client_cpu_s?) * 1000.0 / phase.runs as f64;
+        let run = cpu_s(phase)? * 1000.0 / phase.runs as f64;
         (run > 0.0).then(|| phase.steps_per_run * commit / run)
+    }
+
+    /// How many of the machine's cores `phase` kept busy on average: its CPU over its time
+    /// (runs ÷ runs/s). Beside [`Report::ratio_if_cpu_bound`] it says whether the phase was
+    /// held back by the CPU at all: with 2 CPUs, 2 is all there is, and a phase well under it
+    /// waited for something else.
+    pub fn cores_busy(&self, phase: &Phase) -> Option<f64> {
+        if phase.runs == 0 || phase.runs_per_s <= 0.0 {
+            return None;
+        }
+        Some(cpu_s(phase)? * phase.runs_per_s / phase.runs as f64)
+    }
+
+    /// How many cores the ceiling's commits kept busy: commits/s times a commit's CPU.
+    pub fn ceiling_cores_busy(&self) -> Option<f64> {
+        let commit_ms = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
+        Some(self.ceiling.commits_per_s * commit_ms / 1000.0)
     }
 
     /// Runs per batch in the http phase, on average.
@@ -169,6 +189,9 @@ impl Report {
                 "ceiling: CPU ms per commit (PostgreSQL / writers)",
                 format!("{postgres:.3} / {writers:.3}"),
             );
+        }
+        if let Some(cores) = self.ceiling_cores_busy() {
+            line("ceiling: cores busy", format!("{cores:.2} of {}", self.cpus));
         }
         if let Some(p) = &self.http {
             line("http: runs/s (max)", format!("{:.0}", p.runs_per_s));
@@ -212,6 +235,9 @@ impl Report {
             }
             if let Some(bound) = self.ratio_if_cpu_bound(p) {
                 line("http: ratio if CPU-bound", format!("{bound:.2}"));
+            }
+            if let Some(cores) = self.cores_busy(p) {
+                line("http: cores busy", format!("{cores:.2} of {}", self.cpus));
             }
         }
         if let Some(p) = &self.http_idle {
@@ -259,6 +285,9 @@ impl Report {
             if let Some(bound) = self.ratio_if_cpu_bound(p) {
                 line("library: ratio if CPU-bound", format!("{bound:.2}"));
             }
+            if let Some(cores) = self.cores_busy(p) {
+                line("library: cores busy", format!("{cores:.2} of {}", self.cpus));
+            }
         }
         if let Some(p) = &self.sql_alone {
             line(
@@ -284,6 +313,9 @@ impl Report {
             }
             if let Some(bound) = self.ratio_if_cpu_bound(p) {
                 line("SQL alone: ratio if CPU-bound", format!("{bound:.2}"));
+            }
+            if let Some(cores) = self.cores_busy(p) {
+                line("SQL alone: cores busy", format!("{cores:.2} of {}", self.cpus));
             }
             line("SQL alone: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
@@ -328,6 +360,13 @@ impl Report {
         }
         out
     }
+}
+
+/// The CPU seconds a phase cost the machine: PostgreSQL's, the server's and its clients'
+/// (a phase in the bench's own process has no server); `None` when a figure is missing.
+fn cpu_s(phase: &Phase) -> Option<f64> {
+    let server = if phase.in_process { 0.0 } else { phase.server_cpu_s? };
+    Some(phase.postgres_cpu_s? + server + phase.client_cpu_s?)
 }
 
 fn fmt_latency(l: &Latency) -> String {
@@ -398,5 +437,43 @@ mod tests {
         );
         report.ceiling.client_cpu_ms = None;
         assert_eq!(report.ratio_if_cpu_bound(&phase(Some(3.0), Some(1.0), Some(0.5))), None);
+    }
+
+    #[test]
+    fn cores_busy_is_a_phases_cpu_over_its_time() {
+        let mut report = Report::new(&BenchOptions {
+            runs: 1000,
+            concurrency: 16,
+            pool_size: 32,
+            database_url: None,
+            list_rows: Vec::new(),
+            phase: Duration::from_secs(1),
+        });
+        // 1000 runs at 400/s take 2.5 s; they cost 3 + 1 + 0.5 s of CPU: 1.8 cores.
+        let busy = report.cores_busy(&phase(Some(3.0), Some(1.0), Some(0.5)));
+        assert!(busy.is_some_and(|b| (b - 1.8).abs() < 1e-9), "{busy:?}");
+        // In the bench's process, no server: 3 + 1.5 s over 2.5 s.
+        let in_process = Phase {
+            in_process: true,
+            ..phase(Some(3.0), None, Some(1.5))
+        };
+        let busy = report.cores_busy(&in_process);
+        assert!(busy.is_some_and(|b| (b - 1.8).abs() < 1e-9), "{busy:?}");
+        assert_eq!(report.cores_busy(&phase(Some(3.0), None, Some(0.5))), None);
+        assert_eq!(
+            report.cores_busy(&Phase {
+                runs_per_s: 0.0,
+                ..phase(Some(3.0), Some(1.0), Some(0.5))
+            }),
+            None
+        );
+        // The ceiling: 10,000 commits/s at 0.1 + 0.05 ms each.
+        report.ceiling.commits_per_s = 10_000.0;
+        report.ceiling.postgres_cpu_ms = Some(0.1);
+        report.ceiling.client_cpu_ms = Some(0.05);
+        let busy = report.ceiling_cores_busy();
+        assert!(busy.is_some_and(|b| (b - 1.5).abs() < 1e-9), "{busy:?}");
+        report.ceiling.postgres_cpu_ms = None;
+        assert_eq!(report.ceiling_cores_busy(), None);
     }
 }
