@@ -612,6 +612,21 @@ async fn subscribe(db: &sqlx::PgPool, name: &str, events: &[&str]) {
     .expect("subscription");
 }
 
+/// A writer holding `runs` (an uncommitted insert of a parked run) for longer than the
+/// trigger switch waits for its lock; rolled back by the caller.
+async fn hold_runs(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut writer = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
+         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&mut *writer)
+    .await
+    .expect("run");
+    writer
+}
+
 /// The triggers cost a function call at every finish and release, so they are on only while
 /// an enabled subscription wants what they report (`0020_webhook_triggers_only_while_subscribed`):
 /// turned on and off by the change of the subscriptions, in its transaction (not by one rolled
@@ -760,16 +775,7 @@ async fn concurrent_changes_of_the_subscriptions_leave_the_triggers_as_the_commi
 async fn a_first_subscription_that_cannot_switch_the_triggers_in_time_fails_and_changes_nothing() {
     let db = common::test_db().await;
     let pool = &db.pool;
-    // A writer holding `runs` for longer than the switch will wait.
-    let mut writer = pool.begin().await.expect("begin");
-    sqlx::query(
-        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
-         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&mut *writer)
-    .await
-    .expect("run");
+    let writer = hold_runs(pool).await;
     let refused = sqlx::query(
         "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
          VALUES ('late', 'http://127.0.0.1:9/hook', '{run.completed}', 'SAGAFLOW_TEST_HOOK_SECRET')",
@@ -807,15 +813,7 @@ async fn a_subscription_whose_trigger_switch_times_out_is_answered_busy_and_stor
     let timeout = format!("lock_timeout={}s", sagaflow::webhooks::SWITCH_LOCK_TIMEOUT_S);
     assert!(config.contains(&timeout), "{config:?} has {timeout}");
 
-    let mut writer = pool.begin().await.expect("begin");
-    sqlx::query(
-        "INSERT INTO runs (id, workflow, workflow_version, status, input, trigger, parked_reason)
-         VALUES ($1, 'create-customer-account', 1, 'running', '{}', 'api', 'a test')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&mut *writer)
-    .await
-    .expect("run");
+    let writer = hold_runs(pool).await;
     let response = server
         .admin(Method::PUT, "/v1/webhooks/late")
         .header("x-sagaflow-operator", "ada")

@@ -387,6 +387,17 @@ mod tests {
 
     use super::*;
 
+    fn report() -> Report {
+        Report::new(&BenchOptions {
+            runs: 1000,
+            concurrency: 16,
+            pool_size: 32,
+            database_url: None,
+            list_rows: Vec::new(),
+            phase: Duration::from_secs(1),
+        })
+    }
+
     fn phase(postgres: Option<f64>, server: Option<f64>, clients: Option<f64>) -> Phase {
         let mut samples = vec![Duration::from_millis(1)];
         Phase {
@@ -406,14 +417,7 @@ mod tests {
 
     #[test]
     fn the_cpu_bound_ratio_is_a_runs_steps_worth_of_ceiling_commits_over_its_cpu() {
-        let mut report = Report::new(&BenchOptions {
-            runs: 1000,
-            concurrency: 16,
-            pool_size: 32,
-            database_url: None,
-            list_rows: Vec::new(),
-            phase: Duration::from_secs(1),
-        });
+        let mut report = report();
         // A commit costs 0.1 + 0.05 ms; a run 3 + 1 + 0.5 ms: 5 steps × 0.15 / 4.5.
         report.ceiling.postgres_cpu_ms = Some(0.1);
         report.ceiling.client_cpu_ms = Some(0.05);
@@ -441,14 +445,7 @@ mod tests {
 
     #[test]
     fn cores_busy_is_a_phases_cpu_over_its_time() {
-        let mut report = Report::new(&BenchOptions {
-            runs: 1000,
-            concurrency: 16,
-            pool_size: 32,
-            database_url: None,
-            list_rows: Vec::new(),
-            phase: Duration::from_secs(1),
-        });
+        let mut report = report();
         // 1000 runs at 400/s take 2.5 s; they cost 3 + 1 + 0.5 s of CPU: 1.8 cores.
         let busy = report.cores_busy(&phase(Some(3.0), Some(1.0), Some(0.5)));
         assert!(busy.is_some_and(|b| (b - 1.8).abs() < 1e-9), "{busy:?}");
