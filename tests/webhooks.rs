@@ -600,7 +600,7 @@ async fn triggers_on(db: &sqlx::PgPool) -> (bool, bool, bool) {
     .expect("triggers")
 }
 
-async fn subscribe(db: &sqlx::PgPool, name: &str, events: &[&str]) {
+async fn subscribe<'e>(db: impl sqlx::PgExecutor<'e>, name: &str, events: &[&str]) {
     sqlx::query(
         "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
          VALUES ($1, 'http://127.0.0.1:9/hook', $2, 'SAGAFLOW_TEST_HOOK_SECRET')",
@@ -739,13 +739,7 @@ async fn concurrent_changes_of_the_subscriptions_leave_the_triggers_as_the_commi
     assert_eq!(triggers_on(pool).await, (true, true, false));
 
     let mut adding = pool.begin().await.expect("begin");
-    sqlx::query(
-        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
-         VALUES ('new', 'http://127.0.0.1:9/hook', '{run.completed,event.customer.created}', 'SAGAFLOW_TEST_HOOK_SECRET')",
-    )
-    .execute(&mut *adding)
-    .await
-    .expect("add");
+    subscribe(&mut *adding, "new", &["run.completed", "event.customer.created"]).await;
     let deleting = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -886,13 +880,7 @@ async fn a_role_that_may_only_change_the_subscriptions_still_switches_the_trigge
     let code = denied.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
     assert_eq!(code.as_deref(), Some("42501"), "insufficient_privilege: {denied}");
 
-    sqlx::query(
-        "INSERT INTO webhook_subscriptions (name, url, events, secret_env)
-         VALUES ('ops', 'http://127.0.0.1:9/hook', '{run.completed,event.customer.created}', 'SAGAFLOW_TEST_HOOK_SECRET')",
-    )
-    .execute(&mut *conn)
-    .await
-    .expect("the role subscribes");
+    subscribe(&mut *conn, "ops", &["run.completed", "event.customer.created"]).await;
     assert_eq!(triggers_on(pool).await, (true, true, true));
     sqlx::query("DELETE FROM webhook_subscriptions")
         .execute(&mut *conn)
