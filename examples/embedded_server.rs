@@ -97,7 +97,7 @@ fn welcome_customer() -> Result<Workflow, sagaflow::engine::DefinitionError> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sagaflow::telemetry::init(sagaflow::telemetry::LogFormat::Text);
+    let _log = sagaflow::telemetry::init(sagaflow::telemetry::LogFormat::Text);
     let token = |env: &str| std::env::var(env).unwrap_or_else(|_| generate_token());
     let mut config = ServerConfig::new(token("SAGAFLOW_API_TOKEN"), token("SAGAFLOW_ADMIN_TOKEN"));
     config.database_url = std::env::var("DATABASE_URL").ok();

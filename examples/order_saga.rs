@@ -82,7 +82,7 @@ impl Step for ChargeCard {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sagaflow::telemetry::init(Default::default());
+    let _log = sagaflow::telemetry::init(Default::default());
     let decline = std::env::args().any(|a| a == "--decline");
     let url = std::env::var("DATABASE_URL").ok();
     let db = Database::open(url.as_deref(), ".sagaflow-example".as_ref(), &PoolConfig::default()).await?;

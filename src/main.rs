@@ -205,7 +205,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+    let _log = telemetry::init(args.log_format);
     let database = Database::open_beside_server(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
         .await
         .context("migrating the database")?;
@@ -215,7 +215,7 @@ async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
 }
 
 async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+    let _log = telemetry::init(args.log_format);
     let database = Database::open_beside_server(args.database_url.as_deref(), &args.data_dir, &PoolConfig::default())
         .await
         .context("opening the database")?;
@@ -241,7 +241,7 @@ async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    telemetry::init(LogFormat::Text);
+    let _log = telemetry::init(LogFormat::Text);
     let report = bench::run(bench::BenchOptions {
         runs: args.runs,
         concurrency: args.concurrency,
@@ -259,7 +259,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init(args.database.log_format);
+    let _log = telemetry::init(args.database.log_format);
     // Before anything starts, so that a stop asked for while it starts is heard.
     let stop = server::ShutdownSignal::listen();
     let node_id = match args.node_id {

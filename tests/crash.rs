@@ -1858,3 +1858,33 @@ async fn a_sigkill_between_outcomes_and_their_deliveries_delivers_exactly_the_co
     assert_eq!(delivered, committed, "exactly the committed outcomes");
     assert_invariants(&db.pool).await;
 }
+
+/// A server whose stderr nobody reads any more (a supervisor that stopped draining the pipe)
+/// keeps serving: its log lines are written by a thread of their own, never by the runtime's,
+/// so a full pipe drops lines instead of stalling every run. At `debug` the log fills the
+/// pipe's 64 KiB within a few dozen registrations.
+#[tokio::test]
+async fn a_server_whose_log_nobody_reads_keeps_serving() {
+    let db = test_db().await;
+    let mut options = Options::node("unread-log");
+    options.stderr_unread = true;
+    options
+        .env
+        .push(("RUST_LOG".into(), "debug,sqlx=warn,hyper=warn,h2=warn".into()));
+    let mut server = ServerProcess::start(&db.url, options).await;
+    let client = client();
+    for i in 0..300 {
+        let email = format!("unread-{i}@example.com");
+        let auth = identity(&client, &server.url(), &email).await;
+        let (status, _) = trigger_and_wait(
+            &client,
+            &server.url(),
+            &format!("unread-{i}"),
+            &registration(&auth, &email),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("registration {i} with the log unread: {e}"));
+        assert_eq!(status, "completed", "registration {i}");
+    }
+    server.kill9();
+}

@@ -130,7 +130,9 @@ impl Faults {
     /// Aborts the process if a rule says so for this visit of `point` in `step`.
     pub fn checkpoint(&self, point: FaultPoint, step: &str) {
         if point != FaultPoint::Fail && self.strikes(point, step) {
-            tracing::error!(?point, step, "SAGAFLOW_FAULTS: aborting the process");
+            // Straight to stderr: the log's writer thread would not get to a queued line
+            // before the abort.
+            eprintln!("SAGAFLOW_FAULTS: aborting the process at {point:?} in {step}");
             std::process::abort();
         }
     }

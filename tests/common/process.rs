@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -26,6 +26,9 @@ pub struct Options {
     pub port: u16,
     /// More environment variables for the process.
     pub env: Vec<(String, String)>,
+    /// Send stderr to a pipe that nobody reads (instead of the log file), as a supervisor
+    /// that stopped reading would.
+    pub stderr_unread: bool,
 }
 
 impl Options {
@@ -37,6 +40,7 @@ impl Options {
             shutdown_grace: Duration::from_secs(5),
             port: 0,
             env: Vec::new(),
+            stderr_unread: false,
         }
     }
 }
@@ -44,6 +48,8 @@ impl Options {
 /// A running server process.
 pub struct ServerProcess {
     child: Option<Child>,
+    /// The read end of an unread stderr pipe, held open so the pipe fills instead of breaking.
+    _stderr: Option<ChildStderr>,
     pub port: u16,
     pub options: Options,
     pub log: PathBuf,
@@ -75,6 +81,7 @@ impl ServerProcess {
         ));
         let mut server = Self {
             child: None,
+            _stderr: None,
             port: options.port,
             options,
             log,
@@ -103,13 +110,19 @@ impl ServerProcess {
             .env("SAGAFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info,sqlx=warn")
             .env_remove("SAGAFLOW_FAULTS")
-            .stdout(Stdio::null())
-            .stderr(log);
+            .stdout(Stdio::null());
+        if self.options.stderr_unread {
+            cmd.stderr(Stdio::piped());
+        } else {
+            cmd.stderr(log);
+        }
         if let Some(faults) = &self.options.faults {
             cmd.env("SAGAFLOW_FAULTS", faults);
         }
         cmd.envs(self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        self.child = Some(cmd.spawn().expect("spawn sagaflow"));
+        let mut child = cmd.spawn().expect("spawn sagaflow");
+        self._stderr = child.stderr.take();
+        self.child = Some(child);
         self.wait_ready().await;
     }
 
