@@ -2545,9 +2545,10 @@ async fn a_run_whose_inserting_segment_ends_in_a_drain_is_inserted_handed_back()
 async fn a_waiting_trigger_whose_wait_runs_out_mid_segment_is_answered_after_the_attempt_under_way() {
     let db = test_db().await;
     let (engine, worker) = inserting_engine(&db.pool).await;
-    // b takes 500 ms, well past the wait. c takes 200 ms (under its 300 ms timeout): once the segment with a and
-    // b commits, the next one may run at once, and the answer, built when the waiter looks,
-    // would say `completed` had the rest finished before it looked (on a loaded machine).
+    // b takes 500 ms, well past the wait. c takes 200 ms (under its 300 ms timeout): once
+    // the segment with a and b commits, the next one may run at once, and the answer, built
+    // when the waiter looks, would say `completed` had the rest finished before it looked
+    // (on a loaded machine).
     let input = json!({"sleep_attempts": {"b": 1, "c": 1}, "sleep_ms": {"b": 500, "c": 200}});
     let waited = engine
         .trigger_and_wait(
