@@ -1886,5 +1886,20 @@ async fn a_server_whose_log_nobody_reads_keeps_serving() {
         .unwrap_or_else(|e| panic!("registration {i} with the log unread: {e}"));
         assert_eq!(status, "completed", "registration {i}");
     }
+    // The log did outgrow the pipe, so the runs above were served with it full: a pipe
+    // holds 64 KiB, and at least that much is waiting to be read.
+    let mut stderr = server.take_unread_stderr().expect("the unread pipe");
+    let filled = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            let mut piled = vec![0u8; 64 * 1024];
+            std::io::Read::read_exact(&mut stderr, &mut piled).map(|()| stderr)
+        }),
+    )
+    .await;
+    assert!(
+        matches!(filled, Ok(Ok(Ok(_)))),
+        "the log never filled the pipe, so the test showed nothing: {filled:?}"
+    );
     server.kill9();
 }

@@ -146,6 +146,12 @@ impl ServerProcess {
         );
     }
 
+    /// The read end of the stderr pipe of a server started with `stderr_unread`, for a test
+    /// that looks at what piled up in it (hold it open: dropping it breaks the pipe).
+    pub fn take_unread_stderr(&mut self) -> Option<ChildStderr> {
+        self._stderr.take()
+    }
+
     /// The base URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
