@@ -64,6 +64,10 @@ struct BenchArgs {
     /// Length of the ceiling and half-load phases.
     #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     phase: Duration,
+    /// Commit lanes of the engine under test: the server child's and the library phase's
+    /// (0: every run commits alone).
+    #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = sagaflow::engine::lane::DEFAULT_LANES)]
+    commit_lanes: usize,
     /// Print the result as one JSON object, as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -249,6 +253,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         database_url: args.database_url,
         list_rows: args.list_rows.into_iter().filter(|n| *n > 0).collect(),
         phase: args.phase,
+        commit_lanes: args.commit_lanes,
     })
     .await?;
     println!("{}", report.table());
@@ -452,4 +457,35 @@ fn default_node_id(data_dir: &std::path::Path) -> String {
         .unwrap_or_else(|| "localhost".to_string());
     let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     format!("{host}:{}", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_bench_takes_the_lanes_it_hands_to_the_engine_under_test() {
+        let cli = Cli::try_parse_from(["sagaflow", "bench", "--commit-lanes", "3"]).expect("parses");
+        let Some(Command::Bench(args)) = cli.command else {
+            panic!("not the bench: {:?}", cli.command);
+        };
+        assert_eq!(args.commit_lanes, 3);
+    }
+
+    #[test]
+    fn the_bench_refuses_lanes_that_are_not_a_count() {
+        for bad in ["-1", "eight", ""] {
+            let flag = format!("--commit-lanes={bad}");
+            let error = Cli::try_parse_from(["sagaflow", "bench", flag.as_str()])
+                .expect_err("a count of lanes is a non-negative integer");
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}: {error}"
+            );
+            assert!(error.to_string().contains("--commit-lanes"), "{bad:?}: {error}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use super::BenchOptions;
 use super::measure::{Latency, cluster_cpu_seconds, cpu_seconds};
 
 /// The token the bench's server children accept.
@@ -461,15 +462,11 @@ pub async fn http_open_loop(
 /// run with [`sagaflow::engine::Engine::trigger_and_wait`]. The engine gets the server's two
 /// pools (`pools`, from [`sagaflow::pg::Pools::split`]: the worker's plans each statement
 /// once), so that the phase compares with the HTTP one; `pool` is the bench's, for counting.
-pub async fn library(
-    pool: &PgPool,
-    pools: sagaflow::pg::Pools,
-    prefix: &str,
-    runs: usize,
-    tasks_count: usize,
-) -> Result<Phase> {
+pub async fn library(pool: &PgPool, pools: sagaflow::pg::Pools, prefix: &str, options: &BenchOptions) -> Result<Phase> {
+    let (runs, tasks_count) = (options.runs, options.concurrency);
     let config = EngineConfig {
         node_id: "bench-library".into(),
+        commit_lanes: options.commit_lanes,
         ..EngineConfig::default()
     };
     let engine = sagaflow::server::build_engine(pools, config, Faults::none(), &Default::default())?;

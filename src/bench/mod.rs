@@ -54,6 +54,9 @@ pub struct BenchOptions {
     pub list_rows: Vec<usize>,
     /// How long the ceiling and the open-loop phases last.
     pub phase: Duration,
+    /// Commit lanes of the engine under test, the server child's and the library phase's
+    /// alike (0: every run commits alone).
+    pub commit_lanes: usize,
 }
 
 /// The database server the bench uses, and how to reach a database on it.
@@ -157,7 +160,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     );
     report.ceiling = load::ceiling(&pool, options.concurrency, options.phase).await?;
 
-    let server = ServerChild::start(&url, "bench-http", options.pool_size).await?;
+    let server = ServerChild::start(&url, "bench-http", options).await?;
     load::create_identities(&pool, "h", options.runs * 3).await?;
     load::create_identities(&pool, "i", IDLE_RUNS * 3).await?;
     eprintln!("idle: {IDLE_RUNS} runs from one client, one after another");
@@ -205,7 +208,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
             ..PoolConfig::default()
         },
     )?;
-    report.library = Some(load::library(&pool, pools.clone(), "l", options.runs, options.concurrency).await?);
+    report.library = Some(load::library(&pool, pools.clone(), "l", options).await?);
     pools.api.close().await;
     pools.worker.close().await;
 
@@ -282,11 +285,11 @@ async fn http_steps(pool: &PgPool, server: &ServerChild, options: &BenchOptions)
 
 async fn recovery(pool: &PgPool, url: &str, options: &BenchOptions) -> Result<load::Recovery> {
     load::create_identities(pool, "r", 5000).await?;
-    let mut server = ServerChild::start(url, "bench-recovery", options.pool_size).await?;
+    let mut server = ServerChild::start(url, "bench-recovery", options).await?;
     let in_flight = load::fill_and_kill(pool, &server.base(), "r", 5000, 64, &mut server.child).await?;
     let restarted = Instant::now();
     let restarted_at = chrono::Utc::now();
-    let server = ServerChild::start(url, "bench-recovery", options.pool_size).await?;
+    let server = ServerChild::start(url, "bench-recovery", options).await?;
     let ready = restarted.elapsed();
     load::all_terminal(pool, Duration::from_secs(120)).await?;
     let recovery_s = restarted.elapsed().as_secs_f64();
@@ -307,12 +310,13 @@ struct ServerChild {
 }
 
 impl ServerChild {
-    async fn start(url: &str, node: &str, pool_size: u32) -> Result<Self> {
+    async fn start(url: &str, node: &str, options: &BenchOptions) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let exe = std::env::current_exe().context("finding this binary")?;
         let child = Command::new(exe)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node])
-            .args(["--pool-size", &pool_size.to_string()])
+            .args(["--pool-size", &options.pool_size.to_string()])
+            .args(["--commit-lanes", &options.commit_lanes.to_string()])
             .env("DATABASE_URL", url)
             .env("SAGAFLOW_API_TOKEN", load::TOKEN)
             .env("SAGAFLOW_ADMIN_TOKEN", load::ADMIN_TOKEN)

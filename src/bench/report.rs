@@ -17,6 +17,8 @@ pub struct Report {
     pub concurrency: usize,
     /// Pool size.
     pub pool_size: u32,
+    /// Commit lanes of the engine under test.
+    pub commit_lanes: usize,
     /// CPUs of this machine.
     pub cpus: usize,
     /// PostgreSQL's version.
@@ -52,6 +54,7 @@ impl Report {
             runs: options.runs,
             concurrency: options.concurrency,
             pool_size: options.pool_size,
+            commit_lanes: options.commit_lanes,
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             postgres: String::new(),
             ceiling: Ceiling {
@@ -130,6 +133,7 @@ impl Report {
             "runs": self.runs,
             "concurrency": self.concurrency,
             "pool_size": self.pool_size,
+            "commit_lanes": self.commit_lanes,
             "cpus": self.cpus,
             "postgres": self.postgres,
         })
@@ -177,8 +181,11 @@ impl Report {
         let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<44} {v}\n"));
         line("machine", format!("{} CPUs, PostgreSQL {}", self.cpus, self.postgres));
         line(
-            "runs per phase / clients / pool",
-            format!("{} / {} / {}", self.runs, self.concurrency, self.pool_size),
+            "runs per phase / clients / pool / lanes",
+            format!(
+                "{} / {} / {} / {}",
+                self.runs, self.concurrency, self.pool_size, self.commit_lanes
+            ),
         );
         line(
             "ceiling: single-row commits/s",
@@ -392,6 +399,7 @@ mod tests {
             runs: 1000,
             concurrency: 16,
             pool_size: 32,
+            commit_lanes: 8,
             database_url: None,
             list_rows: Vec::new(),
             phase: Duration::from_secs(1),
