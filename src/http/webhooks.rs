@@ -65,6 +65,10 @@ pub struct TestAnswer {
     pub outcome: AttemptOutcome,
 }
 
+/// The 503 that `POST`, `PUT` and `DELETE` answer when switching the webhook triggers
+/// could not take its locks in time (`crate::webhooks::SWITCH_LOCK_TIMEOUT_S`, 5 s).
+const BUSY_SWITCHING: &str = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`";
+
 /// Subscribes a URL (admin token). Body: `{"name", "url", "events": [...], "workflows"?,
 /// "secret_env", "enabled"?}`; `events` are `run.completed`, `run.compensated`,
 /// `run.cancelled`, `run.failed`, `run.wait_overdue` and `event.<name>`. 201: the
@@ -80,7 +84,7 @@ pub struct TestAnswer {
         (status = 409, description = "`duplicate`: the name is taken", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "A bad field, named", body = ErrorBody),
-        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = BUSY_SWITCHING, body = ErrorBody),
     ))]
 pub async fn create_webhook(
     admin: AdminAccess,
@@ -136,7 +140,7 @@ pub async fn get_webhook(
         (status = 403, description = "The API token cannot do this", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 422, description = "A bad field, named", body = ErrorBody),
-        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = BUSY_SWITCHING, body = ErrorBody),
     ))]
 pub async fn replace_webhook(
     admin: AdminAccess,
@@ -159,7 +163,7 @@ pub async fn replace_webhook(
         (status = 401, body = ErrorBody),
         (status = 403, description = "The API token cannot do this", body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 503, description = "`busy`: the first subscription to want a webhook trigger, or the last to stop wanting it, could not lock `runs` or `outbox_events` within 5 s; nothing changed, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = BUSY_SWITCHING, body = ErrorBody),
     ))]
 pub async fn delete_webhook(
     admin: AdminAccess,
@@ -241,4 +245,18 @@ pub async fn redeliver(
     })?;
     let delivery = state.webhooks.redeliver(&name, id, &admin.operator).await?;
     Ok((StatusCode::ACCEPTED, Json(delivery)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BUSY_SWITCHING;
+
+    #[test]
+    fn the_documented_busy_answer_names_the_lock_timeout_the_switch_uses() {
+        let within = format!("within {} s", crate::webhooks::SWITCH_LOCK_TIMEOUT_S);
+        assert!(
+            BUSY_SWITCHING.contains(&within),
+            "{BUSY_SWITCHING:?} should say {within:?}"
+        );
+    }
 }
