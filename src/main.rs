@@ -246,7 +246,18 @@ async fn check(args: DatabaseArgs) -> anyhow::Result<()> {
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let _log = telemetry::init(LogFormat::Text);
-    let report = bench::run(bench::BenchOptions {
+    let json = args.json;
+    let report = bench::run(bench_options(args)).await?;
+    println!("{}", report.table());
+    if json {
+        println!("{}", report.json());
+    }
+    Ok(())
+}
+
+/// What the bench's flags ask of it.
+fn bench_options(args: BenchArgs) -> bench::BenchOptions {
+    bench::BenchOptions {
         runs: args.runs,
         concurrency: args.concurrency,
         pool_size: args.pool_size,
@@ -254,13 +265,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         list_rows: args.list_rows.into_iter().filter(|n| *n > 0).collect(),
         phase: args.phase,
         commit_lanes: args.commit_lanes,
-    })
-    .await?;
-    println!("{}", report.table());
-    if args.json {
-        println!("{}", report.json());
     }
-    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -463,15 +468,17 @@ fn default_node_id(data_dir: &std::path::Path) -> String {
 mod tests {
     use clap::Parser;
 
-    use super::{Cli, Command};
+    use super::{Cli, Command, bench_options};
 
+    /// The flag reaches the bench's options; `bench::tests` follows them to the server child's
+    /// command line and the library phase's engine.
     #[test]
-    fn the_bench_takes_the_lanes_it_hands_to_the_engine_under_test() {
+    fn the_bench_takes_its_commit_lanes_into_its_options() {
         let cli = Cli::try_parse_from(["sagaflow", "bench", "--commit-lanes", "3"]).expect("parses");
         let Some(Command::Bench(args)) = cli.command else {
             panic!("not the bench: {:?}", cli.command);
         };
-        assert_eq!(args.commit_lanes, 3);
+        assert_eq!(bench_options(args).commit_lanes, 3);
     }
 
     #[test]

@@ -458,18 +458,22 @@ pub async fn http_open_loop(
     })
 }
 
+/// The library phase's engine: the server's defaults, with the bench's commit lanes.
+pub fn library_config(options: &BenchOptions) -> EngineConfig {
+    EngineConfig {
+        node_id: "bench-library".into(),
+        commit_lanes: options.commit_lanes,
+        ..EngineConfig::default()
+    }
+}
+
 /// Registrations through the engine in this process (no HTTP), each caller waiting for its
 /// run with [`sagaflow::engine::Engine::trigger_and_wait`]. The engine gets the server's two
 /// pools (`pools`, from [`sagaflow::pg::Pools::split`]: the worker's plans each statement
 /// once), so that the phase compares with the HTTP one; `pool` is the bench's, for counting.
 pub async fn library(pool: &PgPool, pools: sagaflow::pg::Pools, prefix: &str, options: &BenchOptions) -> Result<Phase> {
     let (runs, tasks_count) = (options.runs, options.concurrency);
-    let config = EngineConfig {
-        node_id: "bench-library".into(),
-        commit_lanes: options.commit_lanes,
-        ..EngineConfig::default()
-    };
-    let engine = sagaflow::server::build_engine(pools, config, Faults::none(), &Default::default())?;
+    let engine = sagaflow::server::build_engine(pools, library_config(options), Faults::none(), &Default::default())?;
     let worker = engine.start_worker().await?;
     let measured = InProcess::start(pool).await?;
     let prefix = prefix.to_string();

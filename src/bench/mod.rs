@@ -313,17 +313,7 @@ impl ServerChild {
     async fn start(url: &str, node: &str, options: &BenchOptions) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let exe = std::env::current_exe().context("finding this binary")?;
-        let child = Command::new(exe)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node])
-            .args(["--pool-size", &options.pool_size.to_string()])
-            .args(["--commit-lanes", &options.commit_lanes.to_string()])
-            .env("DATABASE_URL", url)
-            .env("SAGAFLOW_API_TOKEN", load::TOKEN)
-            .env("SAGAFLOW_ADMIN_TOKEN", load::ADMIN_TOKEN)
-            .env("RUST_LOG", "warn")
-            .env_remove("SAGAFLOW_FAULTS")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        let child = Self::command(exe, url, node, port, options)
             .spawn()
             .context("starting the server")?;
         let mut server = Self { child, port };
@@ -340,6 +330,24 @@ impl ServerChild {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The command line of the server under test: `exe serve` on `port`, with the bench's
+    /// pool size and commit lanes.
+    fn command(exe: PathBuf, url: &str, node: &str, port: u16, options: &BenchOptions) -> Command {
+        let mut command = Command::new(exe);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--node-id", node])
+            .args(["--pool-size", &options.pool_size.to_string()])
+            .args(["--commit-lanes", &options.commit_lanes.to_string()])
+            .env("DATABASE_URL", url)
+            .env("SAGAFLOW_API_TOKEN", load::TOKEN)
+            .env("SAGAFLOW_ADMIN_TOKEN", load::ADMIN_TOKEN)
+            .env("RUST_LOG", "warn")
+            .env_remove("SAGAFLOW_FAULTS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        command
     }
 
     fn base(&self) -> String {
@@ -373,5 +381,38 @@ impl Drop for ServerChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::{BenchOptions, ServerChild, load};
+
+    #[test]
+    fn the_server_under_test_and_the_library_phase_both_get_the_benchs_lanes() {
+        let options = BenchOptions {
+            runs: 10,
+            concurrency: 2,
+            pool_size: 12,
+            database_url: None,
+            list_rows: Vec::new(),
+            phase: Duration::from_secs(1),
+            commit_lanes: 3,
+        };
+        let command = ServerChild::command(PathBuf::from("sagaflow"), "postgres://x/y", "n", 4000, &options);
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        assert_eq!(args.first().map(String::as_str), Some("serve"), "{args:?}");
+        assert_eq!(after("--commit-lanes").as_deref(), Some("3"), "{args:?}");
+        assert_eq!(after("--pool-size").as_deref(), Some("12"), "{args:?}");
+        assert_eq!(load::library_config(&options).commit_lanes, 3);
     }
 }
