@@ -2266,6 +2266,86 @@ async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
         .expect("seq scans")
 }
 
+/// Index entries of `runs` read so far, by every connection that has closed.
+async fn runs_index_entries_read(conn: &mut sqlx::PgConnection) -> i64 {
+    // `runs_seq_scans` waits until this connection is the only one, which flushes the others'
+    // statistics.
+    runs_seq_scans(conn).await;
+    sqlx::query_scalar("SELECT sum(idx_tup_read)::int8 FROM pg_stat_user_indexes WHERE relname = 'runs'")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("index entries")
+}
+
+/// The dashboard's counts per status read about `cap` index entries per status that has runs,
+/// and next to none for a status that has none, on a table whose pages are not all-visible
+/// (what a busy table's recent runs are: autovacuum is off here so that it stays so). Counted
+/// with one plan for every status, a status without runs walked every run of the range.
+#[tokio::test]
+async fn counts_per_status_read_about_their_cap_however_few_runs_a_status_has() {
+    const RUNS: i64 = 60_000;
+    const CAP: i64 = 1_000;
+    let db = test_db().await;
+    sqlx::query("ALTER TABLE runs SET (autovacuum_enabled = off)")
+        .execute(&db.pool)
+        .await
+        .expect("autovacuum off");
+    // The bench's mix: 70% completed, 10% each compensated, failed and cancelled.
+    sqlx::query(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger,
+                           created_at, updated_at, finished_at)
+         SELECT gen_random_uuid(), 'scripted-local', 1,
+                (ARRAY['completed','completed','completed','completed','completed','completed','completed',
+                       'compensated','failed','cancelled'])[1 + (g * 7) % 10]::run_status,
+                '{}', 'user' || g || '@example.com', 'api',
+                now() - g * interval '1 second', now() - g * interval '1 second',
+                now() - g * interval '1 second' + interval '40 milliseconds'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(RUNS)
+    .execute(&db.pool)
+    .await
+    .expect("fill");
+    sqlx::query("ANALYZE runs").execute(&db.pool).await.expect("analyze");
+    db.pool.close().await;
+    let mut observer = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect");
+    let before = runs_index_entries_read(&mut observer).await;
+
+    let pools = sagaflow::pg::Pools::split(&db.url, &sagaflow::pg::PoolConfig::default()).expect("pools");
+    let engine = Engine::builder(pools.api.clone()).build().expect("engine");
+    let last_day = sagaflow::engine::RunFilter {
+        created_from: Some(chrono::Utc::now() - chrono::Duration::hours(24)),
+        ..sagaflow::engine::RunFilter::default()
+    };
+    let counts = sagaflow::engine::read::RunReads::of(&engine)
+        .count_runs(&last_day, CAP)
+        .await
+        .expect("counts");
+    pools.api.close().await;
+    pools.worker.close().await;
+    let read = runs_index_entries_read(&mut observer).await - before;
+
+    let expected: Vec<(RunStatus, i64)> = RunStatus::ALL
+        .into_iter()
+        .map(|status| {
+            let has_runs = matches!(
+                status,
+                RunStatus::Completed | RunStatus::Compensated | RunStatus::Failed | RunStatus::Cancelled
+            );
+            (status, if has_runs { CAP } else { 0 })
+        })
+        .collect();
+    assert_eq!(counts, expected, "every status, in order, each at its cap or empty");
+    // Four statuses at their cap; the completed one may be counted off the newest-first index,
+    // which it fills seven entries in ten. Each status without runs: an empty range.
+    assert!(
+        read <= 4 * CAP * 2,
+        "counting read {read} index entries of runs for {CAP} per status with runs"
+    );
+}
+
 /// The worker's pool plans each statement once (`force_generic_plan`), blind to its
 /// parameters; the API's plans each execution. On 200,000 finished runs, a worker that claims
 /// and runs runs, takes over lost leases and sweeps old runs reads `runs` only through its

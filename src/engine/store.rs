@@ -1459,8 +1459,9 @@ pub async fn list_runs(
 }
 
 /// How many runs match the filter (without its status part), by status, counting at most
-/// `cap` runs of each status: exact below the cap, "at least `cap`" at it. Each count is an
-/// index range scan that stops at the cap, so the cost does not grow with the table.
+/// `cap` runs of each status: exact below the cap, "at least `cap`" at it; in
+/// [`RunStatus::ALL`]'s order. Each count is an index range scan that stops at the cap, so
+/// the cost does not grow with the table.
 pub async fn count_by_status_capped(
     pool: &PgPool,
     filter: &RunFilter,
@@ -1470,17 +1471,33 @@ pub async fn count_by_status_capped(
         statuses: Vec::new(),
         ..filter.clone()
     };
-    let mut sql: QueryBuilder<Postgres> =
-        QueryBuilder::new("SELECT s.status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = s.status");
-    push_filter(&mut sql, &without_status);
-    // In index order, so each count reads at most `cap` index entries even when the filter
-    // matches most of the table (the planner would otherwise scan it whole).
-    sql.push(" ORDER BY created_at DESC LIMIT ")
-        .push_bind(cap)
-        .push(") capped) FROM unnest(")
-        .push_bind(RunStatus::ALL.to_vec())
-        .push(") AS s(status)");
-    sql.build_query_as().fetch_all(pool).await
+    // One count per status, the status written into the statement (our enum's names, never
+    // input) rather than bound: each count is then planned for its own status's share of the
+    // table. With one correlated count over the statuses bound as a parameter, every status
+    // got the plan of an average one, a walk of the newest-first index filtering by status; a
+    // status with few runs (most of them, most of the time) then read every run of the range.
+    // On a million runs of the last day not yet vacuumed, which is what a busy table's recent
+    // pages are, that took 0.8 s; once vacuumed, 3 ms, because index-only scans of
+    // `runs_by_status` then cost less than that walk.
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("");
+    for (i, status) in RunStatus::ALL.iter().enumerate() {
+        if i > 0 {
+            sql.push(" UNION ALL ");
+        }
+        sql.push(format_args!(
+            "SELECT '{0}'::run_status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = '{0}'",
+            status.as_str()
+        ));
+        push_filter(&mut sql, &without_status);
+        // In index order, so each count reads at most `cap` index entries even when the filter
+        // matches most of the table (the planner would otherwise scan it whole).
+        sql.push(" ORDER BY created_at DESC LIMIT ")
+            .push_bind(cap)
+            .push(") capped)");
+    }
+    let mut counts: Vec<(RunStatus, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    counts.sort_by_key(|(status, _)| RunStatus::ALL.iter().position(|s| s == status));
+    Ok(counts)
 }
 
 /// A run's step without its outputs and errors: what a list needs to show progress.
