@@ -2266,6 +2266,29 @@ async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
         .expect("seq scans")
 }
 
+/// Fills `runs` with `rows` finished runs, one a second back from now, each of the status
+/// the SQL expression `status` gives (over `g`, the run's number), analyses them, closes the
+/// test's pool, and returns a connection to watch what the connections opened later read.
+async fn filled_and_watched(db: &common::TestDb, status: &str, rows: i64) -> sqlx::PgConnection {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger,
+                           created_at, updated_at, finished_at)
+         SELECT gen_random_uuid(), 'scripted-local', 1, {status}, '{{}}', 'user' || g || '@example.com', 'api',
+                now() - g * interval '1 second', now() - g * interval '1 second',
+                now() - g * interval '1 second' + interval '40 milliseconds'
+         FROM generate_series(1, $1) g"
+    )))
+    .bind(rows)
+    .execute(&db.pool)
+    .await
+    .expect("fill");
+    sqlx::query("ANALYZE runs").execute(&db.pool).await.expect("analyze");
+    db.pool.close().await;
+    <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect")
+}
+
 /// Index entries of `runs` read so far, by every connection that has closed.
 async fn runs_index_entries_read(conn: &mut sqlx::PgConnection) -> i64 {
     // `runs_seq_scans` waits until this connection is the only one, which flushes the others'
@@ -2291,26 +2314,9 @@ async fn counts_per_status_read_about_their_cap_however_few_runs_a_status_has() 
         .await
         .expect("autovacuum off");
     // The bench's mix: 70% completed, 10% each compensated, failed and cancelled.
-    sqlx::query(
-        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger,
-                           created_at, updated_at, finished_at)
-         SELECT gen_random_uuid(), 'scripted-local', 1,
-                (ARRAY['completed','completed','completed','completed','completed','completed','completed',
-                       'compensated','failed','cancelled'])[1 + (g * 7) % 10]::run_status,
-                '{}', 'user' || g || '@example.com', 'api',
-                now() - g * interval '1 second', now() - g * interval '1 second',
-                now() - g * interval '1 second' + interval '40 milliseconds'
-         FROM generate_series(1, $1) g",
-    )
-    .bind(RUNS)
-    .execute(&db.pool)
-    .await
-    .expect("fill");
-    sqlx::query("ANALYZE runs").execute(&db.pool).await.expect("analyze");
-    db.pool.close().await;
-    let mut observer = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .expect("connect");
+    let status = "(ARRAY['completed','completed','completed','completed','completed','completed','completed',
+                         'compensated','failed','cancelled'])[1 + (g * 7) % 10]::run_status";
+    let mut observer = filled_and_watched(&db, status, RUNS).await;
     let before = runs_index_entries_read(&mut observer).await;
 
     let pools = sagaflow::pg::Pools::split(&db.url, &sagaflow::pg::PoolConfig::default()).expect("pools");
@@ -2354,22 +2360,7 @@ async fn counts_per_status_read_about_their_cap_however_few_runs_a_status_has() 
 #[tokio::test]
 async fn the_worker_pool_plans_once_and_reads_a_large_runs_table_only_through_its_indexes() {
     let db = test_db().await;
-    sqlx::query(
-        "INSERT INTO runs (id, workflow, workflow_version, status, input, subject, trigger,
-                           created_at, updated_at, finished_at)
-         SELECT gen_random_uuid(), 'scripted-local', 1, 'completed', '{}', 'user' || g || '@example.com', 'api',
-                now() - g * interval '1 second', now() - g * interval '1 second',
-                now() - g * interval '1 second' + interval '40 milliseconds'
-         FROM generate_series(1, 200000) g",
-    )
-    .execute(&db.pool)
-    .await
-    .expect("fill");
-    sqlx::query("ANALYZE runs").execute(&db.pool).await.expect("analyze");
-    db.pool.close().await;
-    let mut observer = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .expect("connect");
+    let mut observer = filled_and_watched(&db, "'completed'", 200_000).await;
     let before = runs_seq_scans(&mut observer).await;
 
     let pools = sagaflow::pg::Pools::split(&db.url, &sagaflow::pg::PoolConfig::default()).expect("pools");
