@@ -56,11 +56,15 @@ request = urllib.request.Request(
 urllib.request.urlopen(request, timeout=10)
 PY
 
+# A trigger with `wait_ms` may rightly hold its answer for up to 30 s (the run of a paused
+# workflow waits out the whole wait): schemathesis's default of 10 s per request took one
+# such answer for a network error.
 fuzz() {
     "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
         --header "Authorization: Bearer $SAGAFLOW_ADMIN_TOKEN" \
         --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
         --max-time "$seconds" \
+        --request-timeout 35 \
         --workers 2 \
         --suppress-health-check all \
         --warnings off 2>&1 | tee "$work/fuzz.log"
