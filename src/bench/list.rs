@@ -26,8 +26,12 @@ pub struct ListTimes {
     /// A page half way down the table (keyset cursor).
     pub deep_page_ms: f64,
     /// Counts by status over the last 24 hours, each stopping at 10,000 (what the dashboard
-    /// shows).
+    /// shows), on the table as written: not yet vacuumed, as a busy table's recent pages are.
     pub counts_ms: f64,
+    /// The same counts once the table is vacuumed (its pages all-visible); at the largest
+    /// size only, since vacuuming a smaller one would vacuum the larger one's last day too
+    /// (each fill adds older runs).
+    pub counts_vacuumed_ms: Option<f64>,
     /// One batch of the retention sweep (the oldest 500 finished runs deleted, as the
     /// `retention-sweep` workflow does), through a worker's pool: generic plans.
     pub sweep_ms: f64,
@@ -43,6 +47,12 @@ pub async fn measure(pool: &PgPool, url: &str, sizes: &[usize]) -> Result<Vec<Li
         .build()?;
     let mut times = Vec::new();
     let mut filled = 0;
+    // Whether autovacuum has reached the table when a size is timed would otherwise be luck:
+    // each size is timed as written, and the counts of the largest again once vacuumed.
+    sqlx::raw_sql("ALTER TABLE runs SET (autovacuum_enabled = off)")
+        .execute(pool)
+        .await?;
+    let largest = sizes.iter().copied().max();
     for &rows in sizes {
         if rows > filled {
             fill(pool, filled, rows).await?;
@@ -82,6 +92,10 @@ pub async fn measure(pool: &PgPool, url: &str, sizes: &[usize]) -> Result<Vec<Li
             let (engine, filter) = (engine.clone(), filter.clone());
             async move { engine.list_runs(&filter, cursor, PAGE).await }
         };
+        let counts = || {
+            let (reads, last_day) = (RunReads::of(&engine), last_day.clone());
+            async move { reads.count_runs(&last_day, 10_000).await }
+        };
         times.push(ListTimes {
             rows,
             newest_ms: median(|| list(&all, None)).await?,
@@ -89,11 +103,7 @@ pub async fn measure(pool: &PgPool, url: &str, sizes: &[usize]) -> Result<Vec<Li
             by_workflow_status_ms: median(|| list(&compensated, None)).await?,
             by_email_ms: median(|| list(&by_email, None)).await?,
             deep_page_ms: median(|| list(&all, Some(cursor))).await?,
-            counts_ms: median(|| {
-                let (reads, last_day) = (RunReads::of(&engine), last_day.clone());
-                async move { reads.count_runs(&last_day, 10_000).await }
-            })
-            .await?,
+            counts_ms: median(counts).await?,
             // Each batch deletes the oldest 500; the table stays about as large.
             sweep_ms: median(|| {
                 let sweeper = sweeper.clone();
@@ -104,8 +114,18 @@ pub async fn measure(pool: &PgPool, url: &str, sizes: &[usize]) -> Result<Vec<Li
                 }
             })
             .await?,
+            // Last: the sweep above times the table as written too.
+            counts_vacuumed_ms: if Some(rows) == largest {
+                sqlx::raw_sql("VACUUM runs").execute(pool).await?;
+                Some(median(counts).await?)
+            } else {
+                None
+            },
         });
     }
+    sqlx::raw_sql("ALTER TABLE runs RESET (autovacuum_enabled)")
+        .execute(pool)
+        .await?;
     pools.api.close().await;
     pools.worker.close().await;
     Ok(times)

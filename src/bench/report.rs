@@ -360,6 +360,12 @@ impl Report {
                 &format!("runs list, {} runs: counts by status ms", l.rows),
                 format!("{:.2}", l.counts_ms),
             );
+            if let Some(vacuumed) = l.counts_vacuumed_ms {
+                line(
+                    &format!("runs list, {} runs: counts, vacuumed ms", l.rows),
+                    format!("{vacuumed:.2}"),
+                );
+            }
             line(
                 &format!("retention sweep, {} runs: 500 deleted ms", l.rows),
                 format!("{:.2}", l.sweep_ms),
