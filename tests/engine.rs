@@ -2238,10 +2238,10 @@ async fn a_paused_workflow_holds_its_new_runs_pending_until_it_is_resumed() {
     worker.shutdown().await;
 }
 
-/// Sequential scans of `runs` in the test's database so far, once every other client's
-/// connection to it has ended (a backend reports its counts when it exits, and at most once a
-/// second before that).
-async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
+/// Waits until `conn` is the only client connection to the test's database, so that the
+/// statistics views hold every other backend's counts (a backend reports its counts when it
+/// exits, and at most once a second before that).
+async fn until_the_only_connection(conn: &mut sqlx::PgConnection) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let others: i64 = sqlx::query_scalar(
@@ -2260,6 +2260,12 @@ async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sequential scans of `runs` in the test's database so far, by every connection that has
+/// closed.
+async fn runs_seq_scans(conn: &mut sqlx::PgConnection) -> i64 {
+    until_the_only_connection(conn).await;
     sqlx::query_scalar("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'runs'")
         .fetch_one(&mut *conn)
         .await
@@ -2291,9 +2297,7 @@ async fn filled_and_watched(db: &common::TestDb, status: &str, rows: i64) -> sql
 
 /// Index entries of `runs` read so far, by every connection that has closed.
 async fn runs_index_entries_read(conn: &mut sqlx::PgConnection) -> i64 {
-    // `runs_seq_scans` waits until this connection is the only one, which flushes the others'
-    // statistics.
-    runs_seq_scans(conn).await;
+    until_the_only_connection(conn).await;
     sqlx::query_scalar("SELECT sum(idx_tup_read)::int8 FROM pg_stat_user_indexes WHERE relname = 'runs'")
         .fetch_one(&mut *conn)
         .await
