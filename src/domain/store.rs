@@ -1,5 +1,7 @@
 //! All SQL of the customer domain: customers and addresses, auth identities, the outbox.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{FromRow, PgConnection, PgExecutor};
@@ -106,11 +108,65 @@ pub async fn link_identity(conn: &mut PgConnection, id: &str, key: &str, value: 
     .bind(value)
     .fetch_optional(conn)
     .await?;
-    Ok(match found {
+    Ok(link_of(found))
+}
+
+/// [`link_identity`] for many identities (id, value) and one `key`, with the outcome of each
+/// as if they were linked one after another, in order. Distinct identities take one
+/// statement, which locks them in id order (as a concurrent call locks them too, so two
+/// cannot deadlock); an identity named twice would see its earlier item's link, so such a
+/// call links one item at a time.
+pub async fn link_identities(
+    conn: &mut PgConnection,
+    items: &[(&str, &Value)],
+    key: &str,
+) -> Result<Vec<Link>, sqlx::Error> {
+    let distinct: std::collections::HashSet<&str> = items.iter().map(|(id, _)| *id).collect();
+    if distinct.len() < items.len() {
+        let mut links = Vec::with_capacity(items.len());
+        for (id, value) in items {
+            links.push(link_identity(conn, id, key, value).await?);
+        }
+        return Ok(links);
+    }
+    let found: Vec<(bool, Option<Value>, bool)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS i(id, value, ord)
+         ), current AS (
+             SELECT i.ord, a.app_metadata -> $3 AS old
+             FROM input i JOIN auth_identities a ON a.id = i.id
+             ORDER BY a.id
+             FOR UPDATE OF a
+         ), linked AS (
+             UPDATE auth_identities a
+             SET app_metadata = jsonb_set(a.app_metadata, ARRAY[$3], i.value), updated_at = now()
+             FROM input i JOIN current c ON c.ord = i.ord
+             WHERE a.id = i.id AND (c.old IS NULL OR c.old = 'null'::jsonb OR c.old = i.value)
+             RETURNING i.ord
+         )
+         SELECT c.ord IS NOT NULL, c.old, EXISTS (SELECT 1 FROM linked l WHERE l.ord = i.ord)
+         FROM input i LEFT JOIN current c ON c.ord = i.ord
+         ORDER BY i.ord",
+    )
+    .bind(items.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>())
+    .bind(items.iter().map(|(_, value)| (*value).clone()).collect::<Vec<_>>())
+    .bind(key)
+    .fetch_all(conn)
+    .await?;
+    Ok(found
+        .into_iter()
+        .map(|(exists, old, linked)| link_of(exists.then_some((old, linked))))
+        .collect())
+}
+
+/// The outcome of a link from what its statement found: the identity's old value and whether
+/// it was linked (`None`: no such identity).
+fn link_of(found: Option<(Option<Value>, bool)>) -> Link {
+    match found {
         None => Link::NotFound,
         Some((old, true)) => Link::Linked(old.filter(|v| !v.is_null())),
         Some((old, false)) => Link::Taken(old.unwrap_or(Value::Null)),
-    })
+    }
 }
 
 /// Sets (`Some`) or removes (`None`) one key of an identity's app metadata.
@@ -201,6 +257,46 @@ pub async fn registration_check(
     .await
 }
 
+/// [`registration_check`] for many registrations (identity, email) in one statement: one
+/// answer per item, in order.
+pub async fn registration_checks(
+    conn: &mut PgConnection,
+    items: &[(&str, &str)],
+) -> Result<Vec<Option<(Value, bool)>>, sqlx::Error> {
+    let found: Vec<(Option<Value>, bool)> = sqlx::query_as(
+        // A lateral lookup per item, not `EXISTS`: a generic plan, which guesses ten items,
+        // makes an `EXISTS` a hashed subplan over every registered customer.
+        "SELECT a.app_metadata, taken.email IS NOT NULL
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i(identity, email, ord)
+         LEFT JOIN auth_identities a ON a.id = i.identity
+         LEFT JOIN LATERAL (
+             SELECT c.email FROM customers c
+             WHERE c.email = i.email AND c.has_account AND c.deleted_at IS NULL
+             LIMIT 1
+         ) taken ON true
+         ORDER BY i.ord",
+    )
+    .bind(
+        items
+            .iter()
+            .map(|(identity, _)| identity.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        items
+            .iter()
+            .map(|(_, email)| normalize_email(email))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(conn)
+    .await?;
+    // `app_metadata` is NOT NULL: a null one is an identity that is not there.
+    Ok(found
+        .into_iter()
+        .map(|(metadata, exists)| metadata.map(|metadata| (metadata, exists)))
+        .collect())
+}
+
 /// Inserts a customer with its addresses. A registered customer whose email already has an
 /// account violates [`ONE_ACCOUNT_PER_EMAIL`].
 pub async fn insert_customer(
@@ -209,24 +305,14 @@ pub async fn insert_customer(
     has_account: bool,
     created_by_run: Uuid,
 ) -> Result<Customer, sqlx::Error> {
-    let addresses = data.addresses.clone().unwrap_or_default();
-    let address_ids: Vec<String> = addresses.iter().map(|_| new_id("cuaddr")).collect();
-    let default_of = |pick: fn(&super::NewAddress) -> bool| {
-        addresses
-            .iter()
-            .zip(&address_ids)
-            .find(|(a, _)| pick(a))
-            .map(|(_, id)| id.clone())
-    };
-    let billing = default_of(|a| a.is_default_billing == Some(true));
-    let shipping = default_of(|a| a.is_default_shipping == Some(true));
+    let prepared = Prepared::of(data);
     let row: CustomerRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO customers (id, email, has_account, first_name, last_name, company_name, phone, metadata,
                                 default_billing_address_id, default_shipping_address_id, created_by_run)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          RETURNING {CUSTOMER_COLUMNS}"
     )))
-    .bind(new_id("cus"))
+    .bind(&prepared.id)
     .bind(normalize_email(&data.email))
     .bind(has_account)
     .bind(&data.first_name)
@@ -234,68 +320,198 @@ pub async fn insert_customer(
     .bind(&data.company_name)
     .bind(&data.phone)
     .bind(data.metadata.clone().map(Value::Object))
-    .bind(billing)
-    .bind(shipping)
+    .bind(&prepared.billing)
+    .bind(&prepared.shipping)
     .bind(created_by_run)
     .fetch_one(&mut *conn)
     .await?;
-    let mut created = Vec::new();
-    if !addresses.is_empty() {
-        let text = |f: fn(&super::NewAddress) -> &Option<String>| -> Vec<Option<String>> {
-            addresses.iter().map(|a| f(a).clone()).collect()
+    let mut addresses = insert_addresses(conn, &[(&prepared, data)]).await?;
+    Ok(row.with(addresses.remove(&prepared.id).unwrap_or_default()))
+}
+
+/// [`insert_customer`] for many customers in two statements, whatever their number: the
+/// customers', then their addresses'. One result per item, in order: `None` for a registered
+/// customer whose email already has an account (also one an earlier item of the same call
+/// takes), and nothing of that item is written; the others are inserted as [`insert_customer`]
+/// inserts them.
+pub async fn insert_customers(
+    conn: &mut PgConnection,
+    items: &[(&NewCustomer, bool, Uuid)],
+) -> Result<Vec<Option<Customer>>, sqlx::Error> {
+    let prepared: Vec<Prepared> = items.iter().map(|(data, _, _)| Prepared::of(data)).collect();
+    let text = |f: fn(&NewCustomer) -> &Option<String>| -> Vec<Option<String>> {
+        items.iter().map(|(data, _, _)| f(data).clone()).collect()
+    };
+    // `ON CONFLICT … DO NOTHING` names the one-account index alone, so any other violation
+    // still fails the statement; it skips a row that conflicts with one inserted earlier by
+    // the same statement too, as a second insert of the email would fail.
+    let rows: Vec<CustomerRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO customers (id, email, has_account, first_name, last_name, company_name, phone, metadata,
+                                default_billing_address_id, default_shipping_address_id, created_by_run)
+         SELECT i.id, i.email, i.has_account, i.first_name, i.last_name, i.company_name, i.phone, i.metadata,
+                i.billing, i.shipping, i.run
+         FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::jsonb[], $9::text[], $10::text[], $11::uuid[])
+              WITH ORDINALITY AS i(id, email, has_account, first_name, last_name, company_name, phone, metadata,
+                                   billing, shipping, run, ord)
+         ORDER BY i.ord
+         ON CONFLICT (email) WHERE has_account AND deleted_at IS NULL DO NOTHING
+         RETURNING {CUSTOMER_COLUMNS}"
+    )))
+    .bind(prepared.iter().map(|p| p.id.clone()).collect::<Vec<_>>())
+    .bind(
+        items
+            .iter()
+            .map(|(data, _, _)| normalize_email(&data.email))
+            .collect::<Vec<_>>(),
+    )
+    .bind(items.iter().map(|&(_, has_account, _)| has_account).collect::<Vec<_>>())
+    .bind(text(|c| &c.first_name))
+    .bind(text(|c| &c.last_name))
+    .bind(text(|c| &c.company_name))
+    .bind(text(|c| &c.phone))
+    .bind(
+        items
+            .iter()
+            .map(|(data, _, _)| data.metadata.clone().map(Value::Object))
+            .collect::<Vec<_>>(),
+    )
+    .bind(prepared.iter().map(|p| p.billing.clone()).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.shipping.clone()).collect::<Vec<_>>())
+    .bind(items.iter().map(|&(_, _, run)| run).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows: HashMap<String, CustomerRow> = rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+    let inserted: Vec<(&Prepared, &NewCustomer)> = prepared
+        .iter()
+        .zip(items)
+        .filter(|(p, _)| rows.contains_key(&p.id))
+        .map(|(p, (data, _, _))| (p, *data))
+        .collect();
+    let mut addresses = insert_addresses(conn, &inserted).await?;
+    Ok(prepared
+        .iter()
+        .map(|p| {
+            rows.remove(&p.id)
+                .map(|row| row.with(addresses.remove(&p.id).unwrap_or_default()))
+        })
+        .collect())
+}
+
+/// A customer's ids, chosen before its insert: its own, its addresses', and which of those
+/// are its defaults.
+struct Prepared {
+    id: String,
+    address_ids: Vec<String>,
+    billing: Option<String>,
+    shipping: Option<String>,
+}
+
+impl Prepared {
+    fn of(data: &NewCustomer) -> Self {
+        let addresses = data.addresses.as_deref().unwrap_or_default();
+        let address_ids: Vec<String> = addresses.iter().map(|_| new_id("cuaddr")).collect();
+        let default_of = |pick: fn(&super::NewAddress) -> bool| {
+            addresses
+                .iter()
+                .zip(&address_ids)
+                .find(|(a, _)| pick(a))
+                .map(|(_, id)| id.clone())
         };
-        created = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO customer_addresses (id, customer_id, address_name, is_default_shipping, is_default_billing,
-                 company, first_name, last_name, address_1, address_2, city, country_code, province, postal_code,
-                 phone, metadata)
-             SELECT a.id, $1, a.address_name, a.shipping, a.billing, a.company, a.first_name, a.last_name,
-                    a.address_1, a.address_2, a.city, lower(a.country_code), a.province, a.postal_code, a.phone,
-                    a.metadata
-             FROM unnest($2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[],
-                         $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                         $16::jsonb[])
-                  WITH ORDINALITY AS a(id, address_name, shipping, billing, company, first_name, last_name,
-                                       address_1, address_2, city, country_code, province, postal_code, phone,
-                                       metadata, ord)
-             ORDER BY a.ord
-             RETURNING {ADDRESS_COLUMNS}"
-        )))
-        .bind(&row.id)
-        .bind(&address_ids)
-        .bind(text(|a| &a.address_name))
-        .bind(
-            addresses
-                .iter()
-                .map(|a| a.is_default_shipping == Some(true))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            addresses
-                .iter()
-                .map(|a| a.is_default_billing == Some(true))
-                .collect::<Vec<_>>(),
-        )
-        .bind(text(|a| &a.company))
-        .bind(text(|a| &a.first_name))
-        .bind(text(|a| &a.last_name))
-        .bind(text(|a| &a.address_1))
-        .bind(text(|a| &a.address_2))
-        .bind(text(|a| &a.city))
-        .bind(text(|a| &a.country_code))
-        .bind(text(|a| &a.province))
-        .bind(text(|a| &a.postal_code))
-        .bind(text(|a| &a.phone))
-        .bind(
-            addresses
-                .iter()
-                .map(|a| a.metadata.clone().map(Value::Object))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        created.sort_by_key(|a: &Address| address_ids.iter().position(|id| id == &a.id));
+        Self {
+            id: new_id("cus"),
+            billing: default_of(|a| a.is_default_billing == Some(true)),
+            shipping: default_of(|a| a.is_default_shipping == Some(true)),
+            address_ids,
+        }
     }
-    Ok(row.with(created))
+}
+
+/// Inserts the addresses of customers just inserted, in one statement (none without any):
+/// each customer's, in the order given, keyed by the customer's id.
+async fn insert_addresses(
+    conn: &mut PgConnection,
+    customers: &[(&Prepared, &NewCustomer)],
+) -> Result<HashMap<String, Vec<Address>>, sqlx::Error> {
+    let all: Vec<(&str, &String, &super::NewAddress)> = customers
+        .iter()
+        .flat_map(|(prepared, data)| {
+            let addresses = data.addresses.as_deref().unwrap_or_default();
+            prepared
+                .address_ids
+                .iter()
+                .zip(addresses)
+                .map(|(id, address)| (prepared.id.as_str(), id, address))
+        })
+        .collect();
+    let mut by_customer: HashMap<String, Vec<Address>> = HashMap::new();
+    if all.is_empty() {
+        return Ok(by_customer);
+    }
+    let text = |f: fn(&super::NewAddress) -> &Option<String>| -> Vec<Option<String>> {
+        all.iter().map(|(_, _, a)| f(a).clone()).collect()
+    };
+    let created: Vec<Address> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO customer_addresses (id, customer_id, address_name, is_default_shipping, is_default_billing,
+             company, first_name, last_name, address_1, address_2, city, country_code, province, postal_code,
+             phone, metadata)
+         SELECT a.id, a.customer_id, a.address_name, a.shipping, a.billing, a.company, a.first_name, a.last_name,
+                a.address_1, a.address_2, a.city, lower(a.country_code), a.province, a.postal_code, a.phone,
+                a.metadata
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                     $15::text[], $16::jsonb[])
+              WITH ORDINALITY AS a(customer_id, id, address_name, shipping, billing, company, first_name,
+                                   last_name, address_1, address_2, city, country_code, province, postal_code,
+                                   phone, metadata, ord)
+         ORDER BY a.ord
+         RETURNING {ADDRESS_COLUMNS}"
+    )))
+    .bind(
+        all.iter()
+            .map(|(customer, _, _)| customer.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(all.iter().map(|(_, id, _)| (*id).clone()).collect::<Vec<_>>())
+    .bind(text(|a| &a.address_name))
+    .bind(
+        all.iter()
+            .map(|(_, _, a)| a.is_default_shipping == Some(true))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        all.iter()
+            .map(|(_, _, a)| a.is_default_billing == Some(true))
+            .collect::<Vec<_>>(),
+    )
+    .bind(text(|a| &a.company))
+    .bind(text(|a| &a.first_name))
+    .bind(text(|a| &a.last_name))
+    .bind(text(|a| &a.address_1))
+    .bind(text(|a| &a.address_2))
+    .bind(text(|a| &a.city))
+    .bind(text(|a| &a.country_code))
+    .bind(text(|a| &a.province))
+    .bind(text(|a| &a.postal_code))
+    .bind(text(|a| &a.phone))
+    .bind(
+        all.iter()
+            .map(|(_, _, a)| a.metadata.clone().map(Value::Object))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    // RETURNING promises no order: put each customer's addresses back in the order given.
+    let position = |address: &Address| all.iter().position(|(_, id, _)| **id == address.id);
+    let mut created = created;
+    created.sort_by_key(|a| position(a));
+    for address in created {
+        by_customer
+            .entry(address.customer_id.clone())
+            .or_default()
+            .push(address);
+    }
+    Ok(by_customer)
 }
 
 /// Deletes a customer and its addresses for good (what compensating a registration does).
@@ -375,6 +591,22 @@ pub async fn hold_event(
         .await
 }
 
+/// [`hold_event`] for many events (run, name, data) in one statement; their ids, in order.
+pub async fn hold_events(conn: &mut PgConnection, items: &[(Uuid, &str, &Value)]) -> Result<Vec<String>, sqlx::Error> {
+    let ids: Vec<String> = items.iter().map(|_| new_id("evt")).collect();
+    sqlx::query(
+        "INSERT INTO outbox_events (id, name, data, run_id)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::uuid[])",
+    )
+    .bind(&ids)
+    .bind(items.iter().map(|(_, name, _)| name.to_string()).collect::<Vec<_>>())
+    .bind(items.iter().map(|(_, _, data)| (*data).clone()).collect::<Vec<_>>())
+    .bind(items.iter().map(|(run, _, _)| *run).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(ids)
+}
+
 /// Releases (the run completed) or discards (it did not) the run's held events. Called in the
 /// transaction of the run's final status change.
 pub async fn settle_events(conn: &mut PgConnection, run_id: Uuid, release: bool) -> Result<u64, sqlx::Error> {
@@ -392,6 +624,40 @@ pub async fn settle_events(conn: &mut PgConnection, run_id: Uuid, release: bool)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// [`settle_events`] for many runs (run, release) in one statement: how many events each
+/// settled, in order.
+pub async fn settle_events_of(conn: &mut PgConnection, items: &[(Uuid, bool)]) -> Result<Vec<u64>, sqlx::Error> {
+    // The runs as `= ANY`, not joined from `unnest`: a generic plan keeps the index on the
+    // run for an array, where it would hash the join and read every event.
+    let settled: Vec<(Uuid, i64)> = sqlx::query_as(
+        "WITH settled AS (
+             UPDATE outbox_events
+             SET status = CASE WHEN run_id = ANY($2) THEN 'released'::outbox_status
+                               ELSE 'discarded'::outbox_status END,
+                 released_at = CASE WHEN run_id = ANY($2) THEN now() END,
+                 released_xid = CASE WHEN run_id = ANY($2) THEN pg_current_xact_id() END
+             WHERE run_id = ANY($1) AND status = 'held'
+             RETURNING run_id
+         )
+         SELECT run_id, count(*) FROM settled GROUP BY run_id",
+    )
+    .bind(items.iter().map(|(run, _)| *run).collect::<Vec<_>>())
+    .bind(
+        items
+            .iter()
+            .filter(|(_, release)| *release)
+            .map(|(run, _)| *run)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(conn)
+    .await?;
+    let counts: HashMap<Uuid, i64> = settled.into_iter().collect();
+    Ok(items
+        .iter()
+        .map(|(run, _)| counts.get(run).map_or(0, |&n| u64::try_from(n).unwrap_or(0)))
+        .collect())
 }
 
 /// Released events after the event `after` (exclusive), oldest release first. Only events
