@@ -497,13 +497,25 @@ pub async fn library(pool: &PgPool, pools: sagaflow::pg::Pools, prefix: &str, op
     Ok(phase)
 }
 
-/// Runs `work(i)` for every `i` below `runs` from `tasks` tasks, each taking the next `i` when
-/// it is done with one (a closed loop); returns how long each took.
+/// Runs `work(i)` for `i` in `0..runs` from `tasks` tasks, each taking the next index when
+/// it is done with the last; how long each took.
 async fn each_from_tasks<F, Fut>(runs: usize, tasks: usize, work: F) -> Result<Vec<Duration>>
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
+    chunks_from_tasks(runs, tasks, 1, move |chunk| work(chunk.start)).await
+}
+
+/// Runs `work` on `0..runs` cut in chunks of up to `size` indexes from `tasks` tasks, each
+/// taking the next chunk when it is done with the last; how long each index's chunk took,
+/// once per index.
+async fn chunks_from_tasks<F, Fut>(runs: usize, tasks: usize, size: usize, work: F) -> Result<Vec<Duration>>
+where
+    F: Fn(std::ops::Range<usize>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let size = size.max(1);
     let next = Arc::new(AtomicUsize::new(0));
     let mut spawned = Vec::with_capacity(tasks);
     for _ in 0..tasks {
@@ -511,13 +523,15 @@ where
         spawned.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= runs {
+                let from = next.fetch_add(size, Ordering::Relaxed);
+                if from >= runs {
                     return Ok::<_, anyhow::Error>(latencies);
                 }
+                let chunk = from..(from + size).min(runs);
                 let sent = Instant::now();
-                work(i).await?;
-                latencies.push(sent.elapsed());
+                let items = chunk.len();
+                work(chunk).await?;
+                latencies.extend(std::iter::repeat_n(sent.elapsed(), items));
             }
         }));
     }
@@ -605,6 +619,89 @@ pub async fn sql_alone(pool: &PgPool, prefix: &str, runs: usize, tasks_count: us
                 bail!("registration {i}: the identity was not linked: {linked:?}");
             }
             domain::settle_events(&mut tx, run_id, true).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    measured.phase(pool, latencies).await
+}
+
+/// How many registrations one transaction of [`sql_set_based`] serves.
+pub const SET_BASED_PER_TRANSACTION: usize = 4;
+
+/// The registration's own SQL in its set-based form (the design study's O8, not built in the
+/// engine): what [`sql_alone`] runs, but each statement serves [`SET_BASED_PER_TRANSACTION`]
+/// registrations (`domain::store`'s set-based twins of the same calls), one transaction per
+/// group, from `concurrency / SET_BASED_PER_TRANSACTION` tasks, so that as many registrations
+/// are in flight as in the other phases. On `pool`, whose plans should be generic, as the
+/// worker pool's are. The bound an engine that ran the same step of a batch's runs as one
+/// statement, one commit per batch, would approach, less what it writes of the runs.
+pub async fn sql_set_based(pool: &PgPool, prefix: &str, runs: usize, concurrency: usize) -> Result<Phase> {
+    use sagaflow::domain::{NewCustomer, store as domain};
+    use sagaflow::workflows::customer_account::{CUSTOMER_CREATED_EVENT, CUSTOMER_ID_KEY};
+    let measured = InProcess::start(pool).await?;
+    let (shared, prefix) = (pool.clone(), prefix.to_string());
+    let tasks = (concurrency / SET_BASED_PER_TRANSACTION).max(1);
+    let latencies = chunks_from_tasks(runs, tasks, SET_BASED_PER_TRANSACTION, move |chunk| {
+        let (pool, prefix) = (shared.clone(), prefix.clone());
+        async move {
+            let inputs: Vec<Value> = chunk.clone().map(|i| registration(&prefix, i)).collect();
+            let identities: Vec<String> = inputs
+                .iter()
+                .map(|input| input["authIdentityId"].as_str().unwrap_or_default().to_string())
+                .collect();
+            let customers: Vec<NewCustomer> = inputs
+                .iter()
+                .map(|input| serde_json::from_value(input["customerData"].clone()))
+                .collect::<Result<_, _>>()?;
+            let run_ids: Vec<uuid::Uuid> = chunk.clone().map(|_| uuid::Uuid::now_v7()).collect();
+            let mut tx = pool.begin().await?;
+            let checks: Vec<(&str, &str)> = identities
+                .iter()
+                .zip(&customers)
+                .map(|(identity, customer)| (identity.as_str(), customer.email.as_str()))
+                .collect();
+            for (found, i) in domain::registration_checks(&mut tx, &checks)
+                .await?
+                .into_iter()
+                .zip(chunk.clone())
+            {
+                match found {
+                    Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
+                    found => bail!("registration {i} cannot proceed: {found:?}"),
+                }
+            }
+            let inserts: Vec<(&NewCustomer, bool, uuid::Uuid)> =
+                customers.iter().zip(&run_ids).map(|(c, &run)| (c, true, run)).collect();
+            let mut created = Vec::with_capacity(inserts.len());
+            for (customer, i) in domain::insert_customers(&mut tx, &inserts)
+                .await?
+                .into_iter()
+                .zip(chunk.clone())
+            {
+                created.push(customer.with_context(|| format!("registration {i}: the email has an account"))?);
+            }
+            let events: Vec<Value> = created.iter().map(|c| domain::customer_created(&c.id)).collect();
+            let held: Vec<(uuid::Uuid, &str, &Value)> = run_ids
+                .iter()
+                .zip(&events)
+                .map(|(&run, data)| (run, CUSTOMER_CREATED_EVENT, data))
+                .collect();
+            domain::hold_events(&mut tx, &held).await?;
+            let values: Vec<Value> = created.iter().map(|c| json!(c.id)).collect();
+            let links: Vec<(&str, &Value)> = identities.iter().map(String::as_str).zip(&values).collect();
+            for (linked, i) in domain::link_identities(&mut tx, &links, CUSTOMER_ID_KEY)
+                .await?
+                .into_iter()
+                .zip(chunk)
+            {
+                if !matches!(linked, domain::Link::Linked(_)) {
+                    bail!("registration {i}: the identity was not linked: {linked:?}");
+                }
+            }
+            let settles: Vec<(uuid::Uuid, bool)> = run_ids.iter().map(|&run| (run, true)).collect();
+            domain::settle_events_of(&mut tx, &settles).await?;
             tx.commit().await?;
             Ok(())
         }

@@ -235,6 +235,30 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         );
     }
 
+    eprintln!(
+        "SQL set-based: the same statements, {} registrations per statement, from {} tasks, no orchestrator",
+        load::SET_BASED_PER_TRANSACTION,
+        (options.concurrency / load::SET_BASED_PER_TRANSACTION).max(1)
+    );
+    load::create_identities(&pool, "b", options.runs).await?;
+    let generic = pg::pool(
+        &url,
+        &PoolConfig {
+            max_connections: options.pool_size,
+            generic_plans: true,
+            ..PoolConfig::default()
+        },
+    )?;
+    report.sql_set_based = Some(load::sql_set_based(&generic, "b", options.runs, options.concurrency).await?);
+    generic.close().await;
+    let set_based = load::domain_writes(&pool, "b").await?;
+    if set_based != expected(options.runs) {
+        bail!(
+            "the set-based SQL did not write what the workflow writes: {set_based:?}, {} registrations",
+            options.runs
+        );
+    }
+
     eprintln!("recovery: SIGKILL with runs in flight, restart, wait");
     report.recovery = Some(recovery(&pool, &url, options).await?);
 

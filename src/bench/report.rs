@@ -39,6 +39,8 @@ pub struct Report {
     pub library: Option<Phase>,
     /// The registration's own SQL, one transaction each, no orchestrator.
     pub sql_alone: Option<Phase>,
+    /// The same SQL in its set-based form, several registrations per statement and commit.
+    pub sql_set_based: Option<Phase>,
     /// SIGKILL and restart.
     pub recovery: Option<Recovery>,
     /// The server's peak resident set, MiB.
@@ -69,6 +71,7 @@ impl Report {
             http_steps: None,
             library: None,
             sql_alone: None,
+            sql_set_based: None,
             recovery: None,
             rss_mb: f64::NAN,
             list: Vec::new(),
@@ -116,18 +119,8 @@ impl Report {
             "library": self.library,
             "library_ratio_if_cpu_bound": self.library.as_ref().and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
             "library_cores_busy": self.library.as_ref().and_then(|p| self.cores_busy(p)).map(round),
-            "sql_alone": self.sql_alone.as_ref().map(|p| json!({
-                "runs_per_s": round(p.runs_per_s),
-                "steps_per_s": round(p.steps_per_s),
-                "ratio": round(p.steps_per_s / self.ceiling.commits_per_s),
-                "ratio_if_cpu_bound": self.ratio_if_cpu_bound(p).map(round),
-                "cores_busy": self.cores_busy(p).map(round),
-                "commits_per_run": round(p.commits_per_run),
-                "statements_per_run": p.statements_per_run.map(round),
-                "latency_ms": p.latency_ms,
-                "postgres_cpu_s": p.postgres_cpu_s.map(round),
-                "client_cpu_s": p.client_cpu_s.map(round),
-            })),
+            "sql_alone": self.sql_alone.as_ref().map(|p| self.by_hand_json(p)),
+            "sql_set_based": self.sql_set_based.as_ref().map(|p| self.by_hand_json(p)),
             "recovery": self.recovery,
             "list_ms": self.list,
             "runs": self.runs,
@@ -166,6 +159,54 @@ impl Report {
     pub fn ceiling_cores_busy(&self) -> Option<f64> {
         let commit_ms = self.ceiling.postgres_cpu_ms? + self.ceiling.client_cpu_ms?;
         Some(self.ceiling.commits_per_s * commit_ms / 1000.0)
+    }
+
+    /// A phase that runs the registration's SQL by hand (no orchestrator), as JSON.
+    fn by_hand_json(&self, p: &Phase) -> Value {
+        json!({
+            "runs_per_s": round(p.runs_per_s),
+            "steps_per_s": round(p.steps_per_s),
+            "ratio": round(p.steps_per_s / self.ceiling.commits_per_s),
+            "ratio_if_cpu_bound": self.ratio_if_cpu_bound(p).map(round),
+            "cores_busy": self.cores_busy(p).map(round),
+            "commits_per_run": round(p.commits_per_run),
+            "statements_per_run": p.statements_per_run.map(round),
+            "latency_ms": p.latency_ms,
+            "postgres_cpu_s": p.postgres_cpu_s.map(round),
+            "client_cpu_s": p.client_cpu_s.map(round),
+        })
+    }
+
+    /// A phase that runs the registration's SQL by hand, as the table's lines named `name`.
+    fn by_hand_lines(&self, name: &str, p: &Phase, line: &mut impl FnMut(&str, String)) {
+        line(
+            &format!("{name} (no orchestrator): runs/s (ratio)"),
+            format!(
+                "{:.0} ({:.2})",
+                p.runs_per_s,
+                p.steps_per_s / self.ceiling.commits_per_s
+            ),
+        );
+        if let Some(statements) = p.statements_per_run {
+            line(
+                &format!("{name}: commits / statements per run"),
+                format!("{:.2} / {statements:.2}", p.commits_per_run),
+            );
+        }
+        if let (Some(postgres), Some(clients)) = (p.postgres_cpu_s, p.client_cpu_s) {
+            let per_run = |s: f64| s * 1000.0 / p.runs as f64;
+            line(
+                &format!("{name}: CPU ms per run (PostgreSQL / clients)"),
+                format!("{:.2} / {:.2}", per_run(postgres), per_run(clients)),
+            );
+        }
+        if let Some(bound) = self.ratio_if_cpu_bound(p) {
+            line(&format!("{name}: ratio if CPU-bound"), format!("{bound:.2}"));
+        }
+        if let Some(cores) = self.cores_busy(p) {
+            line(&format!("{name}: cores busy"), format!("{cores:.2} of {}", self.cpus));
+        }
+        line(&format!("{name}: latency p50/p90/p99 ms"), fmt_latency(&p.latency_ms));
     }
 
     /// Runs per batch in the http phase, on average.
@@ -296,35 +337,10 @@ impl Report {
                 line("library: cores busy", format!("{cores:.2} of {}", self.cpus));
             }
         }
-        if let Some(p) = &self.sql_alone {
-            line(
-                "SQL alone (no orchestrator): runs/s (ratio)",
-                format!(
-                    "{:.0} ({:.2})",
-                    p.runs_per_s,
-                    p.steps_per_s / self.ceiling.commits_per_s
-                ),
-            );
-            if let Some(statements) = p.statements_per_run {
-                line(
-                    "SQL alone: commits / statements per run",
-                    format!("{:.2} / {statements:.2}", p.commits_per_run),
-                );
+        for (name, phase) in [("SQL alone", &self.sql_alone), ("SQL set-based", &self.sql_set_based)] {
+            if let Some(p) = phase {
+                self.by_hand_lines(name, p, &mut line);
             }
-            if let (Some(postgres), Some(clients)) = (p.postgres_cpu_s, p.client_cpu_s) {
-                let per_run = |s: f64| s * 1000.0 / p.runs as f64;
-                line(
-                    "SQL alone: CPU ms per run (PostgreSQL / clients)",
-                    format!("{:.2} / {:.2}", per_run(postgres), per_run(clients)),
-                );
-            }
-            if let Some(bound) = self.ratio_if_cpu_bound(p) {
-                line("SQL alone: ratio if CPU-bound", format!("{bound:.2}"));
-            }
-            if let Some(cores) = self.cores_busy(p) {
-                line("SQL alone: cores busy", format!("{cores:.2} of {}", self.cpus));
-            }
-            line("SQL alone: latency p50/p90/p99 ms", fmt_latency(&p.latency_ms));
         }
         if let Some(r) = &self.recovery {
             line(
