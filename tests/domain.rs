@@ -336,3 +336,53 @@ async fn an_item_that_fails_the_statement_writes_nothing_of_any_item() {
     );
     assert_eq!(rows(&db.pool).await, before);
 }
+
+/// Many links lock their identities in id order, whatever the items' order, so two calls
+/// naming the same identities in other orders wait for each other instead of deadlocking.
+/// Seen in the locks: a call that finds `free2` held has already locked `free1`, though its
+/// items name `free2` first.
+#[tokio::test]
+async fn links_lock_their_identities_in_id_order() {
+    let db = seeded().await;
+    let mut holder = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free2' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold free2");
+    let pool = db.pool.clone();
+    let linking = tokio::spawn(async move {
+        let mut tx = pool.begin().await.expect("begin");
+        let value = json!("cus_x");
+        let links = domain::link_identities(&mut tx, &[("free2", &value), ("free1", &value)], "customer_id")
+            .await
+            .expect("links");
+        tx.commit().await.expect("commit");
+        links
+    });
+    common::eventually(std::time::Duration::from_secs(10), "the call waits for free2", || {
+        let pool = db.pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF a%'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("activity");
+            (waiting == 1).then_some(())
+        }
+    })
+    .await;
+    let mut other = db.pool.begin().await.expect("begin");
+    let free1 = sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free1' FOR UPDATE NOWAIT")
+        .execute(&mut *other)
+        .await;
+    assert!(
+        matches!(&free1, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03")),
+        "free1 is locked by the waiting call: {free1:?}"
+    );
+    other.rollback().await.expect("rollback");
+    holder.rollback().await.expect("release free2");
+    let links = linking.await.expect("the call does not panic");
+    assert_eq!(links, [Link::Linked(None), Link::Linked(None)]);
+}
