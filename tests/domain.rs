@@ -340,49 +340,63 @@ async fn an_item_that_fails_the_statement_writes_nothing_of_any_item() {
 /// Many links lock their identities in id order, whatever the items' order, so two calls
 /// naming the same identities in other orders wait for each other instead of deadlocking.
 /// Seen in the locks: a call that finds `free2` held has already locked `free1`, though its
-/// items name `free2` first.
+/// items name `free2` first; both for distinct identities (one statement) and for a call
+/// naming one twice (linked one at a time).
 #[tokio::test]
 async fn links_lock_their_identities_in_id_order() {
-    let db = seeded().await;
-    let mut holder = db.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free2' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("hold free2");
-    let pool = db.pool.clone();
-    let linking = tokio::spawn(async move {
-        let mut tx = pool.begin().await.expect("begin");
-        let value = json!("cus_x");
-        let links = domain::link_identities(&mut tx, &[("free2", &value), ("free1", &value)], "customer_id")
+    let (distinct, twice): (&[&str], &[&str]) = (&["free2", "free1"], &["free2", "free1", "free2"]);
+    for ids in [distinct, twice] {
+        let db = seeded().await;
+        let mut holder = db.pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free2' FOR UPDATE")
+            .execute(&mut *holder)
             .await
-            .expect("links");
-        tx.commit().await.expect("commit");
-        links
-    });
-    common::eventually(std::time::Duration::from_secs(10), "the call waits for free2", || {
-        let pool = db.pool.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE OF a%'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("activity");
-            (waiting == 1).then_some(())
-        }
-    })
-    .await;
-    let mut other = db.pool.begin().await.expect("begin");
-    let free1 = sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free1' FOR UPDATE NOWAIT")
-        .execute(&mut *other)
+            .expect("hold free2");
+        let (pool, ids_owned): (PgPool, Vec<String>) = (db.pool.clone(), ids.iter().map(|s| s.to_string()).collect());
+        let linking = tokio::spawn(async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let value = json!("cus_x");
+            let items: Vec<(&str, &Value)> = ids_owned.iter().map(|id| (id.as_str(), &value)).collect();
+            let links = domain::link_identities(&mut tx, &items, "customer_id")
+                .await
+                .expect("links");
+            tx.commit().await.expect("commit");
+            links
+        });
+        common::eventually(std::time::Duration::from_secs(10), "the call waits for free2", || {
+            let pool = db.pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'
+                       AND query LIKE '%auth_identities%' AND query NOT LIKE '%pg_stat_activity%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("activity");
+                (waiting == 1).then_some(())
+            }
+        })
         .await;
-    assert!(
-        matches!(&free1, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03")),
-        "free1 is locked by the waiting call: {free1:?}"
-    );
-    other.rollback().await.expect("rollback");
-    holder.rollback().await.expect("release free2");
-    let links = linking.await.expect("the call does not panic");
-    assert_eq!(links, [Link::Linked(None), Link::Linked(None)]);
+        let mut other = db.pool.begin().await.expect("begin");
+        let free1 = sqlx::query("SELECT 1 FROM auth_identities WHERE id = 'free1' FOR UPDATE NOWAIT")
+            .execute(&mut *other)
+            .await;
+        assert!(
+            matches!(&free1, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03")),
+            "{ids:?}: free1 is locked by the waiting call: {free1:?}"
+        );
+        other.rollback().await.expect("rollback");
+        holder.rollback().await.expect("release free2");
+        let links = linking.await.expect("the call does not panic");
+        let expected: Vec<Link> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| match ids[..i].contains(id) {
+                true => Link::Linked(Some(json!("cus_x"))),
+                false => Link::Linked(None),
+            })
+            .collect();
+        assert_eq!(links, expected, "{ids:?}");
+    }
 }

@@ -112,17 +112,24 @@ pub async fn link_identity(conn: &mut PgConnection, id: &str, key: &str, value: 
 }
 
 /// [`link_identity`] for many identities (id, value) and one `key`, with the outcome of each
-/// as if they were linked one after another, in order. Distinct identities take one
-/// statement, which locks them in id order (as a concurrent call locks them too, so two
-/// cannot deadlock); an identity named twice would see its earlier item's link, so such a
-/// call links one item at a time.
+/// as if they were linked one after another, in order. Either way it locks the identities in
+/// id order first, as a concurrent call does too, so two calls naming the same identities
+/// wait for each other instead of deadlocking. Distinct identities take one statement; an
+/// identity named twice must see its earlier item's link, so such a call locks them all in
+/// one statement and then links one item at a time.
 pub async fn link_identities(
     conn: &mut PgConnection,
     items: &[(&str, &Value)],
     key: &str,
 ) -> Result<Vec<Link>, sqlx::Error> {
-    let distinct: std::collections::HashSet<&str> = items.iter().map(|(id, _)| *id).collect();
+    let mut distinct: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
     if distinct.len() < items.len() {
+        sqlx::query("SELECT 1 FROM auth_identities WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&distinct)
+            .execute(&mut *conn)
+            .await?;
         let mut links = Vec::with_capacity(items.len());
         for (id, value) in items {
             links.push(link_identity(conn, id, key, value).await?);
@@ -451,7 +458,7 @@ async fn insert_addresses(
     let text = |f: fn(&super::NewAddress) -> &Option<String>| -> Vec<Option<String>> {
         all.iter().map(|(_, _, a)| f(a).clone()).collect()
     };
-    let created: Vec<Address> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let mut created: Vec<Address> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO customer_addresses (id, customer_id, address_name, is_default_shipping, is_default_billing,
              company, first_name, last_name, address_1, address_2, city, country_code, province, postal_code,
              phone, metadata)
@@ -502,9 +509,7 @@ async fn insert_addresses(
     .fetch_all(&mut *conn)
     .await?;
     // RETURNING promises no order: put each customer's addresses back in the order given.
-    let position = |address: &Address| all.iter().position(|(_, id, _)| **id == address.id);
-    let mut created = created;
-    created.sort_by_key(|a| position(a));
+    created.sort_by_key(|address| all.iter().position(|(_, id, _)| **id == address.id));
     for address in created {
         by_customer
             .entry(address.customer_id.clone())
