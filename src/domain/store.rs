@@ -336,8 +336,8 @@ pub async fn insert_customer(
     Ok(row.with(addresses.remove(&prepared.id).unwrap_or_default()))
 }
 
-/// [`insert_customer`] for many customers in two statements, whatever their number: the
-/// customers', then their addresses'. One result per item, in order: `None` for a registered
+/// [`insert_customer`] for many customers in at most two statements, whatever their number:
+/// the customers', then their addresses' (if any has some). One result per item, in order: `None` for a registered
 /// customer whose email already has an account (also one an earlier item of the same call
 /// takes), and nothing of that item is written; the others are inserted as [`insert_customer`]
 /// inserts them.
