@@ -472,8 +472,87 @@ pub fn library_config(options: &BenchOptions) -> EngineConfig {
 /// pools (`pools`, from [`sagaflow::pg::Pools::split`]: the worker's plans each statement
 /// once), so that the phase compares with the HTTP one; `pool` is the bench's, for counting.
 pub async fn library(pool: &PgPool, pools: sagaflow::pg::Pools, prefix: &str, options: &BenchOptions) -> Result<Phase> {
+    in_process_runs(pool, pools, WORKFLOW, &Default::default(), prefix, options).await
+}
+
+/// The workflow of [`engine_alone`].
+pub const ENGINE_ALONE: &str = "bench-engine-alone";
+
+/// The registration's shape with steps that do nothing: what [`library`] runs, but of a
+/// workflow ([`ENGINE_ALONE`]) whose five local steps and finish hook touch no table, with
+/// the registration's subject (so its runs batch in the lanes as registrations do). What the
+/// engine costs by itself per run: its run, step and log rows, its decisions, its lanes. Beside
+/// the set-based SQL it bounds what set-based batch steps could reach with today's executor.
+pub async fn engine_alone(
+    pool: &PgPool,
+    pools: sagaflow::pg::Pools,
+    prefix: &str,
+    options: &BenchOptions,
+) -> Result<Phase> {
+    let application = sagaflow::server::Application {
+        workflows: vec![nothing_workflow()?],
+        hooks: Vec::new(),
+    };
+    in_process_runs(pool, pools, ENGINE_ALONE, &application, prefix, options).await
+}
+
+/// [`ENGINE_ALONE`]: five local steps and a finish hook that do nothing, the registration's
+/// subject.
+fn nothing_workflow() -> Result<sagaflow::engine::Workflow> {
+    use sagaflow::engine::{StepDef, Workflow};
+    let mut builder = Workflow::builder(ENGINE_ALONE, 1).subject(|input| {
+        input["customerData"]["email"]
+            .as_str()
+            .map(sagaflow::domain::normalize_email)
+    });
+    for step in ["one", "two", "three", "four", "five"] {
+        builder = builder.step(StepDef::new(step, Nothing).local());
+    }
+    Ok(builder.on_finish(Nothing).build()?)
+}
+
+/// A step and a finish hook that do nothing.
+struct Nothing;
+
+#[async_trait::async_trait]
+impl sagaflow::engine::Step for Nothing {
+    type Output = ();
+
+    async fn invoke(&self, _ctx: &mut sagaflow::engine::StepContext<'_>) -> Result<(), sagaflow::engine::StepError> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl sagaflow::engine::FinishHook for Nothing {
+    async fn on_finish(
+        &self,
+        _db: &mut sqlx::PgConnection,
+        _run_id: uuid::Uuid,
+        _status: sagaflow::engine::RunStatus,
+    ) -> Result<(), sagaflow::engine::StepError> {
+        Ok(())
+    }
+}
+
+/// Registrations' inputs as runs of `workflow` through an engine in this process that has the
+/// built-in workflows and `application`'s, each caller waiting for its run to complete.
+async fn in_process_runs(
+    pool: &PgPool,
+    pools: sagaflow::pg::Pools,
+    workflow: &'static str,
+    application: &sagaflow::server::Application,
+    prefix: &str,
+    options: &BenchOptions,
+) -> Result<Phase> {
     let (runs, tasks_count) = (options.runs, options.concurrency);
-    let engine = sagaflow::server::build_engine(pools, library_config(options), Faults::none(), &Default::default())?;
+    let engine = sagaflow::server::build_engine_with(
+        pools,
+        library_config(options),
+        Faults::none(),
+        &Default::default(),
+        application,
+    )?;
     let worker = engine.start_worker().await?;
     let measured = InProcess::start(pool).await?;
     let prefix = prefix.to_string();
@@ -482,7 +561,7 @@ pub async fn library(pool: &PgPool, pools: sagaflow::pg::Pools, prefix: &str, op
         async move {
             // As the HTTP phase's clients wait (`wait_ms`), so that the two compare.
             let waited = engine
-                .trigger_and_wait(WORKFLOW, input, TriggerOptions::default(), Duration::from_secs(30))
+                .trigger_and_wait(workflow, input, TriggerOptions::default(), Duration::from_secs(30))
                 .await?;
             let status = waited.detail.map(|d| d.run.status);
             if status != Some(sagaflow::engine::RunStatus::Completed) {

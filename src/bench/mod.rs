@@ -213,6 +213,21 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     pools.worker.close().await;
 
     eprintln!(
+        "engine alone: the registration's shape with steps that do nothing, {} runs from {} tasks",
+        options.runs, options.concurrency
+    );
+    let pools = pg::Pools::split(
+        &url,
+        &PoolConfig {
+            max_connections: options.pool_size,
+            ..PoolConfig::default()
+        },
+    )?;
+    report.engine_alone = Some(load::engine_alone(&pool, pools.clone(), "n", options).await?);
+    pools.api.close().await;
+    pools.worker.close().await;
+
+    eprintln!(
         "SQL alone: the registration's own statements, {} registrations from {} tasks, no orchestrator",
         options.runs, options.concurrency
     );

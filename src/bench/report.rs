@@ -37,6 +37,8 @@ pub struct Report {
     pub http_steps: Option<Phase>,
     /// Through the library.
     pub library: Option<Phase>,
+    /// The registration's shape through the library, with steps that do nothing.
+    pub engine_alone: Option<Phase>,
     /// The registration's own SQL, one transaction each, no orchestrator.
     pub sql_alone: Option<Phase>,
     /// The same SQL in its set-based form, several registrations per statement and commit.
@@ -70,6 +72,7 @@ impl Report {
             batch_runs: Vec::new(),
             http_steps: None,
             library: None,
+            engine_alone: None,
             sql_alone: None,
             sql_set_based: None,
             recovery: None,
@@ -119,8 +122,9 @@ impl Report {
             "library": self.library,
             "library_ratio_if_cpu_bound": self.library.as_ref().and_then(|p| self.ratio_if_cpu_bound(p)).map(round),
             "library_cores_busy": self.library.as_ref().and_then(|p| self.cores_busy(p)).map(round),
-            "sql_alone": self.sql_alone.as_ref().map(|p| self.by_hand_json(p)),
-            "sql_set_based": self.sql_set_based.as_ref().map(|p| self.by_hand_json(p)),
+            "engine_alone": self.engine_alone.as_ref().map(|p| self.in_process_json(p)),
+            "sql_alone": self.sql_alone.as_ref().map(|p| self.in_process_json(p)),
+            "sql_set_based": self.sql_set_based.as_ref().map(|p| self.in_process_json(p)),
             "recovery": self.recovery,
             "list_ms": self.list,
             "runs": self.runs,
@@ -161,8 +165,8 @@ impl Report {
         Some(self.ceiling.commits_per_s * commit_ms / 1000.0)
     }
 
-    /// A phase that runs the registration's SQL by hand (no orchestrator), as JSON.
-    fn by_hand_json(&self, p: &Phase) -> Value {
+    /// A phase in the bench's own process (the engine alone, the SQL by hand), as JSON.
+    fn in_process_json(&self, p: &Phase) -> Value {
         json!({
             "runs_per_s": round(p.runs_per_s),
             "steps_per_s": round(p.steps_per_s),
@@ -177,10 +181,12 @@ impl Report {
         })
     }
 
-    /// A phase that runs the registration's SQL by hand, as the table's lines named `name`.
-    fn by_hand_lines(&self, name: &str, p: &Phase, line: &mut impl FnMut(&str, String)) {
+    /// A phase in the bench's own process, as the table's lines: the first under `title`, the
+    /// others under its name (the title up to its parenthesis).
+    fn in_process_lines(&self, title: &str, p: &Phase, line: &mut impl FnMut(&str, String)) {
+        let name = title.split(" (").next().unwrap_or(title);
         line(
-            &format!("{name} (no orchestrator): runs/s (ratio)"),
+            &format!("{title}: runs/s (ratio)"),
             format!(
                 "{:.0} ({:.2})",
                 p.runs_per_s,
@@ -337,9 +343,14 @@ impl Report {
                 line("library: cores busy", format!("{cores:.2} of {}", self.cpus));
             }
         }
-        for (name, phase) in [("SQL alone", &self.sql_alone), ("SQL set-based", &self.sql_set_based)] {
+        let in_process = [
+            ("engine alone (steps that do nothing)", &self.engine_alone),
+            ("SQL alone (no orchestrator)", &self.sql_alone),
+            ("SQL set-based (no orchestrator)", &self.sql_set_based),
+        ];
+        for (title, phase) in in_process {
             if let Some(p) = phase {
-                self.by_hand_lines(name, p, &mut line);
+                self.in_process_lines(title, p, &mut line);
             }
         }
         if let Some(r) = &self.recovery {
