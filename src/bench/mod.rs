@@ -209,20 +209,12 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         },
     )?;
     report.library = Some(load::library(&pool, pools.clone(), "l", options).await?);
-    pools.api.close().await;
-    pools.worker.close().await;
 
+    // On the library's pools: the same connections, so the two differ only in the steps.
     eprintln!(
         "engine alone: the registration's shape with steps that do nothing, {} runs from {} tasks",
         options.runs, options.concurrency
     );
-    let pools = pg::Pools::split(
-        &url,
-        &PoolConfig {
-            max_connections: options.pool_size,
-            ..PoolConfig::default()
-        },
-    )?;
     report.engine_alone = Some(load::engine_alone(&pool, pools.clone(), "n", options).await?);
     pools.api.close().await;
     pools.worker.close().await;
