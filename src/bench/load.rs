@@ -897,3 +897,57 @@ pub async fn all_terminal(pool: &PgPool, timeout: Duration) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Mutex;
+
+    /// Every index in exactly one chunk, no chunk longer than asked, one latency per index.
+    #[tokio::test]
+    async fn chunks_cover_every_index_once_and_time_each() {
+        for (runs, tasks, size) in [(10, 3, 4), (16, 4, 4), (3, 5, 8), (7, 2, 1), (0, 2, 4)] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let record = Arc::clone(&seen);
+            let latencies = chunks_from_tasks(runs, tasks, size, move |chunk| {
+                let record = Arc::clone(&record);
+                async move {
+                    assert!(!chunk.is_empty() && chunk.len() <= size, "{chunk:?} of at most {size}");
+                    record.lock().expect("not poisoned").push(chunk);
+                    tokio::task::yield_now().await;
+                    Ok(())
+                }
+            })
+            .await
+            .expect("no chunk fails");
+            let mut indexes: Vec<usize> = seen
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .flat_map(|c| c.clone())
+                .collect();
+            indexes.sort_unstable();
+            assert_eq!(
+                indexes,
+                (0..runs).collect::<Vec<_>>(),
+                "runs {runs}, tasks {tasks}, size {size}"
+            );
+            assert_eq!(latencies.len(), runs);
+        }
+    }
+
+    /// A chunk's error ends the phase with it.
+    #[tokio::test]
+    async fn a_failing_chunk_fails_the_phase() {
+        let failed = chunks_from_tasks(8, 2, 4, |chunk| async move {
+            if chunk.contains(&5) {
+                bail!("registration 5 cannot proceed");
+            }
+            Ok(())
+        })
+        .await;
+        let error = failed.expect_err("the chunk holding 5 fails");
+        assert!(error.to_string().contains("registration 5"), "{error}");
+    }
+}
