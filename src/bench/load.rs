@@ -709,6 +709,11 @@ pub async fn sql_alone(pool: &PgPool, prefix: &str, runs: usize, tasks_count: us
 /// How many registrations one transaction of [`sql_set_based`] serves.
 pub const SET_BASED_PER_TRANSACTION: usize = 4;
 
+/// How many tasks [`sql_set_based`] runs for `concurrency` registrations in flight.
+pub fn set_based_tasks(concurrency: usize) -> usize {
+    (concurrency / SET_BASED_PER_TRANSACTION).max(1)
+}
+
 /// The registration's own SQL in its set-based form (the design study's O8, not built in the
 /// engine): what [`sql_alone`] runs, but each statement serves [`SET_BASED_PER_TRANSACTION`]
 /// registrations (`domain::store`'s set-based twins of the same calls), one transaction per
@@ -721,70 +726,74 @@ pub async fn sql_set_based(pool: &PgPool, prefix: &str, runs: usize, concurrency
     use sagaflow::workflows::customer_account::{CUSTOMER_CREATED_EVENT, CUSTOMER_ID_KEY};
     let measured = InProcess::start(pool).await?;
     let (shared, prefix) = (pool.clone(), prefix.to_string());
-    let tasks = (concurrency / SET_BASED_PER_TRANSACTION).max(1);
-    let latencies = chunks_from_tasks(runs, tasks, SET_BASED_PER_TRANSACTION, move |chunk| {
-        let (pool, prefix) = (shared.clone(), prefix.clone());
-        async move {
-            let inputs: Vec<Value> = chunk.clone().map(|i| registration(&prefix, i)).collect();
-            let identities: Vec<String> = inputs
-                .iter()
-                .map(|input| input["authIdentityId"].as_str().unwrap_or_default().to_string())
-                .collect();
-            let customers: Vec<NewCustomer> = inputs
-                .iter()
-                .map(|input| serde_json::from_value(input["customerData"].clone()))
-                .collect::<Result<_, _>>()?;
-            let run_ids: Vec<uuid::Uuid> = chunk.clone().map(|_| uuid::Uuid::now_v7()).collect();
-            let mut tx = pool.begin().await?;
-            let checks: Vec<(&str, &str)> = identities
-                .iter()
-                .zip(&customers)
-                .map(|(identity, customer)| (identity.as_str(), customer.email.as_str()))
-                .collect();
-            for (found, i) in domain::registration_checks(&mut tx, &checks)
-                .await?
-                .into_iter()
-                .zip(chunk.clone())
-            {
-                match found {
-                    Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
-                    found => bail!("registration {i} cannot proceed: {found:?}"),
+    let latencies = chunks_from_tasks(
+        runs,
+        set_based_tasks(concurrency),
+        SET_BASED_PER_TRANSACTION,
+        move |chunk| {
+            let (pool, prefix) = (shared.clone(), prefix.clone());
+            async move {
+                let inputs: Vec<Value> = chunk.clone().map(|i| registration(&prefix, i)).collect();
+                let identities: Vec<String> = inputs
+                    .iter()
+                    .map(|input| input["authIdentityId"].as_str().unwrap_or_default().to_string())
+                    .collect();
+                let customers: Vec<NewCustomer> = inputs
+                    .iter()
+                    .map(|input| serde_json::from_value(input["customerData"].clone()))
+                    .collect::<Result<_, _>>()?;
+                let run_ids: Vec<uuid::Uuid> = chunk.clone().map(|_| uuid::Uuid::now_v7()).collect();
+                let mut tx = pool.begin().await?;
+                let checks: Vec<(&str, &str)> = identities
+                    .iter()
+                    .zip(&customers)
+                    .map(|(identity, customer)| (identity.as_str(), customer.email.as_str()))
+                    .collect();
+                for (found, i) in domain::registration_checks(&mut tx, &checks)
+                    .await?
+                    .into_iter()
+                    .zip(chunk.clone())
+                {
+                    match found {
+                        Some((metadata, false)) if metadata.get(CUSTOMER_ID_KEY).is_none_or(Value::is_null) => {}
+                        found => bail!("registration {i} cannot proceed: {found:?}"),
+                    }
                 }
-            }
-            let inserts: Vec<(&NewCustomer, bool, uuid::Uuid)> =
-                customers.iter().zip(&run_ids).map(|(c, &run)| (c, true, run)).collect();
-            let mut created = Vec::with_capacity(inserts.len());
-            for (customer, i) in domain::insert_customers(&mut tx, &inserts)
-                .await?
-                .into_iter()
-                .zip(chunk.clone())
-            {
-                created.push(customer.with_context(|| format!("registration {i}: the email has an account"))?);
-            }
-            let events: Vec<Value> = created.iter().map(|c| domain::customer_created(&c.id)).collect();
-            let held: Vec<(uuid::Uuid, &str, &Value)> = run_ids
-                .iter()
-                .zip(&events)
-                .map(|(&run, data)| (run, CUSTOMER_CREATED_EVENT, data))
-                .collect();
-            domain::hold_events(&mut tx, &held).await?;
-            let values: Vec<Value> = created.iter().map(|c| json!(c.id)).collect();
-            let links: Vec<(&str, &Value)> = identities.iter().map(String::as_str).zip(&values).collect();
-            for (linked, i) in domain::link_identities(&mut tx, &links, CUSTOMER_ID_KEY)
-                .await?
-                .into_iter()
-                .zip(chunk)
-            {
-                if !matches!(linked, domain::Link::Linked(_)) {
-                    bail!("registration {i}: the identity was not linked: {linked:?}");
+                let inserts: Vec<(&NewCustomer, bool, uuid::Uuid)> =
+                    customers.iter().zip(&run_ids).map(|(c, &run)| (c, true, run)).collect();
+                let mut created = Vec::with_capacity(inserts.len());
+                for (customer, i) in domain::insert_customers(&mut tx, &inserts)
+                    .await?
+                    .into_iter()
+                    .zip(chunk.clone())
+                {
+                    created.push(customer.with_context(|| format!("registration {i}: the email has an account"))?);
                 }
+                let events: Vec<Value> = created.iter().map(|c| domain::customer_created(&c.id)).collect();
+                let held: Vec<(uuid::Uuid, &str, &Value)> = run_ids
+                    .iter()
+                    .zip(&events)
+                    .map(|(&run, data)| (run, CUSTOMER_CREATED_EVENT, data))
+                    .collect();
+                domain::hold_events(&mut tx, &held).await?;
+                let values: Vec<Value> = created.iter().map(|c| json!(c.id)).collect();
+                let links: Vec<(&str, &Value)> = identities.iter().map(String::as_str).zip(&values).collect();
+                for (linked, i) in domain::link_identities(&mut tx, &links, CUSTOMER_ID_KEY)
+                    .await?
+                    .into_iter()
+                    .zip(chunk)
+                {
+                    if !matches!(linked, domain::Link::Linked(_)) {
+                        bail!("registration {i}: the identity was not linked: {linked:?}");
+                    }
+                }
+                let settles: Vec<(uuid::Uuid, bool)> = run_ids.iter().map(|&run| (run, true)).collect();
+                domain::settle_events_of(&mut tx, &settles).await?;
+                tx.commit().await?;
+                Ok(())
             }
-            let settles: Vec<(uuid::Uuid, bool)> = run_ids.iter().map(|&run| (run, true)).collect();
-            domain::settle_events_of(&mut tx, &settles).await?;
-            tx.commit().await?;
-            Ok(())
-        }
-    })
+        },
+    )
     .await?;
     measured.phase(pool, latencies).await
 }
@@ -815,6 +824,24 @@ pub async fn domain_writes(pool: &PgPool, prefix: &str) -> Result<DomainWrites> 
         linked,
         released,
     })
+}
+
+/// Fails unless the `runs` registrations with identities `authid_<prefix><i>` left what
+/// completed registrations leave ([`domain_writes`]: one customer, link and released event
+/// each), naming `who` wrote them: a phase's figures compare only if it did the same work.
+pub async fn wrote_registrations(pool: &PgPool, prefix: &str, runs: usize, who: &str) -> Result<()> {
+    let n = runs as i64;
+    let wrote = domain_writes(pool, prefix).await?;
+    if wrote
+        != (DomainWrites {
+            customers: n,
+            linked: n,
+            released: n,
+        })
+    {
+        bail!("{who} did not write what the workflow writes: {wrote:?}, {runs} registrations");
+    }
+    Ok(())
 }
 
 /// See [`domain_writes`].

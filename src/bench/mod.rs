@@ -226,26 +226,13 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     load::create_identities(&pool, "s", options.runs).await?;
     report.sql_alone = Some(load::sql_alone(&pool, "s", options.runs, options.concurrency).await?);
     // Its figures compare only if it wrote what the workflow writes: see that it did.
-    let (by_hand, by_runs) = (
-        load::domain_writes(&pool, "s").await?,
-        load::domain_writes(&pool, "l").await?,
-    );
-    let expected = |n: usize| load::DomainWrites {
-        customers: n as i64,
-        linked: n as i64,
-        released: n as i64,
-    };
-    if by_hand != expected(options.runs) || by_runs != expected(options.runs) {
-        bail!(
-            "the SQL alone did not write what the workflow writes: {by_hand:?} by hand, {by_runs:?} by the library's runs, {} registrations each",
-            options.runs
-        );
-    }
+    load::wrote_registrations(&pool, "l", options.runs, "the library's runs").await?;
+    load::wrote_registrations(&pool, "s", options.runs, "the SQL alone").await?;
 
     eprintln!(
         "SQL set-based: the same statements, {} registrations per statement, from {} tasks, no orchestrator",
         load::SET_BASED_PER_TRANSACTION,
-        (options.concurrency / load::SET_BASED_PER_TRANSACTION).max(1)
+        load::set_based_tasks(options.concurrency)
     );
     load::create_identities(&pool, "b", options.runs).await?;
     let generic = pg::pool(
@@ -258,13 +245,7 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     )?;
     report.sql_set_based = Some(load::sql_set_based(&generic, "b", options.runs, options.concurrency).await?);
     generic.close().await;
-    let set_based = load::domain_writes(&pool, "b").await?;
-    if set_based != expected(options.runs) {
-        bail!(
-            "the set-based SQL did not write what the workflow writes: {set_based:?}, {} registrations",
-            options.runs
-        );
-    }
+    load::wrote_registrations(&pool, "b", options.runs, "the set-based SQL").await?;
 
     eprintln!("recovery: SIGKILL with runs in flight, restart, wait");
     report.recovery = Some(recovery(&pool, &url, options).await?);
