@@ -192,6 +192,15 @@ async fn set_based(
         .collect();
     let ids = domain::hold_events(conn, &events).await.expect("hold");
     assert_eq!(ids.len(), events.len(), "one id per event");
+    // Each id returned is the id of that item's event, as the one-item form's RETURNING gives.
+    for (id, (run, _, _)) in ids.iter().zip(&events) {
+        let stored: Option<Uuid> = sqlx::query_scalar("SELECT run_id FROM outbox_events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .expect("read the event");
+        assert_eq!(stored, Some(*run), "event {id}");
+    }
     let values: Vec<Value> = (0..registrations.len()).map(|i| json!(format!("cus_{i}"))).collect();
     let links: Vec<(&str, &Value)> = registrations
         .iter()
