@@ -132,6 +132,15 @@ struct ServeArgs {
     /// most half the worker's connections).
     #[arg(long, env = "SAGAFLOW_COMMIT_LANES", default_value_t = sagaflow::engine::lane::DEFAULT_LANES)]
     commit_lanes: usize,
+    /// Runners driving cohorts: waiting triggers' runs of a workflow whose every step has a
+    /// batch form go through their steps together, one call per step for all (0: none; at
+    /// most a quarter of the worker's connections).
+    #[arg(long, env = "SAGAFLOW_COHORT_RUNNERS", default_value_t = sagaflow::engine::DEFAULT_COHORT_RUNNERS)]
+    cohort_runners: usize,
+    /// How long a cohort's first run waits for peers (0: only those already waiting join;
+    /// more trades latency for larger cohorts).
+    #[arg(long, env = "SAGAFLOW_COHORT_GATHER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    cohort_gather: Duration,
     /// The longest a step may wait for a signal, a completion or time (every wait has a
     /// deadline; none may be later than this).
     #[arg(long, env = "SAGAFLOW_MAX_WAIT", default_value = "30days", value_parser = humantime::parse_duration)]
@@ -288,6 +297,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent_runs: args.max_concurrent_runs.max(1),
             fuse_local_steps: !args.no_fusion,
             commit_lanes: args.commit_lanes,
+            cohort_runners: args.cohort_runners,
+            cohort_gather: args.cohort_gather,
             max_wait: args.max_wait,
             poll_interval: args.poll_interval,
             recovery_interval: (args.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),

@@ -1289,6 +1289,113 @@ async fn a_waiting_trigger_killed_in_the_segment_that_inserts_its_run_leaves_all
     }
 }
 
+/// The settings that gather the waiting triggers a test sends together into one cohort:
+/// one runner waiting long enough for all of them, and no lanes, so that whatever shares a
+/// transaction shared a cohort.
+fn gathering(node: &str) -> Options {
+    Options {
+        env: vec![
+            ("SAGAFLOW_COHORT_RUNNERS".into(), "1".into()),
+            ("SAGAFLOW_COHORT_GATHER".into(), "500ms".into()),
+            ("SAGAFLOW_COMMIT_LANES".into(), "0".into()),
+        ],
+        ..Options::node(node)
+    }
+}
+
+/// Waiting triggers sent together go through their steps as one cohort. Aborted before a
+/// batch call or after one (before the cohort's commit), nothing of any of its runs is left
+/// and no caller was answered; aborted after the commit, every run is there, completed.
+/// Either way each caller's retry with its key ends with its customer registered once, and
+/// every invariant holds.
+#[tokio::test]
+async fn a_crash_inside_a_cohort_leaves_all_of_its_runs_or_none() {
+    let count = 6;
+    let cases = [
+        ("before:emit-customer-created:4", false),
+        ("after-effect:set-auth-app-metadata:3", false),
+        ("after-commit:set-auth-app-metadata:2", true),
+    ];
+    for (fault, committed) in cases {
+        let db = test_db().await;
+        let node = "cohort-crash";
+        let mut server = ServerProcess::start(
+            &db.url,
+            Options {
+                faults: Some(fault.to_string()),
+                ..gathering(node)
+            },
+        )
+        .await;
+        let client = client();
+        let mut bodies = Vec::new();
+        for i in 0..count {
+            let email = format!("cohort{i}@example.com");
+            let auth = identity(&client, &server.url(), &email).await;
+            bodies.push((format!("cohort-{i}"), email, auth));
+        }
+        let answers = futures::future::join_all(bodies.iter().map(|(key, email, auth)| {
+            let body = registration(auth, email);
+            let (client, base) = (&client, server.url());
+            async move { trigger_and_wait(client, &base, key, &body).await }
+        }))
+        .await;
+        let status = server.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(status.signal(), Some(6), "{fault} did not abort the process ({status})");
+        let (runs, customers, events): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM customers), (SELECT count(*) FROM outbox_events)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+        if committed {
+            assert_eq!((runs, customers, events), (count, count, count), "{fault}");
+            let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'completed'")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+            assert_eq!(completed, count, "{fault}");
+            let writers: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM runs")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+            assert_eq!(writers, 1, "{fault}: the runs were one cohort");
+        } else {
+            assert!(
+                answers.iter().all(Result::is_err),
+                "{fault}: answered before anything was durable: {answers:?}"
+            );
+            assert_eq!(
+                (runs, customers, events),
+                (0, 0, 0),
+                "{fault}: something of the cohort is left"
+            );
+            let linked: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM auth_identities WHERE app_metadata ? 'customer_id'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .expect("count");
+            assert_eq!(linked, 0, "{fault}");
+        }
+
+        server.restart(gathering(node)).await;
+        for (key, email, auth) in &bodies {
+            let (status, _) = trigger_and_wait(&client, &server.url(), key, &registration(auth, email))
+                .await
+                .expect("the retry is answered");
+            assert_eq!(status, "completed", "{fault}: {key}");
+            assert_eq!(registered(&db.pool, email, auth).await.0, 1, "{fault}: {email}");
+        }
+        let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        assert_eq!(runs, count, "{fault}: one run per key");
+        assert_invariants(&db.pool).await;
+        server.kill9();
+    }
+}
+
 #[tokio::test]
 async fn a_crash_inside_a_batch_loses_only_its_uncommitted_work_and_every_run_resumes() {
     let db = test_db().await;

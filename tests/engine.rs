@@ -591,6 +591,35 @@ async fn hook_points_are_no_ops_until_the_application_registers_a_handler() {
         .hook("hooked", "first", Handler::new(Greeter))
         .build();
     assert!(unknown.is_err(), "only hook points take hook handlers");
+
+    // A hook handler with a batch form must be local, as a step's must.
+    #[async_trait::async_trait]
+    impl sagaflow::engine::BatchStep for First {
+        async fn invoke_batch(
+            &self,
+            _: &mut sqlx::PgConnection,
+            items: &[sagaflow::engine::BatchItem<'_>],
+        ) -> Result<Vec<Result<u32, StepError>>, StepError> {
+            Ok(items.iter().map(|_| Ok(7)).collect())
+        }
+    }
+    let batched = Engine::builder(db.pool.clone())
+        .register(definition())
+        .hook("hooked", "greet", Handler::new(First).batch(First))
+        .build();
+    assert!(
+        matches!(
+            batched,
+            Err(sagaflow::engine::DefinitionError::BatchNotLocal { ref workflow, ref step })
+                if workflow == "hooked" && step == "greet"
+        ),
+        "a batched hook handler that is not local is refused"
+    );
+    let local = Engine::builder(db.pool.clone())
+        .register(definition())
+        .hook("hooked", "greet", Handler::new(First).local().batch(First))
+        .build();
+    assert!(local.is_ok(), "a local one is taken");
 }
 
 #[tokio::test]

@@ -318,3 +318,95 @@ pub(crate) async fn apply_first(
         created_at,
     }))
 }
+
+/// Writes the first segments of a cohort's runs (see `executor::cohort`), each of which
+/// finished its run, as the inserts of the runs in one statement
+/// ([`store::insert_finished_runs`]), then runs the workflow's finish hook once for all of them
+/// ([`FinishHook::on_finish_batch`]); `copies[i]` becomes the rows of `runs[i]` as written.
+/// `None`, with nothing of the runs written and the copies as they were, when some run was
+/// refused (its key taken, the workflow paused) or did not finish: the caller then must not
+/// commit the transaction, whose other writes stand.
+///
+/// [`FinishHook::on_finish_batch`]: super::definition::FinishHook::on_finish_batch
+pub(crate) async fn apply_finished_cohort(
+    conn: &mut PgConnection,
+    workflow: &Workflow,
+    runs: &[(Unwritten<'_>, Change<'_>)],
+    copies: &mut [RunDetail],
+) -> Result<Option<Vec<AfterCommit>>, ApplyError> {
+    let no_stamps = Stamps::default();
+    let mut finished = Vec::with_capacity(runs.len());
+    let mut times = Vec::with_capacity(runs.len());
+    for (unwritten, change) in runs {
+        let Next::Finish(status) = change.transition.next else {
+            return Ok(None);
+        };
+        finished.push((change.run_id, status));
+        let stamps = change.stamps.unwrap_or(&no_stamps);
+        times.push(store::first_times(
+            unwritten.run.marks,
+            unwritten.prepared_ago_us,
+            &stamps.times,
+        ));
+    }
+    let persists: Vec<Persist<'_>> = runs
+        .iter()
+        .zip(&times)
+        .map(|((_, change), times)| {
+            let stamps = change.stamps.unwrap_or(&no_stamps);
+            persist_of(
+                change,
+                (0..change.new.steps.len()).collect(),
+                times,
+                &stamps.events_ago_us,
+            )
+        })
+        .collect();
+    if persists.iter().any(|p| !matches!(p.lease, LeaseWrite::Finish)) {
+        return Ok(None);
+    }
+    let items: Vec<store::FinishedRun<'_>> = runs
+        .iter()
+        .zip(&persists)
+        .map(|((unwritten, _), first)| store::FinishedRun {
+            run: unwritten.run,
+            first,
+            created_ago_us: unwritten.prepared_ago_us,
+        })
+        .collect();
+    let written = store::insert_finished_runs(conn, &workflow.name, workflow.version, &items).await?;
+    let mut inserted = Vec::with_capacity(written.len());
+    for w in written {
+        match w {
+            store::InsertedWithSegment::Run { created_at, at } => inserted.push((created_at, at)),
+            store::InsertedWithSegment::Refused => return Ok(None),
+        }
+    }
+    if inserted.len() != runs.len() {
+        return Ok(None);
+    }
+    if let Some(hook) = &workflow.on_finish {
+        hook.on_finish_batch(conn, &finished)
+            .await
+            .map_err(ApplyError::FinishHook)?;
+    }
+    let mut afters = Vec::with_capacity(runs.len());
+    for ((((unwritten, change), persist), (created_at, at)), copy) in
+        runs.iter().zip(&persists).zip(inserted).zip(copies.iter_mut())
+    {
+        let (mut run, mut steps) = unwritten.run.rows(store::Inserted::Run {
+            created_at,
+            held: false,
+        });
+        persist.mirror(&mut run, &mut steps, at);
+        *copy = RunDetail { run, steps };
+        afters.push(AfterCommit {
+            run_id: change.run_id,
+            finished: Some(persist.state.status),
+            detail: Some(Arc::new(copy.clone())),
+            workflow: workflow.name.clone(),
+            created_at,
+        });
+    }
+    Ok(Some(afters))
+}

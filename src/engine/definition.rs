@@ -249,6 +249,103 @@ pub trait Compensate: Step {
     async fn compensate(&self, ctx: &mut StepContext<'_>, done: Completed<Self::Output>) -> Result<(), StepError>;
 }
 
+/// One run's item in a call of a [`BatchStep`]: which run and attempt it is, and what the
+/// run has so far (its input and earlier outputs).
+#[derive(Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub(crate) run_id: Uuid,
+    pub(crate) attempt: u32,
+    pub(crate) view: RunView<'a>,
+}
+
+impl<'a> BatchItem<'a> {
+    /// The run this item is for.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// Which attempt of the step this is for the run (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The run's input and earlier outputs.
+    pub fn view(&self) -> RunView<'a> {
+        self.view
+    }
+
+    /// The workflow input, deserialized.
+    pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        self.view.input()
+    }
+
+    /// The recorded output of an earlier step of this run, deserialized.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        self.view.output(step)
+    }
+}
+
+/// The set-based form of a local step: one call does the step for several runs at once, on
+/// one transaction, typically with one statement per statement of [`Step::invoke`] (the
+/// design study's O8). The engine calls it for a cohort of runs that it drives through
+/// their steps in lockstep (see `engine::executor::cohort`), as few as one.
+///
+/// The contract, which the engine relies on and the form's tests should hold it to: the
+/// answer for each item, in order, and what the call leaves in the database, equal what
+/// [`Step::invoke`] gives and leaves when called for the items one after another, in order,
+/// on one transaction. An item's failure is its own `Err` in the answer, never an error of
+/// the call, unless the call itself failed (the database); should any item fail, the engine
+/// rolls back the whole cohort and runs each run on its own, so a failure is recorded
+/// exactly as without batching. Only a local step may have one (`StepDef::batch`).
+#[async_trait]
+pub trait BatchStep: Step {
+    /// Performs the step for every item: one answer per item, in order.
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Self::Output, StepError>>, StepError>;
+}
+
+/// A batch form with its types erased, as the executor calls it.
+#[async_trait]
+pub(crate) trait DynBatch: Send + Sync {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError>;
+}
+
+struct Batched<S>(S);
+
+#[async_trait]
+impl<S: BatchStep> DynBatch for Batched<S> {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
+        let answers = self.0.invoke_batch(db, items).await?;
+        Ok(answers
+            .into_iter()
+            .map(|answer| answer.and_then(|output| Ok(serde_json::to_value(output)?)))
+            .collect())
+    }
+}
+
+/// The batch form of a hook point's no-op.
+#[async_trait]
+impl DynBatch for NoOpHook {
+    async fn invoke_batch(
+        &self,
+        _db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
+        Ok(items.iter().map(|_| Ok(Value::Null)).collect())
+    }
+}
+
 /// A step with its types erased, as the executor calls it.
 #[async_trait]
 pub(crate) trait DynStep: Send + Sync {
@@ -342,6 +439,8 @@ pub struct Handler {
     pub(crate) code: Arc<dyn DynStep>,
     /// Every effect of the code goes through the step's transaction (see [`Handler::local`]).
     local: bool,
+    /// The code's set-based form, if it has one (see [`BatchStep`]).
+    pub(crate) batch: Option<Arc<dyn DynBatch>>,
 }
 
 impl Handler {
@@ -350,6 +449,7 @@ impl Handler {
         Self {
             code: Arc::new(InvokeOnly(step)),
             local: false,
+            batch: None,
         }
     }
 
@@ -358,6 +458,7 @@ impl Handler {
         Self {
             code: Arc::new(WithCompensation(step)),
             local: false,
+            batch: None,
         }
     }
 
@@ -365,6 +466,7 @@ impl Handler {
         Self {
             code: Arc::new(NoOpHook),
             local: true,
+            batch: Some(Arc::new(NoOpHook)),
         }
     }
 
@@ -372,6 +474,7 @@ impl Handler {
         Self {
             code: Arc::new(WaitOnly),
             local: false,
+            batch: None,
         }
     }
 
@@ -391,6 +494,19 @@ impl Handler {
         self.local
     }
 
+    /// Gives the code its set-based form, `form`: the same step's [`BatchStep`] (for a type
+    /// that implements both, the same value again). Only a local handler may have one: a
+    /// workflow with a non-local step that has one is refused when built.
+    pub fn batch<S: BatchStep>(mut self, form: S) -> Self {
+        self.batch = Some(Arc::new(Batched(form)));
+        self
+    }
+
+    /// Whether the code has a set-based form (the no-op of a hook point has).
+    pub fn is_batched(&self) -> bool {
+        self.batch.is_some()
+    }
+
     /// Whether this handler can undo what it did.
     pub fn has_compensation(&self) -> bool {
         self.code.has_compensation()
@@ -402,6 +518,7 @@ impl fmt::Debug for Handler {
         f.debug_struct("Handler")
             .field("has_compensation", &self.has_compensation())
             .field("local", &self.local)
+            .field("batched", &self.is_batched())
             .finish()
     }
 }
@@ -623,6 +740,18 @@ impl StepDef {
         self.handler.is_local()
     }
 
+    /// Gives the step its set-based form (see [`Handler::batch`] and [`BatchStep`]): the
+    /// engine may then run it for a cohort of runs in one call.
+    pub fn batch<S: BatchStep>(mut self, form: S) -> Self {
+        self.handler = self.handler.batch(form);
+        self
+    }
+
+    /// Whether the step has a set-based form (a hook point with no handler registered has).
+    pub fn is_batched(&self) -> bool {
+        self.handler.is_batched()
+    }
+
     /// Says what the step calls (shown to operators), e.g. `shop POST /stock/reserve`.
     pub fn target(mut self, target: impl Into<String>) -> Self {
         self.target = Some(target.into());
@@ -758,6 +887,17 @@ type OutputFn = Arc<dyn Fn(&RunView<'_>) -> Value + Send + Sync>;
 pub trait FinishHook: Send + Sync + 'static {
     /// Called once per run, inside the transaction that records `status` (terminal).
     async fn on_finish(&self, db: &mut PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError>;
+
+    /// [`FinishHook::on_finish`] for several runs finishing in one transaction (a cohort of
+    /// batched runs), each with its status: what it leaves must equal what `on_finish` leaves
+    /// called for each in order. By default it calls `on_finish` for each; a hook whose work
+    /// has a set-based form should override it.
+    async fn on_finish_batch(&self, db: &mut PgConnection, runs: &[(Uuid, RunStatus)]) -> Result<(), StepError> {
+        for &(run_id, status) in runs {
+            self.on_finish(db, run_id, status).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Who may start runs of a workflow. The engine does not authenticate anyone; it records the
@@ -933,6 +1073,12 @@ impl Workflow {
     }
 
     /// The run's output once completed: as defined, or the last recorded step output.
+    /// Whether cohorts may run this workflow's runs: every step is local and has a set-based
+    /// form, so a whole run is one fused segment of batch calls.
+    pub(crate) fn runs_in_cohorts(&self) -> bool {
+        self.steps.iter().all(|s| s.is_local() && s.is_batched())
+    }
+
     pub(crate) fn output_of(&self, view: &RunView<'_>) -> Value {
         if let Some(output) = &self.output {
             return output(view);
@@ -1001,6 +1147,15 @@ pub enum DefinitionError {
         step: String,
         /// What is empty.
         why: &'static str,
+    },
+    /// Only a local step may have a set-based form: the engine rolls a cohort back whenever
+    /// one of its runs fails, and runs each again on its own.
+    #[error("step `{step}` of workflow `{workflow}` has a batch form but is not local")]
+    BatchNotLocal {
+        /// The workflow.
+        workflow: String,
+        /// The step.
+        step: String,
     },
     /// A hook was registered for a workflow or step that does not exist or is not a hook point.
     #[error("workflow `{workflow}` has no hook point `{step}`")]
@@ -1114,6 +1269,12 @@ impl WorkflowBuilder {
                     _ => {}
                 }
             }
+            if step.is_batched() && !step.is_local() {
+                return Err(DefinitionError::BatchNotLocal {
+                    workflow: wf.name.clone(),
+                    step: step.name.clone(),
+                });
+            }
             if !seen.insert(step.name.as_str()) {
                 return Err(DefinitionError::DuplicateStep {
                     workflow: wf.name.clone(),
@@ -1180,6 +1341,47 @@ mod tests {
         async fn invoke(&self, _ctx: &mut StepContext<'_>) -> Result<(), StepError> {
             Ok(())
         }
+    }
+
+    #[async_trait]
+    impl BatchStep for Nothing {
+        async fn invoke_batch(
+            &self,
+            _db: &mut PgConnection,
+            items: &[BatchItem<'_>],
+        ) -> Result<Vec<Result<(), StepError>>, StepError> {
+            Ok(items.iter().map(|_| Ok(())).collect())
+        }
+    }
+
+    /// Only a local step may have a batch form: a cohort rolls back and runs again whatever
+    /// its steps did. A workflow runs in cohorts when every step has one (a hook point's
+    /// no-op has), and not once a step lacks it.
+    #[test]
+    fn a_batch_form_needs_a_local_step_and_cohorts_need_one_on_every_step() {
+        let refused = Workflow::builder("a", 1)
+            .step(StepDef::new("x", Nothing).batch(Nothing))
+            .build()
+            .err();
+        assert_eq!(
+            refused,
+            Some(DefinitionError::BatchNotLocal {
+                workflow: "a".into(),
+                step: "x".into()
+            })
+        );
+        let batched = Workflow::builder("a", 1)
+            .step(StepDef::new("x", Nothing).local().batch(Nothing))
+            .step(StepDef::hook("h"))
+            .build()
+            .expect("valid");
+        assert!(batched.runs_in_cohorts());
+        let partly = Workflow::builder("a", 1)
+            .step(StepDef::new("x", Nothing).local().batch(Nothing))
+            .step(StepDef::new("y", Nothing).local())
+            .build()
+            .expect("valid");
+        assert!(!partly.runs_in_cohorts(), "a local step without a batch form");
     }
 
     #[test]

@@ -35,6 +35,10 @@ use super::state::{RunState, StepError};
 use super::store;
 use super::{Engine, RunDetail, metrics_names as m};
 
+mod cohort;
+pub(crate) use cohort::{Cohorts, Gathering};
+pub use cohort::{DEFAULT_COHORT_RUNNERS, MAX_COHORT_RUNS};
+
 /// A run this worker holds the lease of, with everything needed to drive it.
 pub(crate) struct RunTask {
     engine: Engine,
@@ -53,6 +57,9 @@ pub(crate) struct RunTask {
     alone: Option<(usize, Phase)>,
     /// The run is not inserted yet: its first segment inserts it.
     uninserted: Option<Uninserted>,
+    /// The run was offered to a cohort once (see `cohort`): whatever came of it, it goes on
+    /// without one.
+    cohort_tried: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -127,6 +134,8 @@ pub(crate) trait Slot: Send + Sync {
     fn run_done(&self);
     /// Where fused segments of several runs commit together, if the worker batches them.
     fn lanes(&self) -> Option<&Lanes>;
+    /// Where runs go through their steps in lockstep, if the worker gathers cohorts.
+    fn cohorts(&self) -> Option<&Cohorts>;
 }
 
 /// The lease a worker committed on a run, as an executor starts from it.
@@ -162,6 +171,7 @@ impl RunTask {
             next: lease.next,
             alone: None,
             uninserted: lease.uninserted,
+            cohort_tried: false,
             _permit: permit,
         }
     }
@@ -184,6 +194,17 @@ impl RunTask {
         let span = info_span!("run", run_id = %self.run_id, workflow = %self.workflow.name);
         async move {
             loop {
+                if self.may_join_cohort() {
+                    let worker = Arc::clone(&self.worker);
+                    if let Some(cohorts) = worker.cohorts() {
+                        match cohorts.join(self).await {
+                            Some(task) => self = task,
+                            // The runner stopped with the run: it was never inserted.
+                            None => return,
+                        }
+                        continue;
+                    }
+                }
                 let step_result = match self.next {
                     Next::Invoke(step) if self.fusable(step, Phase::Invoke) => self.segment().await,
                     Next::Compensate(step) if self.fusable(step, Phase::Compensate) => self.segment().await,
@@ -280,6 +301,16 @@ impl RunTask {
     ) -> Result<(), Stop> {
         discard(seat, tx).await;
         self.insert_alone(why).await
+    }
+
+    /// Whether the run may be offered to a cohort: it was not yet, it is not inserted (so no
+    /// crash can have touched it), its workflow runs in cohorts, and it is at an attempt to
+    /// invoke that may run fused.
+    fn may_join_cohort(&self) -> bool {
+        !self.cohort_tried
+            && self.uninserted.is_some()
+            && self.workflow.runs_in_cohorts()
+            && matches!(self.next, Next::Invoke(step) if self.fusable(step, Phase::Invoke))
     }
 
     /// Whether the attempt of `step` in `phase` may run in a fused segment: fusion is on, the

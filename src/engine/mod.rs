@@ -49,9 +49,11 @@ use uuid::Uuid;
 pub use bulk::{BULK_COUNT_CAP, BULK_SAMPLE, BulkAction, BulkOutcome, BulkSkip, MAX_BULK_RUNS};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use definition::{
-    Access, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, OnTimeout, Phase, RunView, Source,
-    Step, StepContext, StepDef, ValidateInput, WaitDef, WaitFor, Workflow, WorkflowBuilder, moment_at,
+    Access, BatchItem, BatchStep, Compensate, Completed, DefinitionError, FinishHook, Handler, InputError, OnTimeout,
+    Phase, RunView, Source, Step, StepContext, StepDef, ValidateInput, WaitDef, WaitFor, Workflow, WorkflowBuilder,
+    moment_at,
 };
+pub use executor::{DEFAULT_COHORT_RUNNERS, MAX_COHORT_RUNS};
 pub use faults::Faults;
 pub use inbox::{Completion, Delivery, DeliveryOutcome};
 pub use repair::MAX_NOTE_CHARS;
@@ -91,6 +93,10 @@ pub mod metrics_names {
     pub const SEGMENT_ATTEMPTS: &str = "sagaflow_segment_attempts";
     /// Runs whose segments one batch committed together.
     pub const BATCH_RUNS: &str = "sagaflow_batch_runs";
+    /// Runs one cohort ran through their steps together and committed.
+    pub const COHORT_RUNS: &str = "sagaflow_cohort_runs";
+    /// Cohorts given up (their runs went on alone), by reason.
+    pub const COHORTS_ABANDONED: &str = "sagaflow_cohorts_abandoned_total";
     /// Runs of waiting triggers inserted on their own rather than by their first segment,
     /// by workflow and reason.
     pub const RUNS_INSERTED_ALONE: &str = "sagaflow_runs_inserted_alone_total";
@@ -326,6 +332,17 @@ pub struct EngineConfig {
     pub commit_lanes: usize,
     /// The most runs one lane commits together (at most [`lane::MAX_BATCH_RUNS`]).
     pub batch_max_runs: usize,
+    /// Runners driving cohorts: the not yet inserted runs of a workflow whose every step has
+    /// a set-based form, gathered as they arrive, go through their steps together, one call
+    /// of each step for all (0: no cohorts; at most a quarter of the worker pool's
+    /// connections). Runs of one subject always go to the same runner.
+    pub cohort_runners: usize,
+    /// The most runs one cohort holds (at most [`MAX_COHORT_RUNS`]).
+    pub cohort_max_runs: usize,
+    /// How long a cohort's first run waits for peers. Zero, the default: only runs already
+    /// waiting join, so an idle system waits for nobody; above zero trades latency for
+    /// larger cohorts (the tests use it to gather a cohort they can count on).
+    pub cohort_gather: Duration,
     /// The longest a step may wait (for a signal, a completion or time): every wait has a
     /// deadline, and none is later than this after the wait begins.
     pub max_wait: Duration,
@@ -344,6 +361,9 @@ impl Default for EngineConfig {
             fuse_local_steps: true,
             commit_lanes: lane::DEFAULT_LANES,
             batch_max_runs: lane::MAX_BATCH_RUNS,
+            cohort_runners: DEFAULT_COHORT_RUNNERS,
+            cohort_max_runs: MAX_COHORT_RUNS,
+            cohort_gather: Duration::ZERO,
             max_wait: Duration::from_secs(30 * 24 * 3600),
         }
     }
@@ -409,6 +429,12 @@ impl EngineBuilder {
             let mut found = false;
             for wf in workflows.iter_mut().filter(|w| &w.name == workflow) {
                 if let Some(def) = wf.steps.iter_mut().find(|s| &s.name == step && s.hook) {
+                    if handler.is_batched() && !handler.is_local() {
+                        return Err(DefinitionError::BatchNotLocal {
+                            workflow: workflow.clone(),
+                            step: step.clone(),
+                        });
+                    }
                     def.handler = handler.clone();
                     found = true;
                 }

@@ -597,6 +597,148 @@ pub async fn insert_run_with_segment(
     })
 }
 
+/// One run for [`insert_finished_runs`]: its insert as its trigger prepared it, its first
+/// segment's write, and how long before the statement it was prepared.
+pub struct FinishedRun<'a> {
+    /// The insert its trigger prepared.
+    pub run: &'a NewRun<'a>,
+    /// The write of its first segment, which finished it ([`LeaseWrite::Finish`]).
+    pub first: &'a Persist<'a>,
+    /// How long before the statement the run was prepared, in microseconds.
+    pub created_ago_us: i64,
+}
+
+/// [`insert_run_with_segment`] for several runs of one workflow version whose first segment
+/// finished each of them, in one statement: the same rows as that function writes for each,
+/// in order. Refused for all as it refuses one (the workflow paused), or for one whose key is
+/// taken: one answer per run, in order; the caller must not commit a transaction in which
+/// some were refused and their segments' work stands. `workflow` and `workflow_version` are
+/// every run's.
+pub async fn insert_finished_runs(
+    conn: &mut PgConnection,
+    workflow: &str,
+    workflow_version: i32,
+    runs: &[FinishedRun<'_>],
+) -> Result<Vec<InsertedWithSegment>, sqlx::Error> {
+    let mut step_run: Vec<i32> = Vec::new();
+    let mut step_names: Vec<&str> = Vec::new();
+    let mut steps = StepArrays::default();
+    let mut event_run: Vec<i32> = Vec::new();
+    let mut event_seq: Vec<i32> = Vec::new();
+    let mut events = EventArrays::default();
+    let mut errors: Vec<Option<Value>> = Vec::with_capacity(runs.len());
+    let mut log_seq: Vec<i32> = Vec::with_capacity(runs.len());
+    for (ord, r) in (1_i32..).zip(runs) {
+        let of_run = StepArrays::from_state(r.first.state, r.first.times, (0..r.first.state.steps.len()).collect());
+        step_run.extend(std::iter::repeat_n(ord, of_run.idx.len()));
+        step_names.extend(
+            of_run
+                .idx
+                .iter()
+                .filter_map(|&i| r.run.step_names.get(usize::try_from(i).ok()?).copied()),
+        );
+        steps.append(of_run);
+        let all: Vec<NewEvent> = r.run.events.iter().chain(r.first.events).cloned().collect();
+        let ago: Vec<i64> = std::iter::repeat_n(r.created_ago_us, r.run.events.len())
+            .chain((0..r.first.events.len()).map(|i| r.first.events_ago_us.get(i).copied().unwrap_or(0)))
+            .collect();
+        event_run.extend(std::iter::repeat_n(ord, all.len()));
+        event_seq.extend(1..=i32::try_from(all.len()).unwrap_or(i32::MAX));
+        log_seq.push(i32::try_from(all.len()).unwrap_or(i32::MAX));
+        events.append(EventArrays::new(&all, &ago));
+        errors.push(error_json(r.first.state)?);
+    }
+    // Per run, in order: when it was accepted and when it was written (both null: refused).
+    type Written = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    let written: Vec<Written> = sqlx::query_as(
+        "WITH t AS (
+             SELECT clock_timestamp() AS now,
+                    EXISTS (SELECT 1 FROM paused_workflows WHERE workflow = $1) AS paused
+         ), r AS (
+             SELECT * FROM unnest($3::uuid[], $4::run_status[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::text[],
+                                  $9::text[], $10::run_trigger[], $11::uuid[], $12::int8[], $13::int4[])
+                  WITH ORDINALITY AS r(id, status, input, output, error, subject, idempotency_key, trigger, retry_of,
+                                       created_ago, log_seq, ord)
+         ), run AS (
+             INSERT INTO runs (id, workflow, workflow_version, status, input, output, error, subject, idempotency_key,
+                               trigger, retry_of, lease_epoch, log_seq, created_at, updated_at, finished_at)
+             SELECT r.id, $1, $2, r.status, r.input, r.output, r.error, r.subject, r.idempotency_key, r.trigger,
+                    r.retry_of, 1, r.log_seq, t.now - r.created_ago * interval '1 microsecond', t.now, t.now
+             FROM r, t
+             WHERE NOT t.paused
+             ORDER BY r.ord
+             ON CONFLICT (idempotency_key, workflow) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id, created_at, updated_at AS at
+         ), steps AS (
+             INSERT INTO run_steps (run_id, idx, name, status, attempts, compensation_attempts, lost_attempts,
+                                    lost_compensation_attempts, output, error, partial, started_at, finished_at)
+             SELECT run.id, c.idx, c.name, c.status, c.attempts, c.compensation_attempts, c.lost, c.lost_compensation,
+                    c.output, c.error, c.partial,
+                    run.at - c.started_ago * interval '1 microsecond',
+                    CASE c.finished WHEN 'set' THEN run.at - c.finished_ago * interval '1 microsecond' END
+             FROM unnest($14::int4[], $15::smallint[], $16::text[], $17::step_status[], $18::int4[], $19::int4[],
+                         $20::int4[], $21::int4[], $22::jsonb[], $23::jsonb[], $24::jsonb[], $25::int8[], $26::text[],
+                         $27::int8[])
+                  AS c(run_ord, idx, name, status, attempts, compensation_attempts, lost, lost_compensation, output,
+                       error, partial, started_ago, finished, finished_ago)
+             JOIN r ON r.ord = c.run_ord
+             JOIN run ON run.id = r.id
+         ), events AS (
+             INSERT INTO run_events (run_id, seq, at, kind, step, attempt, detail)
+             SELECT run.id, c.seq, run.at - c.ago * interval '1 microsecond', c.kind, c.step, c.attempt, c.detail
+             FROM unnest($28::int4[], $29::int4[], $30::event_kind[], $31::text[], $32::int4[], $33::jsonb[],
+                         $34::int8[])
+                  AS c(run_ord, seq, kind, step, attempt, detail, ago)
+             JOIN r ON r.ord = c.run_ord
+             JOIN run ON run.id = r.id
+         )
+         SELECT run.created_at, run.at FROM r LEFT JOIN run ON run.id = r.id ORDER BY r.ord",
+    )
+    .bind(workflow)
+    .bind(workflow_version)
+    .bind(runs.iter().map(|r| r.run.id).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.first.state.status).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.run.input).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.first.state.output.clone()).collect::<Vec<_>>())
+    .bind(&errors)
+    .bind(runs.iter().map(|r| r.run.subject).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.run.idempotency_key).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.run.trigger).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.run.retry_of).collect::<Vec<_>>())
+    .bind(runs.iter().map(|r| r.created_ago_us).collect::<Vec<_>>())
+    .bind(&log_seq)
+    .bind(&step_run)
+    .bind(&steps.idx)
+    .bind(&step_names)
+    .bind(&steps.status)
+    .bind(&steps.attempts)
+    .bind(&steps.compensation_attempts)
+    .bind(&steps.lost_attempts)
+    .bind(&steps.lost_compensation_attempts)
+    .bind(&steps.output)
+    .bind(&steps.error)
+    .bind(&steps.partial)
+    .bind(&steps.started_ago)
+    .bind(&steps.finished)
+    .bind(&steps.finished_ago)
+    .bind(&event_run)
+    .bind(&event_seq)
+    .bind(&events.kind)
+    .bind(&events.step)
+    .bind(&events.attempt)
+    .bind(&events.detail)
+    .bind(&events.ago)
+    .fetch_all(conn)
+    .await?;
+    Ok(written
+        .into_iter()
+        .map(|w| match w {
+            (Some(created_at), Some(at)) => InsertedWithSegment::Run { created_at, at },
+            _ => InsertedWithSegment::Refused,
+        })
+        .collect())
+}
+
 /// The step times of a run inserted with its first segment: the claim's `marks`, made when
 /// the run was prepared `created_ago_us` before the write, then the segment's `later` times.
 pub fn first_times(
@@ -1255,6 +1397,7 @@ impl<'a> WaitColumns<'a> {
 }
 
 /// Column arrays of the steps a statement writes (bound as `unnest` parameters).
+#[derive(Default)]
 struct StepArrays {
     idx: Vec<i16>,
     status: Vec<StepStatus>,
@@ -1271,6 +1414,23 @@ struct StepArrays {
 }
 
 impl StepArrays {
+    /// Adds `more`'s rows after these.
+    fn append(&mut self, mut more: Self) {
+        self.idx.append(&mut more.idx);
+        self.status.append(&mut more.status);
+        self.attempts.append(&mut more.attempts);
+        self.compensation_attempts.append(&mut more.compensation_attempts);
+        self.lost_attempts.append(&mut more.lost_attempts);
+        self.lost_compensation_attempts
+            .append(&mut more.lost_compensation_attempts);
+        self.output.append(&mut more.output);
+        self.error.append(&mut more.error);
+        self.partial.append(&mut more.partial);
+        self.started_ago.append(&mut more.started_ago);
+        self.finished.append(&mut more.finished);
+        self.finished_ago.append(&mut more.finished_ago);
+    }
+
     fn from_state(state: &RunState, times: &std::collections::BTreeMap<usize, StepTimes>, which: Vec<usize>) -> Self {
         let mut arrays = Self {
             idx: Vec::with_capacity(which.len()),
@@ -1320,6 +1480,7 @@ impl StepArrays {
 }
 
 /// Column arrays of log entries.
+#[derive(Default)]
 struct EventArrays {
     kind: Vec<EventKind>,
     step: Vec<Option<String>>,
@@ -1329,6 +1490,15 @@ struct EventArrays {
 }
 
 impl EventArrays {
+    /// Adds `more`'s entries after these.
+    fn append(&mut self, mut more: Self) {
+        self.kind.append(&mut more.kind);
+        self.step.append(&mut more.step);
+        self.attempt.append(&mut more.attempt);
+        self.detail.append(&mut more.detail);
+        self.ago.append(&mut more.ago);
+    }
+
     fn new(events: &[NewEvent], ago_us: &[i64]) -> Self {
         Self {
             ago: (0..events.len()).map(|i| ago_us.get(i).copied().unwrap_or(0)).collect(),

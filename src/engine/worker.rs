@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Applied, ApplyError, Change};
 use super::definition::Workflow;
-use super::executor::{Lease, RunTask, Slot};
+use super::executor::{Cohorts, Gathering, Lease, RunTask, Slot};
 use super::lane::Lanes;
 use super::machine::{Conditions, Event, Machine, Transition};
 use super::state::RunState;
@@ -59,6 +59,7 @@ pub(crate) struct WorkerShared {
     active: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>,
     /// Where executors commit their fused segments together (none: each on its own).
     lanes: Option<Lanes>,
+    cohorts: Option<Cohorts>,
 }
 
 impl Slot for WorkerShared {
@@ -79,6 +80,10 @@ impl Slot for WorkerShared {
 
     fn lanes(&self) -> Option<&Lanes> {
         self.lanes.as_ref()
+    }
+
+    fn cohorts(&self) -> Option<&Cohorts> {
+        self.cohorts.as_ref()
     }
 }
 
@@ -256,6 +261,16 @@ pub(crate) async fn start(engine: Engine) -> Result<WorkerHandle, EngineError> {
         active: Default::default(),
         lanes: (config.fuse_local_steps && config.commit_lanes > 0 && config.batch_max_runs > 1)
             .then(|| Lanes::start(&inner.worker_pool, config.commit_lanes, config.batch_max_runs)),
+        cohorts: cohort_runners(config, inner.worker_pool.options().get_max_connections()).map(|runners| {
+            Cohorts::start(
+                &inner.worker_pool,
+                runners,
+                Gathering {
+                    max_runs: config.cohort_max_runs,
+                    wait: config.cohort_gather,
+                },
+            )
+        }),
     });
     // Runs of this node's previous incarnation (and of any worker already gone) need no wait.
     recover(&engine, id).await;
@@ -603,4 +618,13 @@ async fn recovery_loop(engine: Engine, me: i32, stop: CancellationToken) {
         }
         recover(&engine, me).await;
     }
+}
+
+/// How many cohort runners to start on a pool of `connections`: none when fusion or
+/// cohorts are off or a cohort could hold only one run; otherwise as asked, at most a quarter
+/// of the connections (each holds one while its cohort runs, beside the lanes' half).
+fn cohort_runners(config: &super::EngineConfig, connections: u32) -> Option<usize> {
+    let quarter = usize::try_from(connections / 4).unwrap_or(usize::MAX);
+    let runners = config.cohort_runners.min(quarter);
+    (config.fuse_local_steps && runners > 0 && config.cohort_max_runs > 1).then_some(runners)
 }

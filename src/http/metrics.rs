@@ -33,6 +33,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Full(m::BATCH_RUNS.into()), &COUNT_BUCKETS)
                 .ok()?
                 .set_buckets_for_metric(Matcher::Full(m::SEGMENT_ATTEMPTS.into()), &COUNT_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(m::COHORT_RUNS.into()), &COUNT_BUCKETS)
                 .ok()?;
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -71,6 +73,14 @@ fn describe() {
         "Attempts recorded together by one fused segment's commit"
     );
     metrics::describe_histogram!(m::BATCH_RUNS, "Runs whose segments one batch committed together");
+    metrics::describe_histogram!(
+        m::COHORT_RUNS,
+        "Runs one cohort ran through their steps together, one batch call per step, and committed"
+    );
+    metrics::describe_counter!(
+        m::COHORTS_ABANDONED,
+        "Cohorts given up (rolled back; their runs went on alone), by reason"
+    );
     metrics::describe_counter!(
         m::RUNS_INSERTED_ALONE,
         "Runs of waiting triggers inserted on their own rather than by their first segment, by workflow and reason"

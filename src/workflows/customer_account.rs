@@ -17,8 +17,8 @@ use crate::domain::store::{self as domain, Link, ONE_ACCOUNT_PER_EMAIL, violates
 use crate::domain::{Customer, NewCustomer, check_email};
 use crate::engine::definition::parse_input;
 use crate::engine::{
-    Compensate, Completed, FinishHook, InputError, RetryPolicy, RunStatus, Step, StepContext, StepDef, StepError,
-    ValidateInput, Workflow,
+    BatchItem, BatchStep, Compensate, Completed, FinishHook, InputError, RetryPolicy, RunStatus, Step, StepContext,
+    StepDef, StepError, ValidateInput, Workflow,
 };
 
 /// The workflow's name.
@@ -107,22 +107,26 @@ pub fn workflow() -> Workflow {
         .step(
             StepDef::new(VALIDATE, ValidateCustomerAccountCreation)
                 .local()
+                .batch(ValidateCustomerAccountCreation)
                 .retry(retry),
         )
         .step(
             StepDef::compensable(CREATE_CUSTOMERS, CreateCustomers)
                 .local()
+                .batch(CreateCustomers)
                 .retry(retry),
         )
         .step(StepDef::hook(CUSTOMERS_CREATED).retry(retry))
         .step(
             StepDef::new(EMIT_CUSTOMER_CREATED, EmitCustomerCreated)
                 .local()
+                .batch(EmitCustomerCreated)
                 .retry(retry),
         )
         .step(
             StepDef::compensable(SET_AUTH_APP_METADATA, SetAuthAppMetadata)
                 .local()
+                .batch(SetAuthAppMetadata)
                 .retry(retry),
         )
         .output(|view| view.output_value(CREATE_CUSTOMERS).cloned().unwrap_or(Value::Null))
@@ -165,6 +169,48 @@ impl Step for ValidateCustomerAccountCreation {
     }
 }
 
+#[async_trait]
+impl BatchStep for ValidateCustomerAccountCreation {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<(), StepError>>, StepError> {
+        // What fails before the database fails alone; the others are checked in one statement.
+        let inputs: Vec<Result<CreateCustomerAccountInput, StepError>> = items
+            .iter()
+            .map(|item| {
+                let input: CreateCustomerAccountInput = item.input()?;
+                check_email(input.customer_data.email.trim()).map_err(StepError::permanent)?;
+                Ok(input)
+            })
+            .collect();
+        let checked: Vec<(&str, &str)> = inputs
+            .iter()
+            .flatten()
+            .map(|input| (input.auth_identity_id.as_str(), input.customer_data.email.trim()))
+            .collect();
+        let mut found = domain::registration_checks(db, &checked).await?.into_iter();
+        Ok(inputs
+            .iter()
+            .map(|input| {
+                let input = input.as_ref().map_err(Clone::clone)?;
+                let (app_metadata, account_exists) = found
+                    .next()
+                    .flatten()
+                    .ok_or_else(|| not_found(&input.auth_identity_id))?;
+                if app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
+                    return Err(StepError::permanent(messages::ALREADY_LINKED));
+                }
+                if account_exists {
+                    return Err(StepError::permanent(messages::DUPLICATE_ACCOUNT));
+                }
+                Ok(())
+            })
+            .collect())
+    }
+}
+
 /// Step 2: inserts the customer (`has_account = true`) and its addresses. The unique index
 /// turns a racing second registration into a permanent duplicate-account error.
 struct CreateCustomers;
@@ -182,6 +228,35 @@ impl Step for CreateCustomers {
             Err(e) if violates(&e, ONE_ACCOUNT_PER_EMAIL) => Err(StepError::permanent(messages::DUPLICATE_ACCOUNT)),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[async_trait]
+impl BatchStep for CreateCustomers {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Customer, StepError>>, StepError> {
+        let inputs: Vec<Result<CreateCustomerAccountInput, StepError>> =
+            items.iter().map(|item| item.input()).collect();
+        let inserted: Vec<(&crate::domain::NewCustomer, bool, Uuid)> = inputs
+            .iter()
+            .zip(items)
+            .filter_map(|(input, item)| Some((&input.as_ref().ok()?.customer_data, true, item.run_id())))
+            .collect();
+        // A taken email is an answer of the statement (`None`), not an error that fails it.
+        let mut customers = domain::insert_customers(db, &inserted).await?.into_iter();
+        Ok(inputs
+            .iter()
+            .map(|input| {
+                input.as_ref().map_err(Clone::clone)?;
+                customers
+                    .next()
+                    .flatten()
+                    .ok_or_else(|| StepError::permanent(messages::DUPLICATE_ACCOUNT))
+            })
+            .collect())
     }
 }
 
@@ -208,6 +283,38 @@ impl Step for EmitCustomerCreated {
         let data = domain::customer_created(&customer.id);
         let event_id = domain::hold_event(ctx.db().await?, run_id, CUSTOMER_CREATED_EVENT, &data).await?;
         Ok(serde_json::json!({"event_id": event_id, "name": CUSTOMER_CREATED_EVENT}))
+    }
+}
+
+#[async_trait]
+impl BatchStep for EmitCustomerCreated {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<Value, StepError>>, StepError> {
+        let customers: Vec<Result<Customer, StepError>> =
+            items.iter().map(|item| item.output(CREATE_CUSTOMERS)).collect();
+        let data: Vec<(Uuid, Value)> = customers
+            .iter()
+            .zip(items)
+            .filter_map(|(customer, item)| Some((item.run_id(), domain::customer_created(&customer.as_ref().ok()?.id))))
+            .collect();
+        let held: Vec<(Uuid, &str, &Value)> = data
+            .iter()
+            .map(|(run_id, data)| (*run_id, CUSTOMER_CREATED_EVENT, data))
+            .collect();
+        let mut event_ids = domain::hold_events(db, &held).await?.into_iter();
+        Ok(customers
+            .iter()
+            .map(|customer| {
+                customer.as_ref().map_err(Clone::clone)?;
+                let event_id = event_ids
+                    .next()
+                    .ok_or_else(|| StepError::retryable("the outbox answered for fewer events than were held"))?;
+                Ok(serde_json::json!({"event_id": event_id, "name": CUSTOMER_CREATED_EVENT}))
+            })
+            .collect())
     }
 }
 
@@ -238,6 +345,46 @@ impl Step for SetAuthAppMetadata {
 }
 
 #[async_trait]
+impl BatchStep for SetAuthAppMetadata {
+    async fn invoke_batch(
+        &self,
+        db: &mut PgConnection,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<Result<AppMetadataChange, StepError>>, StepError> {
+        let asked: Vec<Result<(String, Value), StepError>> = items
+            .iter()
+            .map(|item| {
+                let input: CreateCustomerAccountInput = item.input()?;
+                let customer: Customer = item.output(CREATE_CUSTOMERS)?;
+                Ok((input.auth_identity_id, Value::String(customer.id)))
+            })
+            .collect();
+        let links: Vec<(&str, &Value)> = asked
+            .iter()
+            .flatten()
+            .map(|(identity, value)| (identity.as_str(), value))
+            .collect();
+        let mut linked = domain::link_identities(db, &links, CUSTOMER_ID_KEY).await?.into_iter();
+        Ok(asked
+            .into_iter()
+            .map(|asked| {
+                let (identity, new_value) = asked?;
+                match linked.next() {
+                    None | Some(Link::NotFound) => Err(not_found(&identity)),
+                    Some(Link::Taken(_)) => Err(StepError::permanent(messages::ALREADY_LINKED)),
+                    Some(Link::Linked(old_value)) => Ok(AppMetadataChange {
+                        id: identity,
+                        key: CUSTOMER_ID_KEY.into(),
+                        value: new_value,
+                        old_value,
+                    }),
+                }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
 impl Compensate for SetAuthAppMetadata {
     async fn compensate(&self, ctx: &mut StepContext<'_>, done: Completed<AppMetadataChange>) -> Result<(), StepError> {
         let Completed::Output(change) = done else { return Ok(()) };
@@ -261,6 +408,15 @@ struct SettleOutbox;
 impl FinishHook for SettleOutbox {
     async fn on_finish(&self, db: &mut PgConnection, run_id: Uuid, status: RunStatus) -> Result<(), StepError> {
         domain::settle_events(db, run_id, status == RunStatus::Completed).await?;
+        Ok(())
+    }
+
+    async fn on_finish_batch(&self, db: &mut PgConnection, runs: &[(Uuid, RunStatus)]) -> Result<(), StepError> {
+        let settled: Vec<(Uuid, bool)> = runs
+            .iter()
+            .map(|&(run_id, status)| (run_id, status == RunStatus::Completed))
+            .collect();
+        domain::settle_events_of(db, &settled).await?;
         Ok(())
     }
 }

@@ -1,0 +1,419 @@
+//! Cohorts: the runs of waiting triggers that arrive together go through their steps in
+//! lockstep, each step one call of its set-based form for all of them, and commit together.
+//!
+//! Lanes (`engine::lane`) share one commit among runs, but every run still sends its own
+//! statements: at C = 16 a registration cost PostgreSQL about as much CPU in a lane as on its
+//! own. A cohort also shares the statements: the runs of one workflow whose every step is
+//! local and has a [`BatchStep`](super::super::definition::BatchStep) form, none inserted yet
+//! (the runs of waiting triggers, which no crash can have touched), run step by step on one
+//! transaction, one batch call per step; the machine decides each run's outcome as it would
+//! alone; the runs are written, their finish hook runs once for all, and one commit makes all
+//! of it durable.
+//!
+//! What a cohort never does is decide a failure: should any run's attempt fail, a batch call
+//! fail or time out, a run's decision not follow the others' (a retry, a different next
+//! step), its insert be refused, or the commit fail, the cohort's transaction is rolled back
+//! and each of its runs goes on as if it had never joined one (a fused segment, in a lane),
+//! which records the failure exactly as without cohorts. So a cohort commits only runs that
+//! all succeeded, each step's writes with its recorded outcome.
+//!
+//! Who joins: a runner takes the run that reached it first and every run already waiting
+//! behind it, up to [`MAX_COHORT_RUNS`], one per subject (runs of one subject, e.g. one
+//! email, never share a cohort, so a run never decides on a peer's uncommitted writes to
+//! the same subject) and one workflow version. A run that reaches an idle runner is a cohort
+//! of one and starts at once: an idle system waits for nobody, and the runs that arrive while
+//! a cohort runs make the next one, so cohorts grow with the load. Runs of one subject go to
+//! the same runner, and a run that cannot join the cohort it arrived for (its subject is in
+//! it already, or it is of another workflow) starts the next one, after the cohort it could
+//! not join has committed or been given up.
+//!
+//! In what order the runs' steps see each other's writes: step by step, every run's first
+//! step, then every run's second, each call seeing the calls before it. That is an order two
+//! concurrent runs committing each step on its own could produce too, and a peer's write
+//! that would change a run's answer (an identity linked twice) makes that run's step fail,
+//! which rolls the cohort back: the runs then run one after another.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::super::apply::{self, ApplyError, Change, Stamps, Unwritten};
+use super::super::definition::{BatchItem, Phase, RunView};
+use super::super::faults::FaultPoint;
+use super::super::machine::{Event, Next, TimeMark, Transition};
+use super::super::state::RunState;
+use super::super::{RunDetail, metrics_names as m};
+use super::{MAX_SEGMENT_ATTEMPTS, RunTask, panic_message};
+
+/// The most runs one cohort holds. Measured on the registration's set-based statements at
+/// C = 16 (README, Performance, "The set-based statements, kept"): PostgreSQL's work per
+/// registration fell from 2 to 4 to 8 runs a statement and hardly beyond (16 bought no more
+/// than 8), while every run of a cohort waits for the slowest step of all of them.
+pub const MAX_COHORT_RUNS: usize = 8;
+
+/// How many cohort runners a worker starts unless told otherwise. Each runs one cohort at a
+/// time on one connection; two let one cohort gather while the other waits on PostgreSQL.
+pub const DEFAULT_COHORT_RUNNERS: usize = 2;
+
+/// The runners of a worker.
+pub(crate) struct Cohorts {
+    runners: Vec<mpsc::UnboundedSender<Joining>>,
+}
+
+/// How a worker's cohorts gather and how large they grow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gathering {
+    /// The most runs a cohort holds (at most [`MAX_COHORT_RUNS`]).
+    pub(crate) max_runs: usize,
+    /// How long a cohort's first run waits for peers (zero: only those already waiting join).
+    pub(crate) wait: std::time::Duration,
+}
+
+/// A run that asks to join a cohort, and where to give it back.
+struct Joining {
+    task: RunTask,
+    back: oneshot::Sender<RunTask>,
+}
+
+/// Why a cohort was given up: the `reason` of `sagaflow_cohorts_abandoned_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abandoned {
+    /// A run's attempt failed, or the batch call failed, timed out or panicked.
+    AttemptFailed,
+    /// The runs' decisions parted (not every run went on to the same step or finished).
+    Diverged,
+    /// A run's trigger stops waiting before the cohort would end.
+    Overdue,
+    /// A run's insert was refused (its key taken, its workflow paused).
+    Refused,
+    /// The finish hook failed.
+    FinishHook,
+    /// The database failed, or the commit did.
+    Database,
+}
+
+impl Abandoned {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::AttemptFailed => "attempt_failed",
+            Self::Diverged => "diverged",
+            Self::Overdue => "overdue",
+            Self::Refused => "refused",
+            Self::FinishHook => "finish_hook",
+            Self::Database => "database",
+        }
+    }
+}
+
+impl Cohorts {
+    /// Starts `count` runners (at least one) gathering as `gathering` says and committing on
+    /// `pool`.
+    pub(crate) fn start(pool: &PgPool, count: usize, gathering: Gathering) -> Self {
+        let gathering = Gathering {
+            max_runs: gathering.max_runs.clamp(1, MAX_COHORT_RUNS),
+            ..gathering
+        };
+        let runners = (0..count.max(1))
+            .map(|_| {
+                let (sender, joining) = mpsc::unbounded_channel();
+                tokio::spawn(run_cohorts(pool.clone(), joining, gathering));
+                sender
+            })
+            .collect();
+        Self { runners }
+    }
+
+    /// Hands `task` to the runner of its subject (or, without one, of its run id) and gets it
+    /// back once its cohort is done: its run written and committed, or, should it not have
+    /// joined a cohort or its cohort have been given up, as it was, never to ask again.
+    /// `None` only if the runner stopped while holding it.
+    pub(crate) async fn join(&self, mut task: RunTask) -> Option<RunTask> {
+        task.cohort_tried = true;
+        let mut hasher = DefaultHasher::new();
+        match task.copy.run.subject.as_deref() {
+            Some(subject) => subject.hash(&mut hasher),
+            None => task.run_id.hash(&mut hasher),
+        }
+        let runner = &self.runners[(hasher.finish() % self.runners.len() as u64) as usize];
+        let (back, given) = oneshot::channel();
+        if let Err(mpsc::error::SendError(joining)) = runner.send(Joining { task, back }) {
+            return Some(joining.task);
+        }
+        given.await.ok()
+    }
+}
+
+/// A runner: gathers the runs waiting for it into cohorts, one cohort at a time.
+async fn run_cohorts(pool: PgPool, mut joining: mpsc::UnboundedReceiver<Joining>, gathering: Gathering) {
+    // Runs that could not join the cohort they arrived for: they start the next ones.
+    let mut deferred: VecDeque<Joining> = VecDeque::new();
+    loop {
+        let first = match deferred.pop_front() {
+            Some(first) => first,
+            None => match joining.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut members = vec![first];
+        let mut subjects: HashSet<String> = HashSet::new();
+        subjects.extend(members[0].task.copy.run.subject.clone());
+        let joins = |next: &Joining, members: &[Joining], subjects: &HashSet<String>| {
+            Arc::ptr_eq(&next.task.workflow, &members[0].task.workflow)
+                && next
+                    .task
+                    .copy
+                    .run
+                    .subject
+                    .as_ref()
+                    .is_none_or(|s| !subjects.contains(s))
+        };
+        let mut i = 0;
+        while i < deferred.len() && members.len() < gathering.max_runs {
+            if joins(&deferred[i], &members, &subjects) {
+                if let Some(next) = deferred.remove(i) {
+                    subjects.extend(next.task.copy.run.subject.clone());
+                    members.push(next);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let until = tokio::time::Instant::now() + gathering.wait;
+        while members.len() < gathering.max_runs {
+            let next = match joining.try_recv() {
+                Ok(next) => next,
+                Err(_) if gathering.wait.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(until, joining.recv()).await {
+                    Ok(Some(next)) => next,
+                    _ => break,
+                },
+            };
+            if joins(&next, &members, &subjects) {
+                subjects.extend(next.task.copy.run.subject.clone());
+                members.push(next);
+            } else {
+                // A second run of a subject in the cohort (or of another workflow) waits for
+                // the next cohort: it then sees what this one committed.
+                deferred.push_back(next);
+            }
+        }
+        // A run alone is a cohort of one: while it runs, the runs that arrive queue for the
+        // next cohort, which is how cohorts grow with the load (as a lane's batches do).
+        let (mut tasks, backs): (Vec<RunTask>, Vec<_>) = members.into_iter().map(|j| (j.task, j.back)).unzip();
+        let runs = tasks.len();
+        match run_cohort(&pool, &mut tasks).await {
+            Ok(()) => metrics::histogram!(m::COHORT_RUNS).record(runs as f64),
+            Err(why) => {
+                debug!(
+                    reason = why.as_str(),
+                    runs, "a cohort was given up; its runs go on alone"
+                );
+                metrics::counter!(m::COHORTS_ABANDONED, "reason" => why.as_str()).increment(1);
+            }
+        }
+        for (task, back) in tasks.into_iter().zip(backs) {
+            let _ = back.send(task);
+        }
+    }
+}
+
+/// What the cohort decided for one of its runs, until it is written.
+struct Decided {
+    state: RunState,
+    next: Next,
+    transition: Option<Transition>,
+    events_at: Vec<Instant>,
+    marks: Vec<(usize, TimeMark, Instant)>,
+}
+
+/// Runs `tasks` (runs of one workflow version, none inserted yet, each at its
+/// first attempt to run) through their steps in lockstep on one transaction, and commits
+/// them. On `Ok` every task holds its run as committed and its trigger was answered; on
+/// `Err` nothing was written and every task is as it was.
+async fn run_cohort(pool: &PgPool, tasks: &mut [RunTask]) -> Result<(), Abandoned> {
+    let workflow = Arc::clone(&tasks[0].workflow);
+    let engine = tasks[0].engine.clone();
+    let faults = Arc::clone(&engine.inner.faults);
+    let mut tx = pool.begin().await.map_err(|e| database(&e))?;
+    let mut decided: Vec<Decided> = tasks
+        .iter()
+        .map(|t| Decided {
+            state: t.state.clone(),
+            next: t.next,
+            transition: None,
+            events_at: Vec::new(),
+            marks: Vec::new(),
+        })
+        .collect();
+    let mut attempted: Vec<usize> = Vec::new();
+    loop {
+        let step = match decided[0].next {
+            Next::Invoke(step) if decided.iter().all(|d| d.next == Next::Invoke(step)) => step,
+            Next::Finish(status) if decided.iter().all(|d| d.next == Next::Finish(status)) => break,
+            _ => return Err(Abandoned::Diverged),
+        };
+        let overdue = tasks.iter().any(|t| {
+            t.uninserted
+                .as_ref()
+                .is_none_or(|u| tokio::time::Instant::now() >= u.answer_by)
+        });
+        if overdue {
+            return Err(Abandoned::Overdue);
+        }
+        let def = &workflow.steps[step];
+        let Some(batch) = def.handler.batch.as_ref().filter(|_| def.is_local()) else {
+            return Err(Abandoned::Diverged);
+        };
+        if attempted.len() >= MAX_SEGMENT_ATTEMPTS || faults.will_fail(&def.name) {
+            return Err(Abandoned::Diverged);
+        }
+        // Once per run, as each run's attempt would pass it alone: a fault set to strike at
+        // the n-th attempt of a step strikes inside a cohort as it would outside one.
+        for _ in 0..tasks.len() {
+            faults.checkpoint(FaultPoint::Before, &def.name);
+        }
+        let items: Vec<BatchItem<'_>> = tasks
+            .iter()
+            .zip(&decided)
+            .map(|(t, d)| BatchItem {
+                run_id: t.run_id,
+                attempt: d.state.steps[step].attempts,
+                view: RunView {
+                    input: &t.copy.run.input,
+                    plan: &workflow.steps,
+                    states: &d.state.steps,
+                },
+            })
+            .collect();
+        let started = Instant::now();
+        let call = AssertUnwindSafe(batch.invoke_batch(&mut tx, &items)).catch_unwind();
+        let answered = match def.timeout {
+            Some(limit) => tokio::time::timeout(limit, call).await.ok(),
+            None => Some(call.await),
+        };
+        let outputs = match answered {
+            Some(Ok(Ok(answers))) if answers.len() == tasks.len() => answers,
+            Some(Ok(Ok(answers))) => {
+                warn!(step = %def.name, runs = tasks.len(), answers = answers.len(), "a batch form answered for another number of runs than it was given");
+                return Err(Abandoned::AttemptFailed);
+            }
+            Some(Ok(Err(error))) => {
+                debug!(step = %def.name, error = %error.message, "a batch call failed");
+                return Err(Abandoned::AttemptFailed);
+            }
+            Some(Err(panic)) => {
+                warn!(step = %def.name, panic = %panic_message(&panic), "a batch call panicked");
+                return Err(Abandoned::AttemptFailed);
+            }
+            None => return Err(Abandoned::AttemptFailed),
+        };
+        if outputs.iter().any(Result::is_err) {
+            return Err(Abandoned::AttemptFailed);
+        }
+        let elapsed = started.elapsed();
+        for ((task, d), output) in tasks.iter().zip(decided.iter_mut()).zip(outputs) {
+            let Ok(output) = output else {
+                return Err(Abandoned::AttemptFailed);
+            };
+            faults.checkpoint(FaultPoint::AfterEffect, &def.name);
+            let transition = task.decide(&mut d.state, Event::StepSucceeded { step, output });
+            let at = Instant::now();
+            d.events_at.extend(std::iter::repeat_n(at, transition.events.len()));
+            d.marks.extend(transition.marks.iter().map(|(&i, &mark)| (i, mark, at)));
+            d.next = transition.next;
+            d.transition = Some(match d.transition.take() {
+                None => transition,
+                Some(earlier) => earlier.then(transition),
+            });
+            metrics::counter!(m::STEP_ATTEMPTS, "workflow" => workflow.name.clone(), "step" => def.name.clone(), "phase" => Phase::Invoke.as_str(), "outcome" => "succeeded").increment(1);
+            metrics::histogram!(m::STEP_SECONDS, "workflow" => workflow.name.clone(), "step" => def.name.clone(), "phase" => Phase::Invoke.as_str()).record(elapsed.as_secs_f64());
+        }
+        attempted.push(step);
+    }
+
+    // Every run finished: write them all as their runs' inserts, in one statement, and run
+    // the finish hook once for all, then commit.
+    let written = Instant::now();
+    let ago = |at: Instant| i64::try_from(written.duration_since(at).as_micros()).unwrap_or(i64::MAX);
+    let mut stamps = Vec::with_capacity(tasks.len());
+    let mut new_runs = Vec::with_capacity(tasks.len());
+    for (task, d) in tasks.iter().zip(&decided) {
+        let Some(uninserted) = task.uninserted.as_ref() else {
+            return Err(Abandoned::Diverged);
+        };
+        let mut s = Stamps {
+            events_ago_us: d.events_at.iter().map(|&at| ago(at)).collect(),
+            times: Default::default(),
+        };
+        for &(i, mark, at) in &d.marks {
+            s.times.entry(i).or_default().mark(mark, ago(at));
+        }
+        stamps.push(s);
+        new_runs.push((engine.new_run(&uninserted.run), ago(uninserted.prepared)));
+    }
+    let mut writes = Vec::with_capacity(tasks.len());
+    for (((task, d), s), (run, prepared_ago_us)) in tasks.iter().zip(&decided).zip(&stamps).zip(&new_runs) {
+        let Some(transition) = d.transition.as_ref() else {
+            return Err(Abandoned::Diverged);
+        };
+        writes.push((
+            Unwritten {
+                run,
+                prepared_ago_us: *prepared_ago_us,
+            },
+            Change {
+                run_id: task.run_id,
+                epoch: task.epoch,
+                workflow: &workflow,
+                old: &task.state,
+                new: &d.state,
+                transition,
+                lease: None,
+                created_at: task.copy.run.created_at,
+                finish_hook: true,
+                stamps: Some(s),
+            },
+        ));
+    }
+    let mut copies: Vec<RunDetail> = tasks.iter().map(|t| t.copy.clone()).collect();
+    let afters = match apply::apply_finished_cohort(&mut tx, &workflow, &writes, &mut copies).await {
+        Ok(Some(afters)) => afters,
+        Ok(None) => return Err(Abandoned::Refused),
+        Err(ApplyError::FinishHook(error)) => {
+            debug!(error = %error.message, "a cohort's finish hook failed");
+            return Err(Abandoned::FinishHook);
+        }
+        Err(ApplyError::Database(e)) => return Err(database(&e)),
+    };
+    drop(writes);
+    tx.commit().await.map_err(|e| database(&e))?;
+
+    for ((task, d), (copy, after)) in tasks.iter_mut().zip(decided).zip(copies.into_iter().zip(afters)) {
+        task.copy = copy;
+        task.state = d.state;
+        task.next = d.next;
+        if let Some(uninserted) = task.uninserted.take() {
+            uninserted.run.count_started();
+            let _ = uninserted.answer.send(Ok(Some(task.copy.run.clone())));
+        }
+        after.publish(&engine.inner);
+        metrics::histogram!(m::SEGMENT_ATTEMPTS, "workflow" => workflow.name.clone()).record(attempted.len() as f64);
+        for &step in &attempted {
+            faults.checkpoint(FaultPoint::AfterCommit, &workflow.steps[step].name);
+        }
+    }
+    Ok(())
+}
+
+fn database(error: &sqlx::Error) -> Abandoned {
+    debug!(%error, "a cohort's transaction failed");
+    Abandoned::Database
+}
