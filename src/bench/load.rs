@@ -145,17 +145,18 @@ async fn xid(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
-/// The server's count of runs per batch commit (`sagaflow_batch_runs`), cumulative per
-/// bucket as Prometheus reports it.
+/// A histogram of counts the server keeps (runs per batch commit, `sagaflow_batch_runs`; runs
+/// per cohort, `sagaflow_cohort_runs`), cumulative per bucket as Prometheus reports it.
 #[derive(Debug, Clone, Default)]
-pub struct BatchHistogram {
+pub struct CountHistogram {
     /// (upper bound, batches with at most that many runs).
     buckets: Vec<(f64, f64)>,
 }
 
-impl BatchHistogram {
-    /// Reads it from the server's `/metrics`.
-    pub async fn read(base: &str) -> Result<Self> {
+impl CountHistogram {
+    /// Reads the histogram `metric` from the server's `/metrics`.
+    pub async fn read(base: &str, metric: &str) -> Result<Self> {
+        let prefix = format!("{metric}_bucket{{le=\"");
         let text = client()?
             .get(format!("{base}/metrics"))
             .bearer_auth(ADMIN_TOKEN)
@@ -170,7 +171,7 @@ impl BatchHistogram {
             };
             let Ok(value) = value.parse::<f64>() else { continue };
             if let Some(le) = name
-                .strip_prefix("sagaflow_batch_runs_bucket{le=\"")
+                .strip_prefix(prefix.as_str())
                 .and_then(|rest| rest.strip_suffix("\"}"))
                 .and_then(|le| le.parse::<f64>().ok())
             {
@@ -180,8 +181,8 @@ impl BatchHistogram {
         Ok(histogram)
     }
 
-    /// What was counted since `before`: (runs in a batch, batches of that size), for each
-    /// size that occurred.
+    /// What was counted since `before`: (a count, how many times it was counted: e.g. runs
+    /// in a batch, batches of that size), for each count that occurred.
     pub fn since(&self, before: &Self) -> Vec<(i64, i64)> {
         let cumulative = |h: &Self, le: f64| h.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
         let mut previous = 0.0;

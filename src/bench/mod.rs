@@ -32,6 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use sagaflow::engine::metrics_names as m;
 use sagaflow::pg::embedded::{ClusterOptions, EmbeddedPostgres};
 use sagaflow::pg::{self, PoolConfig};
 use sqlx::PgPool;
@@ -167,7 +168,8 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
     report.http_idle = Some(load::http_closed_loop(&pool, &server.base(), "i", 0, IDLE_RUNS, 1, server.pid()).await?);
 
     eprintln!("http: {} runs from {} clients", options.runs, options.concurrency);
-    let batches_before = load::BatchHistogram::read(&server.base()).await?;
+    let batches_before = load::CountHistogram::read(&server.base(), m::BATCH_RUNS).await?;
+    let cohorts_before = load::CountHistogram::read(&server.base(), m::COHORT_RUNS).await?;
     let max = load::http_closed_loop(
         &pool,
         &server.base(),
@@ -178,7 +180,12 @@ async fn phases(target: &Target, options: &BenchOptions) -> Result<Report> {
         server.pid(),
     )
     .await?;
-    report.batch_runs = load::BatchHistogram::read(&server.base()).await?.since(&batches_before);
+    report.batch_runs = load::CountHistogram::read(&server.base(), m::BATCH_RUNS)
+        .await?
+        .since(&batches_before);
+    report.cohort_runs = load::CountHistogram::read(&server.base(), m::COHORT_RUNS)
+        .await?
+        .since(&cohorts_before);
     let rate = max.runs_per_s / 2.0;
     eprintln!(
         "http: open loop at {rate:.0} runs/s (half the maximum) for {:?}",

@@ -33,6 +33,8 @@ pub struct Report {
     pub http_idle: Option<Phase>,
     /// The http phase's batches: (runs committed together, how many such batches).
     pub batch_runs: Vec<(i64, i64)>,
+    /// Runs per cohort in the http phase: (runs, cohorts of that size).
+    pub cohort_runs: Vec<(i64, i64)>,
     /// A defined saga of HTTP steps, over HTTP, as fast as it goes.
     pub http_steps: Option<Phase>,
     /// Through the library.
@@ -70,6 +72,7 @@ impl Report {
             http_half_load: None,
             http_idle: None,
             batch_runs: Vec::new(),
+            cohort_runs: Vec::new(),
             http_steps: None,
             library: None,
             engine_alone: None,
@@ -94,7 +97,9 @@ impl Report {
             "statements_per_run": http.and_then(|p| p.statements_per_run).map(round),
             "idle_latency_ms": self.http_idle.as_ref().map(|p| p.latency_ms),
             "batch_runs": self.batch_runs.iter().map(|(runs, batches)| json!({"runs": runs, "batches": batches})).collect::<Vec<_>>(),
-            "mean_batch_runs": self.mean_batch_runs().map(round),
+            "mean_batch_runs": mean_count(&self.batch_runs).map(round),
+            "cohort_runs": self.cohort_runs.iter().map(|(runs, cohorts)| json!({"runs": runs, "cohorts": cohorts})).collect::<Vec<_>>(),
+            "mean_cohort_runs": mean_count(&self.cohort_runs).map(round),
             "ratio": http.map(|p| round(p.steps_per_s / self.ceiling.commits_per_s)),
             "latency_ms": latency.map(|l| json!({"p50": round(l.p50), "p90": round(l.p90), "p99": round(l.p99)})),
             "recovery_s": self.recovery.as_ref().map(|r| round(r.recovery_s)),
@@ -215,13 +220,6 @@ impl Report {
         line(&format!("{name}: latency p50/p90/p99 ms"), fmt_latency(&p.latency_ms));
     }
 
-    /// Runs per batch in the http phase, on average.
-    fn mean_batch_runs(&self) -> Option<f64> {
-        let batches: i64 = self.batch_runs.iter().map(|(_, n)| n).sum();
-        let runs: i64 = self.batch_runs.iter().map(|(r, n)| r * n).sum();
-        (batches > 0).then(|| runs as f64 / batches as f64)
-    }
-
     /// The table for people.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -261,10 +259,17 @@ impl Report {
             if let Some(statements) = p.statements_per_run {
                 line("http: statements (round trips) per run", format!("{statements:.2}"));
             }
-            if let Some(mean) = self.mean_batch_runs() {
+            if let Some(mean) = mean_count(&self.batch_runs) {
                 let spread: Vec<String> = self.batch_runs.iter().map(|(runs, n)| format!("{runs}:{n}")).collect();
                 line(
-                    "http: runs per commit, mean (runs:batches)",
+                    "http: runs per lane commit, mean (runs:batches)",
+                    format!("{mean:.2} ({})", spread.join(" ")),
+                );
+            }
+            if let Some(mean) = mean_count(&self.cohort_runs) {
+                let spread: Vec<String> = self.cohort_runs.iter().map(|(runs, n)| format!("{runs}:{n}")).collect();
+                line(
+                    "http: runs per cohort, mean (runs:cohorts)",
                     format!("{mean:.2} ({})", spread.join(" ")),
                 );
             }
@@ -419,6 +424,14 @@ fn round(x: f64) -> f64 {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// The mean of a count histogram's counts ((count, times counted) pairs), if anything was
+/// counted: e.g. runs per batch.
+fn mean_count(histogram: &[(i64, i64)]) -> Option<f64> {
+    let times: i64 = histogram.iter().map(|(_, n)| n).sum();
+    let total: i64 = histogram.iter().map(|(c, n)| c * n).sum();
+    (times > 0).then(|| total as f64 / times as f64)
 }
 
 #[cfg(test)]
