@@ -137,6 +137,9 @@ struct ServeArgs {
     /// most a quarter of the worker's connections).
     #[arg(long, env = "SAGAFLOW_COHORT_RUNNERS", default_value_t = sagaflow::engine::DEFAULT_COHORT_RUNNERS)]
     cohort_runners: usize,
+    /// The most runs one cohort holds (at most 16).
+    #[arg(long, env = "SAGAFLOW_COHORT_MAX_RUNS", default_value_t = sagaflow::engine::DEFAULT_COHORT_RUNS)]
+    cohort_max_runs: usize,
     /// How long a cohort's first run waits for peers (0: only those already waiting join;
     /// more trades latency for larger cohorts).
     #[arg(long, env = "SAGAFLOW_COHORT_GATHER", default_value = "0ms", value_parser = humantime::parse_duration)]
@@ -298,6 +301,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             fuse_local_steps: !args.no_fusion,
             commit_lanes: args.commit_lanes,
             cohort_runners: args.cohort_runners,
+            cohort_max_runs: args.cohort_max_runs,
             cohort_gather: args.cohort_gather,
             max_wait: args.max_wait,
             poll_interval: args.poll_interval,

@@ -288,7 +288,7 @@ impl<'a> BatchItem<'a> {
 /// The set-based form of a local step: one call does the step for several runs at once, on
 /// one transaction, typically with one statement per statement of [`Step::invoke`] (the
 /// design study's O8). The engine calls it for a cohort of runs that it drives through
-/// their steps in lockstep (see `engine::executor::cohort`), as few as one.
+/// their steps in lockstep (see `engine::executor::cohort`); a run alone runs `invoke`.
 ///
 /// The contract, which the engine relies on and the form's tests should hold it to: the
 /// answer for each item, in order, and what the call leaves in the database, equal what

@@ -37,7 +37,7 @@ use super::{Engine, RunDetail, metrics_names as m};
 
 mod cohort;
 pub(crate) use cohort::{Cohorts, Gathering};
-pub use cohort::{DEFAULT_COHORT_RUNNERS, MAX_COHORT_RUNS};
+pub use cohort::{DEFAULT_COHORT_RUNNERS, DEFAULT_COHORT_RUNS, MAX_COHORT_RUNS};
 
 /// A run this worker holds the lease of, with everything needed to drive it.
 pub(crate) struct RunTask {
@@ -60,6 +60,9 @@ pub(crate) struct RunTask {
     /// The run was offered to a cohort once (see `cohort`): whatever came of it, it goes on
     /// without one.
     cohort_tried: bool,
+    /// Set on a run that goes on alone while holding its cohort runner busy: dropped once
+    /// the run's next action (its first segment) is done, it frees the runner.
+    holds_runner: Option<cohort::Hold>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -172,6 +175,7 @@ impl RunTask {
             alone: None,
             uninserted: lease.uninserted,
             cohort_tried: false,
+            holds_runner: None,
             _permit: permit,
         }
     }
@@ -198,7 +202,11 @@ impl RunTask {
                     let worker = Arc::clone(&self.worker);
                     if let Some(cohorts) = worker.cohorts() {
                         match cohorts.join(self).await {
-                            Some(task) => self = task,
+                            Some(cohort::Joined::Back(task)) => self = task,
+                            Some(cohort::Joined::Alone(task, hold)) => {
+                                self = task;
+                                self.holds_runner = Some(hold);
+                            }
                             // The runner stopped with the run: it was never inserted.
                             None => return,
                         }
@@ -235,6 +243,8 @@ impl RunTask {
                         break;
                     }
                 };
+                // The runner that sent this run on alone may gather again.
+                self.holds_runner = None;
                 match step_result {
                     Ok(()) => {}
                     Err(Stop::Fenced) => {

@@ -53,7 +53,7 @@ pub use definition::{
     Phase, RunView, Source, Step, StepContext, StepDef, ValidateInput, WaitDef, WaitFor, Workflow, WorkflowBuilder,
     moment_at,
 };
-pub use executor::{DEFAULT_COHORT_RUNNERS, MAX_COHORT_RUNS};
+pub use executor::{DEFAULT_COHORT_RUNNERS, DEFAULT_COHORT_RUNS, MAX_COHORT_RUNS};
 pub use faults::Faults;
 pub use inbox::{Completion, Delivery, DeliveryOutcome};
 pub use repair::MAX_NOTE_CHARS;
@@ -362,7 +362,7 @@ impl Default for EngineConfig {
             commit_lanes: lane::DEFAULT_LANES,
             batch_max_runs: lane::MAX_BATCH_RUNS,
             cohort_runners: DEFAULT_COHORT_RUNNERS,
-            cohort_max_runs: MAX_COHORT_RUNS,
+            cohort_max_runs: DEFAULT_COHORT_RUNS,
             cohort_gather: Duration::ZERO,
             max_wait: Duration::from_secs(30 * 24 * 3600),
         }

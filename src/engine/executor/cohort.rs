@@ -17,12 +17,13 @@
 //! which records the failure exactly as without cohorts. So a cohort commits only runs that
 //! all succeeded, each step's writes with its recorded outcome.
 //!
-//! Who joins: a runner takes the run that reached it first and every run already waiting
+//! Who joins: a runner (one by default) takes the run that reached it first and every run already waiting
 //! behind it, up to [`MAX_COHORT_RUNS`], one per subject (runs of one subject, e.g. one
 //! email, never share a cohort, so a run never decides on a peer's uncommitted writes to
-//! the same subject) and one workflow version. A run that reaches an idle runner is a cohort
-//! of one and starts at once: an idle system waits for nobody, and the runs that arrive while
-//! a cohort runs make the next one, so cohorts grow with the load. Runs of one subject go to
+//! the same subject) and one workflow version. A run that reaches an idle runner alone goes
+//! on at once as a fused segment of its own, and the runner waits for that segment: an idle
+//! system waits for nobody and runs as before cohorts, and the runs that arrive while a
+//! segment or a cohort runs make the next cohort, so cohorts grow with the load. Runs of one subject go to
 //! the same runner, and a run that cannot join the cohort it arrived for (its subject is in
 //! it already, or it is of another workflow) starts the next one, after the cohort it could
 //! not join has committed or been given up.
@@ -52,19 +53,95 @@ use super::super::state::RunState;
 use super::super::{RunDetail, metrics_names as m};
 use super::{MAX_SEGMENT_ATTEMPTS, RunTask, panic_message};
 
-/// The most runs one cohort holds. Measured on the registration's set-based statements at
-/// C = 16 (README, Performance, "The set-based statements, kept"): PostgreSQL's work per
-/// registration fell from 2 to 4 to 8 runs a statement and hardly beyond (16 bought no more
-/// than 8), while every run of a cohort waits for the slowest step of all of them.
-pub const MAX_COHORT_RUNS: usize = 8;
+/// The most runs one cohort may be set to hold: a cohort takes no savepoints, so nothing of
+/// PostgreSQL bounds it, but every run of a cohort waits for the slowest step of all of them.
+pub const MAX_COHORT_RUNS: usize = 16;
+
+/// The most runs one cohort holds unless told otherwise. Measured on the registration's
+/// set-based statements at C = 16 (README, Performance, "The set-based statements, kept"):
+/// PostgreSQL's work per registration fell from 2 to 4 to 8 runs a statement and hardly
+/// beyond (16 bought little more than 8).
+pub const DEFAULT_COHORT_RUNS: usize = 8;
 
 /// How many cohort runners a worker starts unless told otherwise. Each runs one cohort at a
-/// time on one connection; two let one cohort gather while the other waits on PostgreSQL.
-pub const DEFAULT_COHORT_RUNNERS: usize = 2;
+/// time on one connection, and the runs that arrive meanwhile make its next one. In three
+/// interleaved pairs of `sagaflow bench` at C = 16 (README, Performance, phase 12), one
+/// runner gave a ratio of 0.65 (0.63–0.67) with 7.9 runs a cohort against two runners' 0.61
+/// (0.55–0.65) with 4.1: two split the same arrivals into cohorts half as large, and each
+/// run cost PostgreSQL a third more.
+pub const DEFAULT_COHORT_RUNNERS: usize = 1;
 
 /// The runners of a worker.
 pub(crate) struct Cohorts {
-    runners: Vec<mpsc::UnboundedSender<Joining>>,
+    runners: Vec<Runner>,
+    /// A cohort's first run waits for peers (`Gathering::wait` above zero): no run goes on
+    /// alone without passing through its runner.
+    gathers: bool,
+}
+
+/// One runner: where its runs go, and whether it is busy.
+struct Runner {
+    joining: mpsc::UnboundedSender<Joining>,
+    state: Arc<RunnerState>,
+}
+
+/// Whether a runner is busy (running a cohort, or held by a run it let go on alone) and how
+/// many runs wait for it: a run that finds it free and nobody waiting goes on alone at once,
+/// without passing through the runner (an idle server pays nothing for cohorts).
+#[derive(Default)]
+struct RunnerState {
+    counts: std::sync::Mutex<Counts>,
+    free: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Counts {
+    busy: bool,
+    waiting: usize,
+}
+
+impl RunnerState {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until the runner is free, and takes it.
+    async fn take(&self) {
+        loop {
+            let freed = self.free.notified();
+            {
+                let mut counts = self.counts();
+                if !counts.busy {
+                    counts.busy = true;
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self) {
+        self.counts().busy = false;
+        self.free.notify_waiters();
+    }
+}
+
+/// A runner held busy by a run that goes on alone: the runs that arrive meanwhile wait for
+/// the next cohort. Dropped once the run's first segment is done, it frees the runner.
+pub(crate) struct Hold(Arc<RunnerState>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// What became of a run offered to a cohort.
+pub(crate) enum Joined {
+    /// It goes on alone (a fused segment of its own) while holding its runner.
+    Alone(RunTask, Hold),
+    /// It went through a cohort, or was in one that was given up: as [`Cohorts::join`] says.
+    Back(RunTask),
 }
 
 /// How a worker's cohorts gather and how large they grow.
@@ -79,7 +156,7 @@ pub(crate) struct Gathering {
 /// A run that asks to join a cohort, and where to give it back.
 struct Joining {
     task: RunTask,
-    back: oneshot::Sender<RunTask>,
+    back: oneshot::Sender<Joined>,
 }
 
 /// Why a cohort was given up: the `reason` of `sagaflow_cohorts_abandoned_total`.
@@ -122,19 +199,27 @@ impl Cohorts {
         };
         let runners = (0..count.max(1))
             .map(|_| {
-                let (sender, joining) = mpsc::unbounded_channel();
-                tokio::spawn(run_cohorts(pool.clone(), joining, gathering));
-                sender
+                let (joining, joined) = mpsc::unbounded_channel();
+                let state = Arc::new(RunnerState::default());
+                tokio::spawn(run_cohorts(pool.clone(), joined, Arc::clone(&state), gathering));
+                Runner { joining, state }
             })
             .collect();
-        Self { runners }
+        Self {
+            runners,
+            gathers: !gathering.wait.is_zero(),
+        }
     }
 
-    /// Hands `task` to the runner of its subject (or, without one, of its run id) and gets it
-    /// back once its cohort is done: its run written and committed, or, should it not have
-    /// joined a cohort or its cohort have been given up, as it was, never to ask again.
-    /// `None` only if the runner stopped while holding it.
-    pub(crate) async fn join(&self, mut task: RunTask) -> Option<RunTask> {
+    /// Offers `task` to the runner of its subject (or, without one, of its run id). A runner
+    /// that is free with nobody waiting (and set to wait for no peers) lets it go on alone at
+    /// once, held busy until its
+    /// segment is done ([`Joined::Alone`]); otherwise it waits for the runner's next cohort
+    /// and comes back once that is done: its run written and committed, or, should it not
+    /// have made a cohort with others or its cohort have been given up, as it was
+    /// ([`Joined::Back`]). Either way it never asks again. `None` only if the runner stopped
+    /// while holding it.
+    pub(crate) async fn join(&self, mut task: RunTask) -> Option<Joined> {
         task.cohort_tried = true;
         let mut hasher = DefaultHasher::new();
         match task.copy.run.subject.as_deref() {
@@ -142,16 +227,30 @@ impl Cohorts {
             None => task.run_id.hash(&mut hasher),
         }
         let runner = &self.runners[(hasher.finish() % self.runners.len() as u64) as usize];
+        {
+            let mut counts = runner.state.counts();
+            if !counts.busy && counts.waiting == 0 && !self.gathers {
+                counts.busy = true;
+                return Some(Joined::Alone(task, Hold(Arc::clone(&runner.state))));
+            }
+            counts.waiting += 1;
+        }
         let (back, given) = oneshot::channel();
-        if let Err(mpsc::error::SendError(joining)) = runner.send(Joining { task, back }) {
-            return Some(joining.task);
+        if let Err(mpsc::error::SendError(joining)) = runner.joining.send(Joining { task, back }) {
+            runner.state.counts().waiting -= 1;
+            return Some(Joined::Back(joining.task));
         }
         given.await.ok()
     }
 }
 
 /// A runner: gathers the runs waiting for it into cohorts, one cohort at a time.
-async fn run_cohorts(pool: PgPool, mut joining: mpsc::UnboundedReceiver<Joining>, gathering: Gathering) {
+async fn run_cohorts(
+    pool: PgPool,
+    mut joining: mpsc::UnboundedReceiver<Joining>,
+    state: Arc<RunnerState>,
+    gathering: Gathering,
+) {
     // Runs that could not join the cohort they arrived for: they start the next ones.
     let mut deferred: VecDeque<Joining> = VecDeque::new();
     loop {
@@ -162,6 +261,9 @@ async fn run_cohorts(pool: PgPool, mut joining: mpsc::UnboundedReceiver<Joining>
                 None => return,
             },
         };
+        // Wait for the run holding the runner (or the cohort before) to be done: whoever
+        // arrives meanwhile joins this cohort.
+        state.take().await;
         let mut members = vec![first];
         let mut subjects: HashSet<String> = HashSet::new();
         subjects.extend(members[0].task.copy.run.subject.clone());
@@ -205,8 +307,15 @@ async fn run_cohorts(pool: PgPool, mut joining: mpsc::UnboundedReceiver<Joining>
                 deferred.push_back(next);
             }
         }
-        // A run alone is a cohort of one: while it runs, the runs that arrive queue for the
-        // next cohort, which is how cohorts grow with the load (as a lane's batches do).
+        state.counts().waiting -= members.len();
+        if members.len() == 1 {
+            // A run alone goes on as a fused segment of its own (one-item statements, as
+            // before cohorts), holding the runner: the runs that arrive meanwhile make the
+            // next cohort, which is how cohorts grow with the load.
+            let alone = members.remove(0);
+            let _ = alone.back.send(Joined::Alone(alone.task, Hold(Arc::clone(&state))));
+            continue;
+        }
         let (mut tasks, backs): (Vec<RunTask>, Vec<_>) = members.into_iter().map(|j| (j.task, j.back)).unzip();
         let runs = tasks.len();
         match run_cohort(&pool, &mut tasks).await {
@@ -219,8 +328,9 @@ async fn run_cohorts(pool: PgPool, mut joining: mpsc::UnboundedReceiver<Joining>
                 metrics::counter!(m::COHORTS_ABANDONED, "reason" => why.as_str()).increment(1);
             }
         }
+        state.release();
         for (task, back) in tasks.into_iter().zip(backs) {
-            let _ = back.send(task);
+            let _ = back.send(Joined::Back(task));
         }
     }
 }
@@ -234,7 +344,7 @@ struct Decided {
     marks: Vec<(usize, TimeMark, Instant)>,
 }
 
-/// Runs `tasks` (runs of one workflow version, none inserted yet, each at its
+/// Runs `tasks` (two or more runs of one workflow version, none inserted yet, each at its
 /// first attempt to run) through their steps in lockstep on one transaction, and commits
 /// them. On `Ok` every task holds its run as committed and its trigger was answered; on
 /// `Err` nothing was written and every task is as it was.
