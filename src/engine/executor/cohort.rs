@@ -527,3 +527,33 @@ fn database(error: &sqlx::Error) -> Abandoned {
     debug!(%error, "a cohort's transaction failed");
     Abandoned::Database
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    /// The runner waits while a run holds it (or its cohort runs), and takes it as soon as
+    /// the hold is dropped: a hold that never freed it would stop every cohort after it.
+    #[tokio::test]
+    async fn a_runner_held_by_a_run_alone_waits_for_it_and_takes_it_once_it_is_done() {
+        let state = Arc::new(RunnerState::default());
+        state.take().await;
+        let hold = Hold(Arc::clone(&state));
+        let runner = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { state.take().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!runner.is_finished(), "the runner took itself while a run held it");
+        drop(hold);
+        tokio::time::timeout(Duration::from_secs(5), runner)
+            .await
+            .expect("the runner is taken once the hold is dropped")
+            .expect("no panic");
+        assert!(state.counts().busy, "taken again, by the runner");
+        state.release();
+        assert!(!state.counts().busy);
+    }
+}
