@@ -3,12 +3,14 @@
 //! Every path that changes a run (an executor recording an attempt's outcome, a claim, a
 //! reload after a lost connection, an operator's cancel or resume) hands the machine's
 //! [`Transition`] to [`apply`], inside the caller's transaction. It writes the transition
-//! fenced by the lease epoch and the operator's requests (cancel, pause) the decision saw, and, whenever the run
-//! becomes terminal, whatever path got it there, runs the workflow's [`FinishHook`] in the
-//! same transaction; the first segment of a run that is not inserted yet goes to
-//! [`apply_first`], which writes it as the run's insert. What must happen once the transaction commits (waking waiters,
-//! announcing the change, counting the finish) is returned as an [`AfterCommit`], never done
-//! here: nothing is announced that might still roll back.
+//! fenced by the lease epoch and the operator's requests (cancel, pause) the decision saw,
+//! and, whenever the run becomes terminal, whatever path got it there, runs the workflow's
+//! [`FinishHook`] in the same transaction. The first segment of a run that is not inserted
+//! yet goes to [`apply_first`], which writes it as the run's insert, and the first segments
+//! of a cohort's runs to [`apply_finished_cohort`], which writes them all in one statement.
+//! What must happen once the transaction commits (waking waiters, announcing the change,
+//! counting the finish) is returned as an [`AfterCommit`], never done here: nothing is
+//! announced that might still roll back.
 //!
 //! The inputs are plain data per run, so a caller can apply the transitions of several
 //! steps of one run, or of several runs, in one transaction by calling [`apply`] for each.

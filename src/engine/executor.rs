@@ -4,7 +4,9 @@
 //! (one transaction, one write, one commit; under load in a lane's batch, see `lane`);
 //! every other attempt commits on its own. A run whose trigger waits for it can reach its
 //! executor not yet inserted ([`Uninserted`]): its first segment then inserts it, in the
-//! state that segment leaves it, with the segment's commit.
+//! state that segment leaves it, with the segment's commit; if its workflow's steps all have
+//! batch forms, it is first offered to a cohort (`cohort`), which may run it with others
+//! that arrived together, one batch call per step.
 //!
 //! How failures are classified here (the machine decides what follows each):
 //! - a step error or timeout or panic is an attempt outcome;

@@ -59,6 +59,7 @@ pub(crate) struct WorkerShared {
     active: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>,
     /// Where executors commit their fused segments together (none: each on its own).
     lanes: Option<Lanes>,
+    /// Where waiting triggers' runs go through their steps together (none: no cohorts).
     cohorts: Option<Cohorts>,
 }
 
@@ -627,4 +628,30 @@ fn cohort_runners(config: &super::EngineConfig, connections: u32) -> Option<usiz
     let quarter = usize::try_from(connections / 4).unwrap_or(usize::MAX);
     let runners = config.cohort_runners.min(quarter);
     (config.fuse_local_steps && runners > 0 && config.cohort_max_runs > 1).then_some(runners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cohorts need fusion, room in the pool (a quarter of it at most) and a bound above one.
+    #[test]
+    fn cohort_runners_are_started_only_when_a_cohort_can_form_and_the_pool_has_room() {
+        let config = |runners: usize, max_runs: usize, fuse: bool| super::super::EngineConfig {
+            cohort_runners: runners,
+            cohort_max_runs: max_runs,
+            fuse_local_steps: fuse,
+            ..Default::default()
+        };
+        assert_eq!(cohort_runners(&config(1, 8, true), 24), Some(1));
+        assert_eq!(cohort_runners(&config(8, 8, true), 24), Some(6), "a quarter of 24");
+        assert_eq!(cohort_runners(&config(1, 8, true), 3), None, "no room in a pool of 3");
+        assert_eq!(cohort_runners(&config(0, 8, true), 24), None, "asked for none");
+        assert_eq!(
+            cohort_runners(&config(1, 1, true), 24),
+            None,
+            "a cohort of one is no cohort"
+        );
+        assert_eq!(cohort_runners(&config(1, 8, false), 24), None, "no fusion, no cohorts");
+    }
 }
