@@ -25,8 +25,14 @@
 //! system waits for nobody and runs as before cohorts, and the runs that arrive while a
 //! segment or a cohort runs make the next cohort, so cohorts grow with the load. Runs of one subject go to
 //! the same runner, and a run that cannot join the cohort it arrived for (its subject is in
-//! it already, or it is of another workflow) starts the next one, after the cohort it could
-//! not join has committed or been given up.
+//! it already, or it is of another workflow) starts the next one.
+//!
+//! A cohort's commit overlaps the next cohort's steps: once a cohort's runs are written, the
+//! runner gathers again while a task of its own waits for the commit (one commit in flight
+//! per runner). The next cohort runs in another transaction, so where the two meet (a second
+//! run of a subject inserting the same unique key, locking the same row) PostgreSQL makes it
+//! wait for the commit before it, and it then fails its step and gives its cohort up, as two
+//! concurrent runs would.
 //!
 //! In what order the runs' steps see each other's writes: step by step, every run's first
 //! step, then every run's second, each call seeing the calls before it. That is an order two
@@ -253,6 +259,8 @@ async fn run_cohorts(
 ) {
     // Runs that could not join the cohort they arrived for: they start the next ones.
     let mut deferred: VecDeque<Joining> = VecDeque::new();
+    // The commit of the cohort before, if it is still under way.
+    let mut committing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let first = match deferred.pop_front() {
             Some(first) => first,
@@ -303,7 +311,7 @@ async fn run_cohorts(
                 members.push(next);
             } else {
                 // A second run of a subject in the cohort (or of another workflow) waits for
-                // the next cohort: it then sees what this one committed.
+                // the next cohort.
                 deferred.push_back(next);
             }
         }
@@ -317,22 +325,45 @@ async fn run_cohorts(
             continue;
         }
         let (mut tasks, backs): (Vec<RunTask>, Vec<_>) = members.into_iter().map(|j| (j.task, j.back)).unzip();
-        let runs = tasks.len();
-        match run_cohort(&pool, &mut tasks).await {
-            Ok(()) => metrics::histogram!(m::COHORT_RUNS).record(runs as f64),
+        let written = run_cohort(&pool, &mut tasks).await;
+        // One commit in flight at a time: the cohort before must have committed first.
+        if let Some(before) = committing.take() {
+            let _ = before.await;
+        }
+        match written {
+            Ok(written) => {
+                // The commit (its wait for the WAL flush) overlaps the next cohort's steps:
+                // the runner is free again once this cohort's runs are written.
+                state.release();
+                committing = Some(tokio::spawn(async move {
+                    let runs = tasks.len();
+                    match written.commit(&mut tasks).await {
+                        Ok(()) => metrics::histogram!(m::COHORT_RUNS).record(runs as f64),
+                        Err(why) => given_up(why, runs),
+                    }
+                    for (task, back) in tasks.into_iter().zip(backs) {
+                        let _ = back.send(Joined::Back(task));
+                    }
+                }));
+            }
             Err(why) => {
-                debug!(
-                    reason = why.as_str(),
-                    runs, "a cohort was given up; its runs go on alone"
-                );
-                metrics::counter!(m::COHORTS_ABANDONED, "reason" => why.as_str()).increment(1);
+                given_up(why, tasks.len());
+                state.release();
+                for (task, back) in tasks.into_iter().zip(backs) {
+                    let _ = back.send(Joined::Back(task));
+                }
             }
         }
-        state.release();
-        for (task, back) in tasks.into_iter().zip(backs) {
-            let _ = back.send(Joined::Back(task));
-        }
     }
+}
+
+/// Counts a cohort given up, and why.
+fn given_up(why: Abandoned, runs: usize) {
+    debug!(
+        reason = why.as_str(),
+        runs, "a cohort was given up; its runs go on alone"
+    );
+    metrics::counter!(m::COHORTS_ABANDONED, "reason" => why.as_str()).increment(1);
 }
 
 /// What the cohort decided for one of its runs, until it is written.
@@ -345,10 +376,10 @@ struct Decided {
 }
 
 /// Runs `tasks` (two or more runs of one workflow version, none inserted yet, each at its
-/// first attempt to run) through their steps in lockstep on one transaction, and commits
-/// them. On `Ok` every task holds its run as committed and its trigger was answered; on
-/// `Err` nothing was written and every task is as it was.
-async fn run_cohort(pool: &PgPool, tasks: &mut [RunTask]) -> Result<(), Abandoned> {
+/// first attempt to run) through their steps in lockstep on one transaction and writes
+/// them there: `Ok` holds the transaction, to commit with [`Written::commit`]. On `Err`
+/// nothing was written and every task is as it was.
+async fn run_cohort(pool: &PgPool, tasks: &mut [RunTask]) -> Result<Written, Abandoned> {
     let workflow = Arc::clone(&tasks[0].workflow);
     let engine = tasks[0].engine.clone();
     let faults = Arc::clone(&engine.inner.faults);
@@ -504,23 +535,52 @@ async fn run_cohort(pool: &PgPool, tasks: &mut [RunTask]) -> Result<(), Abandone
         Err(ApplyError::Database(e)) => return Err(database(&e)),
     };
     drop(writes);
-    tx.commit().await.map_err(|e| database(&e))?;
+    Ok(Written {
+        tx,
+        decided,
+        copies,
+        afters,
+        attempted,
+    })
+}
 
-    for ((task, d), (copy, after)) in tasks.iter_mut().zip(decided).zip(copies.into_iter().zip(afters)) {
-        task.copy = copy;
-        task.state = d.state;
-        task.next = d.next;
-        if let Some(uninserted) = task.uninserted.take() {
-            uninserted.run.count_started();
-            let _ = uninserted.answer.send(Ok(Some(task.copy.run.clone())));
+/// A cohort whose runs are written in its transaction, to be committed.
+struct Written {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    decided: Vec<Decided>,
+    copies: Vec<RunDetail>,
+    afters: Vec<apply::AfterCommit>,
+    attempted: Vec<usize>,
+}
+
+impl Written {
+    /// Commits the cohort; then every task holds its run as committed, its trigger is
+    /// answered and the change announced. On `Err` nothing is durable (or, should the
+    /// connection fail during the commit, its outcome is unknown, as for any segment) and
+    /// every task is as it was.
+    async fn commit(self, tasks: &mut [RunTask]) -> Result<(), Abandoned> {
+        self.tx.commit().await.map_err(|e| database(&e))?;
+        let Some(first) = tasks.first() else { return Ok(()) };
+        let (workflow, engine) = (Arc::clone(&first.workflow), first.engine.clone());
+        let faults = Arc::clone(&engine.inner.faults);
+        let written = self.copies.into_iter().zip(self.afters);
+        for ((task, d), (copy, after)) in tasks.iter_mut().zip(self.decided).zip(written) {
+            task.copy = copy;
+            task.state = d.state;
+            task.next = d.next;
+            if let Some(uninserted) = task.uninserted.take() {
+                uninserted.run.count_started();
+                let _ = uninserted.answer.send(Ok(Some(task.copy.run.clone())));
+            }
+            after.publish(&engine.inner);
+            metrics::histogram!(m::SEGMENT_ATTEMPTS, "workflow" => workflow.name.clone())
+                .record(self.attempted.len() as f64);
+            for &step in &self.attempted {
+                faults.checkpoint(FaultPoint::AfterCommit, &workflow.steps[step].name);
+            }
         }
-        after.publish(&engine.inner);
-        metrics::histogram!(m::SEGMENT_ATTEMPTS, "workflow" => workflow.name.clone()).record(attempted.len() as f64);
-        for &step in &attempted {
-            faults.checkpoint(FaultPoint::AfterCommit, &workflow.steps[step].name);
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn database(error: &sqlx::Error) -> Abandoned {
