@@ -17,15 +17,16 @@
 //! which records the failure exactly as without cohorts. So a cohort commits only runs that
 //! all succeeded, each step's writes with its recorded outcome.
 //!
-//! Who joins: a runner (one by default) takes the run that reached it first and every run already waiting
-//! behind it, up to [`MAX_COHORT_RUNS`], one per subject (runs of one subject, e.g. one
-//! email, never share a cohort, so a run never decides on a peer's uncommitted writes to
-//! the same subject) and one workflow version. A run that reaches an idle runner alone goes
-//! on at once as a fused segment of its own, and the runner waits for that segment: an idle
-//! system waits for nobody and runs as before cohorts, and the runs that arrive while a
-//! segment or a cohort runs make the next cohort, so cohorts grow with the load. Runs of one subject go to
-//! the same runner, and a run that cannot join the cohort it arrived for (its subject is in
-//! it already, or it is of another workflow) starts the next one.
+//! Who joins: a runner (one by default) takes the run that reached it first and every run
+//! already waiting behind it, up to 8 by default ([`DEFAULT_COHORT_RUNS`], at most
+//! [`MAX_COHORT_RUNS`]), one per subject (runs of one subject, e.g. one email, never share a
+//! cohort, so a run never decides on a peer's uncommitted writes to the same subject) and
+//! one workflow version. A run that reaches an idle runner alone goes on at once as a fused
+//! segment of its own, holding the runner until that segment is done: an idle system waits
+//! for nobody and runs as before cohorts, and the runs that arrive while a segment or a
+//! cohort runs make the next cohort, so cohorts grow with the load. Runs of one subject go
+//! to the same runner, and a run that cannot join the cohort it arrived for (its subject is
+//! in it already, or it is of another workflow) starts the next one.
 //!
 //! A cohort's commit overlaps the next cohort's steps: once a cohort's runs are written, the
 //! runner gathers again while a task of its own waits for the commit (one commit in flight
