@@ -289,8 +289,7 @@ pub(crate) async fn apply_first(
     let no_stamps = Stamps::default();
     let stamps = change.stamps.unwrap_or(&no_stamps);
     let times = store::first_times(unwritten.run.marks, unwritten.prepared_ago_us, &stamps.times);
-    let all: Vec<usize> = (0..change.new.steps.len()).collect();
-    let persist = persist_of(&change, all, &times, &stamps.events_ago_us);
+    let persist = first_persist(&change, &times, stamps);
     if !matches!(
         persist.lease,
         LeaseWrite::Keep | LeaseWrite::Release(_) | LeaseWrite::Finish
@@ -303,6 +302,33 @@ pub(crate) async fn apply_first(
             store::InsertedWithSegment::Refused => return Ok(AppliedFirst::NotWritten),
         };
     finish(conn, &change, finished).await?;
+    Ok(AppliedFirst::Written(inserted_as_written(
+        &unwritten, &change, &persist, created_at, at, copy,
+    )))
+}
+
+/// The write of `change`, a run's first segment, as the run's insert: every step is written,
+/// with `times` (the claim's marks and the segment's, see [`store::first_times`]).
+fn first_persist<'a>(change: &Change<'a>, times: &'a BTreeMap<usize, StepTimes>, stamps: &'a Stamps) -> Persist<'a> {
+    persist_of(
+        change,
+        (0..change.new.steps.len()).collect(),
+        times,
+        &stamps.events_ago_us,
+    )
+}
+
+/// Makes `copy` the rows of `unwritten` as its insert with its first segment (`persist`)
+/// wrote them, accepted at `created_at` and written at `at`, and returns what to announce
+/// once that commits.
+fn inserted_as_written(
+    unwritten: &Unwritten<'_>,
+    change: &Change<'_>,
+    persist: &Persist<'_>,
+    created_at: DateTime<Utc>,
+    at: DateTime<Utc>,
+    copy: &mut RunDetail,
+) -> AfterCommit {
     let (mut run, mut steps) = unwritten.run.rows(store::Inserted::Run {
         created_at,
         held: false,
@@ -312,13 +338,17 @@ pub(crate) async fn apply_first(
         run.lease_expires_at = Some(at + chrono::Duration::milliseconds(unwritten.run.lease_ms));
     }
     *copy = RunDetail { run, steps };
-    Ok(AppliedFirst::Written(AfterCommit {
+    let finished = match change.transition.next {
+        Next::Finish(status) => Some(status),
+        _ => None,
+    };
+    AfterCommit {
         run_id: change.run_id,
         finished,
         detail: finished.is_some().then(|| Arc::new(copy.clone())),
         workflow: change.workflow.name.clone(),
         created_at,
-    }))
+    }
 }
 
 /// Writes the first segments of a cohort's runs (see `executor::cohort`), each of which
@@ -354,15 +384,7 @@ pub(crate) async fn apply_finished_cohort(
     let persists: Vec<Persist<'_>> = runs
         .iter()
         .zip(&times)
-        .map(|((_, change), times)| {
-            let stamps = change.stamps.unwrap_or(&no_stamps);
-            persist_of(
-                change,
-                (0..change.new.steps.len()).collect(),
-                times,
-                &stamps.events_ago_us,
-            )
-        })
+        .map(|((_, change), times)| first_persist(change, times, change.stamps.unwrap_or(&no_stamps)))
         .collect();
     if persists.iter().any(|p| !matches!(p.lease, LeaseWrite::Finish)) {
         return Ok(None);
@@ -392,23 +414,14 @@ pub(crate) async fn apply_finished_cohort(
             .await
             .map_err(ApplyError::FinishHook)?;
     }
-    let mut afters = Vec::with_capacity(runs.len());
-    for ((((unwritten, change), persist), (created_at, at)), copy) in
-        runs.iter().zip(&persists).zip(inserted).zip(copies.iter_mut())
-    {
-        let (mut run, mut steps) = unwritten.run.rows(store::Inserted::Run {
-            created_at,
-            held: false,
-        });
-        persist.mirror(&mut run, &mut steps, at);
-        *copy = RunDetail { run, steps };
-        afters.push(AfterCommit {
-            run_id: change.run_id,
-            finished: Some(persist.state.status),
-            detail: Some(Arc::new(copy.clone())),
-            workflow: workflow.name.clone(),
-            created_at,
-        });
-    }
+    let afters = runs
+        .iter()
+        .zip(&persists)
+        .zip(inserted)
+        .zip(copies.iter_mut())
+        .map(|((((unwritten, change), persist), (created_at, at)), copy)| {
+            inserted_as_written(unwritten, change, persist, created_at, at, copy)
+        })
+        .collect();
     Ok(Some(afters))
 }

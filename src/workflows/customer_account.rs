@@ -156,17 +156,23 @@ impl Step for ValidateCustomerAccountCreation {
         let email = input.customer_data.email.trim();
         check_email(email).map_err(StepError::permanent)?;
         let db = ctx.db().await?;
-        let (app_metadata, account_exists) = domain::registration_check(db, &input.auth_identity_id, email)
-            .await?
-            .ok_or_else(|| not_found(&input.auth_identity_id))?;
-        if app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
-            return Err(StepError::permanent(messages::ALREADY_LINKED));
-        }
-        if account_exists {
-            return Err(StepError::permanent(messages::DUPLICATE_ACCOUNT));
-        }
-        Ok(())
+        let found = domain::registration_check(db, &input.auth_identity_id, email).await?;
+        may_register(&input.auth_identity_id, found)
     }
+}
+
+/// What a registration check's answer (the identity's app metadata, `None` if it is not
+/// there, and whether the email has an account) says of a registration, for the step and its
+/// batch form alike.
+fn may_register(identity: &str, found: Option<(Value, bool)>) -> Result<(), StepError> {
+    let (app_metadata, account_exists) = found.ok_or_else(|| not_found(identity))?;
+    if app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
+        return Err(StepError::permanent(messages::ALREADY_LINKED));
+    }
+    if account_exists {
+        return Err(StepError::permanent(messages::DUPLICATE_ACCOUNT));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -195,17 +201,7 @@ impl BatchStep for ValidateCustomerAccountCreation {
             .iter()
             .map(|input| {
                 let input = input.as_ref().map_err(Clone::clone)?;
-                let (app_metadata, account_exists) = found
-                    .next()
-                    .flatten()
-                    .ok_or_else(|| not_found(&input.auth_identity_id))?;
-                if app_metadata.get(CUSTOMER_ID_KEY).is_some_and(|v| !v.is_null()) {
-                    return Err(StepError::permanent(messages::ALREADY_LINKED));
-                }
-                if account_exists {
-                    return Err(StepError::permanent(messages::DUPLICATE_ACCOUNT));
-                }
-                Ok(())
+                may_register(&input.auth_identity_id, found.next().flatten())
             })
             .collect())
     }
@@ -282,8 +278,13 @@ impl Step for EmitCustomerCreated {
         let run_id = ctx.run_id();
         let data = domain::customer_created(&customer.id);
         let event_id = domain::hold_event(ctx.db().await?, run_id, CUSTOMER_CREATED_EVENT, &data).await?;
-        Ok(serde_json::json!({"event_id": event_id, "name": CUSTOMER_CREATED_EVENT}))
+        Ok(emitted(&event_id))
     }
+}
+
+/// What `emit-customer-created` records: the held event's id and name.
+fn emitted(event_id: &str) -> Value {
+    serde_json::json!({"event_id": event_id, "name": CUSTOMER_CREATED_EVENT})
 }
 
 #[async_trait]
@@ -312,7 +313,7 @@ impl BatchStep for EmitCustomerCreated {
                 let event_id = event_ids
                     .next()
                     .ok_or_else(|| StepError::retryable("the outbox answered for fewer events than were held"))?;
-                Ok(serde_json::json!({"event_id": event_id, "name": CUSTOMER_CREATED_EVENT}))
+                Ok(emitted(&event_id))
             })
             .collect())
     }
@@ -331,16 +332,23 @@ impl Step for SetAuthAppMetadata {
         let customer: Customer = ctx.output(CREATE_CUSTOMERS)?;
         let new_value = Value::String(customer.id.clone());
         let db = ctx.db().await?;
-        match domain::link_identity(db, &input.auth_identity_id, CUSTOMER_ID_KEY, &new_value).await? {
-            Link::NotFound => Err(not_found(&input.auth_identity_id)),
-            Link::Taken(_) => Err(StepError::permanent(messages::ALREADY_LINKED)),
-            Link::Linked(old_value) => Ok(AppMetadataChange {
-                id: input.auth_identity_id,
-                key: CUSTOMER_ID_KEY.into(),
-                value: new_value,
-                old_value,
-            }),
-        }
+        let link = domain::link_identity(db, &input.auth_identity_id, CUSTOMER_ID_KEY, &new_value).await?;
+        linked(input.auth_identity_id, new_value, link)
+    }
+}
+
+/// What linking `identity` to the customer id `value` came to, for the step and its batch
+/// form alike: the change to record, or why the registration cannot have it.
+fn linked(identity: String, value: Value, link: Link) -> Result<AppMetadataChange, StepError> {
+    match link {
+        Link::NotFound => Err(not_found(&identity)),
+        Link::Taken(_) => Err(StepError::permanent(messages::ALREADY_LINKED)),
+        Link::Linked(old_value) => Ok(AppMetadataChange {
+            id: identity,
+            key: CUSTOMER_ID_KEY.into(),
+            value,
+            old_value,
+        }),
     }
 }
 
@@ -364,21 +372,15 @@ impl BatchStep for SetAuthAppMetadata {
             .flatten()
             .map(|(identity, value)| (identity.as_str(), value))
             .collect();
-        let mut linked = domain::link_identities(db, &links, CUSTOMER_ID_KEY).await?.into_iter();
+        let mut answers = domain::link_identities(db, &links, CUSTOMER_ID_KEY).await?.into_iter();
         Ok(asked
             .into_iter()
             .map(|asked| {
                 let (identity, new_value) = asked?;
-                match linked.next() {
-                    None | Some(Link::NotFound) => Err(not_found(&identity)),
-                    Some(Link::Taken(_)) => Err(StepError::permanent(messages::ALREADY_LINKED)),
-                    Some(Link::Linked(old_value)) => Ok(AppMetadataChange {
-                        id: identity,
-                        key: CUSTOMER_ID_KEY.into(),
-                        value: new_value,
-                        old_value,
-                    }),
-                }
+                let link = answers
+                    .next()
+                    .ok_or_else(|| StepError::retryable("the identities answered for fewer links than were asked"))?;
+                linked(identity, new_value, link)
             })
             .collect())
     }

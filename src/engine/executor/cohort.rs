@@ -220,12 +220,11 @@ impl Cohorts {
 
     /// Offers `task` to the runner of its subject (or, without one, of its run id). A runner
     /// that is free with nobody waiting (and set to wait for no peers) lets it go on alone at
-    /// once, held busy until its
-    /// segment is done ([`Joined::Alone`]); otherwise it waits for the runner's next cohort
-    /// and comes back once that is done: its run written and committed, or, should it not
-    /// have made a cohort with others or its cohort have been given up, as it was
-    /// ([`Joined::Back`]). Either way it never asks again. `None` only if the runner stopped
-    /// while holding it.
+    /// once, held busy until its segment is done ([`Joined::Alone`]); otherwise it waits for
+    /// the runner's next cohort and comes back once that is done: its run written and
+    /// committed, or, should its cohort have been given up, as it was ([`Joined::Back`]). A
+    /// run that makes no cohort with others goes on alone holding the runner. Either way it
+    /// never asks again. `None` only if the runner stopped while holding it.
     pub(crate) async fn join(&self, mut task: RunTask) -> Option<Joined> {
         task.cohort_tried = true;
         let mut hasher = DefaultHasher::new();
